@@ -1,0 +1,80 @@
+//! The `weir` binary: runs YAML pipelines over Arrow batches on an edge device.
+//!
+//! One file per subcommand; [`exit`] is the one place that maps outcomes to exit codes.
+
+mod exit;
+mod http;
+mod logging;
+mod run;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Weir: stream processing at the edge. Pipelines are YAML files wiring sources,
+/// SQL and windowed transforms, and sinks over Apache Arrow record batches.
+#[derive(Parser, Debug)]
+#[command(name = "weir", version, propagate_version = true)]
+#[command(after_help = exit::EXIT_CODES_HELP)]
+struct Cli {
+    /// Worker threads for the runtime; 1 runs everything on one thread. Default: one per core.
+    #[arg(long, global = true, env = "WEIR_THREADS", value_name = "N")]
+    threads: Option<usize>,
+
+    /// Log format on standard error. The level is set with RUST_LOG (default `info`).
+    #[arg(long, global = true, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one or more pipelines in this process until their sources end or a signal arrives.
+    ///
+    /// On SIGINT or SIGTERM the sources stop, in-flight data drains, open windows close and
+    /// sinks flush, within --shutdown-timeout. A second signal exits at once.
+    Run(run::RunArgs),
+    /// Check pipeline files and report every problem found, with file:line:column.
+    ///
+    /// Validation is offline: it checks structure, kinds, wiring, schemas and SQL, but does
+    /// not open input files or connect to anything.
+    Validate {
+        /// Pipeline YAML files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let outcome = match cli.command {
+        Command::Validate { files } => validate::run(&files),
+        Command::Run(args) => match runtime(cli.threads) {
+            Ok(runtime) => runtime.block_on(run::run(args)),
+            Err(error) => {
+                exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
+            }
+        },
+    };
+    outcome.report()
+}
+
+fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+}

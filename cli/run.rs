@@ -1,0 +1,193 @@
+//! `weir run`: runs pipelines until their sources end or a signal asks them to stop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use weir_engine::metrics::EngineMetrics;
+
+use crate::exit::Outcome;
+
+/// The address `/metrics` is served on unless told otherwise: loopback only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
+
+/// Arguments of `weir run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Pipeline YAML files; all of them run in this process.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+
+    /// Where to serve Prometheus metrics (`/metrics`) and `/healthz`. Port 0 picks a free port.
+    #[arg(long, env = "WEIR_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR, value_name = "HOST:PORT")]
+    metrics_addr: SocketAddr,
+
+    /// Do not serve metrics at all.
+    #[arg(long, conflicts_with = "metrics_addr")]
+    no_metrics: bool,
+
+    /// How long a shutdown may take to drain in-flight data and flush sinks.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration, value_name = "DURATION")]
+    shutdown_timeout: Duration,
+}
+
+fn humantime_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e}; write e.g. 500ms, 10s or 1m"))
+}
+
+/// Runs the pipelines in `args` to completion.
+pub async fn run(args: RunArgs) -> Outcome {
+    let validated = match crate::validate::load(&args.files) {
+        Ok(pipelines) => pipelines,
+        Err(outcome) => return outcome,
+    };
+
+    let registry = prometheus::Registry::new();
+    let metrics = match EngineMetrics::new(&registry) {
+        Ok(metrics) => metrics,
+        Err(error) => return Outcome::RuntimeFailure(format!("cannot register metrics: {error}")),
+    };
+    let stop_http = CancellationToken::new();
+    let http = if args.no_metrics {
+        None
+    } else {
+        match crate::http::serve(args.metrics_addr, registry.clone(), stop_http.clone()).await {
+            Ok((bound, handle)) => {
+                info!("metrics: listening on http://{bound}/metrics");
+                Some(handle)
+            }
+            Err(error) => {
+                return Outcome::RuntimeFailure(format!(
+                    "cannot serve metrics on {}: {error}; pick another address with --metrics-addr or pass --no-metrics",
+                    args.metrics_addr
+                ));
+            }
+        }
+    };
+
+    let mut pipelines = Vec::with_capacity(validated.len());
+    for pipeline in validated {
+        let name = pipeline.name().to_owned();
+        match pipeline.build(&metrics) {
+            Ok(built) => pipelines.push(built),
+            Err(error) => {
+                stop_http.cancel();
+                return Outcome::RuntimeFailure(format!("pipeline '{name}': {error}"));
+            }
+        }
+    }
+
+    let shutdown = CancellationToken::new();
+    let mut running = JoinSet::new();
+    for pipeline in pipelines {
+        let name = pipeline.name().to_owned();
+        info!(pipeline = %name, "pipeline started");
+        let token = shutdown.clone();
+        running.spawn(async move { (name, pipeline.run(token).await) });
+    }
+
+    let outcome = supervise(&mut running, &shutdown, args.shutdown_timeout).await;
+    stop_http.cancel();
+    if let Some(handle) = http {
+        let _ = handle.await;
+    }
+    outcome
+}
+
+/// Waits for every pipeline, handling signals and the shutdown deadline.
+async fn supervise(
+    running: &mut JoinSet<(String, Result<(), weir_engine::PipelineError>)>,
+    shutdown: &CancellationToken,
+    deadline: Duration,
+) -> Outcome {
+    let mut failures: Vec<String> = Vec::new();
+    let mut signals = Signals::new();
+    let mut draining_since: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline_passed = async {
+            match draining_since {
+                Some(since) => tokio::time::sleep_until(since + deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            joined = running.join_next() => match joined {
+                None => break,
+                Some(Ok((name, Ok(())))) => info!(pipeline = %name, "pipeline finished"),
+                Some(Ok((_, Err(error)))) => {
+                    failures.push(error.to_string());
+                    if draining_since.is_none() {
+                        warn!("stopping the other pipelines after a failure");
+                        draining_since = Some(tokio::time::Instant::now());
+                        shutdown.cancel();
+                    }
+                }
+                Some(Err(join_error)) => failures.push(format!("a pipeline task failed: {join_error}")),
+            },
+            signal = signals.next() => {
+                if draining_since.is_some() {
+                    running.abort_all();
+                    return Outcome::Interrupted;
+                }
+                info!("received {signal}: draining (deadline {})", humantime::format_duration(deadline));
+                draining_since = Some(tokio::time::Instant::now());
+                shutdown.cancel();
+            }
+            () = deadline_passed => {
+                running.abort_all();
+                failures.push(format!(
+                    "shutdown did not finish within {}; in-flight data was dropped",
+                    humantime::format_duration(deadline)
+                ));
+                break;
+            }
+        }
+    }
+    if failures.is_empty() {
+        Outcome::Success
+    } else {
+        Outcome::RuntimeFailure(failures.join("\n"))
+    }
+}
+
+/// SIGINT and SIGTERM as one stream of names.
+struct Signals {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Signals {
+            #[cfg(unix)]
+            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .ok(),
+        }
+    }
+
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            let terminate = async {
+                match &mut self.terminate {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                () = terminate => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+}

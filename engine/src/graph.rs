@@ -1,0 +1,452 @@
+//! Wiring operators into a runnable pipeline, and running it.
+//!
+//! [`PipelineBuilder`] takes operator instances with their declared outputs and named
+//! inputs and connects them with bounded channels. [`Pipeline::run`] starts one tokio
+//! task per operator and supervises them: the first failure cancels the sources, the
+//! rest of the graph drains, and the failure is returned naming pipeline and operator.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info_span};
+
+use crate::error::{OperatorError, PipelineError};
+use crate::message::Watermark;
+use crate::metrics::{EngineMetrics, OperatorMetrics};
+use crate::operator::{Collector, OperatorInstance, Sink, Source, SourceContext, Transform};
+use crate::ports::{
+    InputChannel, InputEvent, InputMerger, OutputPort, OutputPorts, WatermarkGenerator,
+};
+use crate::registry::OutputSpec;
+use crate::time::EventTimeSpec;
+
+/// How many messages a channel between two operators holds before the producer waits.
+///
+/// Batches hold at most a few thousand rows, so this bounds the rows in flight per edge.
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 16;
+
+/// A reference to an upstream node's output port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputRef {
+    /// The upstream node.
+    pub node: String,
+    /// The upstream node's port ([`crate::registry::MAIN_PORT_NAME`] for the main one).
+    pub port: String,
+}
+
+struct NodeDef {
+    name: String,
+    instance: OperatorInstance,
+    outputs: Vec<OutputSpec>,
+    inputs: Vec<InputRef>,
+    event_time: Option<EventTimeSpec>,
+}
+
+/// Collects operators and their wiring, then builds a [`Pipeline`].
+pub struct PipelineBuilder {
+    name: String,
+    nodes: Vec<NodeDef>,
+    channel_capacity: usize,
+}
+
+impl PipelineBuilder {
+    /// A builder for the pipeline called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        PipelineBuilder {
+            name: name.into(),
+            nodes: Vec::new(),
+            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+        }
+    }
+
+    /// Sets how many messages each channel holds.
+    pub fn channel_capacity(mut self, capacity: usize) -> Self {
+        self.channel_capacity = capacity.max(1);
+        self
+    }
+
+    /// Adds an operator. `event_time` applies to sources: their watermarks are derived
+    /// from that column of the main output.
+    pub fn add_node(
+        &mut self,
+        name: impl Into<String>,
+        instance: OperatorInstance,
+        outputs: Vec<OutputSpec>,
+        inputs: Vec<InputRef>,
+        event_time: Option<EventTimeSpec>,
+    ) {
+        self.nodes.push(NodeDef {
+            name: name.into(),
+            instance,
+            outputs,
+            inputs,
+            event_time,
+        });
+    }
+
+    /// Connects the nodes. Fails when an input names no node or port, or when the graph
+    /// has a cycle; the pipeline validator reports those with locations first.
+    pub fn build(self, metrics: &EngineMetrics) -> Result<Pipeline, PipelineError> {
+        let graph_error = |message: String| PipelineError::Graph {
+            pipeline: self.name.clone(),
+            message,
+        };
+        let index: HashMap<&str, usize> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| (node.name.as_str(), i))
+            .collect();
+        if index.len() != self.nodes.len() {
+            return Err(graph_error("two operators have the same name".into()));
+        }
+        check_acyclic(&self.nodes, &index).map_err(&graph_error)?;
+
+        let mut ports: Vec<Vec<OutputPort>> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                node.outputs
+                    .iter()
+                    .map(|spec| OutputPort {
+                        edges: Vec::new(),
+                        unwired_drop_reason: spec.unwired_drop_reason,
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut receivers: Vec<Vec<InputChannel>> = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let mut channels = Vec::with_capacity(node.inputs.len());
+            for input in &node.inputs {
+                let upstream = *index.get(input.node.as_str()).ok_or_else(|| {
+                    graph_error(format!(
+                        "'{}' reads from '{}', which does not exist",
+                        node.name, input.node
+                    ))
+                })?;
+                let port = self.nodes[upstream]
+                    .outputs
+                    .iter()
+                    .position(|spec| spec.name == input.port)
+                    .ok_or_else(|| {
+                        graph_error(format!(
+                            "'{}' reads from port '{}' of '{}', which has no such port",
+                            node.name, input.port, input.node
+                        ))
+                    })?;
+                let (tx, rx) = mpsc::channel(self.channel_capacity);
+                ports[upstream][port].edges.push(tx);
+                let depth = metrics.channel_depth(&self.name, &node.name, &input.node);
+                channels.push(InputChannel::new(rx, depth));
+            }
+            receivers.push(channels);
+        }
+
+        let cancel = CancellationToken::new();
+        let mut tasks = Vec::with_capacity(self.nodes.len());
+        for ((node, ports), inputs) in self.nodes.into_iter().zip(ports).zip(receivers) {
+            let op_metrics = metrics.operator(&self.name, &node.name);
+            let outputs = OutputPorts { ports };
+            let runner = match node.instance {
+                OperatorInstance::Source(source) => {
+                    let watermarks = match &node.event_time {
+                        Some(spec) => {
+                            let schema = &node
+                                .outputs
+                                .first()
+                                .ok_or_else(|| {
+                                    graph_error(format!(
+                                        "source '{}' declares no output",
+                                        node.name
+                                    ))
+                                })?
+                                .stream
+                                .schema;
+                            let column = schema.index_of(&spec.column).map_err(|_| {
+                                graph_error(format!(
+                                    "source '{}' has no event-time column '{}'",
+                                    node.name, spec.column
+                                ))
+                            })?;
+                            Some(WatermarkGenerator::new(column, spec.max_out_of_order))
+                        }
+                        None => None,
+                    };
+                    let ctx = SourceContext {
+                        outputs,
+                        watermarks,
+                        cancel: cancel.clone(),
+                        metrics: op_metrics.clone(),
+                    };
+                    NodeRunner::Source(source, ctx)
+                }
+                OperatorInstance::Transform(transform) => NodeRunner::Transform(
+                    transform,
+                    InputMerger::new(inputs),
+                    outputs,
+                    op_metrics.clone(),
+                ),
+                OperatorInstance::Sink(sink) => {
+                    NodeRunner::Sink(sink, InputMerger::new(inputs), op_metrics.clone())
+                }
+            };
+            tasks.push((node.name, runner, op_metrics));
+        }
+        Ok(Pipeline {
+            running: metrics.pipeline_running(&self.name),
+            name: self.name,
+            tasks,
+            cancel,
+        })
+    }
+}
+
+fn check_acyclic(nodes: &[NodeDef], index: &HashMap<&str, usize>) -> Result<(), String> {
+    // Depth-first search with colours: 0 unvisited, 1 on the stack, 2 done.
+    fn visit(
+        node: usize,
+        nodes: &[NodeDef],
+        index: &HashMap<&str, usize>,
+        colour: &mut [u8],
+    ) -> Result<(), String> {
+        colour[node] = 1;
+        for input in &nodes[node].inputs {
+            let Some(&upstream) = index.get(input.node.as_str()) else {
+                continue;
+            };
+            match colour[upstream] {
+                1 => {
+                    return Err(format!(
+                        "'{}' and '{}' form a cycle",
+                        nodes[node].name, input.node
+                    ));
+                }
+                0 => visit(upstream, nodes, index, colour)?,
+                _ => {}
+            }
+        }
+        colour[node] = 2;
+        Ok(())
+    }
+    let mut colour = vec![0u8; nodes.len()];
+    for node in 0..nodes.len() {
+        if colour[node] == 0 {
+            visit(node, nodes, index, &mut colour)?;
+        }
+    }
+    Ok(())
+}
+
+enum NodeRunner {
+    Source(Box<dyn Source>, SourceContext),
+    Transform(
+        Box<dyn Transform>,
+        InputMerger,
+        OutputPorts,
+        OperatorMetrics,
+    ),
+    Sink(Box<dyn Sink>, InputMerger, OperatorMetrics),
+}
+
+/// A wired pipeline, ready to run.
+pub struct Pipeline {
+    name: String,
+    tasks: Vec<(String, NodeRunner, OperatorMetrics)>,
+    cancel: CancellationToken,
+    running: prometheus::IntGauge,
+}
+
+impl Pipeline {
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs every operator until all sources have ended and the graph has drained.
+    ///
+    /// Cancelling `shutdown` asks the sources to stop; what is in flight still drains,
+    /// open windows close and sinks flush. The first operator failure cancels the
+    /// sources in the same way and is returned once the graph has drained.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PipelineError> {
+        let Pipeline {
+            name,
+            tasks,
+            cancel,
+            running,
+        } = self;
+        running.set(1);
+        let forward = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => cancel.cancel(),
+                    _ = cancel.cancelled() => {}
+                }
+            })
+        };
+        // Dropping the set (e.g. when a shutdown deadline passes) aborts every task.
+        let mut set = JoinSet::new();
+        let mut names = HashMap::new();
+        for (operator, runner, metrics) in tasks {
+            let span = info_span!("operator", pipeline = %name, operator = %operator);
+            let handle = set.spawn(run_node(runner, metrics).instrument(span));
+            names.insert(handle.id(), operator);
+        }
+        let mut failure: Option<PipelineError> = None;
+        while let Some(joined) = set.join_next_with_id().await {
+            let (operator, outcome) = match joined {
+                Ok((id, outcome)) => (names.remove(&id).unwrap_or_default(), outcome.map_err(Some)),
+                Err(join_error) => {
+                    let operator = names.remove(&join_error.id()).unwrap_or_default();
+                    if join_error.is_cancelled() {
+                        (operator, Ok(()))
+                    } else {
+                        let message = panic_message(join_error.into_panic());
+                        error!(pipeline = %name, operator = %operator, "operator panicked: {message}");
+                        cancel.cancel();
+                        failure.get_or_insert(PipelineError::Panic {
+                            pipeline: name.clone(),
+                            operator,
+                            message,
+                        });
+                        continue;
+                    }
+                }
+            };
+            match outcome {
+                Ok(()) | Err(Some(OperatorError::DownstreamClosed)) | Err(None) => {
+                    debug!(pipeline = %name, operator = %operator, "operator finished");
+                }
+                Err(Some(source)) => {
+                    error!(pipeline = %name, operator = %operator, "operator failed: {source}");
+                    cancel.cancel();
+                    failure.get_or_insert(PipelineError::Operator {
+                        pipeline: name.clone(),
+                        operator,
+                        source,
+                    });
+                }
+            }
+        }
+        forward.abort();
+        running.set(0);
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+async fn run_node(runner: NodeRunner, metrics: OperatorMetrics) -> Result<(), OperatorError> {
+    let outcome = match runner {
+        NodeRunner::Source(mut source, mut ctx) => {
+            let outcome = source.run(&mut ctx).await;
+            // The end of the stream follows even a failure, so downstream drains what it has.
+            ctx.outputs.send_end().await;
+            outcome
+        }
+        NodeRunner::Transform(transform, inputs, outputs, metrics) => {
+            run_transform(transform, inputs, outputs, &metrics).await
+        }
+        NodeRunner::Sink(sink, inputs, metrics) => run_sink(sink, inputs, &metrics).await,
+    };
+    if matches!(&outcome, Err(e) if !matches!(e, OperatorError::DownstreamClosed)) {
+        metrics.errors.inc();
+    }
+    outcome
+}
+
+async fn forward(
+    collector: &mut Collector,
+    outputs: &mut OutputPorts,
+    metrics: &OperatorMetrics,
+) -> Result<(), OperatorError> {
+    for (reason, rows) in collector.dropped.drain(..) {
+        metrics.dropped(reason, rows);
+    }
+    for (port, batch) in collector.batches.drain(..) {
+        outputs.send_batch(port, batch, metrics).await?;
+    }
+    Ok(())
+}
+
+async fn run_transform(
+    mut transform: Box<dyn Transform>,
+    mut inputs: InputMerger,
+    mut outputs: OutputPorts,
+    metrics: &OperatorMetrics,
+) -> Result<(), OperatorError> {
+    let mut collector = Collector::new();
+    let outcome = async {
+        loop {
+            match inputs.next().await {
+                InputEvent::Batch(input, batch) => {
+                    metrics.rows_in.inc_by(batch.num_rows() as u64);
+                    metrics.batches_in.inc();
+                    let started = Instant::now();
+                    transform
+                        .process_batch(input, batch, &mut collector)
+                        .await?;
+                    metrics.processing.observe(started.elapsed().as_secs_f64());
+                    forward(&mut collector, &mut outputs, metrics).await?;
+                }
+                InputEvent::Watermark(watermark) => {
+                    metrics.watermark.set(watermark.millis());
+                    let started = Instant::now();
+                    transform.on_watermark(watermark, &mut collector).await?;
+                    metrics.processing.observe(started.elapsed().as_secs_f64());
+                    forward(&mut collector, &mut outputs, metrics).await?;
+                    outputs.send_watermark(watermark).await?;
+                }
+                InputEvent::End => {
+                    // The end of the stream is the final watermark: every window closes.
+                    transform
+                        .on_watermark(Watermark::END, &mut collector)
+                        .await?;
+                    forward(&mut collector, &mut outputs, metrics).await?;
+                    transform.on_close(&mut collector).await?;
+                    forward(&mut collector, &mut outputs, metrics).await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    .await;
+    outputs.send_end().await;
+    outcome
+}
+
+async fn run_sink(
+    mut sink: Box<dyn Sink>,
+    mut inputs: InputMerger,
+    metrics: &OperatorMetrics,
+) -> Result<(), OperatorError> {
+    loop {
+        match inputs.next().await {
+            InputEvent::Batch(input, batch) => {
+                metrics.rows_in.inc_by(batch.num_rows() as u64);
+                metrics.batches_in.inc();
+                let started = Instant::now();
+                sink.write(input, batch).await?;
+                metrics.processing.observe(started.elapsed().as_secs_f64());
+            }
+            InputEvent::Watermark(watermark) => {
+                metrics.watermark.set(watermark.millis());
+                sink.on_watermark(watermark).await?;
+            }
+            InputEvent::End => {
+                sink.on_watermark(Watermark::END).await?;
+                return sink.close().await;
+            }
+        }
+    }
+}

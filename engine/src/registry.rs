@@ -1,0 +1,174 @@
+//! The one registry that maps kind names (`generator`, `sql`, `file`, …) to the factories
+//! that validate a node's configuration and build the running operator.
+//!
+//! Planning and building are separate steps: [`OperatorFactory::plan`] is pure (it
+//! checks the config and derives the output schemas, so `weir validate` can run it
+//! without touching files or the network) and [`PlannedOperator::instantiate`] creates
+//! the running operator.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+
+use crate::config::{ConfigErrors, ConfigValue};
+use crate::error::OperatorError;
+use crate::operator::OperatorInstance;
+use crate::time::{EventTimeSpec, WindowSpec};
+
+/// The section of a pipeline a node is declared in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Declared under `sources`.
+    Source,
+    /// Declared under `transforms`.
+    Transform,
+    /// Declared under `sinks`.
+    Sink,
+}
+
+impl Role {
+    /// The YAML section name for this role.
+    pub fn section(self) -> &'static str {
+        match self {
+            Role::Source => "sources",
+            Role::Transform => "transforms",
+            Role::Sink => "sinks",
+        }
+    }
+}
+
+/// What is known about a stream before the pipeline runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamInfo {
+    /// The Arrow schema of every batch on the stream.
+    pub schema: SchemaRef,
+    /// The name of the event-time column, if the stream has one.
+    pub event_time: Option<String>,
+}
+
+/// One output port of a planned operator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputSpec {
+    /// The port name. The main port is [`MAIN_PORT_NAME`]; side ports have their own
+    /// names and are wired as `node.port`.
+    pub name: String,
+    /// The stream the port carries.
+    pub stream: StreamInfo,
+    /// The reason under which rows are counted as dropped when nothing consumes this port
+    /// (e.g. `late` or `malformed`). `None` for the main port.
+    pub unwired_drop_reason: Option<&'static str>,
+}
+
+/// The name of every operator's main output port.
+pub const MAIN_PORT_NAME: &str = "out";
+
+/// One input of a node, as the factory sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputStream {
+    /// The name this input goes by inside the operator, e.g. a SQL table name: the
+    /// upstream node's name, or `node_port` for a side port.
+    pub name: String,
+    /// The stream's schema and event-time column.
+    pub stream: StreamInfo,
+}
+
+/// Everything a factory may look at when planning one node.
+pub struct NodeContext<'a> {
+    /// The pipeline's name.
+    pub pipeline: &'a str,
+    /// The node's name.
+    pub name: &'a str,
+    /// The section the node is declared in.
+    pub role: Role,
+    /// The node's `config` value ([`crate::config::Value::Null`] when absent).
+    pub config: &'a ConfigValue,
+    /// The path of `config` inside the document, e.g. `sources.sensors.config`.
+    pub config_path: &'a str,
+    /// The node's inputs, in declaration order (empty for sources).
+    pub inputs: &'a [InputStream],
+    /// False when an upstream node could not be planned: its input streams then have empty
+    /// schemas, and the factory should report only problems that do not depend on them.
+    /// The planner discards whatever a factory returns in that case except its errors.
+    pub inputs_known: bool,
+    /// The schema declared on the node (sources).
+    pub schema: Option<SchemaRef>,
+    /// The event-time column declared on the node (sources).
+    pub event_time: Option<EventTimeSpec>,
+    /// The window declared on the node (transforms).
+    pub window: Option<WindowSpec>,
+    /// The directory relative paths in the config are resolved against.
+    pub base_dir: &'a Path,
+}
+
+/// A node whose configuration is valid, ready to be built.
+pub trait PlannedOperator: Send {
+    /// The output ports, main port first. Empty for sinks.
+    fn outputs(&self) -> Vec<OutputSpec>;
+
+    /// Builds the running operator. May open files or sockets.
+    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError>;
+}
+
+/// Validates one kind of node and builds its operator.
+pub trait OperatorFactory: Send + Sync {
+    /// The kind name used in YAML.
+    fn kind(&self) -> &'static str;
+
+    /// The sections this kind may be declared in.
+    fn roles(&self) -> &'static [Role];
+
+    /// Checks the node's configuration and derives its outputs, reporting every problem
+    /// found. Must not touch files, sockets or the clock.
+    fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors>;
+}
+
+/// Maps (section, kind name) to factories. One kind name may mean different operators in
+/// different sections, e.g. the `file` source and the `file` sink.
+#[derive(Clone, Default)]
+pub struct Registry {
+    factories: BTreeMap<(Role, &'static str), Arc<dyn OperatorFactory>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a factory under each of its roles. A later factory of the same role and kind
+    /// replaces an earlier one.
+    pub fn register(&mut self, factory: Arc<dyn OperatorFactory>) {
+        for role in factory.roles() {
+            self.factories
+                .insert((*role, factory.kind()), factory.clone());
+        }
+    }
+
+    /// The factory for `kind` in the section of `role`, if any.
+    pub fn get(&self, role: Role, kind: &str) -> Option<&Arc<dyn OperatorFactory>> {
+        self.factories
+            .iter()
+            .find(|((r, k), _)| *r == role && *k == kind)
+            .map(|(_, factory)| factory)
+    }
+
+    /// The sections in which `kind` exists, for hints when it is used in the wrong one.
+    pub fn roles_of(&self, kind: &str) -> Vec<Role> {
+        self.factories
+            .keys()
+            .filter(|(_, k)| *k == kind)
+            .map(|(role, _)| *role)
+            .collect()
+    }
+
+    /// The kinds that may be declared in the given section, sorted.
+    pub fn kinds_for(&self, role: Role) -> Vec<&'static str> {
+        self.factories
+            .keys()
+            .filter(|(r, _)| *r == role)
+            .map(|(_, kind)| *kind)
+            .collect()
+    }
+}

@@ -1,0 +1,429 @@
+//! Behaviour of the dataflow runtime with small test operators: fan-out without copies,
+//! fan-in with the minimum watermark, end of stream as the final watermark, bounded
+//! channels, failures naming pipeline and operator, and shutdown that drains.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+use weir_engine::arrow::array::{ArrayRef, Int64Array, TimestampMillisecondArray};
+use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use weir_engine::arrow::record_batch::RecordBatch;
+use weir_engine::graph::{InputRef, PipelineBuilder};
+use weir_engine::metrics::EngineMetrics;
+use weir_engine::registry::{MAIN_PORT_NAME, OutputSpec, StreamInfo};
+use weir_engine::time::EventTimeSpec;
+use weir_engine::{
+    Collector, OperatorError, OperatorInstance, PipelineError, Sink, Source, SourceContext,
+    Transform, Watermark,
+};
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("v", DataType::Int64, false),
+    ]))
+}
+
+fn batch(times: &[i64]) -> RecordBatch {
+    let ts: ArrayRef = Arc::new(TimestampMillisecondArray::from(times.to_vec()));
+    let v: ArrayRef = Arc::new(Int64Array::from(times.to_vec()));
+    RecordBatch::try_new(schema(), vec![ts, v]).expect("valid batch")
+}
+
+fn main_port() -> Vec<OutputSpec> {
+    vec![OutputSpec {
+        name: MAIN_PORT_NAME.into(),
+        stream: StreamInfo {
+            schema: schema(),
+            event_time: Some("ts".into()),
+        },
+        unwired_drop_reason: None,
+    }]
+}
+
+fn input(node: &str) -> InputRef {
+    InputRef {
+        node: node.into(),
+        port: MAIN_PORT_NAME.into(),
+    }
+}
+
+fn event_time() -> Option<EventTimeSpec> {
+    Some(EventTimeSpec {
+        column: "ts".into(),
+        max_out_of_order: Duration::ZERO,
+    })
+}
+
+/// Emits the given batches, then ends; or runs until cancelled when `endless`.
+struct ListSource {
+    batches: Vec<RecordBatch>,
+    endless: bool,
+    emitted: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Source for ListSource {
+    async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        loop {
+            for batch in &self.batches {
+                if ctx.is_cancelled() {
+                    return Ok(());
+                }
+                ctx.emit(batch.clone()).await?;
+                self.emitted.fetch_add(1, Ordering::SeqCst);
+            }
+            if !self.endless {
+                return Ok(());
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+fn source(batches: Vec<RecordBatch>) -> (OperatorInstance, Arc<AtomicUsize>) {
+    let emitted = Arc::new(AtomicUsize::new(0));
+    let instance = OperatorInstance::Source(Box::new(ListSource {
+        batches,
+        endless: false,
+        emitted: emitted.clone(),
+    }));
+    (instance, emitted)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Batch(usize, RecordBatch),
+    Watermark(Watermark),
+    Closed,
+}
+
+/// Records everything it receives; optionally waits before each write.
+struct RecordingSink {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Sink for RecordingSink {
+    async fn write(&mut self, input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.seen.lock().unwrap().push(Seen::Batch(input, batch));
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, watermark: Watermark) -> Result<(), OperatorError> {
+        self.seen.lock().unwrap().push(Seen::Watermark(watermark));
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), OperatorError> {
+        self.seen.lock().unwrap().push(Seen::Closed);
+        Ok(())
+    }
+}
+
+fn sink(delay: Duration) -> (OperatorInstance, Arc<Mutex<Vec<Seen>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let instance = OperatorInstance::Sink(Box::new(RecordingSink {
+        seen: seen.clone(),
+        delay,
+    }));
+    (instance, seen)
+}
+
+/// Passes batches through and records the watermarks it is given.
+struct PassThrough {
+    watermarks: Arc<Mutex<Vec<Watermark>>>,
+    closed: Arc<AtomicUsize>,
+    fail_on_batch: bool,
+}
+
+#[async_trait]
+impl Transform for PassThrough {
+    async fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        if self.fail_on_batch {
+            return Err(OperatorError::User("value out of range".into()));
+        }
+        out.emit(batch);
+        Ok(())
+    }
+
+    async fn on_watermark(
+        &mut self,
+        watermark: Watermark,
+        _out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        self.watermarks.lock().unwrap().push(watermark);
+        Ok(())
+    }
+
+    async fn on_close(&mut self, _out: &mut Collector) -> Result<(), OperatorError> {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn metrics() -> (prometheus::Registry, EngineMetrics) {
+    let registry = prometheus::Registry::new();
+    let metrics = EngineMetrics::new(&registry).expect("registers");
+    (registry, metrics)
+}
+
+#[tokio::test]
+async fn fan_out_shares_batches_without_copying() {
+    let mut builder = PipelineBuilder::new("fan-out");
+    let (src, _) = source(vec![batch(&[1, 2, 3])]);
+    builder.add_node("src", src, main_port(), vec![], None);
+    let (left, left_seen) = sink(Duration::ZERO);
+    let (right, right_seen) = sink(Duration::ZERO);
+    builder.add_node("left", left, vec![], vec![input("src")], None);
+    builder.add_node("right", right, vec![], vec![input("src")], None);
+    let (_, metrics) = metrics();
+    builder
+        .build(&metrics)
+        .unwrap()
+        .run(CancellationToken::new())
+        .await
+        .unwrap();
+
+    let first = |seen: &Arc<Mutex<Vec<Seen>>>| match &seen.lock().unwrap()[0] {
+        Seen::Batch(_, batch) => batch.clone(),
+        other => panic!("expected a batch, got {other:?}"),
+    };
+    let (l, r) = (first(&left_seen), first(&right_seen));
+    assert_eq!(l, r);
+    // The very same buffer reached both consumers.
+    assert_eq!(
+        l.column(1).to_data().buffers()[0].as_ptr(),
+        r.column(1).to_data().buffers()[0].as_ptr()
+    );
+}
+
+#[tokio::test]
+async fn fan_in_takes_the_minimum_watermark_and_end_is_the_final_one() {
+    let mut builder = PipelineBuilder::new("fan-in");
+    let (fast, _) = source(vec![batch(&[100]), batch(&[500])]);
+    let (slow, _) = source(vec![batch(&[50]), batch(&[200])]);
+    builder.add_node("fast", fast, main_port(), vec![], event_time());
+    builder.add_node("slow", slow, main_port(), vec![], event_time());
+    let watermarks = Arc::new(Mutex::new(Vec::new()));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let merge = OperatorInstance::Transform(Box::new(PassThrough {
+        watermarks: watermarks.clone(),
+        closed: closed.clone(),
+        fail_on_batch: false,
+    }));
+    builder.add_node(
+        "merge",
+        merge,
+        main_port(),
+        vec![input("fast"), input("slow")],
+        None,
+    );
+    let (out, seen) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("merge")], None);
+    let (_, metrics) = metrics();
+    builder
+        .build(&metrics)
+        .unwrap()
+        .run(CancellationToken::new())
+        .await
+        .unwrap();
+
+    let watermarks = watermarks.lock().unwrap().clone();
+    // Never ahead of the slower input: it only reaches 200, so 500 never shows up
+    // before the end, and the end arrives as the final watermark.
+    assert_eq!(watermarks.last(), Some(&Watermark::END));
+    assert!(watermarks.windows(2).all(|w| w[0] < w[1]), "{watermarks:?}");
+    for watermark in &watermarks[..watermarks.len() - 1] {
+        assert!(watermark.millis() <= 200, "{watermarks:?}");
+    }
+    assert_eq!(closed.load(Ordering::SeqCst), 1);
+    let seen = seen.lock().unwrap();
+    let rows: usize = seen
+        .iter()
+        .map(|s| match s {
+            Seen::Batch(_, b) => b.num_rows(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(rows, 4);
+    assert_eq!(seen.last(), Some(&Seen::Closed));
+    assert!(seen.contains(&Seen::Watermark(Watermark::END)));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_slow_sink_holds_back_its_source_within_the_channel_bound() {
+    let capacity = 4;
+    let mut builder = PipelineBuilder::new("backpressure").channel_capacity(capacity);
+    let emitted = Arc::new(AtomicUsize::new(0));
+    let src = OperatorInstance::Source(Box::new(ListSource {
+        batches: vec![batch(&[1])],
+        endless: true,
+        emitted: emitted.clone(),
+    }));
+    builder.add_node("src", src, main_port(), vec![], None);
+    let (out, seen) = sink(Duration::from_millis(100));
+    builder.add_node("out", out, vec![], vec![input("src")], None);
+    let (_, metrics) = metrics();
+    let pipeline = builder.build(&metrics).unwrap();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(pipeline.run(shutdown.clone()));
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let written = seen.lock().unwrap().len();
+        let ahead = emitted.load(Ordering::SeqCst) - written;
+        // In flight: the channel's capacity, plus one batch in the sink's hands.
+        assert!(ahead <= capacity + 1, "source ran {ahead} batches ahead");
+    }
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_operator_failure_names_pipeline_and_operator_and_stops_the_sources() {
+    let mut builder = PipelineBuilder::new("failing");
+    let emitted = Arc::new(AtomicUsize::new(0));
+    let src = OperatorInstance::Source(Box::new(ListSource {
+        batches: vec![batch(&[1])],
+        endless: true,
+        emitted,
+    }));
+    builder.add_node("src", src, main_port(), vec![], None);
+    let broken = OperatorInstance::Transform(Box::new(PassThrough {
+        watermarks: Arc::default(),
+        closed: Arc::default(),
+        fail_on_batch: true,
+    }));
+    builder.add_node("broken", broken, main_port(), vec![input("src")], None);
+    let (out, seen) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("broken")], None);
+    let (registry, metrics) = metrics();
+    let error = builder
+        .build(&metrics)
+        .unwrap()
+        .run(CancellationToken::new())
+        .await
+        .expect_err("the transform fails");
+    assert!(matches!(&error, PipelineError::Operator { operator, .. } if operator == "broken"));
+    assert_eq!(
+        error.to_string(),
+        "pipeline 'failing': operator 'broken' failed: value out of range"
+    );
+    // Downstream still closed cleanly.
+    assert_eq!(seen.lock().unwrap().last(), Some(&Seen::Closed));
+    let errors = registry
+        .gather()
+        .into_iter()
+        .find(|family| family.name() == "weir_operator_errors_total")
+        .expect("errors are counted");
+    let broken_errors: f64 = errors
+        .get_metric()
+        .iter()
+        .filter(|m| m.get_label().iter().any(|l| l.value() == "broken"))
+        .map(|m| m.get_counter().get_value())
+        .sum();
+    assert_eq!(broken_errors, 1.0);
+}
+
+struct Panicking;
+
+#[async_trait]
+impl Sink for Panicking {
+    async fn write(&mut self, _input: usize, _batch: RecordBatch) -> Result<(), OperatorError> {
+        panic!("index out of bounds in a test sink");
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_operator_is_reported_not_silent() {
+    let mut builder = PipelineBuilder::new("panics");
+    let (src, _) = source(vec![batch(&[1])]);
+    builder.add_node("src", src, main_port(), vec![], None);
+    builder.add_node(
+        "bad",
+        OperatorInstance::Sink(Box::new(Panicking)),
+        vec![],
+        vec![input("src")],
+        None,
+    );
+    let (_, metrics) = metrics();
+    let error = builder
+        .build(&metrics)
+        .unwrap()
+        .run(CancellationToken::new())
+        .await
+        .expect_err("the sink panics");
+    assert_eq!(
+        error.to_string(),
+        "pipeline 'panics': operator 'bad' panicked: index out of bounds in a test sink"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_stops_an_endless_source_and_drains_what_was_sent() {
+    let mut builder = PipelineBuilder::new("drain");
+    let emitted = Arc::new(AtomicUsize::new(0));
+    let src = OperatorInstance::Source(Box::new(ListSource {
+        batches: vec![batch(&[1, 2])],
+        endless: true,
+        emitted: emitted.clone(),
+    }));
+    builder.add_node("src", src, main_port(), vec![], None);
+    let (out, seen) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("src")], None);
+    let (_, metrics) = metrics();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(builder.build(&metrics).unwrap().run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    let seen = seen.lock().unwrap();
+    let written = seen.iter().filter(|s| matches!(s, Seen::Batch(..))).count();
+    assert_eq!(
+        written,
+        emitted.load(Ordering::SeqCst),
+        "every emitted batch was written"
+    );
+    assert_eq!(seen.last(), Some(&Seen::Closed));
+}
+
+#[tokio::test]
+async fn wiring_to_a_missing_node_or_a_cycle_is_refused() {
+    let (_, metrics) = metrics();
+    let mut builder = PipelineBuilder::new("dangling");
+    let (out, _) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("nowhere")], None);
+    let error = builder.build(&metrics).err().expect("refused");
+    assert!(
+        error.to_string().contains("'out' reads from 'nowhere'"),
+        "{error}"
+    );
+
+    let mut builder = PipelineBuilder::new("cycle");
+    for (name, from) in [("a", "b"), ("b", "a")] {
+        let t = OperatorInstance::Transform(Box::new(PassThrough {
+            watermarks: Arc::default(),
+            closed: Arc::default(),
+            fail_on_batch: false,
+        }));
+        builder.add_node(name, t, main_port(), vec![input(from)], None);
+    }
+    let error = builder.build(&metrics).err().expect("refused");
+    assert!(error.to_string().contains("form a cycle"), "{error}");
+}

@@ -1,0 +1,458 @@
+//! Encoding helpers shared by the built-in sources and sinks: how batches become JSON lines
+//! and tables, how timestamps are written, and how a node's `config` becomes a typed struct.
+//!
+//! The `stdout` and `file` sinks both print JSON lines, and both must write timestamps the
+//! same way, so the choices live here once: timestamps are RFC 3339 strings in UTC (a
+//! timestamp column without a time zone holds UTC instants in Weir) unless a sink asks for
+//! integer epoch milliseconds, and null values are written as explicit `null`s so every
+//! line carries every column.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::error::ArrowError;
+use arrow::util::display::FormatOptions;
+use arrow::util::pretty::pretty_format_batches_with_options;
+use arrow_json::writer::LineDelimited;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use weir_engine::config::{ConfigError, ConfigErrors};
+use weir_engine::registry::NodeContext;
+use weir_engine::time::event_times_ms;
+
+/// The chrono format of a timestamp without a time zone: UTC, with as many fractional
+/// digits as the value needs (none, 3, 6 or 9), e.g. `2026-01-01T00:00:00.250Z`.
+const RFC3339_UTC: &str = "%Y-%m-%dT%H:%M:%S%.fZ";
+
+/// The chrono format of a timestamp with a time zone: its offset, e.g. `+02:00`.
+const RFC3339_OFFSET: &str = "%Y-%m-%dT%H:%M:%S%.f%:z";
+
+/// How timestamps are written in JSON output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampFormat {
+    /// RFC 3339 strings, e.g. `2026-01-01T00:00:00Z`.
+    #[default]
+    Rfc3339,
+    /// Integer milliseconds since the Unix epoch.
+    EpochMs,
+}
+
+/// Casts every top-level timestamp column to Int64 milliseconds since the epoch.
+///
+/// Finer units are floored to the millisecond. Timestamps nested inside structs or lists
+/// are left as they are. The returned batch's schema names the same columns, retyped.
+pub fn timestamps_to_epoch_ms(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Timestamp(_, _)))
+    {
+        return Ok(batch.clone());
+    }
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        match field.data_type() {
+            DataType::Timestamp(_, _) => {
+                let millis = event_times_ms(column).ok_or_else(|| {
+                    ArrowError::CastError(format!("column '{}' is not a timestamp", field.name()))
+                })?;
+                columns.push(Arc::new(millis));
+                fields.push(Arc::new(
+                    Field::new(field.name(), DataType::Int64, field.is_nullable())
+                        .with_metadata(field.metadata().clone()),
+                ));
+            }
+            _ => {
+                columns.push(column.clone());
+                fields.push(field.clone());
+            }
+        }
+    }
+    let schema = Schema::new_with_metadata(fields, schema.metadata().clone());
+    RecordBatch::try_new(Arc::new(schema), columns)
+}
+
+/// Appends `batch` to `out` as JSON lines: one object per row, every column present
+/// (nulls as `null`), timestamps written as `timestamps` says.
+pub fn write_json_lines<W: Write>(
+    out: &mut W,
+    batch: &RecordBatch,
+    timestamps: TimestampFormat,
+) -> Result<(), ArrowError> {
+    let converted;
+    let batch = match timestamps {
+        TimestampFormat::Rfc3339 => batch,
+        TimestampFormat::EpochMs => {
+            converted = timestamps_to_epoch_ms(batch)?;
+            &converted
+        }
+    };
+    let mut writer = arrow_json::WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .with_timestamp_format(RFC3339_UTC.to_owned())
+        .with_timestamp_tz_format(RFC3339_OFFSET.to_owned())
+        .build::<_, LineDelimited>(out);
+    writer.write(batch)?;
+    writer.finish()
+}
+
+/// `batch` as JSON lines, in a fresh buffer. See [`write_json_lines`].
+pub fn json_lines(batch: &RecordBatch, timestamps: TimestampFormat) -> Result<Vec<u8>, ArrowError> {
+    // JSON lines of typical sensor rows take about 80 bytes a row.
+    let mut out = Vec::with_capacity(batch.num_rows() * 80);
+    write_json_lines(&mut out, batch, timestamps)?;
+    Ok(out)
+}
+
+/// `batch` as a text table with a header, timestamps in RFC 3339 and nulls as `null`,
+/// followed by a newline.
+pub fn pretty_table(batch: &RecordBatch) -> Result<String, ArrowError> {
+    let options = FormatOptions::new()
+        .with_null("null")
+        .with_timestamp_format(Some(RFC3339_UTC))
+        .with_timestamp_tz_format(Some(RFC3339_OFFSET));
+    let table = pretty_format_batches_with_options(std::slice::from_ref(batch), &options)?;
+    Ok(format!("{table}\n"))
+}
+
+/// Deserializes a node's `config` into `T`. An absent `config` reads as an empty map, so
+/// config structs with `#[serde(default)]` get their defaults.
+pub fn node_config<T: DeserializeOwned>(node: &NodeContext<'_>) -> Result<T, ConfigErrors> {
+    node.config
+        .deserialize_into::<T>(node.config_path)
+        .map_err(|error| vec![error])
+}
+
+/// A problem with the config value at `keys` (e.g. `["fields", "temperature", "step"]`),
+/// located at the deepest of those keys that was written, or at the whole `config`.
+pub fn field_error(
+    node: &NodeContext<'_>,
+    keys: &[&str],
+    message: impl Into<String>,
+) -> ConfigError {
+    let mut location = node.config.location;
+    let mut value = Some(node.config);
+    for key in keys {
+        value = value.and_then(|v| v.get(key));
+        if let Some(found) = value {
+            location = found.location;
+        }
+    }
+    ConfigError::new(
+        format!("{}.{}", node.config_path, keys.join(".")),
+        location,
+        message,
+    )
+}
+
+/// A problem with the node itself (not one config field), e.g. a missing `schema`.
+pub fn node_error(node: &NodeContext<'_>, message: impl Into<String>) -> ConfigError {
+    let path = node
+        .config_path
+        .strip_suffix(".config")
+        .unwrap_or(node.config_path);
+    ConfigError::new(path, node.config.location, message)
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Helpers for the operator tests in this crate: configs written as YAML, and a tiny
+    //! pipeline that runs a planned source into collecting sinks.
+
+    use std::fmt;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use arrow::array::RecordBatch;
+    use arrow::datatypes::SchemaRef;
+    use async_trait::async_trait;
+    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+    use weir_engine::config::{ConfigErrors, ConfigValue, Key, Location, Value};
+    use weir_engine::graph::{InputRef, PipelineBuilder};
+    use weir_engine::metrics::EngineMetrics;
+    use weir_engine::registry::{
+        InputStream, MAIN_PORT_NAME, NodeContext, OperatorFactory, PlannedOperator, Role,
+    };
+    use weir_engine::time::EventTimeSpec;
+    use weir_engine::{OperatorError, OperatorInstance, Sink};
+
+    /// A YAML document read into a [`ConfigValue`], keeping mapping order.
+    pub(crate) fn yaml(text: &str) -> ConfigValue {
+        if text.trim().is_empty() {
+            return ConfigValue::null();
+        }
+        serde_saphyr::from_str::<Tree>(text)
+            .expect("test YAML parses")
+            .0
+    }
+
+    struct Tree(ConfigValue);
+
+    impl<'de> serde::Deserialize<'de> for Tree {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_any(TreeVisitor)
+        }
+    }
+
+    struct TreeVisitor;
+
+    impl<'de> Visitor<'de> for TreeVisitor {
+        type Value = Tree;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any YAML value")
+        }
+        fn visit_unit<E>(self) -> Result<Tree, E> {
+            Ok(Tree(ConfigValue::null()))
+        }
+        fn visit_none<E>(self) -> Result<Tree, E> {
+            Ok(Tree(ConfigValue::null()))
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Tree, E> {
+            Ok(Tree(ConfigValue::new(Value::Bool(v))))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Tree, E> {
+            Ok(Tree(ConfigValue::int(v)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Tree, E> {
+            i64::try_from(v)
+                .map(|v| Tree(ConfigValue::int(v)))
+                .map_err(E::custom)
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Tree, E> {
+            Ok(Tree(ConfigValue::new(Value::Float(v))))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Tree, E> {
+            Ok(Tree(ConfigValue::string(v)))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Tree, A::Error> {
+            let mut items = Vec::new();
+            while let Some(Tree(item)) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(Tree(ConfigValue::new(Value::Seq(items))))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Tree, A::Error> {
+            let mut entries = Vec::new();
+            while let Some((name, Tree(value))) = map.next_entry::<String, Tree>()? {
+                let key = Key {
+                    name,
+                    location: Location::default(),
+                };
+                entries.push((key, value));
+            }
+            Ok(Tree(ConfigValue::new(Value::Map(entries))))
+        }
+    }
+
+    /// What a node declares besides its `config`.
+    #[derive(Default)]
+    pub(crate) struct Decl<'a> {
+        pub(crate) schema: Option<SchemaRef>,
+        pub(crate) event_time: Option<EventTimeSpec>,
+        pub(crate) inputs: Vec<InputStream>,
+        pub(crate) base_dir: Option<&'a Path>,
+    }
+
+    /// Plans a node of `factory` with the given YAML config.
+    pub(crate) fn plan(
+        factory: &dyn OperatorFactory,
+        role: Role,
+        config: &str,
+        decl: Decl<'_>,
+    ) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
+        let config = yaml(config);
+        let base_dir = decl.base_dir.unwrap_or(Path::new("."));
+        let config_path = format!("{}.node.config", role.section());
+        let node = NodeContext {
+            pipeline: "test",
+            name: "node",
+            role,
+            config: &config,
+            config_path: &config_path,
+            inputs: &decl.inputs,
+            inputs_known: true,
+            schema: decl.schema,
+            event_time: decl.event_time,
+            window: None,
+            base_dir,
+        };
+        factory.plan(&node)
+    }
+
+    /// The batches a collecting sink received.
+    pub(crate) type Collected = Arc<Mutex<Vec<RecordBatch>>>;
+
+    /// A sink that keeps every batch it receives.
+    pub(crate) struct Collect(pub(crate) Collected);
+
+    #[async_trait]
+    impl Sink for Collect {
+        async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
+            self.0.lock().expect("collector lock").push(batch);
+            Ok(())
+        }
+    }
+
+    /// What a source emitted on its main port and on its second port (if it has one).
+    pub(crate) struct Outputs {
+        pub(crate) main: Collected,
+        pub(crate) side: Collected,
+    }
+
+    /// Runs a planned source into collecting sinks until it ends or `shutdown` fires.
+    pub(crate) async fn run_source(
+        planned: Box<dyn PlannedOperator>,
+        event_time: Option<EventTimeSpec>,
+        shutdown: tokio_util::sync::CancellationToken,
+        outputs: &Outputs,
+    ) -> Result<(), weir_engine::PipelineError> {
+        let specs = planned.outputs();
+        let instance = planned.instantiate().expect("source instantiates");
+        let mut builder = PipelineBuilder::new("test");
+        let ports: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
+        builder.add_node("src", instance, specs, vec![], event_time);
+        let wire = |port: &str| {
+            vec![InputRef {
+                node: "src".into(),
+                port: port.into(),
+            }]
+        };
+        builder.add_node(
+            "main",
+            OperatorInstance::Sink(Box::new(Collect(outputs.main.clone()))),
+            vec![],
+            wire(MAIN_PORT_NAME),
+            None,
+        );
+        if let Some(side) = ports.get(1) {
+            builder.add_node(
+                "side",
+                OperatorInstance::Sink(Box::new(Collect(outputs.side.clone()))),
+                vec![],
+                wire(side),
+                None,
+            );
+        }
+        let metrics = EngineMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        builder.build(&metrics)?.run(shutdown).await
+    }
+
+    impl Outputs {
+        pub(crate) fn new() -> Self {
+            Outputs {
+                main: Collected::default(),
+                side: Collected::default(),
+            }
+        }
+
+        /// Rows received on the main port.
+        pub(crate) fn main_rows(&self) -> usize {
+            self.main.lock().unwrap().iter().map(|b| b.num_rows()).sum()
+        }
+
+        /// Everything received on the main port, in one batch.
+        pub(crate) fn main_batch(&self) -> RecordBatch {
+            concat(&self.main)
+        }
+
+        /// Everything received on the second port, in one batch.
+        pub(crate) fn side_batch(&self) -> RecordBatch {
+            concat(&self.side)
+        }
+    }
+
+    fn concat(collected: &Collected) -> RecordBatch {
+        let batches = collected.lock().unwrap();
+        let schema = batches.first().expect("at least one batch").schema();
+        arrow::compute::concat_batches(&schema, batches.iter()).expect("same schema")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Array, Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+
+    use super::*;
+
+    fn sample() -> RecordBatch {
+        let schema = Schema::new(vec![
+            Field::new("device", DataType::Utf8, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            Field::new("value", DataType::Float64, true),
+        ]);
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from(vec![Some("a"), None])),
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    1_767_225_600_000,
+                    1_767_225_600_250,
+                ])),
+                Arc::new(Float64Array::from(vec![Some(1.5), None])),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn json_lines_write_rfc3339_utc_and_explicit_nulls() {
+        let text =
+            String::from_utf8(json_lines(&sample(), TimestampFormat::Rfc3339).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            "{\"device\":\"a\",\"ts\":\"2026-01-01T00:00:00Z\",\"value\":1.5}\n\
+             {\"device\":null,\"ts\":\"2026-01-01T00:00:00.250Z\",\"value\":null}\n"
+        );
+    }
+
+    #[test]
+    fn json_lines_write_epoch_ms_as_integers() {
+        let text =
+            String::from_utf8(json_lines(&sample(), TimestampFormat::EpochMs).unwrap()).unwrap();
+        assert!(
+            text.starts_with("{\"device\":\"a\",\"ts\":1767225600000,"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn epoch_ms_floors_finer_units_and_keeps_time_zones() {
+        use arrow::array::TimestampNanosecondArray;
+        let ns = TimestampNanosecondArray::from(vec![1_500_999_999, -1]).with_timezone("+02:00");
+        let schema = Schema::new(vec![Field::new("t", ns.data_type().clone(), false)]);
+        let batch = RecordBatch::try_new(Arc::new(schema), vec![Arc::new(ns)]).unwrap();
+        let out = timestamps_to_epoch_ms(&batch).unwrap();
+        assert_eq!(out.schema().field(0).data_type(), &DataType::Int64);
+        let millis = out.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!(millis.values().to_vec(), vec![1_500, -1]);
+    }
+
+    #[test]
+    fn timestamps_with_a_zone_keep_their_offset() {
+        let ts = TimestampMillisecondArray::from(vec![0]).with_timezone("+02:00");
+        let schema = Schema::new(vec![Field::new("t", ts.data_type().clone(), false)]);
+        let batch = RecordBatch::try_new(Arc::new(schema), vec![Arc::new(ts)]).unwrap();
+        let text =
+            String::from_utf8(json_lines(&batch, TimestampFormat::Rfc3339).unwrap()).unwrap();
+        assert_eq!(text, "{\"t\":\"1970-01-01T02:00:00+02:00\"}\n");
+    }
+
+    #[test]
+    fn table_has_a_header_and_rfc3339_timestamps() {
+        let table = pretty_table(&sample()).unwrap();
+        assert!(table.contains("| device | ts"), "{table}");
+        assert!(table.contains("2026-01-01T00:00:00.250Z"), "{table}");
+        assert!(table.contains("null"), "{table}");
+    }
+}

@@ -1,0 +1,8 @@
+//! Weir's built-in operators: sources, transforms and sinks, and [`registry::builtin`],
+//! the one list that registers them.
+
+pub mod format;
+pub mod registry;
+pub mod sinks;
+pub mod sources;
+pub mod transforms;

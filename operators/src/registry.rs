@@ -1,0 +1,16 @@
+//! The one list of built-in operator kinds.
+
+use std::sync::Arc;
+
+use weir_engine::Registry;
+
+/// A registry holding every built-in operator kind.
+pub fn builtin() -> Registry {
+    let mut registry = Registry::new();
+    registry.register(Arc::new(crate::sources::generator::GeneratorFactory));
+    registry.register(Arc::new(crate::sources::file::FileSourceFactory));
+    registry.register(Arc::new(crate::transforms::sql::SqlFactory));
+    registry.register(Arc::new(crate::sinks::stdout::StdoutFactory));
+    registry.register(Arc::new(crate::sinks::file::FileSinkFactory));
+    registry
+}

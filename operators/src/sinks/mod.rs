@@ -1,0 +1,4 @@
+//! Built-in sinks.
+
+pub mod file;
+pub mod stdout;

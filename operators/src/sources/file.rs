@@ -1,0 +1,1502 @@
+//! The `file` source: JSON lines or CSV with a declared schema, read once or followed as
+//! the file grows (`tail -F`).
+//!
+//! Speed comes from never looking at single lines on the happy path: the file is read in
+//! chunks of whole lines and each chunk goes to Arrow's vectorised JSON or CSV decoder in
+//! one call. Only when a chunk fails to decode is it split into lines, and the bad ones
+//! are found by bisection (decode each half with a fresh decoder, recurse into the half
+//! that fails), so a rare bad line costs a few extra decodes instead of a per-line pass.
+//! Malformed lines never stop the stream: each becomes a row on the `dead_letter` port
+//! (file, line number, reason, raw text), and the good lines around it flow on.
+//!
+//! What counts as malformed: a line that is not valid JSON (or CSV with the schema's
+//! number of fields), a value that does not convert to its column's type, a missing or
+//! null value for a non-nullable column. Unknown JSON fields are ignored, so producers may
+//! add fields without breaking readers. Blank lines are skipped.
+//!
+//! Limits, by design of the chunked fast path: a record must sit on one line (no
+//! pretty-printed JSON, no quoted newlines in CSV); a JSON object that does span lines is
+//! accepted when its chunk decodes as a whole, and reported line by line otherwise.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::timezone::Tz;
+use arrow::array::{
+    Array, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
+    TimestampMillisecondArray, TimestampNanosecondArray, TimestampSecondArray, UInt64Array,
+};
+use arrow::compute::kernels::cast_utils::string_to_datetime;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use weir_engine::config::{ConfigErrors, HumanDuration};
+use weir_engine::registry::{
+    MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
+};
+use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
+
+use crate::format::{field_error, node_config, node_error};
+
+/// The name of the port that carries malformed lines.
+pub const DEAD_LETTER_PORT_NAME: &str = "dead_letter";
+
+/// The index of the dead-letter port (the main port is 0).
+pub const DEAD_LETTER_PORT: usize = 1;
+
+/// How much of the file one read takes; a chunk's whole lines are decoded in one call.
+/// Unit tests use small chunks so that they cross chunk boundaries.
+const CHUNK_BYTES: usize = if cfg!(test) { 4 << 10 } else { 2 << 20 };
+
+/// The most bytes held for one unfinished line; a longer line is reported as malformed
+/// and skipped, so a file without newlines cannot exhaust memory.
+const MAX_LINE_BYTES: usize = if cfg!(test) { 64 << 10 } else { 64 << 20 };
+
+/// How many malformed lines are logged one by one before the log switches to summaries.
+const LOGGED_INDIVIDUALLY: u64 = 10;
+
+/// How often a summary of further malformed lines is logged.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// Builds `file` sources.
+pub struct FileSourceFactory;
+
+/// The `config` of a `file` source.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// The file to read; relative paths are resolved against the pipeline file's directory.
+    pub path: String,
+    /// `json` (one object per line) or `csv`.
+    pub format: FileFormat,
+    /// CSV options; only for `format: csv`.
+    pub csv: Option<CsvOptions>,
+    /// Keep reading as the file grows, following it through truncation and rotation; the
+    /// stream then never ends. The file is read from its beginning either way.
+    pub follow: bool,
+    /// The most rows in one emitted batch.
+    pub batch_rows: usize,
+    /// With `follow`: how often to look for new data once the end is reached.
+    pub poll_interval: HumanDuration,
+}
+
+impl Default for FileSourceConfig {
+    fn default() -> Self {
+        FileSourceConfig {
+            path: String::new(),
+            format: FileFormat::Json,
+            csv: None,
+            follow: false,
+            batch_rows: 8192,
+            poll_interval: HumanDuration(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// The encoding of a file's lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    /// One JSON object per line; unknown fields are ignored.
+    #[default]
+    Json,
+    /// Comma- (or `delimiter`-) separated values, columns in the schema's order.
+    Csv,
+}
+
+/// How a CSV file is laid out.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CsvOptions {
+    /// Whether the first line names the columns; it must name the schema's columns in order.
+    pub header: bool,
+    /// The one ASCII character between fields.
+    pub delimiter: String,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        CsvOptions {
+            header: true,
+            delimiter: ",".to_owned(),
+        }
+    }
+}
+
+/// How lines are decoded, after validation.
+#[derive(Clone, Copy, Debug)]
+enum Decoding {
+    Json,
+    Csv { header: bool, delimiter: u8 },
+}
+
+/// A file source whose config is valid.
+#[derive(Clone, Debug)]
+struct Plan {
+    path: PathBuf,
+    decoding: Decoding,
+    follow: bool,
+    batch_rows: usize,
+    poll_interval: Duration,
+    schema: SchemaRef,
+    event_time: Option<String>,
+}
+
+impl OperatorFactory for FileSourceFactory {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn roles(&self) -> &'static [Role] {
+        &[Role::Source]
+    }
+
+    fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
+        let config: FileSourceConfig = node_config(node)?;
+        Ok(Box::new(validate(&config, node)?))
+    }
+}
+
+fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, ConfigErrors> {
+    let mut errors = ConfigErrors::new();
+    if node.schema.is_none() {
+        errors.push(
+            node_error(node, "the file source needs a declared schema").with_hint(
+                "add e.g. `schema: {device: utf8, ts: timestamp_ms, temperature: float64}`",
+            ),
+        );
+    }
+    if config.path.trim().is_empty() {
+        errors.push(
+            field_error(node, &["path"], "the file source needs a path")
+                .with_hint("add e.g. `path: data/readings.jsonl` under config"),
+        );
+    }
+    if config.batch_rows == 0 {
+        errors.push(field_error(
+            node,
+            &["batch_rows"],
+            "batch_rows must be at least 1",
+        ));
+    }
+    if config.poll_interval.0 < Duration::from_millis(1) {
+        errors.push(field_error(
+            node,
+            &["poll_interval"],
+            "poll_interval must be at least 1ms",
+        ));
+    }
+    let decoding = match (config.format, &config.csv) {
+        (FileFormat::Json, Some(_)) => {
+            errors.push(
+                field_error(node, &["csv"], "csv options apply only to format csv")
+                    .with_hint("remove `csv`, or set `format: csv`"),
+            );
+            Decoding::Json
+        }
+        (FileFormat::Json, None) => Decoding::Json,
+        (FileFormat::Csv, options) => {
+            let options = options.clone().unwrap_or_default();
+            let delimiter = match options.delimiter.as_bytes() {
+                [byte] if byte.is_ascii() && !matches!(byte, b'\n' | b'\r' | b'"') => *byte,
+                _ => {
+                    errors.push(
+                        field_error(
+                            node,
+                            &["csv", "delimiter"],
+                            format!(
+                                "delimiter '{}' is not one ASCII character",
+                                options.delimiter
+                            ),
+                        )
+                        .with_hint("write e.g. \",\", \";\" or \"\\t\""),
+                    );
+                    b','
+                }
+            };
+            if let Some(schema) = &node.schema {
+                for field in schema.fields() {
+                    if field.data_type().is_nested() {
+                        errors.push(node_error(
+                            node,
+                            format!(
+                                "csv cannot hold column '{}' of type {}: csv columns are flat values",
+                                field.name(),
+                                field.data_type()
+                            ),
+                        ));
+                    }
+                }
+            }
+            Decoding::Csv {
+                header: options.header,
+                delimiter,
+            }
+        }
+    };
+    let Some(schema) = node.schema.clone() else {
+        return Err(errors);
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Plan {
+        path: node.base_dir.join(&config.path),
+        decoding,
+        follow: config.follow,
+        batch_rows: config.batch_rows,
+        poll_interval: config.poll_interval.0,
+        schema,
+        event_time: node.event_time.as_ref().map(|spec| spec.column.clone()),
+    })
+}
+
+/// The schema of the dead-letter port: where each malformed line was, why, and its text.
+pub fn dead_letter_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("file", DataType::Utf8, false),
+        Field::new("line", DataType::UInt64, false),
+        Field::new("error", DataType::Utf8, false),
+        Field::new("raw", DataType::Utf8, false),
+    ]))
+}
+
+impl PlannedOperator for Plan {
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![
+            OutputSpec {
+                name: MAIN_PORT_NAME.to_owned(),
+                stream: StreamInfo {
+                    schema: self.schema.clone(),
+                    event_time: self.event_time.clone(),
+                },
+                unwired_drop_reason: None,
+            },
+            OutputSpec {
+                name: DEAD_LETTER_PORT_NAME.to_owned(),
+                stream: StreamInfo {
+                    schema: dead_letter_schema(),
+                    event_time: None,
+                },
+                unwired_drop_reason: Some("malformed"),
+            },
+        ]
+    }
+
+    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+        let file = File::open(&self.path)
+            .map_err(|e| OperatorError::io(format!("cannot open {}", self.path.display()), e))?;
+        let identity = file.metadata().ok().and_then(|meta| identity(&meta));
+        let display = self.path.display().to_string();
+        let reader = LineDecoder::new(&self);
+        Ok(OperatorInstance::Source(Box::new(FileSource {
+            report: MalformedReport::new(display.clone()),
+            display,
+            plan: *self,
+            reader,
+            file: Some(file),
+            identity,
+            offset: 0,
+            buf: Vec::new(),
+            no_newline_before: 0,
+            next_line: 1,
+            skipping: false,
+        })))
+    }
+}
+
+/// What identifies a file independently of its name, to notice rotation.
+type FileId = (u64, u64);
+
+#[cfg(unix)]
+fn identity(meta: &std::fs::Metadata) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    Some((meta.dev(), meta.ino()))
+}
+
+#[cfg(not(unix))]
+fn identity(_meta: &std::fs::Metadata) -> Option<FileId> {
+    None
+}
+
+/// A malformed line, bound for the dead-letter port.
+#[derive(Debug)]
+struct BadLine {
+    line: u64,
+    error: String,
+    raw: String,
+}
+
+/// What one region of whole lines decoded into.
+#[derive(Debug, Default)]
+struct Decoded {
+    batches: Vec<RecordBatch>,
+    bad: Vec<BadLine>,
+}
+
+/// Decodes regions of whole lines into batches, isolating malformed lines.
+struct LineDecoder {
+    decoding: Decoding,
+    schema: SchemaRef,
+    /// The schema with every column nullable, to name the columns a line left out.
+    relaxed: SchemaRef,
+    /// The schema CSV is decoded with: timestamp columns as text, see [`parse_timestamps`].
+    csv_text: SchemaRef,
+    batch_rows: usize,
+    /// The next line of a CSV file with a header is the header.
+    header_pending: bool,
+}
+
+impl LineDecoder {
+    fn new(plan: &Plan) -> Self {
+        let relaxed = Schema::new(
+            plan.schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        );
+        let csv_text = Schema::new(
+            plan.schema
+                .fields()
+                .iter()
+                .map(|f| match f.data_type() {
+                    DataType::Timestamp(_, _) => f.as_ref().clone().with_data_type(DataType::Utf8),
+                    _ => f.as_ref().clone(),
+                })
+                .collect::<Vec<_>>(),
+        );
+        LineDecoder {
+            decoding: plan.decoding,
+            schema: plan.schema.clone(),
+            relaxed: Arc::new(relaxed),
+            csv_text: Arc::new(csv_text),
+            batch_rows: plan.batch_rows,
+            header_pending: matches!(plan.decoding, Decoding::Csv { header: true, .. }),
+        }
+    }
+
+    /// Expects a header again: the file is new or was truncated.
+    fn restart(&mut self) {
+        self.header_pending = matches!(self.decoding, Decoding::Csv { header: true, .. });
+    }
+
+    /// Decodes `region`, whole lines whose first is line number `first_line`.
+    fn decode_region(
+        &mut self,
+        region: &[u8],
+        first_line: u64,
+        file: &str,
+    ) -> Result<Decoded, OperatorError> {
+        let (region, first_line) = match self.take_header(region, first_line, file)? {
+            Some(rest) => rest,
+            None => return Ok(Decoded::default()),
+        };
+        if region.is_empty() {
+            return Ok(Decoded::default());
+        }
+        if let Ok(batches) = self.decode_all(region) {
+            return Ok(Decoded {
+                batches,
+                bad: Vec::new(),
+            });
+        }
+        self.isolate_bad_lines(region, first_line)
+    }
+
+    /// Checks and strips the CSV header when one is due. `None`: nothing but blank lines.
+    fn take_header<'a>(
+        &mut self,
+        region: &'a [u8],
+        first_line: u64,
+        file: &str,
+    ) -> Result<Option<(&'a [u8], u64)>, OperatorError> {
+        let Decoding::Csv { delimiter, .. } = self.decoding else {
+            return Ok(Some((region, first_line)));
+        };
+        if !self.header_pending {
+            return Ok(Some((region, first_line)));
+        }
+        let mut start = 0;
+        let mut line = first_line;
+        while start < region.len() {
+            let end = region[start..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(region.len(), |i| start + i);
+            let text = trim_line_end(&region[start..end]);
+            let rest = (end + 1).min(region.len());
+            if is_blank(text) {
+                start = rest;
+                line += 1;
+                continue;
+            }
+            let mut decoder = arrow_csv::ReaderBuilder::new(self.schema.clone())
+                .with_header(true)
+                .with_header_validation(true)
+                .with_delimiter(delimiter)
+                .build_decoder();
+            decoder
+                .decode(text)
+                .and_then(|_| decoder.decode(&[]))
+                .map_err(|e| {
+                    OperatorError::User(format!(
+                        "{file}:{line}: the csv header does not match the declared schema ({}): \
+                         declare the schema's columns in the file's order, or set csv.header: false",
+                        reason(&e)
+                    ))
+                })?;
+            self.header_pending = false;
+            return Ok(Some((&region[rest..], line + 1)));
+        }
+        Ok(None)
+    }
+
+    /// Decodes `bytes` as a whole into batches of at most `batch_rows` rows.
+    fn decode_all(&self, bytes: &[u8]) -> Result<Vec<RecordBatch>, ArrowError> {
+        match self.decoding {
+            Decoding::Json => self.decode_json(&self.schema, bytes),
+            Decoding::Csv { delimiter, .. } => self.decode_csv(delimiter, bytes),
+        }
+    }
+
+    fn decode_json(
+        &self,
+        schema: &SchemaRef,
+        bytes: &[u8],
+    ) -> Result<Vec<RecordBatch>, ArrowError> {
+        let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(self.batch_rows)
+            .build_decoder()?;
+        let mut batches = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let used = decoder.decode(rest)?;
+            rest = &rest[used..];
+            if !rest.is_empty() {
+                // The decoder stops early only when a batch is full.
+                match decoder.flush()? {
+                    Some(batch) => batches.push(batch),
+                    None if used == 0 => return Err(stalled()),
+                    None => {}
+                }
+            }
+        }
+        batches.extend(decoder.flush()?);
+        Ok(batches)
+    }
+
+    fn decode_csv(&self, delimiter: u8, bytes: &[u8]) -> Result<Vec<RecordBatch>, ArrowError> {
+        let mut decoder = arrow_csv::ReaderBuilder::new(self.csv_text.clone())
+            .with_header(false)
+            .with_delimiter(delimiter)
+            .with_batch_size(self.batch_rows)
+            .build_decoder();
+        let mut text_batches = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let used = decoder.decode(rest)?;
+            rest = &rest[used..];
+            if decoder.capacity() == 0 {
+                text_batches.extend(decoder.flush()?);
+            } else if used == 0 {
+                return Err(stalled());
+            }
+        }
+        // An empty input tells the CSV reader the last record is complete.
+        decoder.decode(&[])?;
+        text_batches.extend(decoder.flush()?);
+        text_batches
+            .into_iter()
+            .map(|batch| self.parse_csv_timestamps(batch))
+            .collect()
+    }
+
+    /// Turns the text of a CSV batch's timestamp columns into timestamps.
+    fn parse_csv_timestamps(&self, batch: RecordBatch) -> Result<RecordBatch, ArrowError> {
+        let mut columns = batch.columns().to_vec();
+        for (column, field) in columns.iter_mut().zip(self.schema.fields()) {
+            if let DataType::Timestamp(unit, zone) = field.data_type() {
+                *column =
+                    parse_timestamps(column.as_string::<i32>(), *unit, zone.clone(), field.name())?;
+            }
+        }
+        RecordBatch::try_new(self.schema.clone(), columns)
+    }
+
+    /// Finds the malformed lines of a region that failed to decode, keeping the good ones.
+    fn isolate_bad_lines(&self, region: &[u8], first_line: u64) -> Result<Decoded, OperatorError> {
+        let lines = line_spans(region, first_line);
+        let mut decoded = Decoded::default();
+        let mut good = Vec::new();
+        // Bisection, left half first so rows keep their order.
+        let mut pending = Vec::new();
+        pending.push(0..lines.len());
+        while let Some(range) = pending.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            let bytes = &region[lines[range.start].1.start..lines[range.end - 1].1.end];
+            match self.decode_all(bytes) {
+                Ok(batches) => good.extend(batches),
+                Err(error) if range.len() == 1 => {
+                    let (line, span) = &lines[range.start];
+                    decoded.bad.push(BadLine {
+                        line: *line,
+                        error: self.explain(&error, bytes),
+                        raw: String::from_utf8_lossy(&region[span.clone()]).into_owned(),
+                    });
+                }
+                Err(_) => {
+                    let middle = range.start + range.len() / 2;
+                    pending.push(middle..range.end);
+                    pending.push(range.start..middle);
+                }
+            }
+        }
+        decoded.batches = self.rebatch(good)?;
+        Ok(decoded)
+    }
+
+    /// Bisection leaves many small batches; downstream is faster with few big ones.
+    fn rebatch(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, OperatorError> {
+        if batches.len() <= 1 {
+            return Ok(batches);
+        }
+        let all = arrow::compute::concat_batches(&self.schema, &batches)?;
+        let mut out = Vec::with_capacity(all.num_rows().div_ceil(self.batch_rows));
+        let mut offset = 0;
+        while offset < all.num_rows() {
+            let rows = self.batch_rows.min(all.num_rows() - offset);
+            out.push(all.slice(offset, rows));
+            offset += rows;
+        }
+        Ok(out)
+    }
+
+    /// Why one line failed, in words a user can act on.
+    fn explain(&self, error: &ArrowError, line: &[u8]) -> String {
+        let text = reason(error);
+        if matches!(self.decoding, Decoding::Csv { .. }) {
+            return self.without_csv_positions(&text);
+        }
+        if matches!(self.decoding, Decoding::Json) && text.contains("non-nullable") {
+            // Arrow names the column only in its debug form; decoding the line again with
+            // every column nullable shows which required values are absent.
+            if let Ok(batches) = self.decode_json(&self.relaxed, line) {
+                let missing: Vec<&str> = self
+                    .schema
+                    .fields()
+                    .iter()
+                    .zip(batches.first().map(|b| b.columns()).unwrap_or_default())
+                    .filter(|(field, column)| !field.is_nullable() && column.null_count() > 0)
+                    .map(|(field, _)| field.name().as_str())
+                    .collect();
+                if !missing.is_empty() {
+                    return format!(
+                        "missing value for non-nullable column '{}'",
+                        missing.join("', '")
+                    );
+                }
+            }
+        }
+        text
+    }
+}
+
+fn stalled() -> ArrowError {
+    ArrowError::ComputeError("the decoder made no progress".to_owned())
+}
+
+/// Reads CSV timestamps: an integer counts the column's unit since the epoch, any other
+/// text must be a date-time Arrow understands (RFC 3339 and the usual variants; without an
+/// offset it is in the column's time zone, or UTC). Empty text is null.
+///
+/// arrow-csv itself reads only the text forms, but sensor CSV often carries epoch integers.
+fn parse_timestamps(
+    text: &StringArray,
+    unit: TimeUnit,
+    zone: Option<Arc<str>>,
+    column: &str,
+) -> Result<ArrayRef, ArrowError> {
+    let tz: Tz = zone.as_deref().unwrap_or("+00:00").parse()?;
+    let unreadable = |value: &str| {
+        let unit = match unit {
+            TimeUnit::Second => "seconds",
+            TimeUnit::Millisecond => "milliseconds",
+            TimeUnit::Microsecond => "microseconds",
+            TimeUnit::Nanosecond => "nanoseconds",
+        };
+        ArrowError::ParseError(format!(
+            "cannot read '{value}' in column '{column}' as a timestamp: write an RFC 3339 time \
+             or an integer count of {unit} since the epoch"
+        ))
+    };
+    let mut values = Vec::with_capacity(text.len());
+    for value in text.iter() {
+        let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            values.push(None);
+            continue;
+        };
+        if let Ok(count) = value.parse::<i64>() {
+            values.push(Some(count));
+            continue;
+        }
+        let date = string_to_datetime(&tz, value).map_err(|_| unreadable(value))?;
+        values.push(Some(match unit {
+            TimeUnit::Second => date.timestamp(),
+            TimeUnit::Millisecond => date.timestamp_millis(),
+            TimeUnit::Microsecond => date.timestamp_micros(),
+            TimeUnit::Nanosecond => date
+                .timestamp_nanos_opt()
+                .ok_or_else(|| unreadable(value))?,
+        }));
+    }
+    Ok(match unit {
+        TimeUnit::Second => Arc::new(TimestampSecondArray::from(values).with_timezone_opt(zone)),
+        TimeUnit::Millisecond => {
+            Arc::new(TimestampMillisecondArray::from(values).with_timezone_opt(zone))
+        }
+        TimeUnit::Microsecond => {
+            Arc::new(TimestampMicrosecondArray::from(values).with_timezone_opt(zone))
+        }
+        TimeUnit::Nanosecond => {
+            Arc::new(TimestampNanosecondArray::from(values).with_timezone_opt(zone))
+        }
+    })
+}
+
+impl LineDecoder {
+    /// arrow-csv counts lines and columns from 0 within what it was given (one line here),
+    /// and repeats the row: drop both, and name the column instead.
+    fn without_csv_positions(&self, text: &str) -> String {
+        let text = text.split(". Row data:").next().unwrap_or(text);
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        let next = |rest: &str| {
+            [rest.find(" line "), rest.find(" column ")]
+                .into_iter()
+                .flatten()
+                .min()
+        };
+        while let Some(at) = next(rest) {
+            let (head, tail) = rest.split_at(at);
+            let word = if tail.starts_with(" line ") {
+                " line "
+            } else {
+                " column "
+            };
+            let digits = tail[word.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .count();
+            if digits == 0 {
+                out.push_str(head);
+                out.push_str(word);
+                rest = &tail[word.len()..];
+                continue;
+            }
+            let number = &tail[word.len()..word.len() + digits];
+            let after = &tail[word.len() + digits..];
+            // "… for line 0, …" / "… at line 0" / "… for column 2 …"
+            let head = head
+                .strip_suffix(" for")
+                .or_else(|| head.strip_suffix(" at"))
+                .unwrap_or(head);
+            out.push_str(head);
+            if word == " column " {
+                let name = number
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| self.schema.fields().get(i))
+                    .map_or(number.to_owned(), |f| format!("'{}'", f.name()));
+                out.push_str(" in column ");
+                out.push_str(&name);
+            }
+            rest = after;
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+/// An Arrow error's message without its category prefix, starting lower-case.
+fn reason(error: &ArrowError) -> String {
+    let text = match error {
+        ArrowError::JsonError(s)
+        | ArrowError::CsvError(s)
+        | ArrowError::ParseError(s)
+        | ArrowError::CastError(s)
+        | ArrowError::InvalidArgumentError(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => "unreadable line".to_owned(),
+    }
+}
+
+/// The non-blank lines of `region` with their numbers and byte ranges (without the line
+/// ending).
+fn line_spans(region: &[u8], first_line: u64) -> Vec<(u64, Range<usize>)> {
+    let mut spans = Vec::new();
+    let mut start = 0;
+    for (line, piece) in (first_line..).zip(region.split(|&b| b == b'\n')) {
+        let text = trim_line_end(piece);
+        if !is_blank(text) {
+            spans.push((line, start..start + text.len()));
+        }
+        start += piece.len() + 1;
+    }
+    spans
+}
+
+fn trim_line_end(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+/// Logs malformed lines without flooding the log: the first few one by one, then a
+/// periodic count.
+struct MalformedReport {
+    file: String,
+    logged: u64,
+    suppressed: u64,
+    last: Option<(u64, String)>,
+    last_summary: Instant,
+}
+
+impl MalformedReport {
+    fn new(file: String) -> Self {
+        MalformedReport {
+            file,
+            logged: 0,
+            suppressed: 0,
+            last: None,
+            last_summary: Instant::now(),
+        }
+    }
+
+    fn note(&mut self, line: u64, reason: &str) {
+        if self.logged < LOGGED_INDIVIDUALLY {
+            self.logged += 1;
+            warn!("{}:{line}: skipped a malformed line: {reason}", self.file);
+            if self.logged == LOGGED_INDIVIDUALLY {
+                warn!(
+                    "{}: further malformed lines are summarised every {}s",
+                    self.file,
+                    SUMMARY_EVERY.as_secs()
+                );
+                self.last_summary = Instant::now();
+            }
+            return;
+        }
+        self.suppressed += 1;
+        self.last = Some((line, reason.to_owned()));
+        self.summarise_if_due();
+    }
+
+    /// Logs the count of unlogged malformed lines if the last summary is old enough.
+    fn summarise_if_due(&mut self) {
+        if self.suppressed > 0 && self.last_summary.elapsed() >= SUMMARY_EVERY {
+            self.summarise();
+        }
+    }
+
+    fn summarise(&mut self) {
+        if self.suppressed > 0
+            && let Some((line, reason)) = self.last.take()
+        {
+            warn!(
+                "{}: skipped {} more malformed lines, the last at line {line}: {reason}",
+                self.file, self.suppressed
+            );
+        }
+        self.suppressed = 0;
+        self.last_summary = Instant::now();
+    }
+}
+
+/// What became of the file at `path` since it was opened.
+enum FileState {
+    /// Still the same file, not shorter than what was read.
+    Same,
+    /// Shorter than what was read: it was truncated and is being rewritten.
+    Truncated,
+    /// The name now points at another file: it was rotated.
+    Replaced,
+    /// Nothing has the name right now (mid-rotation).
+    Missing,
+}
+
+/// The running file source.
+struct FileSource {
+    plan: Plan,
+    /// The path as shown in logs and dead-letter rows.
+    display: String,
+    reader: LineDecoder,
+    /// `None` only while a blocking read holds it.
+    file: Option<File>,
+    identity: Option<FileId>,
+    /// Bytes read from the current file.
+    offset: u64,
+    /// Read but not yet decoded: the start of a line that has not ended yet.
+    buf: Vec<u8>,
+    /// `buf` holds no newline before this index, so a long line is scanned once.
+    no_newline_before: usize,
+    /// The number of the line `buf` starts with, from 1.
+    next_line: u64,
+    /// Discarding the rest of an over-long line.
+    skipping: bool,
+    report: MalformedReport,
+}
+
+impl FileSource {
+    fn io_error(&self, doing: &str, error: std::io::Error) -> OperatorError {
+        OperatorError::io(format!("cannot {doing} {}", self.display), error)
+    }
+
+    /// Appends up to [`CHUNK_BYTES`] from the file to `buf`; returns how many (0 at the end).
+    async fn read_chunk(&mut self) -> Result<usize, OperatorError> {
+        let file = self.file.take().ok_or_else(|| {
+            OperatorError::Internal("file source read without an open file".into())
+        })?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let (file, buf, read) = tokio::task::spawn_blocking(move || {
+            buf.reserve(CHUNK_BYTES);
+            let read = (&file).take(CHUNK_BYTES as u64).read_to_end(&mut buf);
+            (file, buf, read)
+        })
+        .await
+        .map_err(|e| OperatorError::Internal(format!("file read task failed: {e}")))?;
+        self.file = Some(file);
+        self.buf = buf;
+        let read = read.map_err(|e| self.io_error("read", e))?;
+        self.offset += read as u64;
+        Ok(read)
+    }
+
+    /// Decodes and emits the whole lines in `buf`; at the end of a file that will not grow,
+    /// the unterminated last line too.
+    async fn drain_lines(
+        &mut self,
+        ctx: &mut SourceContext,
+        at_end: bool,
+    ) -> Result<(), OperatorError> {
+        if self.skipping {
+            match self.buf.iter().position(|&b| b == b'\n') {
+                Some(newline) => {
+                    self.buf.drain(..=newline);
+                    self.next_line += 1;
+                    self.skipping = false;
+                }
+                None => {
+                    self.clear_buffer();
+                    return Ok(());
+                }
+            }
+        }
+        // Only bytes read since the last look can hold a newline.
+        let unseen = &self.buf[self.no_newline_before..];
+        let end = match unseen.iter().rposition(|&b| b == b'\n') {
+            _ if at_end => self.buf.len(),
+            Some(newline) => self.no_newline_before + newline + 1,
+            None => {
+                self.no_newline_before = self.buf.len();
+                if self.buf.len() > MAX_LINE_BYTES {
+                    self.skip_long_line(ctx).await?;
+                }
+                return Ok(());
+            }
+        };
+        if end == 0 {
+            return Ok(());
+        }
+        let region = &self.buf[..end];
+        let mut lines = region.iter().filter(|&&b| b == b'\n').count() as u64;
+        if region.last() != Some(&b'\n') {
+            lines += 1;
+        }
+        let decoded = self
+            .reader
+            .decode_region(region, self.next_line, &self.display)?;
+        self.buf.drain(..end);
+        // What is left is the start of a line: no newline in it.
+        self.no_newline_before = self.buf.len();
+        self.next_line += lines;
+        self.emit(ctx, decoded).await
+    }
+
+    async fn emit(
+        &mut self,
+        ctx: &mut SourceContext,
+        decoded: Decoded,
+    ) -> Result<(), OperatorError> {
+        for batch in decoded.batches {
+            ctx.emit(batch).await?;
+        }
+        if decoded.bad.is_empty() {
+            return Ok(());
+        }
+        let rows = decoded.bad.len();
+        let mut files = StringBuilder::with_capacity(rows, rows * self.display.len());
+        let mut errors = StringBuilder::new();
+        let mut raws = StringBuilder::new();
+        let mut numbers = Vec::with_capacity(rows);
+        for bad in &decoded.bad {
+            self.report.note(bad.line, &bad.error);
+            files.append_value(&self.display);
+            numbers.push(bad.line);
+            errors.append_value(&bad.error);
+            raws.append_value(&bad.raw);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(files.finish()),
+            Arc::new(UInt64Array::from(numbers)),
+            Arc::new(errors.finish()),
+            Arc::new(raws.finish()),
+        ];
+        let batch = RecordBatch::try_new(dead_letter_schema(), columns)?;
+        ctx.emit_to(DEAD_LETTER_PORT, batch).await
+    }
+
+    /// Reports a line too long to keep and discards it up to its end.
+    async fn skip_long_line(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        let head = String::from_utf8_lossy(&self.buf[..self.buf.len().min(1024)]).into_owned();
+        self.clear_buffer();
+        self.skipping = true;
+        let bad = BadLine {
+            line: self.next_line,
+            error: format!("line is longer than {MAX_LINE_BYTES} bytes"),
+            raw: head,
+        };
+        self.emit(
+            ctx,
+            Decoded {
+                batches: Vec::new(),
+                bad: vec![bad],
+            },
+        )
+        .await
+    }
+
+    async fn check_file(&self) -> Result<FileState, OperatorError> {
+        match tokio::fs::metadata(&self.plan.path).await {
+            Ok(meta) => {
+                let now = identity(&meta);
+                Ok(if now.is_some() && now != self.identity {
+                    FileState::Replaced
+                } else if meta.len() < self.offset {
+                    FileState::Truncated
+                } else {
+                    FileState::Same
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileState::Missing),
+            Err(e) => Err(self.io_error("inspect", e)),
+        }
+    }
+
+    /// Starts over on the same file, which was truncated.
+    fn rewind(&mut self) -> Result<(), OperatorError> {
+        info!(
+            "{} was truncated; reading it again from the start",
+            self.display
+        );
+        if let Some(file) = &mut self.file {
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| OperatorError::io(format!("cannot rewind {}", self.display), e))?;
+        }
+        self.start_over();
+        Ok(())
+    }
+
+    /// Switches to the file that now has the name; `false` when it vanished meanwhile.
+    async fn reopen(&mut self) -> Result<bool, OperatorError> {
+        let file = match tokio::fs::File::open(&self.plan.path).await {
+            Ok(file) => file.into_std().await,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(self.io_error("open", e)),
+        };
+        let meta = file.metadata().map_err(|e| self.io_error("inspect", e))?;
+        info!(
+            "{} was replaced (rotated); reading the new file",
+            self.display
+        );
+        self.identity = identity(&meta);
+        self.file = Some(file);
+        self.start_over();
+        Ok(true)
+    }
+
+    fn clear_buffer(&mut self) {
+        self.buf.clear();
+        self.no_newline_before = 0;
+    }
+
+    fn start_over(&mut self) {
+        self.offset = 0;
+        self.clear_buffer();
+        self.next_line = 1;
+        self.skipping = false;
+        self.reader.restart();
+    }
+
+    /// Waits one poll interval; `true` when the pipeline is stopping instead.
+    async fn wait(&self, ctx: &SourceContext) -> bool {
+        tokio::select! {
+            biased;
+            _ = ctx.cancelled() => true,
+            _ = tokio::time::sleep(self.plan.poll_interval) => false,
+        }
+    }
+
+    /// Follows the file at its end: returns `true` when the pipeline is stopping.
+    async fn at_end_of_followed_file(
+        &mut self,
+        ctx: &mut SourceContext,
+    ) -> Result<bool, OperatorError> {
+        self.report.summarise_if_due();
+        match self.check_file().await? {
+            FileState::Same | FileState::Missing => Ok(self.wait(ctx).await),
+            FileState::Truncated => {
+                self.rewind()?;
+                Ok(false)
+            }
+            FileState::Replaced => {
+                // The writer may have appended to the old file just before renaming it.
+                if self.read_chunk().await? > 0 {
+                    self.drain_lines(ctx, false).await?;
+                    return Ok(false);
+                }
+                self.drain_lines(ctx, true).await?;
+                if self.reopen().await? {
+                    Ok(false)
+                } else {
+                    Ok(self.wait(ctx).await)
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Source for FileSource {
+    async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        let outcome = async {
+            while !ctx.is_cancelled() {
+                if self.read_chunk().await? > 0 {
+                    self.drain_lines(ctx, false).await?;
+                } else if !self.plan.follow {
+                    return self.drain_lines(ctx, true).await;
+                } else if self.at_end_of_followed_file(ctx).await? {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.report.summarise();
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use arrow::datatypes::{Float64Type, TimestampMillisecondType, UInt64Type};
+    use tokio_util::sync::CancellationToken;
+    use weir_engine::time::EventTimeSpec;
+
+    use super::*;
+    use crate::format::test_support::{Decl, Outputs, plan, run_source};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("device", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            Field::new("temperature", DataType::Float64, false),
+        ]))
+    }
+
+    fn event_time() -> EventTimeSpec {
+        EventTimeSpec {
+            column: "ts".into(),
+            max_out_of_order: Duration::from_secs(1),
+        }
+    }
+
+    fn planned(dir: &tempfile::TempDir, config: &str) -> Box<dyn PlannedOperator> {
+        let decl = Decl {
+            schema: Some(schema()),
+            event_time: Some(event_time()),
+            base_dir: Some(dir.path()),
+            ..Decl::default()
+        };
+        plan(&FileSourceFactory, Role::Source, config, decl).unwrap()
+    }
+
+    async fn read(dir: &tempfile::TempDir, config: &str) -> Outputs {
+        let outputs = Outputs::new();
+        run_source(
+            planned(dir, config),
+            Some(event_time()),
+            CancellationToken::new(),
+            &outputs,
+        )
+        .await
+        .unwrap();
+        outputs
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, text: &str) {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+
+    fn temperatures(batch: &RecordBatch) -> Vec<f64> {
+        batch
+            .column(2)
+            .as_primitive::<Float64Type>()
+            .values()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn reads_json_lines_with_blank_lines_and_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::new();
+        for i in 0..20_000 {
+            text.push_str(&format!(
+                "{{\"device\":\"d{}\",\"ts\":{},\"temperature\":{i}.5,\"extra\":true}}\n",
+                i % 3,
+                1_000 + i
+            ));
+            if i % 5000 == 0 {
+                text.push_str("\n  \r\n");
+            }
+        }
+        // The last line has no newline.
+        text.push_str("{\"device\":\"last\",\"ts\":\"2026-01-01T00:00:00Z\",\"temperature\":1}");
+        write(&dir, "in.jsonl", &text);
+        let outputs = read(&dir, "{path: in.jsonl, batch_rows: 1000}").await;
+        let batches = outputs.main.lock().unwrap().clone();
+        assert!(batches.iter().all(|b| b.num_rows() <= 1000));
+        let all = outputs.main_batch();
+        assert_eq!(all.num_rows(), 20_001);
+        let temperature = temperatures(&all);
+        assert_eq!(temperature[0], 0.5);
+        assert_eq!(temperature[19_999], 19_999.5);
+        let ts = all.column(1).as_primitive::<TimestampMillisecondType>();
+        assert_eq!(ts.value(20_000), 1_767_225_600_000);
+        assert!(outputs.side.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn reads_csv_with_a_header_and_a_delimiter() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            &dir,
+            "in.csv",
+            "device;ts;temperature\r\nd1;2026-01-01T00:00:00Z;20.5\r\n\r\nd2;1767225601000;21\r\n",
+        );
+        let outputs = read(&dir, "{path: in.csv, format: csv, csv: {delimiter: ';'}}").await;
+        let all = outputs.main_batch();
+        assert_eq!(all.num_rows(), 2);
+        assert_eq!(temperatures(&all), vec![20.5, 21.0]);
+        assert_eq!(all.column(0).as_string::<i32>().value(1), "d2");
+        let ts = all.column(1).as_primitive::<TimestampMillisecondType>();
+        assert_eq!(
+            ts.values().to_vec(),
+            vec![1_767_225_600_000, 1_767_225_601_000]
+        );
+    }
+
+    #[tokio::test]
+    async fn csv_header_must_match_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir, "in.csv", "ts,device,temperature\n1,d,2\n");
+        let outputs = Outputs::new();
+        let planned = planned(&dir, "{path: in.csv, format: csv}");
+        let error = run_source(planned, None, CancellationToken::new(), &outputs)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("in.csv:1: the csv header does not match"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_json_lines_go_to_the_dead_letter_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines: Vec<String> = (0..1000)
+            .map(|i| format!("{{\"device\":\"d\",\"ts\":{i},\"temperature\":{i}}}"))
+            .collect();
+        lines[10] = "{\"device\":\"d\",\"ts\":10,\"temperature\":".into();
+        lines[500] = "{\"device\":\"d\",\"ts\":500,\"temperature\":\"hot\"}".into();
+        lines[501] = "{\"device\":\"d\",\"ts\":501}".into();
+        lines[998] = "not json at all".into();
+        write(&dir, "in.jsonl", &(lines.join("\n") + "\n"));
+        let outputs = read(&dir, "{path: in.jsonl, batch_rows: 100}").await;
+        let good = outputs.main_batch();
+        assert_eq!(good.num_rows(), 996);
+        let expected: Vec<f64> = (0..1000)
+            .filter(|i| ![10, 500, 501, 998].contains(i))
+            .map(f64::from)
+            .collect();
+        assert_eq!(temperatures(&good), expected, "good rows arrive in order");
+        let dead = outputs.side_batch();
+        let numbers = dead
+            .column(1)
+            .as_primitive::<UInt64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(numbers, vec![11, 501, 502, 999]);
+        let errors = dead.column(2).as_string::<i32>();
+        assert!(
+            errors.value(1).contains("temperature"),
+            "{}",
+            errors.value(1)
+        );
+        assert_eq!(
+            errors.value(2),
+            "missing value for non-nullable column 'temperature'"
+        );
+        assert!(
+            dead.column(0)
+                .as_string::<i32>()
+                .value(0)
+                .ends_with("in.jsonl")
+        );
+        assert_eq!(
+            dead.column(3).as_string::<i32>().value(3),
+            "not json at all"
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_csv_lines_go_to_the_dead_letter_port() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir, "in.csv", "d,1,1.5\nd,2\nd,3,warm\nd,4,4.5\n");
+        let outputs = read(&dir, "{path: in.csv, format: csv, csv: {header: false}}").await;
+        assert_eq!(temperatures(&outputs.main_batch()), vec![1.5, 4.5]);
+        let dead = outputs.side_batch();
+        let numbers = dead
+            .column(1)
+            .as_primitive::<UInt64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(numbers, vec![2, 3]);
+        assert_eq!(dead.column(3).as_string::<i32>().value(1), "d,3,warm");
+        let errors = dead.column(2).as_string::<i32>();
+        assert_eq!(
+            errors.value(0),
+            "incorrect number of fields, expected 3 got 2"
+        );
+        assert_eq!(
+            errors.value(1),
+            "error while parsing value 'warm' as type 'Float64' in column 'temperature'"
+        );
+    }
+
+    #[tokio::test]
+    async fn follow_reads_appended_lines_and_survives_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        write(
+            &dir,
+            "in.jsonl",
+            "{\"device\":\"a\",\"ts\":1,\"temperature\":1}\n",
+        );
+        let outputs = Outputs::new();
+        let cancel = CancellationToken::new();
+        let planned = planned(&dir, "{path: in.jsonl, follow: true, poll_interval: 5ms}");
+        let run = tokio::spawn({
+            let (main, side, cancel) = (outputs.main.clone(), outputs.side.clone(), cancel.clone());
+            async move {
+                let outputs = Outputs { main, side };
+                run_source(planned, Some(event_time()), cancel, &outputs).await
+            }
+        });
+        let wait_for = |rows: usize| {
+            let main = outputs.main.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while main
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|b| b.num_rows())
+                        .sum::<usize>()
+                        < rows
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await
+                .expect("rows arrive in time");
+            }
+        };
+        wait_for(1).await;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        // A line written in two parts is decoded once it is complete.
+        file.write_all(b"{\"device\":\"a\",\"ts\":2,").unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        file.write_all(b"\"temperature\":2}\n").unwrap();
+        wait_for(2).await;
+        // Truncate and write a shorter file: reading starts over.
+        std::fs::write(&path, "{\"device\":\"b\",\"ts\":3,\"temperature\":3}\n").unwrap();
+        wait_for(3).await;
+        cancel.cancel();
+        run.await.unwrap().unwrap();
+        assert_eq!(temperatures(&outputs.main_batch()), vec![1.0, 2.0, 3.0]);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn follow_moves_on_to_a_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        write(
+            &dir,
+            "in.jsonl",
+            "{\"device\":\"a\",\"ts\":1,\"temperature\":1}\n",
+        );
+        let outputs = Outputs::new();
+        let cancel = CancellationToken::new();
+        let planned = planned(&dir, "{path: in.jsonl, follow: true, poll_interval: 5ms}");
+        let run = tokio::spawn({
+            let (main, side, cancel) = (outputs.main.clone(), outputs.side.clone(), cancel.clone());
+            async move { run_source(planned, None, cancel, &Outputs { main, side }).await }
+        });
+        let rows = || {
+            outputs
+                .main
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|b| b.num_rows())
+                .sum::<usize>()
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while rows() < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        // The old file gets a last line without a newline, then is renamed away.
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"{\"device\":\"a\",\"ts\":2,\"temperature\":2}")
+            .unwrap();
+        std::fs::rename(&path, dir.path().join("in.jsonl.1")).unwrap();
+        std::fs::write(&path, "{\"device\":\"b\",\"ts\":3,\"temperature\":3}\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while rows() < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        cancel.cancel();
+        run.await.unwrap().unwrap();
+        assert_eq!(temperatures(&outputs.main_batch()), vec![1.0, 2.0, 3.0]);
+    }
+
+    #[tokio::test]
+    async fn an_overlong_line_is_reported_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = |i: u32| format!("{{\"device\":\"d\",\"ts\":{i},\"temperature\":{i}}}\n");
+        let long = format!("{{\"device\":\"{}\"}}\n", "x".repeat(MAX_LINE_BYTES * 2));
+        write(&dir, "in.jsonl", &(good(1) + &long + &good(3)));
+        let outputs = read(&dir, "{path: in.jsonl}").await;
+        assert_eq!(temperatures(&outputs.main_batch()), vec![1.0, 3.0]);
+        let dead = outputs.side_batch();
+        assert_eq!(dead.column(1).as_primitive::<UInt64Type>().value(0), 2);
+        let error = dead.column(2).as_string::<i32>().value(0);
+        assert!(error.starts_with("line is longer than"), "{error}");
+        assert!(dead.column(3).as_string::<i32>().value(0).len() <= 1024);
+    }
+
+    #[test]
+    fn a_missing_file_fails_at_instantiate_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = match planned(&dir, "{path: nope.jsonl}").instantiate() {
+            Err(error) => error.to_string(),
+            Ok(_) => panic!("a missing file must not instantiate"),
+        };
+        assert!(
+            error.starts_with("cannot open ") && error.contains("nope.jsonl"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn plan_requires_a_schema_and_rejects_bad_options() {
+        let errors = plan(
+            &FileSourceFactory,
+            Role::Source,
+            "{format: json, csv: {header: true}, batch_rows: 0}",
+            Decl::default(),
+        )
+        .err()
+        .unwrap();
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "sources.node",
+                "sources.node.config.path",
+                "sources.node.config.batch_rows",
+                "sources.node.config.csv"
+            ]
+        );
+        let decl = Decl {
+            schema: Some(schema()),
+            ..Decl::default()
+        };
+        let errors = plan(
+            &FileSourceFactory,
+            Role::Source,
+            "{path: x.csv, format: csv, csv: {delimiter: ';;'}}",
+            decl,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(errors[0].path, "sources.node.config.csv.delimiter");
+    }
+
+    #[test]
+    fn outputs_declare_main_and_dead_letter_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let outputs = planned(&dir, "{path: in.jsonl}").outputs();
+        assert_eq!(outputs[0].stream.event_time.as_deref(), Some("ts"));
+        assert_eq!(outputs[1].name, "dead_letter");
+        assert_eq!(outputs[1].unwired_drop_reason, Some("malformed"));
+        assert_eq!(outputs[1].stream.schema, dead_letter_schema());
+    }
+}

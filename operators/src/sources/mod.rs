@@ -1,0 +1,4 @@
+//! Built-in sources.
+
+pub mod file;
+pub mod generator;

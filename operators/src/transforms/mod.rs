@@ -1,0 +1,3 @@
+//! Built-in transforms.
+
+pub mod sql;

@@ -1,0 +1,496 @@
+//! The windowed `sql` transform: rows are kept in panes of event time, and when the
+//! watermark passes a window's end the query runs once over the window's rows.
+//!
+//! Tumbling windows are hopping windows whose slide equals their size. Windows start at
+//! multiples of the slide (counted from the Unix epoch) and are `size` long, so every
+//! window is a run of consecutive panes of length `gcd(size, slide)`. A batch is stored
+//! once, in the pane its rows fall into, and every window that covers that pane reads the
+//! same `RecordBatch` (its columns are shared, never copied). A batch that spans several
+//! panes is split with Arrow kernels; the common case, a batch inside one pane, is
+//! stored as it came.
+//!
+//! A window closes when the watermark reaches its end. Windows without rows emit
+//! nothing. A row whose every window has closed is late: it goes to the `late` port, or
+//! is counted as dropped when the transform has several inputs (and so no late port).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tracing::debug;
+use weir_engine::arrow::array::{
+    Array, ArrayRef, Int64Array, TimestampMillisecondArray, UInt32Array,
+};
+use weir_engine::arrow::compute::kernels::cmp::eq;
+use weir_engine::arrow::compute::{
+    SortColumn, filter, filter_record_batch, is_not_null, lexsort_to_indices, max, min, partition,
+    take, take_record_batch,
+};
+use weir_engine::arrow::datatypes::SchemaRef;
+use weir_engine::arrow::record_batch::RecordBatch;
+use weir_engine::time::{WindowSpec, event_times_ms};
+use weir_engine::{Collector, OperatorError, Transform, Watermark};
+
+use super::plan::SqlPlan;
+use super::{LATE_PORT, execution_error, format_millis};
+
+/// When a batch spans at most this many panes it is split with one filter per pane;
+/// beyond, with one sort, so the cost stays linear in the batch, not in the panes.
+const FILTER_SPLIT_MAX_PANES: i64 = 8;
+
+/// The rows of one pane, per input.
+struct Pane {
+    batches: Vec<Vec<RecordBatch>>,
+    rows: usize,
+}
+
+/// The event-time bookkeeping of a windowed transform: panes with their rows, the
+/// windows that have rows and are still open, and the last watermark.
+pub(crate) struct Panes {
+    size: i64,
+    slide: i64,
+    /// The pane length: the greatest common divisor of size and slide.
+    pane: i64,
+    inputs: usize,
+    panes: BTreeMap<i64, Pane>,
+    /// Starts of the windows that hold at least one row and have not closed yet.
+    open: BTreeSet<i64>,
+    watermark: i64,
+    rows: usize,
+}
+
+/// `a - (a mod m)` with the remainder taken non-negative: the multiple of `m` at or
+/// below `a`, saturating at `i64::MIN`.
+fn floor_to(a: i64, m: i64) -> i64 {
+    a.saturating_sub(a.rem_euclid(m))
+}
+
+/// The multiple of `m` at or above `a`, saturating at `i64::MAX`.
+fn ceil_to(a: i64, m: i64) -> i64 {
+    match a.rem_euclid(m) {
+        0 => a,
+        r => a.saturating_add(m - r),
+    }
+}
+
+fn gcd(mut a: i64, mut b: i64) -> i64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+impl Panes {
+    /// Empty state for `window` over `inputs` inputs. The window must have a positive
+    /// size and slide; planning checks that.
+    pub(crate) fn new(window: WindowSpec, inputs: usize) -> Self {
+        let size = window.size_ms().max(1);
+        let slide = window.slide_ms().clamp(1, size);
+        Panes {
+            size,
+            slide,
+            pane: gcd(size, slide),
+            inputs,
+            panes: BTreeMap::new(),
+            open: BTreeSet::new(),
+            watermark: Watermark::START.millis(),
+            rows: 0,
+        }
+    }
+
+    /// The start of the pane that holds event time `t`.
+    fn pane_of(&self, t: i64) -> i64 {
+        floor_to(t, self.pane)
+    }
+
+    /// The start of the last window that covers the pane starting at `pane`.
+    fn last_window(&self, pane: i64) -> i64 {
+        floor_to(pane, self.slide)
+    }
+
+    /// The end of a window starting at `start`.
+    fn end(&self, start: i64) -> i64 {
+        start.saturating_add(self.size)
+    }
+
+    /// Whether every window covering the pane starting at `pane` has closed.
+    fn is_late(&self, pane: i64) -> bool {
+        self.end(self.last_window(pane)) <= self.watermark
+    }
+
+    /// Stores a batch whose rows all fall into the pane starting at `pane`, which must
+    /// not be late.
+    fn insert(&mut self, input: usize, pane: i64, batch: RecordBatch) {
+        let rows = batch.num_rows();
+        let inputs = self.inputs;
+        let mut created = false;
+        let entry = self.panes.entry(pane).or_insert_with(|| {
+            created = true;
+            Pane {
+                batches: vec![Vec::new(); inputs],
+                rows: 0,
+            }
+        });
+        entry.batches[input].push(batch);
+        entry.rows += rows;
+        self.rows += rows;
+        if created {
+            // Windows only ever close, so the windows open now are the ones this pane
+            // will feed; later batches of the same pane need no bookkeeping.
+            let last = self.last_window(pane);
+            let first = ceil_to(
+                pane.saturating_add(self.pane).saturating_sub(self.size),
+                self.slide,
+            );
+            let mut start = first;
+            while start <= last {
+                if self.end(start) > self.watermark {
+                    self.open.insert(start);
+                }
+                match start.checked_add(self.slide) {
+                    Some(next) => start = next,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Moves the watermark to `watermark` and returns, in start order, the windows with
+    /// rows that it closes. Their rows stay until [`Panes::evict`].
+    fn advance(&mut self, watermark: i64) -> Vec<i64> {
+        if watermark <= self.watermark {
+            return Vec::new();
+        }
+        self.watermark = watermark;
+        let mut closing = Vec::new();
+        while let Some(&start) = self.open.first() {
+            if self.end(start) > watermark {
+                break;
+            }
+            self.open.pop_first();
+            closing.push(start);
+        }
+        closing
+    }
+
+    /// The rows of the window starting at `start`, per input.
+    fn window_batches(&self, start: i64) -> Vec<Vec<RecordBatch>> {
+        let mut inputs = vec![Vec::new(); self.inputs];
+        for pane in self
+            .panes
+            .range(start..self.end(start))
+            .map(|(_, pane)| pane)
+        {
+            for (input, batches) in inputs.iter_mut().zip(&pane.batches) {
+                input.extend(batches.iter().cloned());
+            }
+        }
+        inputs
+    }
+
+    /// Drops the panes that no open window covers any more.
+    fn evict(&mut self) {
+        while let Some((&pane, _)) = self.panes.first_key_value() {
+            if !self.is_late(pane) {
+                break;
+            }
+            if let Some(evicted) = self.panes.remove(&pane) {
+                self.rows -= evicted.rows;
+            }
+        }
+    }
+}
+
+/// A running windowed `sql` transform.
+pub(crate) struct WindowedSql {
+    name: String,
+    plan: SqlPlan,
+    /// The main port's schema: `window_start`, `window_end`, then the query's columns.
+    schema: SchemaRef,
+    /// The event-time column of each input.
+    event_time_columns: Vec<usize>,
+    /// Whether late rows go to the `late` port (one input) or are counted as dropped.
+    late_port: bool,
+    panes: Panes,
+}
+
+impl WindowedSql {
+    pub(crate) fn new(
+        name: String,
+        plan: SqlPlan,
+        schema: SchemaRef,
+        window: WindowSpec,
+        event_time_columns: Vec<usize>,
+    ) -> Self {
+        let inputs = event_time_columns.len();
+        WindowedSql {
+            name,
+            plan,
+            schema,
+            late_port: inputs == 1,
+            panes: Panes::new(window, inputs),
+            event_time_columns,
+        }
+    }
+
+    /// Stores rows that fall into the pane starting at `pane`, or routes them as late.
+    fn route(&mut self, input: usize, pane: i64, batch: RecordBatch, out: &mut Collector) {
+        if batch.num_rows() == 0 {
+            return;
+        }
+        if self.panes.is_late(pane) {
+            self.late(batch, out);
+        } else {
+            self.panes.insert(input, pane, batch);
+        }
+    }
+
+    fn late(&self, batch: RecordBatch, out: &mut Collector) {
+        if self.late_port {
+            out.emit_to(LATE_PORT, batch);
+        } else {
+            out.count_dropped("late", batch.num_rows() as u64);
+        }
+    }
+
+    /// Runs the query over the window starting at `start` and emits its rows.
+    async fn close(&self, start: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        let end = self.panes.end(start);
+        let inputs = self.panes.window_batches(start);
+        let results = self.plan.execute(&inputs).await.map_err(|error| {
+            let what = format!("window [{}, {})", format_millis(start), format_millis(end));
+            execution_error(&self.name, &what, error)
+        })?;
+        for result in results {
+            let rows = result.num_rows();
+            if rows == 0 {
+                continue;
+            }
+            let mut columns: Vec<ArrayRef> = Vec::with_capacity(result.num_columns() + 2);
+            columns.push(Arc::new(TimestampMillisecondArray::from_value(start, rows)));
+            columns.push(Arc::new(TimestampMillisecondArray::from_value(end, rows)));
+            columns.extend(result.columns().iter().cloned());
+            let batch = RecordBatch::try_new(Arc::clone(&self.schema), columns).map_err(|error| {
+                OperatorError::Internal(format!(
+                    "sql transform '{}': window result does not match the planned schema: {error}",
+                    self.name
+                ))
+            })?;
+            out.emit(batch);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Transform for WindowedSql {
+    async fn process_batch(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        let Some(&column) = self.event_time_columns.get(input) else {
+            return Err(OperatorError::Internal(format!(
+                "sql transform '{}' received a batch on input {input}, which it does not have",
+                self.name
+            )));
+        };
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let times = batch
+            .columns()
+            .get(column)
+            .and_then(event_times_ms)
+            .ok_or_else(|| {
+                OperatorError::Internal(format!(
+                    "sql transform '{}': event-time column {column} of input {input} is not a timestamp",
+                    self.name
+                ))
+            })?;
+        let (batch, times) = if times.null_count() > 0 {
+            let valid = is_not_null(&times)?;
+            out.count_dropped("null_event_time", times.null_count() as u64);
+            let times = filter(&times, &valid)?;
+            let times = times
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .cloned()
+                .ok_or_else(|| OperatorError::Internal("filter changed the array type".into()))?;
+            (filter_record_batch(&batch, &valid)?, times)
+        } else {
+            (batch, times)
+        };
+        let (Some(first), Some(last)) = (min(&times), max(&times)) else {
+            return Ok(());
+        };
+        let (first, last) = (self.panes.pane_of(first), self.panes.pane_of(last));
+        if first == last {
+            self.route(input, first, batch, out);
+            return Ok(());
+        }
+        if self.panes.is_late(last) {
+            // Panes ascend, so when the last is late all are: no need to split.
+            self.late(batch, out);
+            return Ok(());
+        }
+        let pane_len = self.panes.pane;
+        let keys =
+            times.unary::<_, weir_engine::arrow::datatypes::Int64Type>(|t| floor_to(t, pane_len));
+        let span = (i128::from(last) - i128::from(first)) / i128::from(pane_len) + 1;
+        if span <= i128::from(FILTER_SPLIT_MAX_PANES) {
+            let mut pane = first;
+            loop {
+                let mask = eq(&keys, &Int64Array::new_scalar(pane))?;
+                if mask.true_count() > 0 {
+                    let part = filter_record_batch(&batch, &mask)?;
+                    self.route(input, pane, part, out);
+                }
+                if pane >= last {
+                    break;
+                }
+                pane = pane.saturating_add(pane_len);
+            }
+        } else {
+            // Sort by (pane, arrival position): rows of a pane stay in arrival order.
+            let rows = u32::try_from(batch.num_rows()).map_err(|_| {
+                OperatorError::User(format!(
+                    "sql transform '{}': a batch of {} rows is too large to split into windows",
+                    self.name,
+                    batch.num_rows()
+                ))
+            })?;
+            let position: ArrayRef = Arc::new(UInt32Array::from_iter_values(0..rows));
+            let keys: ArrayRef = Arc::new(keys);
+            let indices = lexsort_to_indices(
+                &[
+                    SortColumn {
+                        values: Arc::clone(&keys),
+                        options: None,
+                    },
+                    SortColumn {
+                        values: position,
+                        options: None,
+                    },
+                ],
+                None,
+            )?;
+            let sorted = take_record_batch(&batch, &indices)?;
+            let sorted_keys = take(keys.as_ref(), &indices, None)?;
+            let sorted_keys = sorted_keys
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .cloned()
+                .ok_or_else(|| OperatorError::Internal("take changed the array type".into()))?;
+            let ranges = partition(&[Arc::new(sorted_keys.clone()) as ArrayRef])?.ranges();
+            for range in ranges {
+                let pane = sorted_keys.value(range.start);
+                let part = sorted.slice(range.start, range.end - range.start);
+                self.route(input, pane, part, out);
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_watermark(
+        &mut self,
+        watermark: Watermark,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        let closing = self.panes.advance(watermark.millis());
+        if closing.is_empty() {
+            return Ok(());
+        }
+        for start in closing {
+            self.close(start, out).await?;
+        }
+        self.panes.evict();
+        debug!(
+            operator = %self.name,
+            buffered_rows = self.panes.rows,
+            panes = self.panes.panes.len(),
+            open_windows = self.panes.open.len(),
+            "sql windows closed"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn hopping(size_ms: u64, slide_ms: u64) -> WindowSpec {
+        WindowSpec::Hopping {
+            size: Duration::from_millis(size_ms),
+            slide: Duration::from_millis(slide_ms),
+        }
+    }
+
+    fn one_row() -> RecordBatch {
+        let array: ArrayRef = Arc::new(Int64Array::from(vec![1]));
+        RecordBatch::try_from_iter([("x", array)]).unwrap()
+    }
+
+    #[test]
+    fn rounding_helpers_floor_and_ceil_negative_times_too() {
+        assert_eq!(
+            (floor_to(25, 10), floor_to(-1, 10), floor_to(-10, 10)),
+            (20, -10, -10)
+        );
+        assert_eq!(
+            (ceil_to(21, 10), ceil_to(-9, 10), ceil_to(30, 10)),
+            (30, 0, 30)
+        );
+        assert_eq!(floor_to(i64::MIN, 7), i64::MIN);
+        assert_eq!(ceil_to(i64::MAX, 10), i64::MAX);
+        assert_eq!((gcd(25, 10), gcd(10, 10)), (5, 10));
+    }
+
+    #[test]
+    fn a_pane_opens_every_window_that_covers_it() {
+        let mut panes = Panes::new(hopping(30, 10), 1);
+        panes.insert(0, panes.pane_of(25), one_row());
+        assert_eq!(
+            panes.open.iter().copied().collect::<Vec<_>>(),
+            vec![0, 10, 20]
+        );
+        // Windows that do not align with the slide use panes of gcd(size, slide).
+        let mut panes = Panes::new(hopping(25, 10), 1);
+        assert_eq!(panes.pane, 5);
+        panes.insert(0, panes.pane_of(27), one_row());
+        assert_eq!(panes.open.iter().copied().collect::<Vec<_>>(), vec![10, 20]);
+    }
+
+    #[test]
+    fn closing_and_eviction_follow_the_watermark() {
+        let mut panes = Panes::new(hopping(30, 10), 1);
+        panes.insert(0, 0, one_row());
+        panes.insert(0, 10, one_row());
+        assert_eq!(panes.advance(29), vec![-20, -10]);
+        assert_eq!(panes.advance(30), vec![0]);
+        panes.evict();
+        // Pane 0 is covered only by windows that closed; pane 10 still feeds [10, 40).
+        assert_eq!(panes.panes.keys().copied().collect::<Vec<_>>(), vec![10]);
+        assert_eq!(panes.rows, 1);
+        assert!(panes.is_late(0));
+        assert!(!panes.is_late(10));
+        // An older watermark changes nothing.
+        assert!(panes.advance(20).is_empty());
+        assert_eq!(panes.advance(Watermark::END.millis()), vec![10]);
+        panes.evict();
+        assert!(panes.panes.is_empty() && panes.open.is_empty() && panes.rows == 0);
+    }
+
+    #[test]
+    fn a_pane_created_after_some_of_its_windows_closed_opens_only_the_rest() {
+        let mut panes = Panes::new(hopping(30, 10), 1);
+        panes.advance(35);
+        // Pane 20 is covered by [0, 30) (closed), [10, 40) and [20, 50) (open).
+        panes.insert(0, 20, one_row());
+        assert_eq!(panes.open.iter().copied().collect::<Vec<_>>(), vec![10, 20]);
+    }
+}

@@ -1,0 +1,715 @@
+//! Validating a document against the operator registry and planning it into the nodes
+//! of an engine graph.
+//!
+//! Validation is pure and reports every problem it can find in one run: unknown kinds,
+//! inputs that name no node or port, cycles, and whatever each factory's `plan` reports
+//! about its config. Nodes are planned in topological order so each factory sees the
+//! schemas of its inputs. A node whose own declaration or whose upstream failed is not
+//! planned, so one mistake does not cascade into a screen of follow-on errors.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use weir_engine::arrow::datatypes::Schema;
+use weir_engine::config::{ConfigError, Location, choices_hint};
+use weir_engine::error::{OperatorError, PipelineError};
+use weir_engine::graph::{InputRef, Pipeline, PipelineBuilder};
+use weir_engine::metrics::EngineMetrics;
+use weir_engine::registry::{
+    InputStream, MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator,
+    StreamInfo,
+};
+use weir_engine::time::EventTimeSpec;
+use weir_engine::{Registry, Role};
+
+use crate::spec::{Document, NodeSpec, check_event_time_column, role_noun};
+
+/// A pipeline whose every node has been planned: ready to build and run.
+pub struct ValidatedPipeline {
+    name: String,
+    file: PathBuf,
+    name_location: Location,
+    nodes: Vec<PlannedNode>,
+}
+
+/// One planned node: what `weir describe` shows, and the operator ready to instantiate.
+pub struct PlannedNode {
+    name: String,
+    role: Role,
+    kind: String,
+    inputs: Vec<InputRef>,
+    outputs: Vec<OutputSpec>,
+    event_time: Option<EventTimeSpec>,
+    operator: Box<dyn PlannedOperator>,
+}
+
+impl PlannedNode {
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The section the node was declared in.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The operator kind.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The upstream ports this node reads, in declaration order.
+    pub fn inputs(&self) -> &[InputRef] {
+        &self.inputs
+    }
+
+    /// The output ports, main port first; empty for sinks. For sources the main port's
+    /// event-time column is the effective one.
+    pub fn outputs(&self) -> &[OutputSpec] {
+        &self.outputs
+    }
+
+    /// The effective event-time declaration of a source: the one in the YAML, or the
+    /// column the operator itself names (with no allowed lateness).
+    pub fn event_time(&self) -> Option<&EventTimeSpec> {
+        self.event_time.as_ref()
+    }
+}
+
+impl fmt::Debug for PlannedNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PlannedNode")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("kind", &self.kind)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .field("event_time", &self.event_time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ValidatedPipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidatedPipeline")
+            .field("name", &self.name)
+            .field("file", &self.file)
+            .field("nodes", &self.nodes)
+            .finish()
+    }
+}
+
+/// Why a validated pipeline could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// An operator could not be created, e.g. a file sink could not create its file.
+    #[error("{role} '{node}': {source}")]
+    Operator {
+        /// `source`, `transform` or `sink`.
+        role: &'static str,
+        /// The node's name.
+        node: String,
+        /// What went wrong.
+        #[source]
+        source: OperatorError,
+    },
+    /// The engine refused the wiring. Validation rules this out, so it means a bug.
+    #[error(transparent)]
+    Graph(#[from] PipelineError),
+}
+
+impl ValidatedPipeline {
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file the pipeline was read from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Where the pipeline's name is written in its file.
+    pub fn name_location(&self) -> Location {
+        self.name_location
+    }
+
+    /// The nodes in topological order (every node after the nodes it reads from).
+    pub fn nodes(&self) -> &[PlannedNode] {
+        &self.nodes
+    }
+
+    /// Instantiates every operator and wires them into a runnable pipeline.
+    ///
+    /// This is the first step that touches the outside world (files, sockets).
+    pub fn build(self, metrics: &EngineMetrics) -> Result<Pipeline, BuildError> {
+        let mut builder = PipelineBuilder::new(&self.name);
+        for node in self.nodes {
+            let instance = node
+                .operator
+                .instantiate()
+                .map_err(|source| BuildError::Operator {
+                    role: role_noun(node.role),
+                    node: node.name.clone(),
+                    source,
+                })?;
+            builder.add_node(
+                node.name,
+                instance,
+                node.outputs,
+                node.inputs,
+                node.event_time,
+            );
+        }
+        Ok(builder.build(metrics)?)
+    }
+}
+
+/// What became of a node during validation.
+enum State {
+    /// Not planned: its declaration, kind or wiring has a problem, or an upstream failed.
+    Skipped,
+    /// Planned, with its outputs.
+    Planned(PlannedNode),
+}
+
+/// Validates `document` against `registry`, collecting every problem into `errors`.
+/// Returns the pipeline only when no problem was found (including earlier ones already in
+/// `errors`, so callers can pass in what reading the document found).
+pub(crate) fn check(
+    document: &Document,
+    registry: &Registry,
+    base_dir: &Path,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ValidatedPipeline> {
+    let nodes = &document.nodes;
+    let index: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| (node.name.as_str(), i))
+        .collect();
+
+    // Each node's factory, when its kind exists for its section.
+    let factories: Vec<Option<&dyn OperatorFactory>> = nodes
+        .iter()
+        .map(|node| check_kind(node, registry, errors))
+        .collect();
+
+    // Each node's upstream node indices, when every input names a node with outputs.
+    let upstreams: Vec<Option<Vec<usize>>> = nodes
+        .iter()
+        .map(|node| resolve_inputs(node, nodes, &index, errors))
+        .collect();
+
+    let in_cycle = report_cycles(nodes, &upstreams, errors);
+    let order = topological_order(nodes.len(), &upstreams, &in_cycle);
+
+    let mut states: Vec<Option<State>> = (0..nodes.len()).map(|_| None).collect();
+    for &i in &order {
+        let node = &nodes[i];
+        // Nodes with unplanned or unresolved upstreams are still planned, with unknown
+        // input schemas, so that their own mistakes are reported in the same run.
+        let ready = node.sound && !in_cycle[i];
+        let state = match (factories[i], ready) {
+            (Some(factory), true) => plan_node(
+                document,
+                node,
+                factory,
+                &upstreams[i],
+                &states,
+                base_dir,
+                errors,
+            ),
+            _ => State::Skipped,
+        };
+        states[i] = Some(state);
+    }
+
+    if !errors.is_empty() {
+        return None;
+    }
+    let mut planned = Vec::with_capacity(order.len());
+    for i in order {
+        match states[i].take() {
+            Some(State::Planned(node)) => planned.push(node),
+            // Without errors every node is planned; this guards the invariant anyway.
+            _ => {
+                errors.push(ConfigError::new(
+                    nodes[i].path(),
+                    nodes[i].location,
+                    "internal error: node was not planned",
+                ));
+                return None;
+            }
+        }
+    }
+    Some(ValidatedPipeline {
+        name: document.name.clone(),
+        file: document.file.clone(),
+        name_location: document.name_location,
+        nodes: planned,
+    })
+}
+
+fn check_kind<'r>(
+    node: &NodeSpec,
+    registry: &'r Registry,
+    errors: &mut Vec<ConfigError>,
+) -> Option<&'r dyn OperatorFactory> {
+    if node.kind.is_empty() {
+        // Missing or mistyped `kind`: reading the document reported it.
+        return None;
+    }
+    let noun = role_noun(node.role);
+    let valid = registry.kinds_for(node.role);
+    let path = format!("{}.kind", node.path());
+    let elsewhere = registry.roles_of(&node.kind);
+    match registry.get(node.role, &node.kind) {
+        Some(factory) => Some(factory.as_ref()),
+        None if !elsewhere.is_empty() => {
+            let roles: Vec<&str> = elsewhere.iter().map(|r| role_noun(*r)).collect();
+            errors.push(
+                ConfigError::new(
+                    path,
+                    node.kind_location,
+                    format!("'{}' is not a {noun} kind", node.kind),
+                )
+                .with_hint(format!(
+                    "'{}' is a {} kind; valid {noun} kinds: {}",
+                    node.kind,
+                    roles.join(" and "),
+                    valid.join(", ")
+                )),
+            );
+            None
+        }
+        None => {
+            errors.push(
+                ConfigError::new(
+                    path,
+                    node.kind_location,
+                    format!("unknown {noun} kind '{}'", node.kind),
+                )
+                .with_hint(choices_hint(
+                    &node.kind,
+                    &valid,
+                    &format!("valid {noun} kinds"),
+                )),
+            );
+            None
+        }
+    }
+}
+
+fn resolve_inputs(
+    node: &NodeSpec,
+    nodes: &[NodeSpec],
+    index: &HashMap<&str, usize>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Vec<usize>> {
+    let readable: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n.role != Role::Sink)
+        .map(|n| n.name.as_str())
+        .collect();
+    let mut upstreams = Vec::with_capacity(node.inputs.len());
+    let mut resolved = true;
+    for (position, input) in node.inputs.iter().enumerate() {
+        let path = format!("{}.inputs[{position}]", node.path());
+        match index.get(input.node.as_str()) {
+            Some(&u) if nodes[u].role == Role::Sink => {
+                errors.push(
+                    ConfigError::new(
+                        path,
+                        input.location,
+                        format!("'{}' is a sink and has no output to read", input.node),
+                    )
+                    .with_hint(format!(
+                        "read from a source or transform: {}",
+                        readable.join(", ")
+                    )),
+                );
+                resolved = false;
+            }
+            Some(&u) => upstreams.push(u),
+            None => {
+                errors.push(
+                    ConfigError::new(
+                        path,
+                        input.location,
+                        format!("unknown input '{}'", input.node),
+                    )
+                    .with_hint(choices_hint(
+                        &input.node,
+                        &readable,
+                        "nodes that can be read",
+                    )),
+                );
+                resolved = false;
+            }
+        }
+    }
+    resolved.then_some(upstreams)
+}
+
+/// Reports each cycle once and returns which nodes are on one.
+///
+/// Cycles are the strongly connected components with more than one node, or one node
+/// that reads itself (Tarjan's algorithm, recursive: pipelines have few nodes).
+fn report_cycles(
+    nodes: &[NodeSpec],
+    upstreams: &[Option<Vec<usize>>],
+    errors: &mut Vec<ConfigError>,
+) -> Vec<bool> {
+    struct Tarjan<'a> {
+        edges: &'a [Vec<usize>],
+        index: Vec<Option<usize>>,
+        low: Vec<usize>,
+        on_stack: Vec<bool>,
+        stack: Vec<usize>,
+        next: usize,
+        components: Vec<Vec<usize>>,
+    }
+    impl Tarjan<'_> {
+        fn visit(&mut self, v: usize) {
+            self.index[v] = Some(self.next);
+            self.low[v] = self.next;
+            self.next += 1;
+            self.stack.push(v);
+            self.on_stack[v] = true;
+            for &w in &self.edges[v] {
+                match self.index[w] {
+                    None => {
+                        self.visit(w);
+                        self.low[v] = self.low[v].min(self.low[w]);
+                    }
+                    Some(index) if self.on_stack[w] => self.low[v] = self.low[v].min(index),
+                    Some(_) => {}
+                }
+            }
+            if Some(self.low[v]) == self.index[v] {
+                let mut component = Vec::new();
+                while let Some(w) = self.stack.pop() {
+                    self.on_stack[w] = false;
+                    component.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                self.components.push(component);
+            }
+        }
+    }
+
+    // Edges point from a node to the nodes it reads from; only resolved inputs count, but
+    // a node with some unresolved inputs still contributes the ones that resolved.
+    let edges: Vec<Vec<usize>> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| match &upstreams[i] {
+            Some(ups) => ups.clone(),
+            None => node
+                .inputs
+                .iter()
+                .filter_map(|input| nodes.iter().position(|n| n.name == input.node))
+                .filter(|&u| nodes[u].role != Role::Sink)
+                .collect(),
+        })
+        .collect();
+    let mut tarjan = Tarjan {
+        edges: &edges,
+        index: vec![None; nodes.len()],
+        low: vec![0; nodes.len()],
+        on_stack: vec![false; nodes.len()],
+        stack: Vec::new(),
+        next: 0,
+        components: Vec::new(),
+    };
+    for v in 0..nodes.len() {
+        if tarjan.index[v].is_none() {
+            tarjan.visit(v);
+        }
+    }
+
+    let mut in_cycle = vec![false; nodes.len()];
+    let mut components = tarjan.components;
+    components.iter_mut().for_each(|c| c.sort_unstable());
+    components.sort();
+    for component in components {
+        let start = component[0];
+        if component.len() == 1 && !edges[start].contains(&start) {
+            continue;
+        }
+        for &v in &component {
+            in_cycle[v] = true;
+        }
+        let walk = cycle_through(start, &edges, &component);
+        // `walk` follows "reads from" edges; data flows the other way round.
+        let mut flow = vec![nodes[start].name.as_str()];
+        flow.extend(walk[1..].iter().rev().map(|&v| nodes[v].name.as_str()));
+        flow.push(&nodes[start].name);
+        let node = &nodes[start];
+        let target = walk.get(1).copied().unwrap_or(start);
+        let position = node
+            .inputs
+            .iter()
+            .position(|input| input.node == nodes[target].name)
+            .unwrap_or(0);
+        let location = node
+            .inputs
+            .get(position)
+            .map_or(node.location, |i| i.location);
+        errors.push(
+            ConfigError::new(
+                format!("{}.inputs[{position}]", node.path()),
+                location,
+                format!("inputs form a cycle: {}", flow.join(" -> ")),
+            )
+            .with_hint("a pipeline's data must flow one way: remove one of these inputs"),
+        );
+    }
+    in_cycle
+}
+
+/// A shortest closed walk from `start` back to itself along `edges` inside `component`,
+/// without repeating `start` at the end: `[start, a, b]` means start reads a, a reads b and
+/// b reads start.
+fn cycle_through(start: usize, edges: &[Vec<usize>], component: &[usize]) -> Vec<usize> {
+    let mut parent: HashMap<usize, usize> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(v) = queue.pop_front() {
+        for &w in edges[v].iter().filter(|w| component.contains(w)) {
+            if w == start {
+                // Back from v through the BFS parents; the chain ends at start, which
+                // has no parent.
+                let mut walk = vec![v];
+                while let Some(&p) = parent.get(walk.last().unwrap_or(&start)) {
+                    walk.push(p);
+                }
+                walk.reverse();
+                return walk;
+            }
+            if let std::collections::hash_map::Entry::Vacant(slot) = parent.entry(w) {
+                slot.insert(v);
+                queue.push_back(w);
+            }
+        }
+    }
+    vec![start]
+}
+
+/// Every node not on or behind a cycle, each after the nodes it reads from; ties go in
+/// document order so plans and messages are stable.
+fn topological_order(
+    count: usize,
+    upstreams: &[Option<Vec<usize>>],
+    in_cycle: &[bool],
+) -> Vec<usize> {
+    let mut placed = vec![false; count];
+    let mut order = Vec::with_capacity(count);
+    loop {
+        let mut progressed = false;
+        for i in 0..count {
+            if placed[i] || in_cycle[i] {
+                continue;
+            }
+            let ready = upstreams[i]
+                .as_deref()
+                .unwrap_or(&[])
+                .iter()
+                .all(|&u| placed[u]);
+            if ready {
+                placed[i] = true;
+                order.push(i);
+                progressed = true;
+            }
+        }
+        if !progressed {
+            return order;
+        }
+    }
+}
+
+fn plan_node(
+    document: &Document,
+    node: &NodeSpec,
+    factory: &dyn OperatorFactory,
+    upstreams: &Option<Vec<usize>>,
+    states: &[Option<State>],
+    base_dir: &Path,
+    errors: &mut Vec<ConfigError>,
+) -> State {
+    let mut streams = Vec::with_capacity(node.inputs.len());
+    let mut refs = Vec::with_capacity(node.inputs.len());
+    let mut inputs_known = true;
+    for (position, input) in node.inputs.iter().enumerate() {
+        let upstream = upstreams
+            .as_ref()
+            .and_then(|ups| ups.get(position).copied());
+        let port = input.port_name();
+        // Inside the operator (e.g. as a SQL table) a side port goes by `node_port`.
+        let name = if port == MAIN_PORT_NAME {
+            input.node.clone()
+        } else {
+            format!("{}_{port}", input.node)
+        };
+        let output = match upstream.and_then(|u| states[u].as_ref()) {
+            Some(State::Planned(upstream)) => {
+                let found = upstream.outputs.iter().find(|o| o.name == port);
+                if found.is_none() {
+                    let ports: Vec<&str> =
+                        upstream.outputs.iter().map(|o| o.name.as_str()).collect();
+                    errors.push(
+                        ConfigError::new(
+                            format!("{}.inputs[{position}]", node.path()),
+                            input.location,
+                            format!("'{}' has no port '{port}'", input.node),
+                        )
+                        .with_hint(choices_hint(
+                            port,
+                            &ports,
+                            &format!("ports of '{}'", input.node),
+                        )),
+                    );
+                }
+                found
+            }
+            _ => None,
+        };
+        let stream = match output {
+            Some(output) => output.stream.clone(),
+            None => {
+                // Plan the node anyway so its own mistakes are reported in this run too.
+                inputs_known = false;
+                StreamInfo {
+                    schema: Arc::new(Schema::empty()),
+                    event_time: None,
+                }
+            }
+        };
+        streams.push(InputStream { name, stream });
+        refs.push(InputRef {
+            node: input.node.clone(),
+            port: port.to_owned(),
+        });
+    }
+
+    let config_path = format!("{}.config", node.path());
+    let context = NodeContext {
+        pipeline: &document.name,
+        name: &node.name,
+        role: node.role,
+        config: &node.config,
+        config_path: &config_path,
+        inputs: &streams,
+        inputs_known,
+        schema: node.schema.clone(),
+        event_time: node.event_time.clone(),
+        window: node.window,
+        base_dir,
+    };
+    if !inputs_known {
+        if let Err(problems) = factory.plan(&context) {
+            errors.extend(problems);
+        }
+        return State::Skipped;
+    }
+    let operator = match factory.plan(&context) {
+        Ok(operator) => operator,
+        Err(problems) => {
+            if problems.is_empty() {
+                errors.push(ConfigError::new(
+                    config_path,
+                    node.config.location,
+                    format!(
+                        "the {} kind '{}' rejected this node without saying why",
+                        role_noun(node.role),
+                        node.kind
+                    ),
+                ));
+            }
+            errors.extend(problems);
+            return State::Skipped;
+        }
+    };
+    let mut outputs = operator.outputs();
+
+    let mut event_time = None;
+    if node.role == Role::Source {
+        let Some(main) = outputs.first_mut() else {
+            errors.push(ConfigError::new(
+                node.path(),
+                node.location,
+                format!(
+                    "internal error: source kind '{}' planned no output",
+                    node.kind
+                ),
+            ));
+            return State::Skipped;
+        };
+        match &node.event_time {
+            Some(declared) => {
+                let problem = check_event_time_column(
+                    &main.stream.schema,
+                    &declared.column,
+                    &format!("{}.event_time.column", node.path()),
+                    node.event_time_location,
+                    &format!("the output of '{}'", node.name),
+                );
+                if let Some(problem) = problem {
+                    errors.push(problem);
+                    return State::Skipped;
+                }
+                main.stream.event_time = Some(declared.column.clone());
+                event_time = Some(declared.clone());
+            }
+            None => {
+                event_time = main.stream.event_time.clone().map(|column| EventTimeSpec {
+                    column,
+                    max_out_of_order: std::time::Duration::ZERO,
+                });
+            }
+        }
+    }
+
+    State::Planned(PlannedNode {
+        name: node.name.clone(),
+        role: node.role,
+        kind: node.kind.clone(),
+        inputs: refs,
+        outputs,
+        event_time,
+        operator,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycle_through_finds_the_shortest_loop_back() {
+        // 0 reads 1 and 2, 1 reads 2, 2 reads 0: the shortest way back is 0 -> 2 -> 0.
+        let edges = vec![vec![1, 2], vec![2], vec![0]];
+        assert_eq!(cycle_through(0, &edges, &[0, 1, 2]), [0, 2]);
+        let self_loop = vec![vec![0]];
+        assert_eq!(cycle_through(0, &self_loop, &[0]), [0]);
+    }
+
+    #[test]
+    fn topological_order_puts_readers_after_what_they_read() {
+        // 0 reads 2, 1 reads nothing, 2 reads 1, 3 is on a cycle, 4 reads 3.
+        let upstreams = vec![
+            Some(vec![2]),
+            Some(vec![]),
+            Some(vec![1]),
+            Some(vec![3]),
+            Some(vec![3]),
+        ];
+        let in_cycle = [false, false, false, true, false];
+        assert_eq!(topological_order(5, &upstreams, &in_cycle), [1, 2, 0]);
+    }
+}

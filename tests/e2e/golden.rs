@@ -1,0 +1,74 @@
+//! Golden window cases: `tests/golden/<case>/` holds a pipeline, its input and the
+//! expected output. `WEIR_BLESS=1` rewrites the expected files from the current binary.
+
+use std::path::Path;
+
+use crate::support::{read_json_lines, repo, text, weir};
+
+fn check_case(case: &str) {
+    let dir = repo().join("tests/golden").join(case);
+    let out = tempfile::tempdir().expect("a temp dir");
+    let output = weir()
+        .args(["run", "--no-metrics"])
+        .arg(dir.join("pipeline.yaml"))
+        .env("GOLDEN_OUT", out.path())
+        .output()
+        .expect("weir runs");
+    let (stdout, stderr) = text(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    compare(
+        &out.path().join("output.jsonl"),
+        &dir.join("expected.jsonl"),
+    );
+    if dir.join("expected_late.jsonl").exists() {
+        compare(
+            &out.path().join("late.jsonl"),
+            &dir.join("expected_late.jsonl"),
+        );
+    }
+}
+
+fn compare(actual: &Path, expected: &Path) {
+    if std::env::var_os("WEIR_BLESS").is_some() {
+        std::fs::copy(actual, expected).expect("blessing writes the expected file");
+        return;
+    }
+    let actual_rows = read_json_lines(actual);
+    let expected_rows = read_json_lines(expected);
+    assert_eq!(
+        actual_rows,
+        expected_rows,
+        "{} differs from {}",
+        actual.display(),
+        expected.display()
+    );
+}
+
+#[test]
+fn golden_in_order() {
+    check_case("in_order");
+}
+
+#[test]
+fn golden_out_of_order_within_tolerance() {
+    check_case("out_of_order");
+}
+
+#[test]
+fn golden_late_rows_go_to_the_side_output() {
+    check_case("late_rows");
+}
+
+#[test]
+fn golden_hopping_windows_overlap() {
+    check_case("hopping_overlap");
+}
+
+#[test]
+fn golden_empty_windows_emit_nothing() {
+    check_case("empty_windows");
+}
