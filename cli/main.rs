@@ -5,6 +5,7 @@
 mod exit;
 mod http;
 mod logging;
+mod progress;
 mod run;
 mod validate;
 

@@ -29,6 +29,10 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "metrics_addr")]
     no_metrics: bool,
 
+    /// How often to log each pipeline's progress (rows read and written); 0s turns it off.
+    #[arg(long, default_value = "30s", value_parser = humantime_duration, value_name = "DURATION")]
+    progress_interval: Duration,
+
     /// How long a shutdown may take to drain in-flight data and flush sinks.
     #[arg(long, default_value = "10s", value_parser = humantime_duration, value_name = "DURATION")]
     shutdown_timeout: Duration,
@@ -50,11 +54,12 @@ pub async fn run(args: RunArgs) -> Outcome {
         Ok(metrics) => metrics,
         Err(error) => return Outcome::RuntimeFailure(format!("cannot register metrics: {error}")),
     };
-    let stop_http = CancellationToken::new();
+    let stop_background = CancellationToken::new();
     let http = if args.no_metrics {
         None
     } else {
-        match crate::http::serve(args.metrics_addr, registry.clone(), stop_http.clone()).await {
+        match crate::http::serve(args.metrics_addr, registry.clone(), stop_background.clone()).await
+        {
             Ok((bound, handle)) => {
                 info!("metrics: listening on http://{bound}/metrics");
                 Some(handle)
@@ -68,13 +73,25 @@ pub async fn run(args: RunArgs) -> Outcome {
         }
     };
 
+    let progress: Vec<_> = validated
+        .iter()
+        .map(|pipeline| crate::progress::PipelineProgress::new(pipeline, &metrics))
+        .collect();
+    if !args.progress_interval.is_zero() {
+        tokio::spawn(crate::progress::report(
+            progress.clone(),
+            args.progress_interval,
+            stop_background.clone(),
+        ));
+    }
+
     let mut pipelines = Vec::with_capacity(validated.len());
     for pipeline in validated {
         let name = pipeline.name().to_owned();
         match pipeline.build(&metrics) {
             Ok(built) => pipelines.push(built),
             Err(error) => {
-                stop_http.cancel();
+                stop_background.cancel();
                 return Outcome::RuntimeFailure(format!("pipeline '{name}': {error}"));
             }
         }
@@ -89,8 +106,8 @@ pub async fn run(args: RunArgs) -> Outcome {
         running.spawn(async move { (name, pipeline.run(token).await) });
     }
 
-    let outcome = supervise(&mut running, &shutdown, args.shutdown_timeout).await;
-    stop_http.cancel();
+    let outcome = supervise(&mut running, &shutdown, args.shutdown_timeout, &progress).await;
+    stop_background.cancel();
     if let Some(handle) = http {
         let _ = handle.await;
     }
@@ -102,7 +119,22 @@ async fn supervise(
     running: &mut JoinSet<(String, Result<(), weir_engine::PipelineError>)>,
     shutdown: &CancellationToken,
     deadline: Duration,
+    progress: &[crate::progress::PipelineProgress],
 ) -> Outcome {
+    let started = tokio::time::Instant::now();
+    let finished = |name: &str| {
+        let (read, written) = progress
+            .iter()
+            .find(|p| p.name() == name)
+            .map_or((0, 0), |p| p.totals());
+        info!(
+            pipeline = %name,
+            rows_read = read,
+            rows_written = written,
+            "pipeline finished: {read} rows read, {written} rows written in {:.2?}",
+            started.elapsed()
+        );
+    };
     let mut failures: Vec<String> = Vec::new();
     let mut signals = Signals::new();
     let mut draining_since: Option<tokio::time::Instant> = None;
@@ -116,7 +148,7 @@ async fn supervise(
         tokio::select! {
             joined = running.join_next() => match joined {
                 None => break,
-                Some(Ok((name, Ok(())))) => info!(pipeline = %name, "pipeline finished"),
+                Some(Ok((name, Ok(())))) => finished(&name),
                 Some(Ok((_, Err(error)))) => {
                     failures.push(error.to_string());
                     if draining_since.is_none() {

@@ -10,6 +10,9 @@
 #[path = "../benches/w1/data.rs"]
 mod data;
 #[allow(dead_code)]
+#[path = "../benches/w1/figures.rs"]
+mod figures;
+#[allow(dead_code)]
 #[path = "../benches/w1/reference.rs"]
 mod reference;
 
