@@ -2,6 +2,7 @@
 //! the one list that registers them.
 
 pub mod format;
+pub mod mqtt;
 pub mod registry;
 pub mod sinks;
 pub mod sources;

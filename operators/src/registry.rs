@@ -9,6 +9,7 @@ pub fn builtin() -> Registry {
     let mut registry = Registry::new();
     registry.register(Arc::new(crate::sources::generator::GeneratorFactory));
     registry.register(Arc::new(crate::sources::file::FileSourceFactory));
+    registry.register(Arc::new(crate::sources::mqtt::MqttSourceFactory));
     registry.register(Arc::new(crate::transforms::sql::SqlFactory));
     registry.register(Arc::new(crate::sinks::stdout::StdoutFactory));
     registry.register(Arc::new(crate::sinks::file::FileSinkFactory));

@@ -1,0 +1,1376 @@
+//! The `mqtt` source: subscribes to topic filters on an MQTT 3.1.1 broker and turns the
+//! messages into record batches of a declared schema.
+//!
+//! Messages are gathered until `batch_rows` of them are waiting or the oldest has waited
+//! `linger`, then their payloads are decoded in one call to Arrow's JSON or CSV decoder.
+//! Only when that fails is each message decoded alone, to find the bad ones; those go to
+//! the `dead_letter` port (topic, reason, payload) and never stop the stream. Segments of
+//! the topic can fill utf8 columns through `topic_pattern` (`plant/{site}/{device}`).
+//!
+//! Delivery is at least once with `qos: 1`: acks are manual, and a message is acked only
+//! after the batch holding it was accepted downstream (or after it went to dead letter).
+//! A crash between the two redelivers the message. With `clean_session: false` and a
+//! stable `client_id` the broker also queues messages while Weir is down.
+//!
+//! The broker connection runs in its own task so keep-alive pings and acks flow while
+//! the source waits on backpressure; it reconnects with exponential backoff and jitter,
+//! and gives up only when the broker refuses the credentials or a subscription.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+use async_trait::async_trait;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS,
+    SubscribeFilter, SubscribeReasonCode,
+};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use weir_engine::config::{ConfigErrors, HumanDuration};
+use weir_engine::registry::{
+    MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
+};
+use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
+
+use crate::format::{field_error, node_config, node_error};
+use crate::mqtt::{
+    Backoff, BackoffBounds, BrokerUrl, ConnectionConfig, ConnectionPlan, TlsOptions, defaults,
+    fatal_connection_error,
+};
+
+/// The name of the port that carries malformed messages.
+pub const DEAD_LETTER_PORT_NAME: &str = "dead_letter";
+
+/// The index of the dead-letter port (the main port is 0).
+pub const DEAD_LETTER_PORT: usize = 1;
+
+/// How many malformed messages are logged one by one before the log switches to summaries.
+const LOGGED_INDIVIDUALLY: u64 = 10;
+
+/// How often a summary of further malformed messages is logged.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// How much of an oversize payload is kept in its dead-letter row.
+const OVERSIZE_EXCERPT_BYTES: usize = 1024;
+
+/// With QoS 1, a batch is also emitted once no message arrived for this long. The broker
+/// sends only a few unacked messages at a time (Mosquitto: 20) and then waits for acks, so
+/// waiting for `batch_rows` or `linger` with acks held would cap throughput at one
+/// broker window per linger.
+const QOS1_IDLE_FLUSH: Duration = Duration::from_millis(5);
+
+/// How long a cancelled source waits for its acks and disconnect to reach the broker.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+
+/// Builds `mqtt` sources.
+pub struct MqttSourceFactory;
+
+/// The `config` of an `mqtt` source.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// The broker: `mqtt://host:port` (default port 1883) or `mqtts://host:port` (8883).
+    pub url: String,
+    /// The topic filters to subscribe to; `+` matches one level, `#` the rest.
+    pub topics: Vec<String>,
+    /// Fills utf8 columns from topic levels, e.g. `plant/{site}/{device}/telemetry`; `+`
+    /// matches a level without keeping it. Messages on topics that do not match go to
+    /// dead letter.
+    pub topic_pattern: Option<String>,
+    /// How payloads are encoded.
+    pub format: PayloadFormat,
+    /// 0 (at most once) or 1 (at least once: acked after downstream accepted the batch).
+    pub qos: u8,
+    /// The MQTT client id; defaults to `weir-<pipeline>-<node>`.
+    pub client_id: Option<String>,
+    /// `false` with a stable `client_id` keeps the session (and queued messages) while
+    /// the pipeline is down.
+    pub clean_session: bool,
+    /// The user name to log in with.
+    pub username: Option<String>,
+    /// The password, inline; prefer `password_env`.
+    pub password: Option<String>,
+    /// The environment variable holding the password.
+    pub password_env: Option<String>,
+    /// TLS files; only with `mqtts://`.
+    pub tls: Option<TlsOptions>,
+    /// How often to ping an idle broker; `0s` turns pings off.
+    pub keep_alive: HumanDuration,
+    /// The first delay before reconnecting; it doubles on each failed attempt.
+    pub reconnect_initial_delay: HumanDuration,
+    /// The longest delay before reconnecting.
+    pub reconnect_max_delay: HumanDuration,
+    /// Emit a batch once this many messages are waiting.
+    pub batch_rows: usize,
+    /// Emit a batch once its oldest message has waited this long.
+    pub linger: HumanDuration,
+    /// Payloads larger than this go to dead letter.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for MqttSourceConfig {
+    fn default() -> Self {
+        MqttSourceConfig {
+            url: String::new(),
+            topics: Vec::new(),
+            topic_pattern: None,
+            format: PayloadFormat::Json,
+            qos: 1,
+            client_id: None,
+            clean_session: defaults::CLEAN_SESSION,
+            username: None,
+            password: None,
+            password_env: None,
+            tls: None,
+            keep_alive: HumanDuration(defaults::KEEP_ALIVE),
+            reconnect_initial_delay: HumanDuration(defaults::RECONNECT_INITIAL),
+            reconnect_max_delay: HumanDuration(defaults::RECONNECT_MAX),
+            batch_rows: 1000,
+            linger: HumanDuration(Duration::from_millis(50)),
+            max_payload_bytes: 1 << 20,
+        }
+    }
+}
+
+impl MqttSourceConfig {
+    /// The connection fields, for the validation every MQTT operator shares.
+    fn connection(&self) -> ConnectionConfig {
+        ConnectionConfig {
+            url: self.url.clone(),
+            client_id: self.client_id.clone(),
+            clean_session: self.clean_session,
+            username: self.username.clone(),
+            password: self.password.clone(),
+            password_env: self.password_env.clone(),
+            tls: self.tls.clone(),
+            keep_alive: self.keep_alive.0,
+            reconnect_initial_delay: self.reconnect_initial_delay.0,
+            reconnect_max_delay: self.reconnect_max_delay.0,
+        }
+    }
+}
+
+/// How a message's payload is encoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// One JSON object per message; unknown fields are ignored.
+    #[default]
+    Json,
+    /// A JSON array of objects per message, one row each.
+    JsonArray,
+    /// CSV lines without a header, columns in the schema's order (topic columns left
+    /// out); one record per line.
+    Csv,
+}
+
+/// One level of a `topic_pattern`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Level {
+    /// Must equal the topic level.
+    Literal(String),
+    /// `+`: any one level, not kept.
+    Any,
+    /// `{name}`: any one level, kept in column `name`.
+    Capture(String),
+}
+
+/// A parsed `topic_pattern`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TopicPattern {
+    levels: Vec<Level>,
+}
+
+impl TopicPattern {
+    fn parse(pattern: &str) -> Result<TopicPattern, String> {
+        let mut levels = Vec::new();
+        for level in pattern.split('/') {
+            levels.push(if level == "+" {
+                Level::Any
+            } else if let Some(name) = level.strip_prefix('{').and_then(|l| l.strip_suffix('}')) {
+                if name.is_empty() || name.contains(['{', '}']) {
+                    return Err(format!("'{level}' is not a {{column}} placeholder"));
+                }
+                Level::Capture(name.to_owned())
+            } else if level.contains(['{', '}', '+', '#']) {
+                return Err(format!(
+                    "level '{level}' mixes text with a placeholder or wildcard: a level is \
+                     all text, +, or one {{column}}"
+                ));
+            } else {
+                Level::Literal(level.to_owned())
+            });
+        }
+        Ok(TopicPattern { levels })
+    }
+
+    fn columns(&self) -> impl Iterator<Item = &str> {
+        self.levels.iter().filter_map(|level| match level {
+            Level::Capture(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The captured levels in pattern order, or `None` when the topic does not match.
+    fn captures<'t>(&self, topic: &'t str) -> Option<Vec<&'t str>> {
+        let parts: Vec<&str> = topic.split('/').collect();
+        if parts.len() != self.levels.len() {
+            return None;
+        }
+        let mut captured = Vec::new();
+        for (level, part) in self.levels.iter().zip(parts) {
+            match level {
+                Level::Literal(text) if text != part => return None,
+                Level::Capture(_) => captured.push(part),
+                _ => {}
+            }
+        }
+        Some(captured)
+    }
+}
+
+/// Why a topic filter is not valid, per MQTT 3.1.1 section 4.7.
+fn filter_problem(filter: &str) -> Option<String> {
+    if filter.is_empty() {
+        return Some("a topic filter must not be empty".to_owned());
+    }
+    if filter.contains('\0') {
+        return Some(format!("topic filter '{filter}' contains a NUL character"));
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Some(format!(
+                "topic filter '{filter}': '#' must be a whole level and the last one"
+            ));
+        }
+        if level.contains('+') && *level != "+" {
+            return Some(format!(
+                "topic filter '{filter}': '+' must be a whole level"
+            ));
+        }
+    }
+    None
+}
+
+/// An mqtt source whose config is valid.
+#[derive(Clone, Debug)]
+struct Plan {
+    connection: ConnectionPlan,
+    topics: Vec<String>,
+    qos: QoS,
+    decoder: PayloadDecoder,
+    batch_rows: usize,
+    linger: Duration,
+    event_time: Option<String>,
+}
+
+impl OperatorFactory for MqttSourceFactory {
+    fn kind(&self) -> &'static str {
+        "mqtt"
+    }
+
+    fn roles(&self) -> &'static [Role] {
+        &[Role::Source]
+    }
+
+    fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
+        let config: MqttSourceConfig = node_config(node)?;
+        Ok(Box::new(validate(&config, node)?))
+    }
+}
+
+fn validate(config: &MqttSourceConfig, node: &NodeContext<'_>) -> Result<Plan, ConfigErrors> {
+    let mut errors = ConfigErrors::new();
+    let connection = config.connection().validate(node, &mut errors);
+    if node.schema.is_none() {
+        errors.push(
+            node_error(node, "the mqtt source needs a declared schema").with_hint(
+                "add e.g. `schema: {device: utf8, ts: timestamp_ms, temperature: float64}`",
+            ),
+        );
+    }
+    if config.topics.is_empty() {
+        errors.push(
+            field_error(
+                node,
+                &["topics"],
+                "the mqtt source needs at least one topic",
+            )
+            .with_hint("add e.g. `topics: [\"plant/+/boiler\"]` under config"),
+        );
+    }
+    for problem in config.topics.iter().filter_map(|t| filter_problem(t)) {
+        errors.push(field_error(node, &["topics"], problem));
+    }
+    let qos = match config.qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        other => {
+            errors.push(
+                field_error(node, &["qos"], format!("qos {other} is not supported"))
+                    .with_hint("use 0 (at most once) or 1 (at least once)"),
+            );
+            QoS::AtLeastOnce
+        }
+    };
+    if config.batch_rows == 0 {
+        errors.push(field_error(
+            node,
+            &["batch_rows"],
+            "batch_rows must be at least 1",
+        ));
+    }
+    if config.linger.0 < Duration::from_millis(1) {
+        errors.push(field_error(
+            node,
+            &["linger"],
+            "linger must be at least 1ms",
+        ));
+    }
+    if config.max_payload_bytes == 0 {
+        errors.push(field_error(
+            node,
+            &["max_payload_bytes"],
+            "max_payload_bytes must be at least 1",
+        ));
+    }
+    let pattern = match config.topic_pattern.as_deref().map(TopicPattern::parse) {
+        None => None,
+        Some(Ok(pattern)) => Some(pattern),
+        Some(Err(problem)) => {
+            errors.push(field_error(
+                node,
+                &["topic_pattern"],
+                format!("topic_pattern: {problem}"),
+            ));
+            None
+        }
+    };
+    let mut topic_columns: Vec<String> = Vec::new();
+    if let (Some(pattern), Some(schema)) = (&pattern, &node.schema) {
+        for name in pattern.columns() {
+            if topic_columns.iter().any(|c| c == name) {
+                errors.push(field_error(
+                    node,
+                    &["topic_pattern"],
+                    format!("topic_pattern names column '{name}' twice"),
+                ));
+                continue;
+            }
+            match schema.field_with_name(name) {
+                Err(_) => {
+                    let names: Vec<&str> =
+                        schema.fields().iter().map(|f| f.name().as_str()).collect();
+                    errors.push(
+                        field_error(
+                            node,
+                            &["topic_pattern"],
+                            format!("topic_pattern names column '{name}', which the schema does not declare"),
+                        )
+                        .with_hint(format!(
+                            "declare `{name}: utf8` in the schema; it has {}",
+                            names.join(", ")
+                        )),
+                    );
+                }
+                Ok(field) if field.data_type() != &DataType::Utf8 => errors.push(field_error(
+                    node,
+                    &["topic_pattern"],
+                    format!(
+                        "topic_pattern fills column '{name}', which is {} in the schema: topic \
+                         columns must be utf8",
+                        field.data_type()
+                    ),
+                )),
+                Ok(_) => {}
+            }
+            topic_columns.push(name.to_owned());
+        }
+    }
+    if let Some(schema) = &node.schema {
+        if schema
+            .fields()
+            .iter()
+            .all(|f| topic_columns.contains(f.name()))
+        {
+            errors.push(node_error(
+                node,
+                "every schema column comes from the topic: declare at least one payload column",
+            ));
+        }
+        if config.format == PayloadFormat::Csv {
+            for field in schema.fields().iter().filter(|f| f.data_type().is_nested()) {
+                errors.push(node_error(
+                    node,
+                    format!(
+                        "csv cannot hold column '{}' of type {}: csv columns are flat values",
+                        field.name(),
+                        field.data_type()
+                    ),
+                ));
+            }
+        }
+    }
+    let (Some(schema), Some(connection)) = (node.schema.clone(), connection) else {
+        return Err(errors);
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let payload_schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| !topic_columns.contains(f.name()))
+            .cloned()
+            .collect::<Vec<_>>(),
+    ));
+    Ok(Plan {
+        connection,
+        topics: config.topics.clone(),
+        qos,
+        decoder: PayloadDecoder {
+            format: config.format,
+            schema: schema.clone(),
+            payload_schema,
+            pattern,
+            max_payload_bytes: config.max_payload_bytes,
+        },
+        batch_rows: config.batch_rows,
+        linger: config.linger.0,
+        event_time: node.event_time.as_ref().map(|spec| spec.column.clone()),
+    })
+}
+
+/// The schema of the dead-letter port: the message's topic, why it was rejected, and its
+/// payload as text (invalid UTF-8 replaced; oversize payloads cut to their first KiB).
+pub fn dead_letter_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, false),
+        Field::new("payload", DataType::Utf8, false),
+    ]))
+}
+
+impl PlannedOperator for Plan {
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![
+            OutputSpec {
+                name: MAIN_PORT_NAME.to_owned(),
+                stream: StreamInfo {
+                    schema: self.decoder.schema.clone(),
+                    event_time: self.event_time.clone(),
+                },
+                unwired_drop_reason: None,
+            },
+            OutputSpec {
+                name: DEAD_LETTER_PORT_NAME.to_owned(),
+                stream: StreamInfo {
+                    schema: dead_letter_schema(),
+                    event_time: None,
+                },
+                unwired_drop_reason: Some("malformed"),
+            },
+        ]
+    }
+
+    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+        let mut options = self.connection.mqtt_options()?;
+        options.set_manual_acks(true);
+        // Acks queue here while the connection task is busy; room for a full batch of
+        // acks keeps the source from waiting on the connection task while it waits on us.
+        let (client, eventloop) = AsyncClient::new(options, self.batch_rows.saturating_add(64));
+        Ok(OperatorInstance::Source(Box::new(MqttSource {
+            report: MalformedReport::new(self.connection.broker.address()),
+            plan: *self,
+            client,
+            eventloop: Some(eventloop),
+        })))
+    }
+}
+
+/// A message rejected by the decoder, bound for the dead-letter port.
+#[derive(Debug, PartialEq)]
+struct BadMessage {
+    topic: String,
+    error: String,
+    payload: String,
+}
+
+/// Decodes the payloads of a batch of messages into the declared schema.
+#[derive(Clone, Debug)]
+struct PayloadDecoder {
+    format: PayloadFormat,
+    /// The declared schema: the output.
+    schema: SchemaRef,
+    /// The declared schema without the topic columns: what payloads hold.
+    payload_schema: SchemaRef,
+    pattern: Option<TopicPattern>,
+    max_payload_bytes: usize,
+}
+
+impl PayloadDecoder {
+    /// Decodes `messages` into one batch (`None` when no message was good) and the
+    /// rejected messages.
+    fn decode(
+        &self,
+        messages: &[Publish],
+    ) -> Result<(Option<RecordBatch>, Vec<BadMessage>), OperatorError> {
+        let mut bad = Vec::new();
+        let mut good: Vec<(&Publish, Vec<&str>)> = Vec::with_capacity(messages.len());
+        for message in messages {
+            match self.precheck(message) {
+                Ok(captures) => good.push((message, captures)),
+                Err(error) => bad.push(bad_message(message, error)),
+            }
+        }
+        if good.is_empty() {
+            return Ok((None, bad));
+        }
+        let payloads: Vec<&[u8]> = good.iter().map(|(m, _)| m.payload.as_ref()).collect();
+        // Happy path: every payload in one decoder call.
+        let (payload_batch, kept, counts) = match self.decode_payloads(&payloads) {
+            Ok((batch, counts)) => (batch, good, counts),
+            Err(_) => {
+                let mut batches = Vec::new();
+                let mut kept = Vec::new();
+                let mut counts = Vec::new();
+                for (message, captures) in good {
+                    match self.decode_payloads(&[message.payload.as_ref()]) {
+                        Ok((batch, rows)) => {
+                            batches.push(batch);
+                            counts.extend(rows);
+                            kept.push((message, captures));
+                        }
+                        Err(error) => bad.push(bad_message(message, error)),
+                    }
+                }
+                if kept.is_empty() {
+                    return Ok((None, bad));
+                }
+                let batch = arrow::compute::concat_batches(&self.payload_schema, &batches)?;
+                (batch, kept, counts)
+            }
+        };
+        let batch = self.with_topic_columns(payload_batch, &kept, &counts)?;
+        Ok(((batch.num_rows() > 0).then_some(batch), bad))
+    }
+
+    /// Checks what can be checked without decoding; returns the captured topic levels.
+    fn precheck<'m>(&self, message: &'m Publish) -> Result<Vec<&'m str>, String> {
+        if message.payload.len() > self.max_payload_bytes {
+            return Err(format!(
+                "payload of {} bytes exceeds max_payload_bytes ({})",
+                message.payload.len(),
+                self.max_payload_bytes
+            ));
+        }
+        match &self.pattern {
+            None => Ok(Vec::new()),
+            Some(pattern) => pattern
+                .captures(&message.topic)
+                .ok_or_else(|| "topic does not match topic_pattern".to_owned()),
+        }
+    }
+
+    /// Decodes payloads into one batch of the payload schema, with each payload's row count.
+    fn decode_payloads(&self, payloads: &[&[u8]]) -> Result<(RecordBatch, Vec<usize>), String> {
+        let (batch, counts) = match self.format {
+            PayloadFormat::Json => {
+                let mut joined = Vec::with_capacity(payloads.iter().map(|p| p.len() + 1).sum());
+                for payload in payloads {
+                    if payload.iter().all(u8::is_ascii_whitespace) {
+                        return Err("empty payload: expected one json object".to_owned());
+                    }
+                    joined.extend_from_slice(payload);
+                    joined.push(b'\n');
+                }
+                // One row of room beyond one per message shows a message holding more.
+                let batch = self.decode_json(payloads.len() + 1, |decoder| {
+                    let mut rest = &joined[..];
+                    while !rest.is_empty() {
+                        let used = decoder.decode(rest)?;
+                        if used == 0 {
+                            return Err(ArrowError::JsonError(
+                                "expected one json object per message, found more".to_owned(),
+                            ));
+                        }
+                        rest = &rest[used..];
+                    }
+                    Ok(())
+                })?;
+                if batch.num_rows() != payloads.len() {
+                    return Err(if payloads.len() == 1 {
+                        format!(
+                            "expected one json object per message, found {}",
+                            batch.num_rows()
+                        )
+                    } else {
+                        "messages and rows do not pair up".to_owned()
+                    });
+                }
+                (batch, vec![1; payloads.len()])
+            }
+            PayloadFormat::JsonArray => {
+                let mut rows = Vec::new();
+                let mut counts = Vec::with_capacity(payloads.len());
+                for payload in payloads {
+                    let objects: Vec<serde_json::Map<String, serde_json::Value>> =
+                        serde_json::from_slice(payload)
+                            .map_err(|e| format!("expected a json array of objects: {e}"))?;
+                    counts.push(objects.len());
+                    rows.extend(objects);
+                }
+                let batch = self.decode_json(rows.len(), |decoder| decoder.serialize(&rows))?;
+                (batch, counts)
+            }
+            PayloadFormat::Csv => {
+                let mut joined = Vec::new();
+                let mut counts = Vec::with_capacity(payloads.len());
+                for payload in payloads {
+                    let mut count = 0;
+                    for line in payload.split(|&b| b == b'\n') {
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        if !line.iter().all(u8::is_ascii_whitespace) {
+                            joined.extend_from_slice(line);
+                            joined.push(b'\n');
+                            count += 1;
+                        }
+                    }
+                    counts.push(count);
+                }
+                (self.decode_csv(&joined, counts.iter().sum())?, counts)
+            }
+        };
+        if batch.num_rows() != counts.iter().sum::<usize>() {
+            return Err("messages and rows do not pair up".to_owned());
+        }
+        Ok((batch, counts))
+    }
+
+    /// Runs a fresh JSON decoder over what `feed` gives it, returning every row in one batch.
+    fn decode_json(
+        &self,
+        rows: usize,
+        feed: impl FnOnce(&mut arrow_json::reader::Decoder) -> Result<(), ArrowError>,
+    ) -> Result<RecordBatch, String> {
+        let mut decoder = arrow_json::ReaderBuilder::new(self.payload_schema.clone())
+            .with_batch_size(rows.max(1))
+            .build_decoder()
+            .map_err(|e| reason(&e))?;
+        feed(&mut decoder).map_err(|e| reason(&e))?;
+        match decoder.flush() {
+            Ok(Some(batch)) => Ok(batch),
+            Ok(None) => Ok(RecordBatch::new_empty(self.payload_schema.clone())),
+            Err(e) => Err(self.explain_json(&e)),
+        }
+    }
+
+    /// Decodes `rows` CSV records, one a line, into one batch.
+    fn decode_csv(&self, bytes: &[u8], rows: usize) -> Result<RecordBatch, String> {
+        let mut decoder = arrow_csv::ReaderBuilder::new(self.payload_schema.clone())
+            .with_header(false)
+            .with_batch_size(rows.max(1))
+            .build_decoder();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let used = decoder.decode(rest).map_err(|e| reason(&e))?;
+            if used == 0 {
+                return Err("the csv decoder made no progress".to_owned());
+            }
+            rest = &rest[used..];
+        }
+        decoder.decode(&[]).map_err(|e| reason(&e))?;
+        match decoder.flush().map_err(|e| reason(&e))? {
+            Some(batch) => Ok(batch),
+            None => Ok(RecordBatch::new_empty(self.payload_schema.clone())),
+        }
+    }
+
+    /// Arrow names a missing non-nullable column only in a debug dump; name it plainly.
+    fn explain_json(&self, error: &ArrowError) -> String {
+        let text = reason(error);
+        if !text.contains("non-nullable") {
+            return text;
+        }
+        let missing: Vec<&str> = self
+            .payload_schema
+            .fields()
+            .iter()
+            .filter(|f| !f.is_nullable() && text.contains(&format!("\"{}\"", f.name())))
+            .map(|f| f.name().as_str())
+            .collect();
+        match missing.as_slice() {
+            [] => text,
+            names => format!(
+                "missing value for non-nullable column '{}'",
+                names.join("', '")
+            ),
+        }
+    }
+
+    /// Adds the topic columns, repeating each message's captures over its rows, and puts
+    /// every column in the declared order.
+    fn with_topic_columns(
+        &self,
+        payload: RecordBatch,
+        messages: &[(&Publish, Vec<&str>)],
+        counts: &[usize],
+    ) -> Result<RecordBatch, OperatorError> {
+        let Some(pattern) = &self.pattern else {
+            return Ok(payload.with_schema(self.schema.clone())?);
+        };
+        let names: Vec<&str> = pattern.columns().collect();
+        let rows = payload.num_rows();
+        let mut builders: Vec<StringBuilder> = names
+            .iter()
+            .map(|_| StringBuilder::with_capacity(rows, rows * 8))
+            .collect();
+        for ((_, captures), count) in messages.iter().zip(counts) {
+            for (builder, value) in builders.iter_mut().zip(captures) {
+                for _ in 0..*count {
+                    builder.append_value(value);
+                }
+            }
+        }
+        let mut topic_columns: Vec<Option<ArrayRef>> = builders
+            .into_iter()
+            .map(|mut b| Some(Arc::new(b.finish()) as ArrayRef))
+            .collect();
+        let mut payload_columns = payload.columns().iter();
+        let mut columns = Vec::with_capacity(self.schema.fields().len());
+        for field in self.schema.fields() {
+            let column = match names.iter().position(|n| n == field.name()) {
+                Some(i) => topic_columns[i].take(),
+                None => payload_columns.next().cloned(),
+            };
+            columns.push(column.ok_or_else(|| {
+                OperatorError::Internal(format!("mqtt source lost column '{}'", field.name()))
+            })?);
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+fn bad_message(message: &Publish, error: String) -> BadMessage {
+    let payload =
+        if message.payload.len() > OVERSIZE_EXCERPT_BYTES && error.contains("max_payload_bytes") {
+            &message.payload[..OVERSIZE_EXCERPT_BYTES]
+        } else {
+            &message.payload[..]
+        };
+    BadMessage {
+        topic: message.topic.clone(),
+        error,
+        payload: String::from_utf8_lossy(payload).into_owned(),
+    }
+}
+
+/// An Arrow error's message without its category prefix, starting lower-case.
+fn reason(error: &ArrowError) -> String {
+    let text = match error {
+        ArrowError::JsonError(s)
+        | ArrowError::CsvError(s)
+        | ArrowError::ParseError(s)
+        | ArrowError::CastError(s)
+        | ArrowError::InvalidArgumentError(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => "unreadable payload".to_owned(),
+    }
+}
+
+/// Logs malformed messages without flooding the log: the first few one by one, then a
+/// periodic count.
+struct MalformedReport {
+    broker: String,
+    logged: u64,
+    suppressed: u64,
+    last: Option<(String, String)>,
+    last_summary: Instant,
+}
+
+impl MalformedReport {
+    fn new(broker: String) -> Self {
+        MalformedReport {
+            broker,
+            logged: 0,
+            suppressed: 0,
+            last: None,
+            last_summary: Instant::now(),
+        }
+    }
+
+    fn note(&mut self, topic: &str, reason: &str) {
+        if self.logged < LOGGED_INDIVIDUALLY {
+            self.logged += 1;
+            warn!(
+                "mqtt {}: skipped a malformed message on '{topic}': {reason}",
+                self.broker
+            );
+            if self.logged == LOGGED_INDIVIDUALLY {
+                warn!(
+                    "mqtt {}: further malformed messages are summarised every {}s",
+                    self.broker,
+                    SUMMARY_EVERY.as_secs()
+                );
+                self.last_summary = Instant::now();
+            }
+            return;
+        }
+        self.suppressed += 1;
+        self.last = Some((topic.to_owned(), reason.to_owned()));
+        if self.last_summary.elapsed() >= SUMMARY_EVERY
+            && let Some((topic, reason)) = self.last.take()
+        {
+            warn!(
+                "mqtt {}: skipped {} more malformed messages, the last on '{topic}': {reason}",
+                self.broker, self.suppressed
+            );
+            self.suppressed = 0;
+            self.last_summary = Instant::now();
+        }
+    }
+}
+
+/// What the connection task hands the source.
+enum Incoming {
+    /// A message from a subscription.
+    Message(Publish),
+    /// The broker refused something retrying will not fix; the source fails with this.
+    Fatal(String),
+}
+
+/// The running mqtt source.
+struct MqttSource {
+    plan: Plan,
+    client: AsyncClient,
+    /// Taken by the connection task when the source starts.
+    eventloop: Option<EventLoop>,
+    report: MalformedReport,
+}
+
+#[async_trait]
+impl Source for MqttSource {
+    async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        let eventloop = self
+            .eventloop
+            .take()
+            .ok_or_else(|| OperatorError::Internal("mqtt source started twice".to_owned()))?;
+        let (tx, mut rx) = mpsc::channel(self.plan.batch_rows.clamp(16, 10_000));
+        let connection = Connection {
+            client: self.client.clone(),
+            filters: self
+                .plan
+                .topics
+                .iter()
+                .map(|topic| SubscribeFilter::new(topic.clone(), self.plan.qos))
+                .collect(),
+            broker: self.plan.connection.broker.clone(),
+            backoff: self.plan.connection.backoff,
+            seed: jitter_seed(&self.plan.connection.client_id),
+            tx,
+        };
+        let mut task = tokio::spawn(connection.drive(eventloop));
+        let mut pending: Vec<Publish> = Vec::new();
+        let mut oldest = Instant::now();
+        let mut newest = oldest;
+        let idle_flush = (self.plan.qos == QoS::AtLeastOnce).then_some(QOS1_IDLE_FLUSH);
+        let outcome = loop {
+            let mut deadline = oldest + self.plan.linger;
+            if let Some(idle) = idle_flush {
+                deadline = deadline.min(newest + idle);
+            }
+            tokio::select! {
+                biased;
+                _ = ctx.cancelled() => break Ok(()),
+                _ = tokio::time::sleep_until(deadline), if !pending.is_empty() => {
+                    if let Err(error) = self.flush(ctx, &mut pending).await {
+                        break Err(error);
+                    }
+                }
+                incoming = rx.recv() => match incoming {
+                    Some(Incoming::Message(message)) => {
+                        newest = Instant::now();
+                        if pending.is_empty() {
+                            oldest = newest;
+                        }
+                        pending.push(message);
+                        if pending.len() >= self.plan.batch_rows
+                            && let Err(error) = self.flush(ctx, &mut pending).await
+                        {
+                            break Err(error);
+                        }
+                    }
+                    Some(Incoming::Fatal(message)) => break Err(OperatorError::External(message)),
+                    None => break Err(OperatorError::Internal(
+                        "the mqtt connection task ended unexpectedly".to_owned(),
+                    )),
+                },
+            }
+        };
+        // What was received is emitted and acked before leaving, unless downstream is gone.
+        let flushed = match outcome {
+            Ok(()) | Err(OperatorError::External(_)) => self.flush(ctx, &mut pending).await,
+            Err(_) => Ok(()),
+        };
+        // The disconnect queues behind the acks, so they reach the broker first. Messages
+        // still arriving meanwhile are dropped unacked (the broker redelivers them), which
+        // also frees the connection task should it be waiting to hand one over.
+        let abort = task.abort_handle();
+        let shutdown = async {
+            let _ = self.client.disconnect().await;
+            let _ = (&mut task).await;
+        };
+        let drain = async { while rx.recv().await.is_some() {} };
+        let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+            tokio::join!(shutdown, drain);
+        })
+        .await;
+        abort.abort();
+        outcome.and(flushed)
+    }
+}
+
+impl MqttSource {
+    /// Decodes and emits the pending messages, then acks them.
+    async fn flush(
+        &mut self,
+        ctx: &mut SourceContext,
+        pending: &mut Vec<Publish>,
+    ) -> Result<(), OperatorError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (batch, bad) = self.plan.decoder.decode(pending)?;
+        if let Some(batch) = batch {
+            ctx.emit(batch).await?;
+        }
+        if !bad.is_empty() {
+            let mut topics = StringBuilder::new();
+            let mut errors = StringBuilder::new();
+            let mut payloads = StringBuilder::new();
+            for message in &bad {
+                self.report.note(&message.topic, &message.error);
+                topics.append_value(&message.topic);
+                errors.append_value(&message.error);
+                payloads.append_value(&message.payload);
+            }
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(topics.finish()),
+                Arc::new(errors.finish()),
+                Arc::new(payloads.finish()) as Arc<StringArray>,
+            ];
+            let batch = RecordBatch::try_new(dead_letter_schema(), columns)?;
+            ctx.emit_to(DEAD_LETTER_PORT, batch).await?;
+        }
+        // Downstream accepted everything: now the broker may forget these messages.
+        for message in pending.drain(..) {
+            if self.client.ack(&message).await.is_err() {
+                // The connection task is gone; the broker redelivers what was not acked.
+                debug!("mqtt ack not sent: the connection task has ended");
+                break;
+            }
+        }
+        pending.clear();
+        Ok(())
+    }
+}
+
+/// A seed for the backoff jitter that differs between clients and between runs.
+fn jitter_seed(client_id: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write(client_id.as_bytes());
+    hasher.finish()
+}
+
+/// The connection task: polls the rumqttc event loop, (re)subscribes, backs off between
+/// reconnects and hands messages to the source.
+struct Connection {
+    client: AsyncClient,
+    filters: Vec<SubscribeFilter>,
+    broker: BrokerUrl,
+    backoff: BackoffBounds,
+    seed: u64,
+    tx: mpsc::Sender<Incoming>,
+}
+
+impl Connection {
+    async fn drive(self, mut eventloop: EventLoop) {
+        let address = self.broker.address();
+        let mut backoff = Backoff::new(self.backoff, ChaCha8Rng::seed_from_u64(self.seed));
+        let mut ever_connected = false;
+        let mut failing = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    let attempts = backoff.attempts();
+                    match (ever_connected, failing) {
+                        (false, false) => info!("mqtt connected to {address}"),
+                        (false, true) => {
+                            info!("mqtt connected to {address} after {attempts} attempts")
+                        }
+                        (true, _) => {
+                            info!("mqtt reconnected to {address} after {attempts} attempts")
+                        }
+                    }
+                    backoff.reset();
+                    ever_connected = true;
+                    failing = false;
+                    // A new session has no subscriptions; a resumed one keeps them.
+                    if !ack.session_present
+                        && let Err(error) = self.client.try_subscribe_many(self.filters.clone())
+                    {
+                        let _ = self
+                            .tx
+                            .send(Incoming::Fatal(format!(
+                                "mqtt broker {address}: cannot subscribe: {error}"
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|code| matches!(code, SubscribeReasonCode::Failure))
+                    {
+                        let topics: Vec<&str> =
+                            self.filters.iter().map(|f| f.path.as_str()).collect();
+                        let _ = self
+                            .tx
+                            .send(Incoming::Fatal(format!(
+                                "mqtt broker {address} refused the subscription to {}: check \
+                                 the broker's access control for this user",
+                                topics.join(", ")
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(message))) => {
+                    if self.tx.send(Incoming::Message(message)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                Ok(_) => {}
+                Err(ConnectionError::RequestsDone) => return,
+                Err(error) => {
+                    if let Some(message) = fatal_connection_error(&error, &self.broker) {
+                        let _ = self.tx.send(Incoming::Fatal(message)).await;
+                        return;
+                    }
+                    if !failing {
+                        failing = true;
+                        if ever_connected {
+                            warn!("mqtt connection to {address} lost: {error}; retrying");
+                        } else {
+                            warn!("mqtt cannot connect to {address}: {error}; retrying");
+                        }
+                    }
+                    let delay = backoff.next_delay();
+                    debug!("mqtt reconnecting to {address} in {delay:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.tx.closed() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Array, AsArray, Float64Array};
+    use arrow::datatypes::{Float64Type, TimeUnit};
+    use rumqttc::QoS;
+    use weir_engine::time::EventTimeSpec;
+
+    use super::*;
+    use crate::format::test_support::{Decl, plan};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("site", DataType::Utf8, false),
+            Field::new("device", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            Field::new("temperature", DataType::Float64, true),
+        ]))
+    }
+
+    fn plan_with(config: &str, schema: Option<SchemaRef>) -> Result<Plan, ConfigErrors> {
+        // Planning through the factory checks the public path; the typed plan is rebuilt
+        // from the same config for the decoder tests.
+        let decl = Decl {
+            schema: schema.clone(),
+            event_time: Some(EventTimeSpec {
+                column: "ts".into(),
+                max_out_of_order: Duration::from_secs(5),
+            }),
+            ..Decl::default()
+        };
+        plan(&MqttSourceFactory, Role::Source, config, decl)?;
+        let value = crate::format::test_support::yaml(config);
+        let path = "sources.node.config";
+        let node = NodeContext {
+            pipeline: "test",
+            name: "node",
+            role: Role::Source,
+            config: &value,
+            config_path: path,
+            inputs: &[],
+            inputs_known: true,
+            schema,
+            event_time: Some(EventTimeSpec {
+                column: "ts".into(),
+                max_out_of_order: Duration::from_secs(5),
+            }),
+            window: None,
+            base_dir: std::path::Path::new("."),
+        };
+        validate(&node_config(&node)?, &node)
+    }
+
+    fn messages(list: &[(&str, &str)]) -> Vec<Publish> {
+        list.iter()
+            .map(|(topic, payload)| Publish::new(*topic, QoS::AtLeastOnce, payload.as_bytes()))
+            .collect()
+    }
+
+    fn errors(config: &str, schema: Option<SchemaRef>) -> String {
+        let Err(errors) = plan_with(config, schema) else {
+            panic!("config should be rejected: {config}");
+        };
+        errors.iter().map(|e| format!("{e}\n")).collect()
+    }
+
+    const PATTERN: &str = "url: mqtt://127.0.0.1:1883\ntopics: [\"plant/+/+/telemetry\"]\n\
+                           topic_pattern: \"plant/{site}/{device}/telemetry\"\n";
+
+    #[test]
+    fn defaults_and_client_id_follow_the_node() {
+        let plan = plan_with("url: mqtt://h\ntopics: [a/#]", Some(schema())).unwrap();
+        assert_eq!(plan.connection.client_id, "weir-test-node");
+        assert_eq!(plan.qos, QoS::AtLeastOnce);
+        assert_eq!(plan.batch_rows, 1000);
+        assert_eq!(plan.linger, Duration::from_millis(50));
+        assert!(plan.connection.clean_session);
+        let outputs = plan.outputs();
+        assert_eq!(outputs[1].name, "dead_letter");
+        assert_eq!(outputs[1].unwired_drop_reason, Some("malformed"));
+        assert_eq!(outputs[0].stream.event_time.as_deref(), Some("ts"));
+    }
+
+    #[test]
+    fn invalid_configs_report_every_problem() {
+        let text = errors(
+            "url: http://h\ntopics: [\"a/#/b\", \"x+\"]\nqos: 2\nbatch_rows: 0\n\
+             topic_pattern: \"plant/{nope}/{temperature}\"\n\
+             tls: {ca_file: ca.pem}\npassword: secret\npassword_env: P\n",
+            Some(schema()),
+        );
+        for needle in [
+            "scheme 'http'",
+            "'#' must be a whole level and the last one",
+            "'+' must be a whole level",
+            "qos 2 is not supported",
+            "batch_rows must be at least 1",
+            "'nope', which the schema does not declare",
+            "'temperature', which is Float64 in the schema",
+            "give password or password_env, not both",
+            "a password needs a username",
+        ] {
+            assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
+        }
+        let tls = errors(
+            "url: mqtt://h\ntopics: [a]\ntls: {ca_file: ca.pem}",
+            Some(schema()),
+        );
+        assert!(tls.contains("tls options apply only to mqtts://"), "{tls}");
+        let key = errors(
+            "url: mqtts://h\ntopics: [a]\ntls: {cert_file: c.pem}",
+            Some(schema()),
+        );
+        assert!(key.contains("needs tls.key_file"), "{key}");
+        let no_schema = errors("url: mqtt://h\ntopics: [a]", None);
+        assert!(no_schema.contains("needs a declared schema"), "{no_schema}");
+        let unknown = errors("url: mqtt://h\ntopics: [a]\ntopic: b", Some(schema()));
+        assert!(unknown.contains("unknown field 'topic'"), "{unknown}");
+    }
+
+    #[test]
+    fn topic_patterns_capture_levels_and_reject_other_topics() {
+        let pattern = TopicPattern::parse("plant/{site}/+/{device}").unwrap();
+        assert_eq!(pattern.columns().collect::<Vec<_>>(), ["site", "device"]);
+        assert_eq!(pattern.captures("plant/a/x/b"), Some(vec!["a", "b"]));
+        assert_eq!(pattern.captures("plant/a/x"), None);
+        assert_eq!(pattern.captures("other/a/x/b"), None);
+        assert!(TopicPattern::parse("plant/pre{site}").is_err());
+        assert!(TopicPattern::parse("plant/{}").is_err());
+    }
+
+    #[test]
+    fn json_messages_decode_in_one_batch_with_topic_columns_in_schema_order() {
+        let plan = plan_with(PATTERN, Some(schema())).unwrap();
+        let (batch, bad) = plan
+            .decoder
+            .decode(&messages(&[
+                (
+                    "plant/p1/boiler/telemetry",
+                    r#"{"ts": 1000, "temperature": 20.5}"#,
+                ),
+                (
+                    "plant/p2/pump/telemetry",
+                    r#"{"ts": 2000, "temperature": null, "x": 1}"#,
+                ),
+            ]))
+            .unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        let batch = batch.unwrap();
+        assert_eq!(batch.schema(), schema());
+        let site = batch.column(0).as_string::<i32>();
+        let device = batch.column(1).as_string::<i32>();
+        assert_eq!((site.value(0), device.value(0)), ("p1", "boiler"));
+        assert_eq!((site.value(1), device.value(1)), ("p2", "pump"));
+        let temperature = batch.column(3).as_primitive::<Float64Type>();
+        assert_eq!(temperature.value(0), 20.5);
+        assert!(temperature.is_null(1));
+    }
+
+    #[test]
+    fn bad_messages_are_isolated_and_good_ones_kept_in_order() {
+        let plan = plan_with(PATTERN, Some(schema())).unwrap();
+        let big = format!(r#"{{"ts": 1, "pad": "{}"}}"#, "x".repeat(2 << 20));
+        let (batch, bad) = plan
+            .decoder
+            .decode(&messages(&[
+                ("plant/a/d1/telemetry", r#"{"ts": 1, "temperature": 1.0}"#),
+                ("plant/a/d2/telemetry", r#"{"ts": 2, "temperature": "hot"}"#),
+                ("plant/a/d3/telemetry", "not json"),
+                ("plant/a/d4/telemetry", r#"{"temperature": 4.0}"#),
+                ("plant/a/d5/telemetry", r#"{"ts": 5}{"ts": 6}"#),
+                ("elsewhere/d6", r#"{"ts": 6}"#),
+                ("plant/a/d7/telemetry", &big),
+                ("plant/a/d8/telemetry", r#"{"ts": 8, "temperature": 8.0}"#),
+            ]))
+            .unwrap();
+        let batch = batch.unwrap();
+        let devices: Vec<_> = batch
+            .column(1)
+            .as_string::<i32>()
+            .iter()
+            .flatten()
+            .collect();
+        assert_eq!(devices, ["d1", "d8"]);
+        let temps = batch
+            .column(3)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
+        assert_eq!(temps.values().to_vec(), vec![1.0, 8.0]);
+        let why: Vec<(&str, &str)> = bad
+            .iter()
+            .map(|b| (b.topic.as_str(), b.error.as_str()))
+            .collect();
+        assert_eq!(why.len(), 6, "{why:?}");
+        let by_topic = |t: &str| bad.iter().find(|b| b.topic == t).unwrap();
+        assert!(
+            by_topic("plant/a/d2/telemetry").error.contains("hot"),
+            "{why:?}"
+        );
+        assert_eq!(
+            by_topic("elsewhere/d6").error,
+            "topic does not match topic_pattern"
+        );
+        assert!(
+            by_topic("plant/a/d7/telemetry")
+                .error
+                .contains("exceeds max_payload_bytes")
+        );
+        assert_eq!(
+            by_topic("plant/a/d7/telemetry").payload.len(),
+            OVERSIZE_EXCERPT_BYTES
+        );
+        assert_eq!(
+            by_topic("plant/a/d4/telemetry").error,
+            "missing value for non-nullable column 'ts'"
+        );
+        assert!(by_topic("plant/a/d5/telemetry").error.contains("found 2"));
+        assert_eq!(by_topic("plant/a/d3/telemetry").payload, "not json");
+    }
+
+    #[test]
+    fn json_arrays_and_csv_lines_repeat_topic_values_per_row() {
+        let array = plan_with(&format!("{PATTERN}format: json_array"), Some(schema())).unwrap();
+        let (batch, bad) = array
+            .decoder
+            .decode(&messages(&[
+                ("plant/a/d1/telemetry", r#"[{"ts": 1}, {"ts": 2}]"#),
+                ("plant/a/d2/telemetry", r#"{"ts": 3}"#),
+                ("plant/b/d3/telemetry", r#"[{"ts": 4}]"#),
+            ]))
+            .unwrap();
+        let batch = batch.unwrap();
+        let devices: Vec<_> = batch
+            .column(1)
+            .as_string::<i32>()
+            .iter()
+            .flatten()
+            .collect();
+        assert_eq!(devices, ["d1", "d1", "d3"]);
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].error.contains("json array"), "{bad:?}");
+
+        let csv = plan_with(&format!("{PATTERN}format: csv"), Some(schema())).unwrap();
+        let (batch, bad) = csv
+            .decoder
+            .decode(&messages(&[
+                (
+                    "plant/a/d1/telemetry",
+                    "1970-01-01T00:00:01Z,1.5\n1970-01-01T00:00:02Z,2.5\n",
+                ),
+                ("plant/a/d2/telemetry", "1970-01-01T00:00:03Z,warm"),
+                ("plant/a/d3/telemetry", "1970-01-01T00:00:04Z,4.5"),
+            ]))
+            .unwrap();
+        let batch = batch.unwrap();
+        let devices: Vec<_> = batch
+            .column(1)
+            .as_string::<i32>()
+            .iter()
+            .flatten()
+            .collect();
+        assert_eq!(devices, ["d1", "d1", "d3"]);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].topic, "plant/a/d2/telemetry");
+    }
+
+    #[test]
+    fn topic_filters_follow_the_mqtt_rules() {
+        assert_eq!(filter_problem("a/+/b/#"), None);
+        assert_eq!(filter_problem("#"), None);
+        assert!(filter_problem("").is_some());
+        assert!(filter_problem("a/#/b").is_some());
+        assert!(filter_problem("a/b#").is_some());
+        assert!(filter_problem("a+/b").is_some());
+    }
+}

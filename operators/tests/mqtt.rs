@@ -1,0 +1,653 @@
+//! The `mqtt` source against a real Mosquitto: each test starts its own broker on a free
+//! loopback port with a generated config, publishes with `mosquitto_pub`, and runs the
+//! source in a pipeline whose sinks collect what arrives on each port.
+//!
+//! Every wait is bounded, so a broken source fails a test instead of hanging it. The tests
+//! fail when `mosquitto` is not installed: `.ci/run` installs it, and a skipped broker test
+//! would hide exactly the kind of regression these tests exist for.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef, TimeUnit};
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir_engine::config::{ConfigValue, Value};
+use weir_engine::graph::{InputRef, PipelineBuilder};
+use weir_engine::metrics::EngineMetrics;
+use weir_engine::registry::{MAIN_PORT_NAME, NodeContext, Role};
+use weir_engine::{OperatorError, OperatorInstance, PipelineError, Sink};
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// How long any one condition may take to come true.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The probe device: rows the tests publish only to learn that the subscription is live.
+const PROBE: &str = "probe";
+
+/// A Mosquitto process with its own config, killed on drop.
+struct Broker {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker in `dir` (which keeps its config, password file and database).
+    fn start(dir: &Path, extra: &str) -> Broker {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nuser root\npersistence true\n\
+                 persistence_location {}/\nautosave_interval 1\n{extra}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut broker = Broker {
+            child: None,
+            port,
+            dir: dir.to_owned(),
+            conf,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("mosquitto.log")).unwrap())
+            .spawn()
+            .expect("mosquitto starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the broker gracefully (it saves its database) and starts it on the same port.
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + WAIT;
+            while child.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Publishes each payload as one message on `topic`.
+    async fn publish(&self, topic: &str, payloads: &[&str], qos: u8) {
+        let mut child = tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-q", &qos.to_string(), "-t", topic, "-l"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_pub starts");
+        let mut stdin = child.stdin.take().unwrap();
+        let text: String = payloads.iter().map(|p| format!("{p}\n")).collect();
+        stdin.write_all(text.as_bytes()).await.unwrap();
+        drop(stdin);
+        let status = tokio::time::timeout(WAIT, child.wait())
+            .await
+            .expect("mosquitto_pub finishes")
+            .unwrap();
+        assert!(status.success(), "mosquitto_pub failed");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn require_mosquitto() {
+    assert!(
+        Path::new(MOSQUITTO).exists(),
+        "{MOSQUITTO} is not installed: apt-get install mosquitto mosquitto-clients"
+    );
+}
+
+/// A YAML config read into the engine's config tree.
+fn config(yaml: &str) -> ConfigValue {
+    fn convert(value: serde_json::Value) -> ConfigValue {
+        match value {
+            serde_json::Value::Null => ConfigValue::null(),
+            serde_json::Value::Bool(b) => ConfigValue::bool(b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => ConfigValue::int(i),
+                None => ConfigValue::float(n.as_f64().unwrap()),
+            },
+            serde_json::Value::String(s) => ConfigValue::string(s),
+            serde_json::Value::Array(items) => ConfigValue::seq(items.into_iter().map(convert)),
+            serde_json::Value::Object(entries) => {
+                let entries: Vec<(String, ConfigValue)> =
+                    entries.into_iter().map(|(k, v)| (k, convert(v))).collect();
+                ConfigValue::map(entries.iter().map(|(k, v)| (k.as_str(), v.clone())))
+            }
+        }
+    }
+    let value: serde_json::Value = serde_saphyr::from_str(yaml).expect("test yaml parses");
+    let value = convert(value);
+    assert!(matches!(value.value, Value::Map(_)));
+    value
+}
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("site", DataType::Utf8, true),
+        Field::new("device", DataType::Utf8, false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("temperature", DataType::Float64, true),
+    ]))
+}
+
+type Collected = Arc<Mutex<Vec<RecordBatch>>>;
+
+struct Collect(Collected);
+
+#[async_trait]
+impl Sink for Collect {
+    async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
+        self.0.lock().unwrap().push(batch);
+        Ok(())
+    }
+}
+
+/// A pipeline of one mqtt source and two collecting sinks, running in the background.
+struct Running {
+    main: Collected,
+    dead: Collected,
+    cancel: CancellationToken,
+    handle: JoinHandle<Result<(), PipelineError>>,
+}
+
+fn start(yaml: &str) -> Running {
+    let config = config(yaml);
+    let registry = weir_operators::registry::builtin();
+    let factory = registry
+        .get(Role::Source, "mqtt")
+        .expect("mqtt is registered");
+    let node = NodeContext {
+        pipeline: "test",
+        name: "sensors",
+        role: Role::Source,
+        config: &config,
+        config_path: "sources.sensors.config",
+        inputs: &[],
+        inputs_known: true,
+        schema: Some(schema()),
+        event_time: None,
+        window: None,
+        base_dir: Path::new("."),
+    };
+    let planned = match factory.plan(&node) {
+        Ok(planned) => planned,
+        Err(errors) => panic!("config rejected: {errors:?}"),
+    };
+    let specs = planned.outputs();
+    let instance = planned.instantiate().expect("source instantiates");
+    let (main, dead) = (Collected::default(), Collected::default());
+    let mut builder = PipelineBuilder::new("test");
+    builder.add_node("src", instance, specs, vec![], None);
+    for (name, port, sink) in [
+        ("main", MAIN_PORT_NAME, &main),
+        ("dead", "dead_letter", &dead),
+    ] {
+        builder.add_node(
+            name,
+            OperatorInstance::Sink(Box::new(Collect(sink.clone()))),
+            vec![],
+            vec![InputRef {
+                node: "src".into(),
+                port: port.into(),
+            }],
+            None,
+        );
+    }
+    let metrics = EngineMetrics::new(&prometheus::Registry::new()).unwrap();
+    let pipeline = builder.build(&metrics).expect("pipeline builds");
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(pipeline.run(cancel.clone()));
+    Running {
+        main,
+        dead,
+        cancel,
+        handle,
+    }
+}
+
+impl Running {
+    /// (device, temperature) of every row on the main port except probes.
+    fn rows(&self) -> Vec<(String, Option<f64>)> {
+        let mut rows = Vec::new();
+        for batch in self.main.lock().unwrap().iter() {
+            let device = batch.column_by_name("device").unwrap().as_string::<i32>();
+            let temp = batch
+                .column_by_name("temperature")
+                .unwrap()
+                .as_primitive::<Float64Type>();
+            for i in 0..batch.num_rows() {
+                if device.value(i) != PROBE {
+                    let t = (!temp.is_null(i)).then(|| temp.value(i));
+                    rows.push((device.value(i).to_owned(), t));
+                }
+            }
+        }
+        rows
+    }
+
+    fn probes(&self) -> usize {
+        self.main
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                let device = b.column_by_name("device").unwrap().as_string::<i32>();
+                device.iter().filter(|d| *d == Some(PROBE)).count()
+            })
+            .sum()
+    }
+
+    /// (topic, error) of every dead-letter row.
+    fn dead(&self) -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        for batch in self.dead.lock().unwrap().iter() {
+            let topic = batch.column(0).as_string::<i32>();
+            let error = batch.column(1).as_string::<i32>();
+            for i in 0..batch.num_rows() {
+                rows.push((topic.value(i).to_owned(), error.value(i).to_owned()));
+            }
+        }
+        rows
+    }
+
+    /// Publishes probes on `topic` until one arrives: the subscription is then live.
+    async fn wait_subscribed(&self, broker: &Broker, topic: &str, probe: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.probes() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the source never received a probe"
+            );
+            assert!(!self.handle.is_finished(), "the pipeline stopped early");
+            broker.publish(topic, &[probe], 0).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    async fn wait_for(&self, what: &str, done: impl Fn(&Running) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {} rows, dead {:?}",
+                self.rows().len(),
+                self.dead()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Cancels the pipeline and waits for it to drain.
+    async fn stop(self) -> Self {
+        self.cancel.cancel();
+        let outcome = tokio::time::timeout(WAIT, &mut { self.handle })
+            .await
+            .expect("the pipeline stops after cancel")
+            .expect("the pipeline task does not panic");
+        outcome.expect("the pipeline ends cleanly");
+        Running {
+            handle: tokio::spawn(async { Ok(()) }),
+            ..self
+        }
+    }
+}
+
+fn reading(device: &str, ts: i64, temperature: f64) -> String {
+    format!(r#"{{"device": "{device}", "ts": {ts}, "temperature": {temperature}}}"#)
+}
+
+fn probe_json() -> String {
+    format!(r#"{{"device": "{PROBE}", "ts": 0}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_round_trip_into_batches() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let pipeline = start(&format!(
+        "url: {}\ntopics: [plant/boiler]\nbatch_rows: 4\nlinger: 20ms\n",
+        broker.url()
+    ));
+    pipeline
+        .wait_subscribed(&broker, "plant/boiler", &probe_json())
+        .await;
+    let payloads: Vec<String> = (0..10)
+        .map(|i| reading(&format!("d{i}"), i, i as f64))
+        .collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    broker.publish("plant/boiler", &refs, 1).await;
+    pipeline.wait_for("10 rows", |p| p.rows().len() == 10).await;
+    let rows = pipeline.rows();
+    for (i, (device, temperature)) in rows.iter().enumerate() {
+        assert_eq!(device, &format!("d{i}"));
+        assert_eq!(*temperature, Some(i as f64));
+    }
+    // batch_rows bounds the batches.
+    assert!(
+        pipeline
+            .main
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|b| b.num_rows() <= 4)
+    );
+    assert!(pipeline.dead().is_empty());
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_and_topic_pattern_fill_columns() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let pipeline = start(&format!(
+        "url: {}\ntopics: [\"plant/+/+/telemetry\", \"lab/#\"]\n\
+         topic_pattern: \"plant/{{site}}/{{device}}/telemetry\"\nqos: 0\nlinger: 20ms\n",
+        broker.url()
+    ));
+    pipeline
+        .wait_subscribed(&broker, "plant/x/probe/telemetry", r#"{"ts": 0}"#)
+        .await;
+    broker
+        .publish(
+            "plant/north/boiler/telemetry",
+            &[r#"{"ts": 1, "temperature": 70.5}"#],
+            1,
+        )
+        .await;
+    broker
+        .publish(
+            "plant/south/pump/telemetry",
+            &[r#"{"ts": 2, "temperature": 20}"#],
+            1,
+        )
+        .await;
+    // Subscribed, but not of the pattern's shape: dead letter.
+    broker.publish("lab/bench/1", &[r#"{"ts": 3}"#], 1).await;
+    // Not subscribed at all.
+    broker
+        .publish("plant/north/boiler/status", &[r#"{"ts": 4}"#], 1)
+        .await;
+    pipeline
+        .wait_for("2 rows and 1 dead letter", |p| {
+            p.rows().len() == 2 && p.dead().len() == 1
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let batches = pipeline.main.lock().unwrap().clone();
+    let all = arrow::compute::concat_batches(&schema(), &batches).unwrap();
+    let site = all.column(0).as_string::<i32>();
+    let device = all.column(1).as_string::<i32>();
+    let pairs: Vec<(&str, &str)> = (0..all.num_rows())
+        .filter(|&i| device.value(i) != PROBE)
+        .map(|i| (site.value(i), device.value(i)))
+        .collect();
+    assert_eq!(pairs, [("north", "boiler"), ("south", "pump")]);
+    assert_eq!(
+        pipeline.dead(),
+        [(
+            "lab/bench/1".to_owned(),
+            "topic does not match topic_pattern".to_owned()
+        )]
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_go_to_dead_letter_and_good_ones_arrive() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let pipeline = start(&format!(
+        "url: {}\ntopics: [s]\nmax_payload_bytes: 200\nlinger: 30ms\n",
+        broker.url()
+    ));
+    pipeline.wait_subscribed(&broker, "s", &probe_json()).await;
+    let big = format!(
+        r#"{{"device": "big", "ts": 1, "pad": "{}"}}"#,
+        "x".repeat(300)
+    );
+    let payloads = [
+        reading("a", 1, 1.0),
+        "{not json".to_owned(),
+        reading("b", 2, 2.0),
+        r#"{"device": "c", "ts": "yesterday-ish"}"#.to_owned(),
+        r#"{"device": "d", "temperature": 4.0}"#.to_owned(),
+        big,
+        reading("e", 5, 5.0),
+    ];
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    broker.publish("s", &refs, 1).await;
+    pipeline
+        .wait_for("3 good rows and 4 dead letters", |p| {
+            p.rows().len() == 3 && p.dead().len() == 4
+        })
+        .await;
+    let devices: Vec<String> = pipeline.rows().into_iter().map(|(d, _)| d).collect();
+    assert_eq!(devices, ["a", "b", "e"]);
+    let errors: Vec<String> = pipeline.dead().into_iter().map(|(_, e)| e).collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("exceeds max_payload_bytes")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e == "missing value for non-nullable column 'ts'"),
+        "{errors:?}"
+    );
+    let pipeline = pipeline.stop().await;
+    assert_eq!(pipeline.rows().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_survives_a_broker_restart() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path(), "allow_anonymous true");
+    let pipeline = start(&format!(
+        "url: {}\ntopics: [s]\nclient_id: weir-restart\nclean_session: false\n\
+         reconnect_initial_delay: 100ms\nreconnect_max_delay: 500ms\nlinger: 20ms\n",
+        broker.url()
+    ));
+    pipeline.wait_subscribed(&broker, "s", &probe_json()).await;
+    let first: Vec<String> = (0..5).map(|i| reading(&format!("a{i}"), i, 0.0)).collect();
+    broker
+        .publish(
+            "s",
+            &first.iter().map(String::as_str).collect::<Vec<_>>(),
+            1,
+        )
+        .await;
+    pipeline
+        .wait_for("the first 5 rows", |p| p.rows().len() == 5)
+        .await;
+    broker.restart();
+    // Published while the source is still reconnecting: the persisted session queues them.
+    let second: Vec<String> = (0..5).map(|i| reading(&format!("b{i}"), i, 0.0)).collect();
+    broker
+        .publish(
+            "s",
+            &second.iter().map(String::as_str).collect::<Vec<_>>(),
+            1,
+        )
+        .await;
+    pipeline
+        .wait_for("all 10 rows", |p| p.rows().len() >= 10)
+        .await;
+    let mut devices: Vec<String> = pipeline.rows().into_iter().map(|(d, _)| d).collect();
+    devices.sort();
+    devices.dedup();
+    assert_eq!(devices.len(), 10, "{devices:?}");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_keeps_messages_while_weir_is_down() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let yaml = format!(
+        "url: {}\ntopics: [s]\nclient_id: weir-persistent\nclean_session: false\nlinger: 20ms\n",
+        broker.url()
+    );
+    let first = start(&yaml);
+    first.wait_subscribed(&broker, "s", &probe_json()).await;
+    first.stop().await;
+    let missed: Vec<String> = (0..5).map(|i| reading(&format!("m{i}"), i, 1.0)).collect();
+    broker
+        .publish(
+            "s",
+            &missed.iter().map(String::as_str).collect::<Vec<_>>(),
+            1,
+        )
+        .await;
+    let second = start(&yaml);
+    second
+        .wait_for("the 5 queued rows", |p| p.rows().len() == 5)
+        .await;
+    let devices: Vec<String> = second.rows().into_iter().map(|(d, _)| d).collect();
+    assert_eq!(devices, ["m0", "m1", "m2", "m3", "m4"]);
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_fails_the_pipeline_clearly() {
+    require_mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwords");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["weir", "right"])
+        .status()
+        .expect("mosquitto_passwd runs");
+    assert!(status.success());
+    let broker = Broker::start(
+        dir.path(),
+        &format!(
+            "allow_anonymous false\npassword_file {}",
+            passwords.display()
+        ),
+    );
+    let pipeline = start(&format!(
+        "url: {}\ntopics: [s]\nusername: weir\npassword: wrong\n\
+         reconnect_initial_delay: 100ms\n",
+        broker.url()
+    ));
+    let outcome = tokio::time::timeout(WAIT, pipeline.handle)
+        .await
+        .expect("the pipeline fails instead of retrying forever")
+        .unwrap();
+    let error = outcome
+        .expect_err("a wrong password fails the pipeline")
+        .to_string();
+    assert!(
+        error.contains(&format!(
+            "mqtt broker 127.0.0.1:{} refused the connection: ",
+            broker.port
+        )),
+        "{error}"
+    );
+    // Mosquitto refuses a wrong password as "not authorised" on MQTT 3.1.1.
+    assert!(error.contains("bad user name or password"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_throughput_is_not_capped_by_the_brokers_inflight_window() {
+    require_mosquitto();
+    // Mosquitto sends at most 20 unacked QoS 1 messages to a client; waiting for a full
+    // batch or the long linger while holding acks would stall at 20 messages per linger.
+    let dir = tempfile::tempdir().unwrap();
+    // An unbounded queue: Mosquitto would otherwise drop what exceeds 1000 queued messages
+    // when the publisher outruns us, hiding how fast the source really is.
+    let broker = Broker::start(dir.path(), "allow_anonymous true\nmax_queued_messages 0");
+    let pipeline = start(&format!(
+        "url: {}\ntopics: [s]\nbatch_rows: 1000\nlinger: 1s\n",
+        broker.url()
+    ));
+    pipeline.wait_subscribed(&broker, "s", &probe_json()).await;
+    let payloads: Vec<String> = (0..2000).map(|i| reading("t", i, 0.0)).collect();
+    let started = std::time::Instant::now();
+    broker
+        .publish(
+            "s",
+            &payloads.iter().map(String::as_str).collect::<Vec<_>>(),
+            1,
+        )
+        .await;
+    pipeline
+        .wait_for("2000 rows", |p| p.rows().len() >= 2000)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    pipeline.stop().await;
+}
