@@ -164,15 +164,13 @@ pub(crate) mod test_support {
     //! Helpers for the operator tests in this crate: configs written as YAML, and a tiny
     //! pipeline that runs a planned source into collecting sinks.
 
-    use std::fmt;
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
     use arrow::array::RecordBatch;
     use arrow::datatypes::SchemaRef;
     use async_trait::async_trait;
-    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
-    use weir_engine::config::{ConfigErrors, ConfigValue, Key, Location, Value};
+    use weir_engine::config::{ConfigErrors, ConfigValue};
     use weir_engine::graph::{InputRef, PipelineBuilder};
     use weir_engine::metrics::EngineMetrics;
     use weir_engine::registry::{
@@ -181,73 +179,12 @@ pub(crate) mod test_support {
     use weir_engine::time::EventTimeSpec;
     use weir_engine::{OperatorError, OperatorInstance, Sink};
 
-    /// A YAML document read into a [`ConfigValue`], keeping mapping order.
+    /// A YAML document read into a [`ConfigValue`] by the pipeline loader's own reader.
     pub(crate) fn yaml(text: &str) -> ConfigValue {
         if text.trim().is_empty() {
             return ConfigValue::null();
         }
-        serde_saphyr::from_str::<Tree>(text)
-            .expect("test YAML parses")
-            .0
-    }
-
-    struct Tree(ConfigValue);
-
-    impl<'de> serde::Deserialize<'de> for Tree {
-        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            deserializer.deserialize_any(TreeVisitor)
-        }
-    }
-
-    struct TreeVisitor;
-
-    impl<'de> Visitor<'de> for TreeVisitor {
-        type Value = Tree;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("any YAML value")
-        }
-        fn visit_unit<E>(self) -> Result<Tree, E> {
-            Ok(Tree(ConfigValue::null()))
-        }
-        fn visit_none<E>(self) -> Result<Tree, E> {
-            Ok(Tree(ConfigValue::null()))
-        }
-        fn visit_bool<E>(self, v: bool) -> Result<Tree, E> {
-            Ok(Tree(ConfigValue::new(Value::Bool(v))))
-        }
-        fn visit_i64<E>(self, v: i64) -> Result<Tree, E> {
-            Ok(Tree(ConfigValue::int(v)))
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Tree, E> {
-            i64::try_from(v)
-                .map(|v| Tree(ConfigValue::int(v)))
-                .map_err(E::custom)
-        }
-        fn visit_f64<E>(self, v: f64) -> Result<Tree, E> {
-            Ok(Tree(ConfigValue::new(Value::Float(v))))
-        }
-        fn visit_str<E>(self, v: &str) -> Result<Tree, E> {
-            Ok(Tree(ConfigValue::string(v)))
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Tree, A::Error> {
-            let mut items = Vec::new();
-            while let Some(Tree(item)) = seq.next_element()? {
-                items.push(item);
-            }
-            Ok(Tree(ConfigValue::new(Value::Seq(items))))
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Tree, A::Error> {
-            let mut entries = Vec::new();
-            while let Some((name, Tree(value))) = map.next_entry::<String, Tree>()? {
-                let key = Key {
-                    name,
-                    location: Location::default(),
-                };
-                entries.push((key, value));
-            }
-            Ok(Tree(ConfigValue::new(Value::Map(entries))))
-        }
+        weir_pipelines::parse_yaml(text).expect("test YAML parses")
     }
 
     /// What a node declares besides its `config`.

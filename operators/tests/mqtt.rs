@@ -156,25 +156,7 @@ fn require_mosquitto() {
 
 /// A YAML config read into the engine's config tree.
 fn config(yaml: &str) -> ConfigValue {
-    fn convert(value: serde_json::Value) -> ConfigValue {
-        match value {
-            serde_json::Value::Null => ConfigValue::null(),
-            serde_json::Value::Bool(b) => ConfigValue::bool(b),
-            serde_json::Value::Number(n) => match n.as_i64() {
-                Some(i) => ConfigValue::int(i),
-                None => ConfigValue::float(n.as_f64().unwrap()),
-            },
-            serde_json::Value::String(s) => ConfigValue::string(s),
-            serde_json::Value::Array(items) => ConfigValue::seq(items.into_iter().map(convert)),
-            serde_json::Value::Object(entries) => {
-                let entries: Vec<(String, ConfigValue)> =
-                    entries.into_iter().map(|(k, v)| (k, convert(v))).collect();
-                ConfigValue::map(entries.iter().map(|(k, v)| (k.as_str(), v.clone())))
-            }
-        }
-    }
-    let value: serde_json::Value = serde_saphyr::from_str(yaml).expect("test yaml parses");
-    let value = convert(value);
+    let value = weir_pipelines::parse_yaml(yaml).expect("test yaml parses");
     assert!(matches!(value.value, Value::Map(_)));
     value
 }

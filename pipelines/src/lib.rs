@@ -33,6 +33,7 @@ pub use diagnostic::Diagnostic;
 pub use env::{EnvLookup, process_env};
 pub use plan::{BuildError, PlannedNode, ValidatedPipeline};
 pub use spec::{Document, InputSpec, NodeSpec, VERSION, role_noun};
+pub use yaml::parse as parse_yaml;
 
 /// Reads and shape-checks the pipeline file at `path`.
 pub fn load_file(path: &Path, env: EnvLookup<'_>) -> Result<Document, Vec<Diagnostic>> {
