@@ -430,6 +430,7 @@ async fn run_sink(
     mut inputs: InputMerger,
     metrics: &OperatorMetrics,
 ) -> Result<(), OperatorError> {
+    sink.start().await?;
     loop {
         match inputs.next().await {
             InputEvent::Batch(input, batch) => {

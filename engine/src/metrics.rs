@@ -28,6 +28,8 @@ pub struct EngineMetrics {
     watermark: IntGaugeVec,
     channel_depth: IntGaugeVec,
     pipeline_running: IntGaugeVec,
+    connected: IntGaugeVec,
+    reconnects: IntCounterVec,
 }
 
 fn counter(
@@ -121,6 +123,18 @@ impl EngineMetrics {
                 "1 while a pipeline runs, 0 once it has stopped",
                 &["pipeline"],
             )?,
+            connected: gauge(
+                registry,
+                "weir_operator_connected",
+                "1 while an operator is connected to its external peer (broker, hub), else 0",
+                op,
+            )?,
+            reconnects: counter(
+                registry,
+                "weir_operator_reconnects_total",
+                "Times an operator's connection to its external peer was lost and came back",
+                op,
+            )?,
         })
     }
 
@@ -138,6 +152,8 @@ impl EngineMetrics {
             processing: self.processing.with_label_values(labels),
             watermark: self.watermark.with_label_values(labels),
             dropped: self.dropped.clone(),
+            connected: self.connected.clone(),
+            reconnects: self.reconnects.clone(),
         }
     }
 
@@ -173,6 +189,17 @@ pub struct OperatorMetrics {
     /// The latest watermark seen.
     pub watermark: IntGauge,
     dropped: IntCounterVec,
+    connected: IntGaugeVec,
+    reconnects: IntCounterVec,
+}
+
+/// The connection series of an operator that talks to an external peer.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// 1 while connected, 0 otherwise.
+    pub connected: IntGauge,
+    /// Connections lost and regained.
+    pub reconnects: IntCounter,
 }
 
 impl OperatorMetrics {
@@ -182,6 +209,16 @@ impl OperatorMetrics {
             self.dropped
                 .with_label_values(&[self.pipeline.as_str(), self.operator.as_str(), reason])
                 .inc_by(rows);
+        }
+    }
+
+    /// The connection series, created on first use so that operators without an external
+    /// peer do not report a connection.
+    pub fn connection(&self) -> ConnectionMetrics {
+        let labels = &[self.pipeline.as_str(), self.operator.as_str()];
+        ConnectionMetrics {
+            connected: self.connected.with_label_values(labels),
+            reconnects: self.reconnects.with_label_values(labels),
         }
     }
 

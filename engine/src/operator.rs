@@ -71,6 +71,13 @@ pub trait Transform: Send {
 /// An operator that consumes batches.
 #[async_trait]
 pub trait Sink: Send {
+    /// Called once when the pipeline starts, before any batch. Sinks that talk to an
+    /// external system connect here, so a refused connection shows at once rather than
+    /// with the first batch.
+    async fn start(&mut self) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
     /// Writes one batch that arrived on input number `input` (in declaration order).
     async fn write(&mut self, input: usize, batch: RecordBatch) -> Result<(), OperatorError>;
 

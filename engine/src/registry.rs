@@ -14,6 +14,7 @@ use arrow::datatypes::SchemaRef;
 
 use crate::config::{ConfigErrors, ConfigValue};
 use crate::error::OperatorError;
+use crate::metrics::OperatorMetrics;
 use crate::operator::OperatorInstance;
 use crate::time::{EventTimeSpec, WindowSpec};
 
@@ -107,8 +108,11 @@ pub trait PlannedOperator: Send {
     /// The output ports, main port first. Empty for sinks.
     fn outputs(&self) -> Vec<OutputSpec>;
 
-    /// Builds the running operator. May open files or sockets.
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError>;
+    /// Builds the running operator, with its metric series. May open files or sockets.
+    fn instantiate(
+        self: Box<Self>,
+        metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError>;
 }
 
 /// Validates one kind of node and builds its operator.

@@ -15,7 +15,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::error::ArrowError;
 use arrow::util::display::FormatOptions;
 use arrow::util::pretty::pretty_format_batches_with_options;
-use arrow_json::writer::LineDelimited;
+use arrow_json::writer::{JsonArray, JsonFormat, LineDelimited};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use weir_engine::config::{ConfigError, ConfigErrors};
@@ -84,6 +84,16 @@ pub fn write_json_lines<W: Write>(
     batch: &RecordBatch,
     timestamps: TimestampFormat,
 ) -> Result<(), ArrowError> {
+    write_json::<W, LineDelimited>(out, batch, timestamps)
+}
+
+/// Writes `batch` to `out` in the JSON layout `F` (lines, or one array), with the
+/// conventions of [`write_json_lines`].
+fn write_json<W: Write, F: JsonFormat>(
+    out: &mut W,
+    batch: &RecordBatch,
+    timestamps: TimestampFormat,
+) -> Result<(), ArrowError> {
     let converted;
     let batch = match timestamps {
         TimestampFormat::Rfc3339 => batch,
@@ -96,7 +106,7 @@ pub fn write_json_lines<W: Write>(
         .with_explicit_nulls(true)
         .with_timestamp_format(RFC3339_UTC.to_owned())
         .with_timestamp_tz_format(RFC3339_OFFSET.to_owned())
-        .build::<_, LineDelimited>(out);
+        .build::<_, F>(out);
     writer.write(batch)?;
     writer.finish()
 }
@@ -109,14 +119,27 @@ pub fn json_lines(batch: &RecordBatch, timestamps: TimestampFormat) -> Result<Ve
     Ok(out)
 }
 
+/// `batch` as one JSON array of objects, with the conventions of [`write_json_lines`].
+pub fn json_array(batch: &RecordBatch, timestamps: TimestampFormat) -> Result<Vec<u8>, ArrowError> {
+    let mut out = Vec::with_capacity(batch.num_rows() * 80 + 2);
+    write_json::<_, JsonArray>(&mut out, batch, timestamps)?;
+    Ok(out)
+}
+
+/// How values are shown as text (tables, topic names): timestamps in RFC 3339, nulls as
+/// `null`.
+pub fn display_options() -> FormatOptions<'static> {
+    FormatOptions::new()
+        .with_null("null")
+        .with_timestamp_format(Some(RFC3339_UTC))
+        .with_timestamp_tz_format(Some(RFC3339_OFFSET))
+}
+
 /// `batch` as a text table with a header, timestamps in RFC 3339 and nulls as `null`,
 /// followed by a newline.
 pub fn pretty_table(batch: &RecordBatch) -> Result<String, ArrowError> {
-    let options = FormatOptions::new()
-        .with_null("null")
-        .with_timestamp_format(Some(RFC3339_UTC))
-        .with_timestamp_tz_format(Some(RFC3339_OFFSET));
-    let table = pretty_format_batches_with_options(std::slice::from_ref(batch), &options)?;
+    let table =
+        pretty_format_batches_with_options(std::slice::from_ref(batch), &display_options())?;
     Ok(format!("{table}\n"))
 }
 
@@ -126,6 +149,15 @@ pub fn node_config<T: DeserializeOwned>(node: &NodeContext<'_>) -> Result<T, Con
     node.config
         .deserialize_into::<T>(node.config_path)
         .map_err(|error| vec![error])
+}
+
+/// Reads a node's `config` into two typed values that share its map: `A` takes the keys
+/// it declares (e.g. the MQTT connection fields), `B` the rest. See
+/// [`ConfigValue::deserialize_split`](weir_engine::config::ConfigValue::deserialize_split).
+pub fn node_config_split<A: DeserializeOwned, B: DeserializeOwned>(
+    node: &NodeContext<'_>,
+) -> Result<(A, B), ConfigErrors> {
+    node.config.deserialize_split(node.config_path)
 }
 
 /// A problem with the config value at `keys` (e.g. `["fields", "temperature", "step"]`),
@@ -250,7 +282,11 @@ pub(crate) mod test_support {
         outputs: &Outputs,
     ) -> Result<(), weir_engine::PipelineError> {
         let specs = planned.outputs();
-        let instance = planned.instantiate().expect("source instantiates");
+        let instance = planned
+            .instantiate(&weir_engine::metrics::OperatorMetrics::detached(
+                "test", "node",
+            ))
+            .expect("source instantiates");
         let mut builder = PipelineBuilder::new("test");
         let ports: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
         builder.add_node("src", instance, specs, vec![], event_time);

@@ -13,5 +13,7 @@ pub fn builtin() -> Registry {
     registry.register(Arc::new(crate::transforms::sql::SqlFactory));
     registry.register(Arc::new(crate::sinks::stdout::StdoutFactory));
     registry.register(Arc::new(crate::sinks::file::FileSinkFactory));
+    registry.register(Arc::new(crate::sinks::mqtt::MqttSinkFactory));
+    registry.register(Arc::new(crate::sinks::blackhole::BlackholeFactory));
     registry
 }

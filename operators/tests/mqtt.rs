@@ -1,21 +1,15 @@
 //! The `mqtt` source against a real Mosquitto: each test starts its own broker on a free
-//! loopback port with a generated config, publishes with `mosquitto_pub`, and runs the
-//! source in a pipeline whose sinks collect what arrives on each port.
-//!
-//! Every wait is bounded, so a broken source fails a test instead of hanging it. The tests
-//! fail when `mosquitto` is not installed: `.ci/run` installs it, and a skipped broker test
-//! would hide exactly the kind of regression these tests exist for.
+//! loopback port with a generated config (see `weir-testkit`), publishes with
+//! `mosquitto_pub`, and runs the source in a pipeline whose sinks collect what arrives on
+//! each port. Every wait is bounded, so a broken source fails a test instead of hanging.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef, TimeUnit};
 use async_trait::async_trait;
-use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir_engine::config::{ConfigValue, Value};
@@ -23,136 +17,10 @@ use weir_engine::graph::{InputRef, PipelineBuilder};
 use weir_engine::metrics::EngineMetrics;
 use weir_engine::registry::{MAIN_PORT_NAME, NodeContext, Role};
 use weir_engine::{OperatorError, OperatorInstance, PipelineError, Sink};
-
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-
-/// How long any one condition may take to come true.
-const WAIT: Duration = Duration::from_secs(10);
+use weir_testkit::{Broker, WAIT, require_mosquitto};
 
 /// The probe device: rows the tests publish only to learn that the subscription is live.
 const PROBE: &str = "probe";
-
-/// A Mosquitto process with its own config, killed on drop.
-struct Broker {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-    conf: PathBuf,
-}
-
-impl Broker {
-    /// Starts a broker in `dir` (which keeps its config, password file and database).
-    fn start(dir: &Path, extra: &str) -> Broker {
-        let port = free_port();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nuser root\npersistence true\n\
-                 persistence_location {}/\nautosave_interval 1\n{extra}\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let mut broker = Broker {
-            child: None,
-            port,
-            dir: dir.to_owned(),
-            conf,
-        };
-        broker.spawn();
-        broker
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("mosquitto.log")).unwrap())
-            .spawn()
-            .expect("mosquitto starts");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops the broker gracefully (it saves its database) and starts it on the same port.
-    fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = std::time::Instant::now() + WAIT;
-            while child.try_wait().ok().flatten().is_none() {
-                if std::time::Instant::now() > deadline {
-                    let _ = child.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    /// Publishes each payload as one message on `topic`.
-    async fn publish(&self, topic: &str, payloads: &[&str], qos: u8) {
-        let mut child = tokio::process::Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-q", &qos.to_string(), "-t", topic, "-l"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("mosquitto_pub starts");
-        let mut stdin = child.stdin.take().unwrap();
-        let text: String = payloads.iter().map(|p| format!("{p}\n")).collect();
-        stdin.write_all(text.as_bytes()).await.unwrap();
-        drop(stdin);
-        let status = tokio::time::timeout(WAIT, child.wait())
-            .await
-            .expect("mosquitto_pub finishes")
-            .unwrap();
-        assert!(status.success(), "mosquitto_pub failed");
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn require_mosquitto() {
-    assert!(
-        Path::new(MOSQUITTO).exists(),
-        "{MOSQUITTO} is not installed: apt-get install mosquitto mosquitto-clients"
-    );
-}
 
 /// A YAML config read into the engine's config tree.
 fn config(yaml: &str) -> ConfigValue {
@@ -218,7 +86,11 @@ fn start(yaml: &str) -> Running {
         Err(errors) => panic!("config rejected: {errors:?}"),
     };
     let specs = planned.outputs();
-    let instance = planned.instantiate().expect("source instantiates");
+    let instance = planned
+        .instantiate(&weir_engine::metrics::OperatorMetrics::detached(
+            "test", "node",
+        ))
+        .expect("source instantiates");
     let (main, dead) = (Collected::default(), Collected::default());
     let mut builder = PipelineBuilder::new("test");
     builder.add_node("src", instance, specs, vec![], None);
@@ -562,21 +434,7 @@ async fn a_persistent_session_keeps_messages_while_weir_is_down() {
 async fn a_wrong_password_fails_the_pipeline_clearly() {
     require_mosquitto();
     let dir = tempfile::tempdir().unwrap();
-    let passwords = dir.path().join("passwords");
-    let status = Command::new("mosquitto_passwd")
-        .args(["-b", "-c"])
-        .arg(&passwords)
-        .args(["weir", "right"])
-        .status()
-        .expect("mosquitto_passwd runs");
-    assert!(status.success());
-    let broker = Broker::start(
-        dir.path(),
-        &format!(
-            "allow_anonymous false\npassword_file {}",
-            passwords.display()
-        ),
-    );
+    let broker = Broker::start_with_password(dir.path(), "weir", "right");
     let pipeline = start(&format!(
         "url: {}\ntopics: [s]\nusername: weir\npassword: wrong\n\
          reconnect_initial_delay: 100ms\n",
@@ -592,7 +450,7 @@ async fn a_wrong_password_fails_the_pipeline_clearly() {
     assert!(
         error.contains(&format!(
             "mqtt broker 127.0.0.1:{} refused the connection: ",
-            broker.port
+            broker.port()
         )),
         "{error}"
     );

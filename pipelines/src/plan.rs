@@ -150,7 +150,7 @@ impl ValidatedPipeline {
         for node in self.nodes {
             let instance = node
                 .operator
-                .instantiate()
+                .instantiate(&metrics.operator(&self.name, &node.name))
                 .map_err(|source| BuildError::Operator {
                     role: role_noun(node.role),
                     node: node.name.clone(),

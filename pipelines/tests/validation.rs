@@ -15,6 +15,7 @@ use weir_engine::arrow::record_batch::RecordBatch;
 use weir_engine::config::{ConfigError, ConfigErrors, Location};
 use weir_engine::graph::InputRef;
 use weir_engine::metrics::EngineMetrics;
+use weir_engine::metrics::OperatorMetrics;
 use weir_engine::operator::Collector;
 use weir_engine::registry::{
     NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
@@ -102,7 +103,10 @@ impl PlannedOperator for PlannedGen {
             },
         ]
     }
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         Ok(OperatorInstance::Source(Box::new(GenSource {
             rows: self.rows,
             schema: self.schema,
@@ -193,7 +197,10 @@ impl PlannedOperator for PlannedPass {
             },
         ]
     }
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         Ok(OperatorInstance::Transform(Box::new(Pass)))
     }
 }
@@ -259,7 +266,10 @@ impl PlannedOperator for PlannedPrint {
     fn outputs(&self) -> Vec<OutputSpec> {
         Vec::new()
     }
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         Ok(OperatorInstance::Sink(Box::new(Print { rows: self.rows })))
     }
 }
@@ -311,7 +321,10 @@ impl PlannedOperator for PlannedSave {
     fn outputs(&self) -> Vec<OutputSpec> {
         Vec::new()
     }
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         std::fs::File::create(&self.path)
             .map_err(|e| OperatorError::io(format!("cannot create {}", self.path.display()), e))?;
         Ok(OperatorInstance::Sink(Box::new(Print {

@@ -11,12 +11,76 @@ use super::{
 };
 
 /// Deserializes `value`, found at `path` in the document, into a `T`.
+///
+/// `also_valid` names fields that belong to the same map in the document but are read
+/// by another type (see [`ConfigValue::deserialize_split`]); hints for unknown fields
+/// offer them too.
 pub(super) fn deserialize<T: DeserializeOwned>(
     value: &ConfigValue,
     path: &str,
+    also_valid: &[&str],
 ) -> Result<T, ConfigError> {
-    T::deserialize(ValueDeserializer::new(value, path.to_owned()))
-        .map_err(|error| error.into_config_error(path, value.location))
+    T::deserialize(ValueDeserializer::new(value, path.to_owned())).map_err(|error| {
+        error
+            .offering(also_valid)
+            .into_config_error(path, value.location)
+    })
+}
+
+/// The field names a struct deriving `Deserialize` reads, as serde's derive lists them.
+///
+/// Asks the type to deserialize itself from a deserializer that only records the field
+/// list serde hands to `deserialize_struct`. Empty for types that are not structs.
+pub(super) fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    match T::deserialize(FieldNames) {
+        Err(FieldList(Some(fields))) => fields,
+        _ => &[],
+    }
+}
+
+/// The deserializer behind [`field_names`]: it fails every request, carrying the field
+/// list out when the request is for a struct.
+struct FieldNames;
+
+/// The error of [`FieldNames`]: the field list, when one was seen.
+#[derive(Debug)]
+struct FieldList(Option<&'static [&'static str]>);
+
+impl fmt::Display for FieldList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("field names requested")
+    }
+}
+
+impl std::error::Error for FieldList {}
+
+impl de::Error for FieldList {
+    fn custom<T: fmt::Display>(_: T) -> Self {
+        FieldList(None)
+    }
+}
+
+impl<'de> de::Deserializer<'de> for FieldNames {
+    type Error = FieldList;
+
+    fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, FieldList> {
+        Err(FieldList(None))
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, FieldList> {
+        Err(FieldList(Some(fields)))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
 }
 
 /// A deserialization error on its way up the tree.
@@ -30,6 +94,9 @@ struct DeError {
     location: Option<Location>,
     message: String,
     hint: Option<String>,
+    /// For an unknown field: its name and the fields the type expected, so the hint can
+    /// be rebuilt when other types read fields of the same map.
+    unknown_field: Option<Box<(String, &'static [&'static str])>>,
 }
 
 impl DeError {
@@ -39,7 +106,20 @@ impl DeError {
             location: None,
             message,
             hint: None,
+            unknown_field: None,
         }
+    }
+
+    /// Widens an unknown-field hint with fields that other types read from the same map.
+    fn offering(mut self, also_valid: &[&str]) -> Self {
+        if let Some((field, expected)) = self.unknown_field.as_deref()
+            && !also_valid.is_empty()
+        {
+            let mut valid: Vec<&str> = expected.to_vec();
+            valid.extend(also_valid.iter().filter(|name| !expected.contains(name)));
+            self.hint = Some(choices_hint(field, &valid, "valid fields"));
+        }
+        self
     }
 
     fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -124,7 +204,8 @@ impl de::Error for DeError {
     }
 
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
-        let error = DeError::bare(format!("unknown field '{field}'"));
+        let mut error = DeError::bare(format!("unknown field '{field}'"));
+        error.unknown_field = Some(Box::new((field.to_owned(), expected)));
         if expected.is_empty() {
             error.hint("this value takes no fields")
         } else {
@@ -942,6 +1023,61 @@ mod tests {
         assert_eq!(
             error.hint.as_deref(),
             Some("did you mean 'topics'? valid fields: url, topics, port, format")
+        );
+    }
+
+    /// Fields that several operators share, written flat beside each one's own.
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Credentials {
+        username: String,
+        #[serde(default)]
+        password_env: Option<String>,
+    }
+
+    #[test]
+    fn field_names_come_from_the_derive() {
+        assert_eq!(field_names::<Mqtt>(), &["url", "topics", "port", "format"]);
+        assert_eq!(field_names::<String>(), &[] as &[&str]);
+    }
+
+    #[test]
+    fn a_split_map_feeds_both_types_and_hints_offer_both() {
+        let value = mqtt(vec![("username", 4, 3, s("ada", 4, 13))]);
+        let (credentials, own): (Credentials, Mqtt) =
+            value.deserialize_split("sinks.s.config").unwrap();
+        assert_eq!(credentials.username, "ada");
+        assert_eq!(own.topics, vec!["a/b".to_owned()]);
+
+        // A typo of a shared field is caught by the operator's type, hinted from both.
+        let value = mqtt(vec![
+            ("username", 4, 3, s("ada", 4, 13)),
+            ("pasword_env", 5, 3, s("PW", 5, 16)),
+        ]);
+        let errors = value
+            .deserialize_split::<Credentials, Mqtt>("sinks.s.config")
+            .unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].path, "sinks.s.config.pasword_env");
+        assert_eq!(errors[0].location, loc(5, 3));
+        assert_eq!(
+            errors[0].hint.as_deref(),
+            Some(
+                "did you mean 'password_env'? valid fields: url, topics, port, format, \
+                 username, password_env"
+            )
+        );
+
+        // Both parts report their own problems in one go.
+        let value = map_at(2, 3, vec![("port", 3, 3, s("x", 3, 9))]);
+        let errors = value
+            .deserialize_split::<Credentials, Mqtt>("c")
+            .unwrap_err();
+        let messages: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages[0].contains("missing field 'username'"),
+            "{messages:?}"
         );
     }
 

@@ -247,7 +247,45 @@ impl ConfigValue {
     /// the wrong type. `Null` deserializes as an empty map, so a node without `config`
     /// gets its defaults or a `missing field` error rather than a type error.
     pub fn deserialize_into<T: DeserializeOwned>(&self, path: &str) -> Result<T, ConfigError> {
-        de::deserialize(self, path)
+        de::deserialize(self, path, &[])
+    }
+
+    /// Deserializes one map into two typed values: the entries whose keys `A` reads go to
+    /// `A`, the rest to `B`.
+    ///
+    /// This lets operators share a group of fields that users write flat in the same
+    /// `config` map as the operator's own (serde cannot combine `flatten` with
+    /// `deny_unknown_fields`). Both types should deny unknown fields: a key neither reads
+    /// is reported by `B`, with a hint that offers the fields of both. Every error of both
+    /// parts is returned.
+    pub fn deserialize_split<A: DeserializeOwned, B: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(A, B), ConfigErrors> {
+        let shared = de::field_names::<A>();
+        let (first, second) = match &self.value {
+            Value::Map(entries) => {
+                let (a, b): (Vec<_>, Vec<_>) = entries
+                    .iter()
+                    .cloned()
+                    .partition(|(key, _)| shared.contains(&key.name.as_str()));
+                let part = |entries| ConfigValue {
+                    value: Value::Map(entries),
+                    location: self.location,
+                };
+                (part(a), part(b))
+            }
+            // Not a map: let both parts report it (null still means "all defaults").
+            _ => (self.clone(), self.clone()),
+        };
+        let a = de::deserialize::<A>(&first, path, &[]);
+        let b = de::deserialize::<B>(&second, path, shared);
+        match (a, b) {
+            (Ok(a), Ok(b)) => Ok((a, b)),
+            (Err(error), Ok(_)) | (Ok(_), Err(error)) => Err(vec![error]),
+            (Err(first), Err(second)) if first == second => Err(vec![first]),
+            (Err(first), Err(second)) => Err(vec![first, second]),
+        }
     }
 }
 

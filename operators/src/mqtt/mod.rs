@@ -2,21 +2,26 @@
 //! credentials, TLS, keep-alive), their validation at plan time, the rumqttc options built
 //! from them at instantiate time, and the reconnect backoff.
 //!
-//! Operators declare the connection fields at the top level of their own `config` (so the
-//! YAML stays flat) and copy them into a [`ConnectionConfig`]; serde cannot combine
-//! `flatten` with `deny_unknown_fields`, which is why the fields are not shared by embedding.
+//! Users write the connection fields at the top level of an operator's `config`, beside
+//! the operator's own, so the YAML stays flat; [`ConnectionConfig`] reads them from there.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
-use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, TlsConfiguration, Transport};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, EventLoop, MqttOptions, QoS, TlsConfiguration,
+    Transport,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+use tracing::{debug, info, warn};
 use weir_engine::OperatorError;
-use weir_engine::config::ConfigErrors;
+use weir_engine::config::{ConfigErrors, HumanDuration};
+use weir_engine::metrics::ConnectionMetrics;
 use weir_engine::registry::NodeContext;
 
 use crate::format::field_error;
@@ -153,14 +158,18 @@ pub struct TlsOptions {
     pub key_file: Option<String>,
 }
 
-/// The connection fields of an MQTT operator's config, as written.
-#[derive(Clone, Debug)]
+/// The connection fields of an MQTT operator's config, as written. Operators read them
+/// from the same flat `config` map as their own fields (see
+/// [`ConfigValue::deserialize_split`](weir_engine::config::ConfigValue::deserialize_split)).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ConnectionConfig {
-    /// `mqtt://host:port` or `mqtts://host:port`.
+    /// `mqtt://host:port` (default port 1883) or `mqtts://host:port` (8883).
     pub url: String,
-    /// The MQTT client id; `None` means `weir-<pipeline>-<node>`.
+    /// The MQTT client id; defaults to `weir-<pipeline>-<node>`.
     pub client_id: Option<String>,
-    /// Whether the broker forgets the session (subscriptions, queued messages) on disconnect.
+    /// `false` with a stable `client_id` keeps the session (subscriptions, queued
+    /// messages) while the pipeline is down.
     pub clean_session: bool,
     /// The user name to log in with.
     pub username: Option<String>,
@@ -168,14 +177,31 @@ pub struct ConnectionConfig {
     pub password: Option<String>,
     /// The environment variable holding the password.
     pub password_env: Option<String>,
-    /// TLS options; only with `mqtts`.
+    /// TLS files; only with `mqtts://`.
     pub tls: Option<TlsOptions>,
-    /// How often to ping an idle broker; 0 turns pings off.
-    pub keep_alive: Duration,
-    /// The first delay before reconnecting.
-    pub reconnect_initial_delay: Duration,
+    /// How often to ping an idle broker; `0s` turns pings off.
+    pub keep_alive: HumanDuration,
+    /// The first delay before reconnecting; it doubles on each failed attempt.
+    pub reconnect_initial_delay: HumanDuration,
     /// The longest delay before reconnecting.
-    pub reconnect_max_delay: Duration,
+    pub reconnect_max_delay: HumanDuration,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            url: String::new(),
+            client_id: None,
+            clean_session: defaults::CLEAN_SESSION,
+            username: None,
+            password: None,
+            password_env: None,
+            tls: None,
+            keep_alive: HumanDuration(defaults::KEEP_ALIVE),
+            reconnect_initial_delay: HumanDuration(defaults::RECONNECT_INITIAL),
+            reconnect_max_delay: HumanDuration(defaults::RECONNECT_MAX),
+        }
+    }
 }
 
 /// Where the password comes from, resolved at instantiate time.
@@ -320,21 +346,23 @@ impl ConnectionConfig {
             }
             (None, _) => None,
         };
-        if !self.keep_alive.is_zero() && self.keep_alive < Duration::from_secs(1) {
+        let keep_alive = self.keep_alive.0;
+        let (initial, max) = (self.reconnect_initial_delay.0, self.reconnect_max_delay.0);
+        if !keep_alive.is_zero() && keep_alive < Duration::from_secs(1) {
             errors.push(field_error(
                 node,
                 &["keep_alive"],
                 "keep_alive must be 0 (off) or at least 1s",
             ));
         }
-        if self.reconnect_initial_delay < Duration::from_millis(1) {
+        if initial < Duration::from_millis(1) {
             errors.push(field_error(
                 node,
                 &["reconnect_initial_delay"],
                 "reconnect_initial_delay must be at least 1ms",
             ));
         }
-        if self.reconnect_max_delay < self.reconnect_initial_delay {
+        if max < initial {
             errors.push(field_error(
                 node,
                 &["reconnect_max_delay"],
@@ -351,16 +379,24 @@ impl ConnectionConfig {
             username: self.username.clone(),
             password,
             tls,
-            keep_alive: self.keep_alive,
-            backoff: BackoffBounds {
-                initial: self.reconnect_initial_delay,
-                max: self.reconnect_max_delay,
-            },
+            keep_alive,
+            backoff: BackoffBounds { initial, max },
         })
     }
 }
 
 impl ConnectionPlan {
+    /// The rumqttc client and its event loop, with `options` as [`ConnectionPlan::mqtt_options`]
+    /// made them and then adjusted by the operator, and room for `requests` queued
+    /// requests between the two.
+    pub fn client(&self, options: MqttOptions, requests: usize) -> (AsyncClient, EventLoop) {
+        let (client, mut eventloop) = AsyncClient::new(options, requests);
+        // MQTT packets are small (a PUBACK is 4 bytes): Nagle's algorithm would hold
+        // them back behind unacknowledged data, adding latency for no gain.
+        eventloop.network_options.set_tcp_nodelay(true);
+        (client, eventloop)
+    }
+
     /// Builds the rumqttc options: reads the password from the environment and the TLS
     /// files from disk, so errors about them surface when the pipeline starts.
     pub fn mqtt_options(&self) -> Result<MqttOptions, OperatorError> {
@@ -471,11 +507,30 @@ fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
+/// Reads a `qos` field: 0 (at most once) or 1 (at least once). Anything else is pushed
+/// onto `errors`, and QoS 1 stands in so the rest of the config is still checked.
+pub fn qos_field(node: &NodeContext<'_>, qos: u8, errors: &mut ConfigErrors) -> QoS {
+    match qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        other => {
+            errors.push(
+                field_error(node, &["qos"], format!("qos {other} is not supported"))
+                    .with_hint("use 0 (at most once) or 1 (at least once)"),
+            );
+            QoS::AtLeastOnce
+        }
+    }
+}
+
 /// Whether a connection error will not go away by retrying, and what to tell the user.
 ///
 /// A broker that refuses the credentials or the client id will refuse them again; retrying
 /// forever would hide the problem behind a quiet, idle pipeline.
 pub fn fatal_connection_error(error: &ConnectionError, broker: &BrokerUrl) -> Option<String> {
+    if let ConnectionError::Tls(tls) = error {
+        return fatal_tls_error(tls, broker);
+    }
     let ConnectionError::ConnectionRefused(code) = error else {
         return None;
     };
@@ -493,6 +548,127 @@ pub fn fatal_connection_error(error: &ConnectionError, broker: &BrokerUrl) -> Op
         "mqtt broker {} refused the connection: {why}",
         broker.address()
     ))
+}
+
+/// TLS failures that the same configuration will hit again: an untrusted or mismatched
+/// broker certificate, or a client certificate the broker refuses.
+fn fatal_tls_error(error: &rumqttc::TlsError, broker: &BrokerUrl) -> Option<String> {
+    let address = broker.address();
+    let rustls_error = match error {
+        rumqttc::TlsError::TLS(inner) => Some(inner),
+        // The handshake reports rustls' error wrapped in an I/O error.
+        rumqttc::TlsError::Io(io) => io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        rumqttc::TlsError::DNSName(_) => {
+            return Some(format!(
+                "mqtt broker {address}: '{}' is not a valid TLS server name",
+                broker.host
+            ));
+        }
+        _ => None,
+    }?;
+    match rustls_error {
+        rustls::Error::InvalidCertificate(why) => Some(format!(
+            "mqtt broker {address}: its TLS certificate is not trusted ({why:?}): check that \
+             tls.ca_file holds the authority that signed it and that the url's host is a \
+             name in the certificate"
+        )),
+        rustls::Error::AlertReceived(alert) => {
+            use rustls::AlertDescription as A;
+            match alert {
+                A::BadCertificate
+                | A::CertificateRequired
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::AccessDenied => Some(format!(
+                    "mqtt broker {address} refused the TLS client certificate ({alert:?}): \
+                     check tls.cert_file and tls.key_file"
+                )),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Follows one client's connection to its broker: logs each change of state once (not
+/// every retry), keeps the connection metrics, and paces reconnects.
+pub struct ConnectionMonitor {
+    broker: BrokerUrl,
+    backoff: Backoff<ChaCha8Rng>,
+    metrics: ConnectionMetrics,
+    ever_connected: bool,
+    failing: bool,
+}
+
+impl ConnectionMonitor {
+    /// A monitor for the connection `plan` describes, reporting into `metrics`.
+    pub fn new(plan: &ConnectionPlan, metrics: ConnectionMetrics) -> Self {
+        metrics.connected.set(0);
+        ConnectionMonitor {
+            broker: plan.broker.clone(),
+            backoff: Backoff::new(
+                plan.backoff,
+                ChaCha8Rng::seed_from_u64(jitter_seed(&plan.client_id)),
+            ),
+            metrics,
+            ever_connected: false,
+            failing: false,
+        }
+    }
+
+    /// The broker accepted the connection.
+    pub fn connected(&mut self) {
+        let address = self.broker.address();
+        let attempts = self.backoff.attempts();
+        match (self.ever_connected, self.failing) {
+            (false, false) => info!("mqtt connected to {address}"),
+            (false, true) => info!("mqtt connected to {address} after {attempts} attempts"),
+            (true, _) => {
+                self.metrics.reconnects.inc();
+                info!("mqtt reconnected to {address} after {attempts} attempts");
+            }
+        }
+        self.metrics.connected.set(1);
+        self.backoff.reset();
+        self.ever_connected = true;
+        self.failing = false;
+    }
+
+    /// The connection failed or could not be made. Returns how long to wait before the
+    /// next attempt, or the message to fail with when retrying cannot help.
+    pub fn failed(&mut self, error: &ConnectionError) -> Result<Duration, String> {
+        self.metrics.connected.set(0);
+        if let Some(message) = fatal_connection_error(error, &self.broker) {
+            return Err(message);
+        }
+        let address = self.broker.address();
+        if !self.failing {
+            self.failing = true;
+            if self.ever_connected {
+                warn!("mqtt connection to {address} lost: {error}; retrying");
+            } else {
+                warn!("mqtt cannot connect to {address}: {error}; retrying");
+            }
+        }
+        let delay = self.backoff.next_delay();
+        debug!("mqtt reconnecting to {address} in {delay:?}");
+        Ok(delay)
+    }
+
+    /// The connection was closed on purpose.
+    pub fn closed(&self) {
+        self.metrics.connected.set(0);
+    }
+}
+
+/// A seed for the backoff jitter that differs between clients and between runs.
+fn jitter_seed(client_id: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write(client_id.as_bytes());
+    hasher.finish()
 }
 
 /// Exponential reconnect backoff with jitter: each delay is drawn from the upper half of a
@@ -542,9 +718,6 @@ impl<R: Rng> Backoff<R> {
 
 #[cfg(test)]
 mod tests {
-    use rand::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
-
     use super::*;
 
     #[test]

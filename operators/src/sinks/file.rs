@@ -18,6 +18,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::Deserialize;
 use weir_engine::config::ConfigErrors;
+use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
 use weir_engine::{OperatorError, OperatorInstance, Sink};
 
@@ -126,7 +127,10 @@ impl PlannedOperator for Plan {
         Vec::new()
     }
 
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         let display = self.path.display().to_string();
         let cannot = |doing: &str, e: std::io::Error| {
             OperatorError::io(format!("cannot {doing} {display}"), e)
@@ -314,7 +318,12 @@ mod tests {
             ..Decl::default()
         };
         let planned = plan(&FileSinkFactory, Role::Sink, config, decl).unwrap();
-        match planned.instantiate().unwrap() {
+        match planned
+            .instantiate(&weir_engine::metrics::OperatorMetrics::detached(
+                "test", "node",
+            ))
+            .unwrap()
+        {
             OperatorInstance::Sink(sink) => sink,
             _ => panic!("the file sink builds a sink"),
         }

@@ -1,4 +1,6 @@
 //! Built-in sinks.
 
+pub mod blackhole;
 pub mod file;
+pub mod mqtt;
 pub mod stdout;

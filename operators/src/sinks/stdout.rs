@@ -11,6 +11,7 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use serde::Deserialize;
 use weir_engine::config::ConfigErrors;
+use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
 use weir_engine::{OperatorError, OperatorInstance, Sink};
 
@@ -65,7 +66,10 @@ impl PlannedOperator for Plan {
         Vec::new()
     }
 
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         Ok(OperatorInstance::Sink(Box::new(StdoutSink::new(
             self.format,
             Box::new(std::io::stdout()),

@@ -38,6 +38,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tracing::{info, warn};
 use weir_engine::config::{ConfigErrors, HumanDuration};
+use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{
     MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
 };
@@ -290,7 +291,10 @@ impl PlannedOperator for Plan {
         ]
     }
 
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         let file = File::open(&self.path)
             .map_err(|e| OperatorError::io(format!("cannot open {}", self.path.display()), e))?;
         let identity = file.metadata().ok().and_then(|meta| identity(&meta));
@@ -1445,7 +1449,9 @@ mod tests {
     #[test]
     fn a_missing_file_fails_at_instantiate_naming_the_path() {
         let dir = tempfile::tempdir().unwrap();
-        let error = match planned(&dir, "{path: nope.jsonl}").instantiate() {
+        let error = match planned(&dir, "{path: nope.jsonl}").instantiate(
+            &weir_engine::metrics::OperatorMetrics::detached("test", "node"),
+        ) {
             Err(error) => error.to_string(),
             Ok(_) => panic!("a missing file must not instantiate"),
         };

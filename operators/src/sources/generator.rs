@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use tokio::time::{Instant, sleep_until};
 use weir_engine::config::{ConfigErrors, HumanDuration};
+use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{
     MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
 };
@@ -549,7 +550,10 @@ impl PlannedOperator for Plan {
         }]
     }
 
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         Ok(OperatorInstance::Source(Box::new(Generator::new(*self))))
     }
 }

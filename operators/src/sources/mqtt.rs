@@ -23,8 +23,6 @@ use arrow::array::{ArrayRef, RecordBatch, StringArray, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use async_trait::async_trait;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode,
@@ -34,16 +32,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use weir_engine::config::{ConfigErrors, HumanDuration};
+use weir_engine::metrics::{ConnectionMetrics, OperatorMetrics};
 use weir_engine::registry::{
     MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
 };
 use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
 
-use crate::format::{field_error, node_config, node_error};
-use crate::mqtt::{
-    Backoff, BackoffBounds, BrokerUrl, ConnectionConfig, ConnectionPlan, TlsOptions, defaults,
-    fatal_connection_error,
-};
+use crate::format::{field_error, node_config_split, node_error};
+use crate::mqtt::{BrokerUrl, ConnectionConfig, ConnectionMonitor, ConnectionPlan, qos_field};
 
 /// The name of the port that carries malformed messages.
 pub const DEAD_LETTER_PORT_NAME: &str = "dead_letter";
@@ -72,12 +68,11 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 /// Builds `mqtt` sources.
 pub struct MqttSourceFactory;
 
-/// The `config` of an `mqtt` source.
+/// The `config` of an `mqtt` source, besides the connection fields of
+/// [`ConnectionConfig`] that sit in the same map.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttSourceConfig {
-    /// The broker: `mqtt://host:port` (default port 1883) or `mqtts://host:port` (8883).
-    pub url: String,
     /// The topic filters to subscribe to; `+` matches one level, `#` the rest.
     pub topics: Vec<String>,
     /// Fills utf8 columns from topic levels, e.g. `plant/{site}/{device}/telemetry`; `+`
@@ -88,25 +83,6 @@ pub struct MqttSourceConfig {
     pub format: PayloadFormat,
     /// 0 (at most once) or 1 (at least once: acked after downstream accepted the batch).
     pub qos: u8,
-    /// The MQTT client id; defaults to `weir-<pipeline>-<node>`.
-    pub client_id: Option<String>,
-    /// `false` with a stable `client_id` keeps the session (and queued messages) while
-    /// the pipeline is down.
-    pub clean_session: bool,
-    /// The user name to log in with.
-    pub username: Option<String>,
-    /// The password, inline; prefer `password_env`.
-    pub password: Option<String>,
-    /// The environment variable holding the password.
-    pub password_env: Option<String>,
-    /// TLS files; only with `mqtts://`.
-    pub tls: Option<TlsOptions>,
-    /// How often to ping an idle broker; `0s` turns pings off.
-    pub keep_alive: HumanDuration,
-    /// The first delay before reconnecting; it doubles on each failed attempt.
-    pub reconnect_initial_delay: HumanDuration,
-    /// The longest delay before reconnecting.
-    pub reconnect_max_delay: HumanDuration,
     /// Emit a batch once this many messages are waiting.
     pub batch_rows: usize,
     /// Emit a batch once its oldest message has waited this long.
@@ -118,41 +94,13 @@ pub struct MqttSourceConfig {
 impl Default for MqttSourceConfig {
     fn default() -> Self {
         MqttSourceConfig {
-            url: String::new(),
             topics: Vec::new(),
             topic_pattern: None,
             format: PayloadFormat::Json,
             qos: 1,
-            client_id: None,
-            clean_session: defaults::CLEAN_SESSION,
-            username: None,
-            password: None,
-            password_env: None,
-            tls: None,
-            keep_alive: HumanDuration(defaults::KEEP_ALIVE),
-            reconnect_initial_delay: HumanDuration(defaults::RECONNECT_INITIAL),
-            reconnect_max_delay: HumanDuration(defaults::RECONNECT_MAX),
             batch_rows: 1000,
             linger: HumanDuration(Duration::from_millis(50)),
             max_payload_bytes: 1 << 20,
-        }
-    }
-}
-
-impl MqttSourceConfig {
-    /// The connection fields, for the validation every MQTT operator shares.
-    fn connection(&self) -> ConnectionConfig {
-        ConnectionConfig {
-            url: self.url.clone(),
-            client_id: self.client_id.clone(),
-            clean_session: self.clean_session,
-            username: self.username.clone(),
-            password: self.password.clone(),
-            password_env: self.password_env.clone(),
-            tls: self.tls.clone(),
-            keep_alive: self.keep_alive.0,
-            reconnect_initial_delay: self.reconnect_initial_delay.0,
-            reconnect_max_delay: self.reconnect_max_delay.0,
         }
     }
 }
@@ -282,14 +230,18 @@ impl OperatorFactory for MqttSourceFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let config: MqttSourceConfig = node_config(node)?;
-        Ok(Box::new(validate(&config, node)?))
+        let (connection, config) = node_config_split(node)?;
+        Ok(Box::new(validate(&connection, &config, node)?))
     }
 }
 
-fn validate(config: &MqttSourceConfig, node: &NodeContext<'_>) -> Result<Plan, ConfigErrors> {
+fn validate(
+    connection: &ConnectionConfig,
+    config: &MqttSourceConfig,
+    node: &NodeContext<'_>,
+) -> Result<Plan, ConfigErrors> {
     let mut errors = ConfigErrors::new();
-    let connection = config.connection().validate(node, &mut errors);
+    let connection = connection.validate(node, &mut errors);
     if node.schema.is_none() {
         errors.push(
             node_error(node, "the mqtt source needs a declared schema").with_hint(
@@ -310,17 +262,7 @@ fn validate(config: &MqttSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
     for problem in config.topics.iter().filter_map(|t| filter_problem(t)) {
         errors.push(field_error(node, &["topics"], problem));
     }
-    let qos = match config.qos {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        other => {
-            errors.push(
-                field_error(node, &["qos"], format!("qos {other} is not supported"))
-                    .with_hint("use 0 (at most once) or 1 (at least once)"),
-            );
-            QoS::AtLeastOnce
-        }
-    };
+    let qos = qos_field(node, config.qos, &mut errors);
     if config.batch_rows == 0 {
         errors.push(field_error(
             node,
@@ -482,17 +424,23 @@ impl PlannedOperator for Plan {
         ]
     }
 
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         let mut options = self.connection.mqtt_options()?;
         options.set_manual_acks(true);
         // Acks queue here while the connection task is busy; room for a full batch of
         // acks keeps the source from waiting on the connection task while it waits on us.
-        let (client, eventloop) = AsyncClient::new(options, self.batch_rows.saturating_add(64));
+        let (client, eventloop) = self
+            .connection
+            .client(options, self.batch_rows.saturating_add(64));
         Ok(OperatorInstance::Source(Box::new(MqttSource {
             report: MalformedReport::new(self.connection.broker.address()),
             plan: *self,
             client,
             eventloop: Some(eventloop),
+            connection_metrics: metrics.connection(),
         })))
     }
 }
@@ -859,6 +807,7 @@ struct MqttSource {
     /// Taken by the connection task when the source starts.
     eventloop: Option<EventLoop>,
     report: MalformedReport,
+    connection_metrics: ConnectionMetrics,
 }
 
 #[async_trait]
@@ -878,8 +827,7 @@ impl Source for MqttSource {
                 .map(|topic| SubscribeFilter::new(topic.clone(), self.plan.qos))
                 .collect(),
             broker: self.plan.connection.broker.clone(),
-            backoff: self.plan.connection.backoff,
-            seed: jitter_seed(&self.plan.connection.client_id),
+            monitor: ConnectionMonitor::new(&self.plan.connection, self.connection_metrics.clone()),
             tx,
         };
         let mut task = tokio::spawn(connection.drive(eventloop));
@@ -988,47 +936,23 @@ impl MqttSource {
     }
 }
 
-/// A seed for the backoff jitter that differs between clients and between runs.
-fn jitter_seed(client_id: &str) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write(client_id.as_bytes());
-    hasher.finish()
-}
-
 /// The connection task: polls the rumqttc event loop, (re)subscribes, backs off between
 /// reconnects and hands messages to the source.
 struct Connection {
     client: AsyncClient,
     filters: Vec<SubscribeFilter>,
     broker: BrokerUrl,
-    backoff: BackoffBounds,
-    seed: u64,
+    monitor: ConnectionMonitor,
     tx: mpsc::Sender<Incoming>,
 }
 
 impl Connection {
-    async fn drive(self, mut eventloop: EventLoop) {
+    async fn drive(mut self, mut eventloop: EventLoop) {
         let address = self.broker.address();
-        let mut backoff = Backoff::new(self.backoff, ChaCha8Rng::seed_from_u64(self.seed));
-        let mut ever_connected = false;
-        let mut failing = false;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    let attempts = backoff.attempts();
-                    match (ever_connected, failing) {
-                        (false, false) => info!("mqtt connected to {address}"),
-                        (false, true) => {
-                            info!("mqtt connected to {address} after {attempts} attempts")
-                        }
-                        (true, _) => {
-                            info!("mqtt reconnected to {address} after {attempts} attempts")
-                        }
-                    }
-                    backoff.reset();
-                    ever_connected = true;
-                    failing = false;
+                    self.monitor.connected();
                     // A new session has no subscriptions; a resumed one keeps them.
                     if !ack.session_present
                         && let Err(error) = self.client.try_subscribe_many(self.filters.clone())
@@ -1060,35 +984,35 @@ impl Connection {
                             .await;
                         return;
                     }
+                    let topics: Vec<&str> = self.filters.iter().map(|f| f.path.as_str()).collect();
+                    info!("mqtt subscribed to {} on {address}", topics.join(", "));
                 }
                 Ok(Event::Incoming(Packet::Publish(message))) => {
                     if self.tx.send(Incoming::Message(message)).await.is_err() {
                         return;
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    self.monitor.closed();
+                    return;
+                }
                 Ok(_) => {}
-                Err(ConnectionError::RequestsDone) => return,
-                Err(error) => {
-                    if let Some(message) = fatal_connection_error(&error, &self.broker) {
+                Err(ConnectionError::RequestsDone) => {
+                    self.monitor.closed();
+                    return;
+                }
+                Err(error) => match self.monitor.failed(&error) {
+                    Err(message) => {
                         let _ = self.tx.send(Incoming::Fatal(message)).await;
                         return;
                     }
-                    if !failing {
-                        failing = true;
-                        if ever_connected {
-                            warn!("mqtt connection to {address} lost: {error}; retrying");
-                        } else {
-                            warn!("mqtt cannot connect to {address}: {error}; retrying");
+                    Ok(delay) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = self.tx.closed() => return,
                         }
                     }
-                    let delay = backoff.next_delay();
-                    debug!("mqtt reconnecting to {address} in {delay:?}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.tx.closed() => return,
-                    }
-                }
+                },
             }
         }
     }
@@ -1147,7 +1071,8 @@ mod tests {
             window: None,
             base_dir: std::path::Path::new("."),
         };
-        validate(&node_config(&node)?, &node)
+        let (connection, config) = node_config_split(&node)?;
+        validate(&connection, &config, &node)
     }
 
     fn messages(list: &[(&str, &str)]) -> Vec<Publish> {
@@ -1215,6 +1140,9 @@ mod tests {
         assert!(no_schema.contains("needs a declared schema"), "{no_schema}");
         let unknown = errors("url: mqtt://h\ntopics: [a]\ntopic: b", Some(schema()));
         assert!(unknown.contains("unknown field 'topic'"), "{unknown}");
+        // Connection fields sit in the same map; a typo of one is hinted like any other.
+        let typo = errors("url: mqtt://h\ntopics: [a]\nkeep_alvie: 5s", Some(schema()));
+        assert!(typo.contains("did you mean 'keep_alive'?"), "{typo}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use serde::Deserialize;
 use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use weir_engine::arrow::error::ArrowError;
 use weir_engine::config::{ConfigError, ConfigErrors, Location, closest_match};
+use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{InputStream, MAIN_PORT_NAME, NodeContext, OutputSpec, StreamInfo};
 use weir_engine::time::{WindowSpec, is_event_time_type};
 use weir_engine::{OperatorError, OperatorFactory, OperatorInstance, PlannedOperator, Role};
@@ -126,7 +127,10 @@ impl PlannedOperator for PlannedSql {
         self.outputs.clone()
     }
 
-    fn instantiate(self: Box<Self>) -> Result<OperatorInstance, OperatorError> {
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
         let PlannedSql {
             name,
             plan,

@@ -93,7 +93,12 @@ fn errors_of(query: &str, inputs: &[InputStream], window: Option<WindowSpec>) ->
 }
 
 fn transform(planned: Box<dyn PlannedOperator>) -> Box<dyn Transform> {
-    match planned.instantiate().unwrap() {
+    match planned
+        .instantiate(&weir_engine::metrics::OperatorMetrics::detached(
+            "test", "node",
+        ))
+        .unwrap()
+    {
         OperatorInstance::Transform(transform) => transform,
         _ => panic!("a sql node must build a transform"),
     }

@@ -1,0 +1,30 @@
+//! Test fixtures shared by Weir's test suites and benchmarks.
+//!
+//! - [`Broker`]: a real Mosquitto on a free loopback port, with a generated config, that a
+//!   test can restart or stop; and [`Subscriber`], a `mosquitto_sub` that records what it
+//!   receives.
+//! - [`Pki`]: a certificate authority with a broker and a client certificate, generated
+//!   for one test and written as PEM files.
+//!
+//! Every wait is bounded by [`WAIT`], so a broken peer fails a test instead of hanging it.
+//! The broker fixtures panic when Mosquitto is not installed: `.ci/run` installs it, and
+//! a silently skipped broker test would hide exactly the regressions it exists for.
+
+mod mosquitto;
+mod pki;
+
+pub use mosquitto::{Broker, Subscriber, require_mosquitto};
+pub use pki::Pki;
+
+use std::time::Duration;
+
+/// How long any one condition in a test may take to come true.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("the loopback interface has a free port")
+}
