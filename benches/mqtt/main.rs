@@ -3,21 +3,32 @@
 //! publisher into a plain `mosquitto_sub`, the broker's own ceiling on this machine.
 //!
 //! `cargo bench --bench mqtt` starts a private Mosquitto on a free loopback port and, for
-//! QoS 0 and then QoS 1, runs the ceiling and Weir one after the other in one process, so
-//! the ratio of the two is measured under the same conditions. Each side's rate is the
+//! QoS 0 and then QoS 1, runs two plain subscribers (`mosquitto_sub`, and a minimal
+//! rumqttc client) and Weir one after the other in one process, so the ratio of Weir's
+//! rate to the faster plain subscriber's (the ceiling) is measured under the same
+//! conditions. Each side's rate is the
 //! message count over the time from the publisher's start to the last message counted by
 //! the consumer; CPU time and peak RSS of the consumer process are read from `/proc`
 //! while it runs.
 //! See `README.md` here. Under `cargo test --benches` it runs a small smoke check.
+//!
+//! Every MQTT peer runs without Nagle's algorithm (`--nodelay`, as Weir's client and the
+//! test broker do), so small acknowledgements are never held back.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use weir_testkit::{Broker, free_port};
+
+mod publisher;
+mod subscriber;
+
+/// The topic every message is published on.
+const TOPIC: &str = "bench/dev-1/telemetry";
 
 /// Weir must reach this share of the broker's ceiling at each QoS.
 const TARGET_RATIO: f64 = 0.80;
@@ -29,6 +40,15 @@ const SMOKE_MESSAGES: u64 = 5_000;
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
+    if let Ok(spec) = std::env::var(subscriber::ROLE_VARIABLE) {
+        return match subscriber::run(&spec) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("mqtt bench subscriber: error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run() {
         Ok(code) => code,
         Err(error) => {
@@ -64,30 +84,47 @@ fn run() -> Result<ExitCode> {
 
     let mut rows = Vec::new();
     for qos in [0u8, 1] {
-        eprintln!("mqtt bench: QoS {qos}: ceiling (mosquitto_sub) ...");
-        let ceiling = measure_ceiling(&broker, &input, messages, qos)?;
+        let mut plain = Vec::new();
+        for consumer in [Plain::MosquittoSub, Plain::Rumqttc] {
+            eprintln!("mqtt bench: QoS {qos}: {} ...", consumer.name());
+            let measured = measure_plain(consumer, &broker, &input, messages, qos)?;
+            eprintln!(
+                "mqtt bench: QoS {qos}: {} {:.0} messages/s",
+                consumer.name(),
+                measured.rate()
+            );
+            plain.push((consumer.name(), measured));
+        }
         eprintln!("mqtt bench: QoS {qos}: weir ...");
         let weir_run = measure_weir(&weir, &pipeline, &broker, &input, messages, qos)?;
-        rows.push((qos, ceiling, weir_run));
+        eprintln!(
+            "mqtt bench: QoS {qos}: weir {:.0} messages/s",
+            weir_run.rate()
+        );
+        rows.push((qos, plain, weir_run));
     }
 
     let mut met = true;
     println!();
     println!("| QoS | consumer | messages/s | wall s | CPU s | peak RSS MiB | share of ceiling |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for (qos, ceiling, weir_run) in &rows {
-        let ratio = weir_run.rate() / ceiling.rate();
+    for (qos, plain, weir_run) in &rows {
+        // The ceiling is the faster of the two plain subscribers.
+        let ceiling = plain.iter().map(|(_, m)| m.rate()).fold(f64::MIN, f64::max);
+        let ratio = weir_run.rate() / ceiling;
         met &= ratio >= TARGET_RATIO;
-        for (name, m, share) in [
-            ("mosquitto_sub", ceiling, "100%".to_owned()),
-            ("weir", weir_run, format!("{:.1}%", ratio * 100.0)),
-        ] {
+        let lines = plain
+            .iter()
+            .map(|(name, m)| (*name, m))
+            .chain([("weir", weir_run)]);
+        for (name, m) in lines {
             println!(
-                "| {qos} | {name} | {:.0} | {:.3} | {:.2} | {:.1} | {share} |",
+                "| {qos} | {name} | {:.0} | {:.3} | {:.2} | {:.1} | {:.1}% |",
                 m.rate(),
                 m.wall.as_secs_f64(),
                 m.cpu_s,
-                m.peak_rss_kib as f64 / 1024.0
+                m.peak_rss_kib as f64 / 1024.0,
+                m.rate() / ceiling * 100.0
             );
         }
     }
@@ -142,37 +179,65 @@ fn write_messages(path: &Path, count: u64) -> Result<()> {
     Ok(())
 }
 
-/// Starts `mosquitto_pub -l` publishing every line of `input` at `qos`.
-fn publish(broker: &Broker, input: &Path, qos: u8) -> Result<Child> {
-    Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
-        .args(["-q", &qos.to_string(), "-t", "bench/dev-1/telemetry", "-l"])
-        .stdin(File::open(input)?)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("mosquitto_pub does not start")
+/// A subscriber that only receives: what the broker can deliver at most.
+#[derive(Clone, Copy)]
+enum Plain {
+    /// Mosquitto's own C client.
+    MosquittoSub,
+    /// A minimal rumqttc client, the library Weir uses (`subscriber.rs`).
+    Rumqttc,
 }
 
-/// The ceiling: the publisher into `mosquitto_sub`, which exits after `messages`.
-fn measure_ceiling(broker: &Broker, input: &Path, messages: u64, qos: u8) -> Result<Measured> {
+impl Plain {
+    fn name(self) -> &'static str {
+        match self {
+            Plain::MosquittoSub => "mosquitto_sub",
+            Plain::Rumqttc => "rumqttc subscriber",
+        }
+    }
+
+    /// The subscriber process, exiting after `messages` messages on `filter`.
+    fn command(self, broker: &Broker, filter: &str, messages: u64, qos: u8) -> Result<Command> {
+        let mut command = match self {
+            Plain::MosquittoSub => {
+                let mut command = Command::new("mosquitto_sub");
+                command
+                    .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+                    .args(["-q", &qos.to_string(), "-t", filter])
+                    .args(["-C", &messages.to_string(), "--nodelay"]);
+                command
+            }
+            Plain::Rumqttc => {
+                let mut command = Command::new(std::env::current_exe()?);
+                command.env(
+                    subscriber::ROLE_VARIABLE,
+                    format!("{},{qos},{messages},{filter}", broker.port()),
+                );
+                command
+            }
+        };
+        command.stdout(Stdio::null());
+        Ok(command)
+    }
+}
+
+/// A plain subscriber: the publisher into it, until it has every message and exits.
+fn measure_plain(
+    consumer: Plain,
+    broker: &Broker,
+    input: &Path,
+    messages: u64,
+    qos: u8,
+) -> Result<Measured> {
     let filter = "bench/+/telemetry";
     let before = broker.subscriptions_to(filter);
-    let mut subscriber = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
-        .args([
-            "-q",
-            &qos.to_string(),
-            "-t",
-            filter,
-            "-C",
-            &messages.to_string(),
-        ])
-        .stdout(Stdio::null())
+    let mut subscriber = consumer
+        .command(broker, filter, messages, qos)?
         .spawn()
-        .context("mosquitto_sub does not start")?;
+        .with_context(|| format!("{} does not start", consumer.name()))?;
     broker.wait_subscribed(filter, before);
     let started = Instant::now();
-    let mut publisher = publish(broker, input, qos)?;
+    let publisher = publisher::spawn(broker.port(), TOPIC, qos, input)?;
     let mut usage = Usage::default();
     let deadline = started + RUN_LIMIT;
     let status = loop {
@@ -182,15 +247,18 @@ fn measure_ceiling(broker: &Broker, input: &Path, messages: u64, qos: u8) -> Res
         usage.sample(subscriber.id());
         if Instant::now() > deadline {
             let _ = subscriber.kill();
-            bail!("mosquitto_sub did not receive {messages} messages in {RUN_LIMIT:?}");
+            bail!(
+                "{} did not receive {messages} messages in {RUN_LIMIT:?}",
+                consumer.name()
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     };
     let wall = started.elapsed();
     if !status.success() {
-        bail!("mosquitto_sub exited with {status}");
+        bail!("{} exited with {status}", consumer.name());
     }
-    let _ = publisher.wait();
+    finish(publisher)?;
     Ok(Measured {
         messages,
         wall,
@@ -222,7 +290,7 @@ fn measure_weir(
     let filter = "bench/+/telemetry";
     broker.wait_subscribed(filter, before);
     let started = Instant::now();
-    let mut publisher = publish(broker, input, qos)?;
+    let publisher = publisher::spawn(broker.port(), TOPIC, qos, input)?;
     let mut counted = 0;
     let mut usage = Usage::default();
     let pid = child.id();
@@ -233,7 +301,7 @@ fn measure_weir(
     })?;
     let wall = started.elapsed();
     usage.sample(pid);
-    let _ = publisher.wait();
+    finish(publisher)?;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -247,6 +315,14 @@ fn measure_weir(
         cpu_s: usage.cpu_s,
         peak_rss_kib: usage.peak_rss_kib,
     })
+}
+
+/// Waits for the publisher and checks it published everything.
+fn finish(publisher: std::thread::JoinHandle<Result<u64>>) -> Result<()> {
+    match publisher.join() {
+        Ok(outcome) => outcome.map(|_| ()),
+        Err(_) => bail!("the publisher panicked"),
+    }
 }
 
 /// Rows the bench pipeline's sink has received, from `/metrics`.

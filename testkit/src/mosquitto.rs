@@ -284,6 +284,8 @@ impl Broker {
             if self.tls { "localhost" } else { "127.0.0.1" }.into(),
             "-p".into(),
             self.port.to_string().into(),
+            // As the broker and Weir's client: see BROKER_DEFAULTS.
+            "--nodelay".into(),
         ];
         args.extend(self.client_args.iter().cloned());
         args
