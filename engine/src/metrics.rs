@@ -24,6 +24,7 @@ pub struct EngineMetrics {
     batches_out: IntCounterVec,
     errors: IntCounterVec,
     dropped: IntCounterVec,
+    rejected: IntCounterVec,
     processing: HistogramVec,
     watermark: IntGaugeVec,
     channel_depth: IntGaugeVec,
@@ -104,6 +105,13 @@ impl EngineMetrics {
                 "Rows an operator dropped, by reason (late, malformed, ...)",
                 &["pipeline", "operator", "reason"],
             )?,
+            rejected: counter(
+                registry,
+                "weir_operator_rejected_rows_total",
+                "Input an operator rejected as malformed, by reason; it goes to the dead-letter \
+                 output when one is wired, and is otherwise also counted as dropped",
+                &["pipeline", "operator", "reason"],
+            )?,
             processing,
             watermark: gauge(
                 registry,
@@ -152,6 +160,7 @@ impl EngineMetrics {
             processing: self.processing.with_label_values(labels),
             watermark: self.watermark.with_label_values(labels),
             dropped: self.dropped.clone(),
+            rejected: self.rejected.clone(),
             connected: self.connected.clone(),
             reconnects: self.reconnects.clone(),
         }
@@ -189,6 +198,7 @@ pub struct OperatorMetrics {
     /// The latest watermark seen.
     pub watermark: IntGauge,
     dropped: IntCounterVec,
+    rejected: IntCounterVec,
     connected: IntGaugeVec,
     reconnects: IntCounterVec,
 }
@@ -207,6 +217,15 @@ impl OperatorMetrics {
     pub fn dropped(&self, reason: &str, rows: u64) {
         if rows > 0 {
             self.dropped
+                .with_label_values(&[self.pipeline.as_str(), self.operator.as_str(), reason])
+                .inc_by(rows);
+        }
+    }
+
+    /// Counts input rejected as malformed under `reason` (e.g. `bad_payload`).
+    pub fn rejected(&self, reason: &str, rows: u64) {
+        if rows > 0 {
+            self.rejected
                 .with_label_values(&[self.pipeline.as_str(), self.operator.as_str(), reason])
                 .inc_by(rows);
         }

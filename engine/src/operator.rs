@@ -191,6 +191,12 @@ impl SourceContext {
         self.metrics.dropped(reason, rows);
     }
 
+    /// Counts input the source rejected as malformed, by reason (e.g. `bad_payload`),
+    /// whether or not it goes on to a dead-letter output.
+    pub fn count_rejected(&self, reason: &'static str, rows: u64) {
+        self.metrics.rejected(reason, rows);
+    }
+
     /// Counts an error the source recovered from (it went on running).
     pub fn count_error(&self) {
         self.metrics.errors.inc();

@@ -60,6 +60,7 @@ struct Running {
     dead: Collected,
     cancel: CancellationToken,
     handle: JoinHandle<Result<(), PipelineError>>,
+    registry: prometheus::Registry,
 }
 
 fn start(yaml: &str) -> Running {
@@ -109,7 +110,8 @@ fn start(yaml: &str) -> Running {
             None,
         );
     }
-    let metrics = EngineMetrics::new(&prometheus::Registry::new()).unwrap();
+    let registry = prometheus::Registry::new();
+    let metrics = EngineMetrics::new(&registry).unwrap();
     let pipeline = builder.build(&metrics).expect("pipeline builds");
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(pipeline.run(cancel.clone()));
@@ -118,6 +120,7 @@ fn start(yaml: &str) -> Running {
         dead,
         cancel,
         handle,
+        registry,
     }
 }
 
@@ -164,6 +167,28 @@ impl Running {
             }
         }
         rows
+    }
+
+    /// `weir_operator_rejected_rows_total` of the source, by reason.
+    fn rejected(&self) -> Vec<(String, u64)> {
+        let mut counts: Vec<(String, u64)> = self
+            .registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "weir_operator_rejected_rows_total")
+            .flat_map(|family| family.get_metric().iter())
+            .map(|metric| {
+                let reason = metric
+                    .get_label()
+                    .iter()
+                    .find(|label| label.name() == "reason")
+                    .map(|label| label.value().to_owned())
+                    .unwrap_or_default();
+                (reason, metric.get_counter().get_value() as u64)
+            })
+            .collect();
+        counts.sort();
+        counts
     }
 
     /// Publishes probes on `topic` until one arrives: the subscription is then live.
@@ -307,6 +332,7 @@ async fn wildcards_and_topic_pattern_fill_columns() {
             "topic does not match topic_pattern".to_owned()
         )]
     );
+    assert_eq!(pipeline.rejected(), [("topic_mismatch".to_owned(), 1)]);
     pipeline.stop().await;
 }
 
@@ -354,6 +380,10 @@ async fn malformed_payloads_go_to_dead_letter_and_good_ones_arrive() {
             .iter()
             .any(|e| e == "missing value for non-nullable column 'ts'"),
         "{errors:?}"
+    );
+    assert_eq!(
+        pipeline.rejected(),
+        [("bad_payload".to_owned(), 3), ("too_large".to_owned(), 1)]
     );
     let pipeline = pipeline.stop().await;
     assert_eq!(pipeline.rows().len(), 3);

@@ -74,6 +74,16 @@ sinks:
         Some(2.0),
         "{body}"
     );
+    let rejected = [
+        ("pipeline", "follow"),
+        ("operator", "readings"),
+        ("reason", "bad_line"),
+    ];
+    assert_eq!(
+        metric_value(&body, "weir_operator_rejected_rows_total", &rejected),
+        Some(2.0),
+        "{body}"
+    );
     let warm_out =
         metric_value(&body, "weir_operator_rows_out_total", &op("warm")).expect("warm emits");
     assert_eq!(

@@ -49,6 +49,9 @@ use crate::format::{field_error, node_config, node_error};
 /// The name of the port that carries malformed lines.
 pub const DEAD_LETTER_PORT_NAME: &str = "dead_letter";
 
+/// The `weir_operator_rejected_rows_total` reason of a malformed line.
+pub const REJECTED_LINE: &str = "bad_line";
+
 /// The index of the dead-letter port (the main port is 0).
 pub const DEAD_LETTER_PORT: usize = 1;
 
@@ -972,6 +975,7 @@ impl FileSource {
             Arc::new(raws.finish()),
         ];
         let batch = RecordBatch::try_new(dead_letter_schema(), columns)?;
+        ctx.count_rejected(REJECTED_LINE, rows as u64);
         ctx.emit_to(DEAD_LETTER_PORT, batch).await
     }
 

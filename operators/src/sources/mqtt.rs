@@ -47,6 +47,13 @@ pub const DEAD_LETTER_PORT_NAME: &str = "dead_letter";
 /// The index of the dead-letter port (the main port is 0).
 pub const DEAD_LETTER_PORT: usize = 1;
 
+/// `weir_operator_rejected_rows_total` reasons: a payload over `max_payload_bytes`, ...
+pub const REJECTED_TOO_LARGE: &str = "too_large";
+/// ... a message whose topic does not fit `topic_pattern`, ...
+pub const REJECTED_TOPIC: &str = "topic_mismatch";
+/// ... and a payload that does not decode into the schema.
+pub const REJECTED_PAYLOAD: &str = "bad_payload";
+
 /// How many malformed messages are logged one by one before the log switches to summaries.
 const LOGGED_INDIVIDUALLY: u64 = 10;
 
@@ -449,6 +456,8 @@ impl PlannedOperator for Plan {
 #[derive(Debug, PartialEq)]
 struct BadMessage {
     topic: String,
+    /// The metric reason, one of the `REJECTED_*` constants.
+    reason: &'static str,
     error: String,
     payload: String,
 }
@@ -477,7 +486,7 @@ impl PayloadDecoder {
         for message in messages {
             match self.precheck(message) {
                 Ok(captures) => good.push((message, captures)),
-                Err(error) => bad.push(bad_message(message, error)),
+                Err((reason, error)) => bad.push(bad_message(message, reason, error)),
             }
         }
         if good.is_empty() {
@@ -498,7 +507,7 @@ impl PayloadDecoder {
                             counts.extend(rows);
                             kept.push((message, captures));
                         }
-                        Err(error) => bad.push(bad_message(message, error)),
+                        Err(error) => bad.push(bad_message(message, REJECTED_PAYLOAD, error)),
                     }
                 }
                 if kept.is_empty() {
@@ -513,19 +522,26 @@ impl PayloadDecoder {
     }
 
     /// Checks what can be checked without decoding; returns the captured topic levels.
-    fn precheck<'m>(&self, message: &'m Publish) -> Result<Vec<&'m str>, String> {
+    /// Otherwise the metric reason and the message for dead letter.
+    fn precheck<'m>(&self, message: &'m Publish) -> Result<Vec<&'m str>, (&'static str, String)> {
         if message.payload.len() > self.max_payload_bytes {
-            return Err(format!(
-                "payload of {} bytes exceeds max_payload_bytes ({})",
-                message.payload.len(),
-                self.max_payload_bytes
+            return Err((
+                REJECTED_TOO_LARGE,
+                format!(
+                    "payload of {} bytes exceeds max_payload_bytes ({})",
+                    message.payload.len(),
+                    self.max_payload_bytes
+                ),
             ));
         }
         match &self.pattern {
             None => Ok(Vec::new()),
-            Some(pattern) => pattern
-                .captures(&message.topic)
-                .ok_or_else(|| "topic does not match topic_pattern".to_owned()),
+            Some(pattern) => pattern.captures(&message.topic).ok_or_else(|| {
+                (
+                    REJECTED_TOPIC,
+                    "topic does not match topic_pattern".to_owned(),
+                )
+            }),
         }
     }
 
@@ -708,15 +724,16 @@ impl PayloadDecoder {
     }
 }
 
-fn bad_message(message: &Publish, error: String) -> BadMessage {
-    let payload =
-        if message.payload.len() > OVERSIZE_EXCERPT_BYTES && error.contains("max_payload_bytes") {
-            &message.payload[..OVERSIZE_EXCERPT_BYTES]
-        } else {
-            &message.payload[..]
-        };
+fn bad_message(message: &Publish, reason: &'static str, error: String) -> BadMessage {
+    let payload = if message.payload.len() > OVERSIZE_EXCERPT_BYTES && reason == REJECTED_TOO_LARGE
+    {
+        &message.payload[..OVERSIZE_EXCERPT_BYTES]
+    } else {
+        &message.payload[..]
+    };
     BadMessage {
         topic: message.topic.clone(),
+        reason,
         error,
         payload: String::from_utf8_lossy(payload).into_owned(),
     }
@@ -911,6 +928,7 @@ impl MqttSource {
             let mut payloads = StringBuilder::new();
             for message in &bad {
                 self.report.note(&message.topic, &message.error);
+                ctx.count_rejected(message.reason, 1);
                 topics.append_value(&message.topic);
                 errors.append_value(&message.error);
                 payloads.append_value(&message.payload);
