@@ -31,6 +31,9 @@ pub struct EngineMetrics {
     pipeline_running: IntGaugeVec,
     connected: IntGaugeVec,
     reconnects: IntCounterVec,
+    state_keys: IntGaugeVec,
+    state_bytes: IntGaugeVec,
+    state_evictions: IntCounterVec,
 }
 
 fn counter(
@@ -143,6 +146,24 @@ impl EngineMetrics {
                 "Times an operator's connection to its external peer was lost and came back",
                 op,
             )?,
+            state_keys: gauge(
+                registry,
+                "weir_operator_state_keys",
+                "Keys (e.g. series) a stateful operator holds state for",
+                op,
+            )?,
+            state_bytes: gauge(
+                registry,
+                "weir_operator_state_bytes",
+                "Memory a stateful operator's keyed state holds, in bytes (an estimate)",
+                op,
+            )?,
+            state_evictions: counter(
+                registry,
+                "weir_operator_state_evictions_total",
+                "Keys a stateful operator forgot because it held the most it may",
+                op,
+            )?,
         })
     }
 
@@ -163,6 +184,9 @@ impl EngineMetrics {
             rejected: self.rejected.clone(),
             connected: self.connected.clone(),
             reconnects: self.reconnects.clone(),
+            state_keys: self.state_keys.clone(),
+            state_bytes: self.state_bytes.clone(),
+            state_evictions: self.state_evictions.clone(),
         }
     }
 
@@ -201,6 +225,20 @@ pub struct OperatorMetrics {
     rejected: IntCounterVec,
     connected: IntGaugeVec,
     reconnects: IntCounterVec,
+    state_keys: IntGaugeVec,
+    state_bytes: IntGaugeVec,
+    state_evictions: IntCounterVec,
+}
+
+/// The keyed-state series of a stateful operator.
+#[derive(Clone)]
+pub struct StateMetrics {
+    /// Keys held.
+    pub keys: IntGauge,
+    /// Bytes held (an estimate).
+    pub bytes: IntGauge,
+    /// Keys evicted.
+    pub evictions: IntCounter,
 }
 
 /// The connection series of an operator that talks to an external peer.
@@ -238,6 +276,17 @@ impl OperatorMetrics {
         ConnectionMetrics {
             connected: self.connected.with_label_values(labels),
             reconnects: self.reconnects.with_label_values(labels),
+        }
+    }
+
+    /// The keyed-state series, created on first use so that stateless operators do not
+    /// report state.
+    pub fn state(&self) -> StateMetrics {
+        let labels = &[self.pipeline.as_str(), self.operator.as_str()];
+        StateMetrics {
+            keys: self.state_keys.with_label_values(labels),
+            bytes: self.state_bytes.with_label_values(labels),
+            evictions: self.state_evictions.with_label_values(labels),
         }
     }
 

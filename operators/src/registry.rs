@@ -11,6 +11,7 @@ pub fn builtin() -> Registry {
     registry.register(Arc::new(crate::sources::file::FileSourceFactory));
     registry.register(Arc::new(crate::sources::mqtt::MqttSourceFactory));
     registry.register(Arc::new(crate::transforms::sql::SqlFactory));
+    registry.register(Arc::new(crate::transforms::anomaly::AnomalyFactory));
     registry.register(Arc::new(crate::sinks::stdout::StdoutFactory));
     registry.register(Arc::new(crate::sinks::file::FileSinkFactory));
     registry.register(Arc::new(crate::sinks::mqtt::MqttSinkFactory));

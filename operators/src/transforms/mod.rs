@@ -1,3 +1,4 @@
 //! Built-in transforms.
 
+pub mod anomaly;
 pub mod sql;

@@ -1,0 +1,197 @@
+//! Tests of the `anomaly` transform: planning, event-time order per key, eviction.
+
+use std::sync::Arc;
+
+use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef, TimeUnit};
+use weir_engine::metrics::{EngineMetrics, OperatorMetrics};
+use weir_engine::registry::{InputStream, Role, StreamInfo};
+use weir_engine::{Collector, OperatorInstance, Transform, Watermark};
+
+use super::*;
+use crate::format::test_support::{Decl, plan};
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("device", DataType::Utf8, true),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("v", DataType::Float64, true),
+    ]))
+}
+
+fn decl(event_time: bool) -> Decl<'static> {
+    Decl {
+        inputs: vec![InputStream {
+            name: "up".into(),
+            stream: StreamInfo {
+                schema: schema(),
+                event_time: event_time.then(|| "ts".to_owned()),
+            },
+        }],
+        ..Decl::default()
+    }
+}
+
+fn batch(rows: &[(&str, i64, f64)]) -> RecordBatch {
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| Some(r.0)).collect::<Vec<_>>(),
+            )),
+            Arc::new(TimestampMillisecondArray::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap()
+}
+
+fn transform(config: &str, event_time: bool, metrics: &OperatorMetrics) -> Box<dyn Transform> {
+    let planned = plan(&AnomalyFactory, Role::Transform, config, decl(event_time))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    match planned.instantiate(metrics).unwrap() {
+        OperatorInstance::Transform(t) => t,
+        _ => panic!("not a transform"),
+    }
+}
+
+/// (device, ts, is_anomaly) of every emitted row.
+fn flags(out: &mut Collector) -> Vec<(String, i64, bool)> {
+    let mut rows = Vec::new();
+    for (_, b) in out.take_batches() {
+        let device = b.column(0).as_string::<i32>();
+        let ts = b
+            .column(1)
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let flag = b.column_by_name(FLAG_COLUMN).unwrap().as_boolean();
+        let score = b
+            .column_by_name(SCORE_COLUMN)
+            .unwrap()
+            .as_primitive::<Float64Type>();
+        for i in 0..b.num_rows() {
+            assert!((0.0..=1.0).contains(&score.value(i)));
+            rows.push((device.value(i).to_owned(), ts.value(i), flag.value(i)));
+        }
+    }
+    rows
+}
+
+fn errors(config: &str) -> String {
+    match plan(&AnomalyFactory, Role::Transform, config, decl(true)) {
+        Ok(_) => panic!("config should be rejected: {config}"),
+        Err(errors) => errors.iter().map(|e| format!("{e}\n")).collect(),
+    }
+}
+
+#[test]
+fn invalid_configs_report_every_problem() {
+    let text = errors("value: nope\nkey: nada\nmax_keys: 0\nzscore: {min_history: 1}\n");
+    for needle in [
+        "no column 'nope'",
+        "no column 'nada'",
+        "max_keys must be at least 1",
+        "min_history must be at least 2",
+    ] {
+        assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
+    }
+    assert!(errors("value: device").contains("must be numeric"));
+    assert!(errors("key: device").contains("needs a value column"));
+    assert!(errors("value: v\ndetector: magic").contains("unknown value 'magic'"));
+}
+
+#[tokio::test]
+async fn rows_wait_for_the_watermark_and_are_scored_in_event_time_order_per_key() {
+    let metrics = OperatorMetrics::detached("test", "node");
+    let mut anomaly = transform("value: v\nkey: device\n", true, &metrics);
+    let mut out = Collector::new();
+    // Arrival order differs from event-time order; the spike for `a` arrives first.
+    anomaly
+        .process_batch(0, batch(&[("a", 40, 90.0), ("b", 10, 5.0)]), &mut out)
+        .await
+        .unwrap();
+    anomaly
+        .process_batch(
+            0,
+            batch(&[
+                ("a", 10, 1.0),
+                ("a", 20, 2.0),
+                ("a", 30, 1.0),
+                ("b", 20, 5.0),
+            ]),
+            &mut out,
+        )
+        .await
+        .unwrap();
+    assert!(
+        out.take_batches().is_empty(),
+        "nothing before the watermark"
+    );
+    anomaly.on_watermark(Watermark(35), &mut out).await.unwrap();
+    let first = flags(&mut out);
+    assert_eq!(
+        first,
+        [
+            // Equal times keep arrival order: b's row at 10 came first.
+            ("b".into(), 10, false),
+            ("a".into(), 10, false),
+            ("a".into(), 20, false),
+            ("b".into(), 20, false),
+            ("a".into(), 30, false),
+        ]
+    );
+    anomaly
+        .on_watermark(Watermark::END, &mut out)
+        .await
+        .unwrap();
+    // Scored after a's three earlier values, the spike at 40 is an anomaly.
+    assert_eq!(flags(&mut out), [("a".into(), 40, true)]);
+}
+
+#[tokio::test]
+async fn without_event_time_rows_are_scored_on_arrival_and_emit_can_filter() {
+    let metrics = OperatorMetrics::detached("test", "node");
+    let mut anomaly = transform("value: v\nemit: anomalies\n", false, &metrics);
+    let mut out = Collector::new();
+    anomaly
+        .process_batch(
+            0,
+            batch(&[("x", 0, 1.0), ("y", 0, 2.0), ("z", 0, 1.0), ("w", 0, 50.0)]),
+            &mut out,
+        )
+        .await
+        .unwrap();
+    // One series (no key): only the 50 is an anomaly, and only it is emitted.
+    assert_eq!(flags(&mut out), [("w".into(), 0, true)]);
+}
+
+#[tokio::test]
+async fn the_least_recently_seen_series_is_evicted_and_counted() {
+    let registry = prometheus::Registry::new();
+    let metrics = EngineMetrics::new(&registry).unwrap().operator("p", "a");
+    let mut anomaly = transform("value: v\nkey: device\nmax_keys: 2\n", false, &metrics);
+    let mut out = Collector::new();
+    let rows = [("a", 0, 1.0), ("b", 0, 1.0), ("a", 1, 1.0), ("c", 0, 1.0)];
+    anomaly
+        .process_batch(0, batch(&rows), &mut out)
+        .await
+        .unwrap();
+    let state = metrics.state();
+    assert_eq!(state.evictions.get(), 1, "b was least recently seen");
+    assert_eq!(state.keys.get(), 2);
+    assert!(state.bytes.get() > 0);
+    // `a` kept its history: after 1, 1 a value of 9 is an anomaly; `b` starts over.
+    anomaly
+        .process_batch(0, batch(&[("a", 2, 9.0), ("b", 1, 9.0)]), &mut out)
+        .await
+        .unwrap();
+    let last: Vec<bool> = flags(&mut out).into_iter().skip(4).map(|r| r.2).collect();
+    assert_eq!(last, [true, false]);
+}

@@ -1,0 +1,312 @@
+//! The `zscore` detector: how many standard deviations a value lies from the mean of the
+//! series' earlier values.
+//!
+//! A row is an anomaly when its series has at least `min_history` earlier values and
+//! `|x - mean(earlier)| > threshold * stddev_pop(earlier)`. The earlier values are all of
+//! them by default, or the last `window_rows` values, or those of the last
+//! `window_duration` of event time. The score is `erf(|z| / sqrt(2))`: the probability
+//! that a normal value lies closer to the mean, so 0 at the mean and near 1 far out.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::Deserialize;
+use weir_engine::config::HumanDuration;
+
+use super::{Detector, Verdict};
+
+/// The `zscore` section of an `anomaly` transform's config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ZscoreConfig {
+    /// Compare with only the last this many values of the series.
+    pub window_rows: Option<usize>,
+    /// Compare with only the values of the last this much event time.
+    pub window_duration: Option<HumanDuration>,
+    /// Earlier values a series needs before any of its rows can be an anomaly.
+    pub min_history: usize,
+    /// How many standard deviations from the mean make an anomaly.
+    pub threshold: f64,
+}
+
+impl Default for ZscoreConfig {
+    fn default() -> Self {
+        ZscoreConfig {
+            window_rows: None,
+            window_duration: None,
+            min_history: 2,
+            threshold: 3.0,
+        }
+    }
+}
+
+impl ZscoreConfig {
+    /// Every problem with the parameters, as (field, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.window_rows.is_some() && self.window_duration.is_some() {
+            problems.push((
+                "window_duration",
+                "give window_rows or window_duration, not both".to_owned(),
+            ));
+        }
+        if self.window_rows == Some(0) {
+            problems.push(("window_rows", "window_rows must be at least 1".to_owned()));
+        }
+        if self.window_duration.is_some_and(|d| d.0.is_zero()) {
+            problems.push((
+                "window_duration",
+                "window_duration must be longer than 0s".to_owned(),
+            ));
+        }
+        if self.min_history < 2 {
+            problems.push((
+                "min_history",
+                "min_history must be at least 2: a standard deviation needs two values".to_owned(),
+            ));
+        }
+        if !(self.threshold.is_finite() && self.threshold > 0.0) {
+            problems.push((
+                "threshold",
+                format!(
+                    "threshold must be a positive number, not {}",
+                    self.threshold
+                ),
+            ));
+        }
+        problems
+    }
+}
+
+/// Which earlier values count.
+#[derive(Clone, Copy, Debug)]
+enum Span {
+    All,
+    Rows(usize),
+    Millis(i64),
+}
+
+/// One series' zscore state.
+#[derive(Clone, Debug)]
+pub struct Zscore {
+    span: Span,
+    min_history: usize,
+    threshold: f64,
+    /// All values: count, mean and sum of squared deviations (Welford).
+    count: u64,
+    mean: f64,
+    m2: f64,
+    /// Bounded spans: the values in the span, with their event times.
+    values: VecDeque<(i64, f64)>,
+}
+
+impl Zscore {
+    /// A fresh series.
+    pub fn new(config: &ZscoreConfig) -> Self {
+        let span = match (config.window_rows, config.window_duration) {
+            (Some(rows), _) => Span::Rows(rows),
+            (None, Some(duration)) => Span::Millis(millis(duration.0)),
+            (None, None) => Span::All,
+        };
+        Zscore {
+            span,
+            min_history: config.min_history,
+            threshold: config.threshold,
+            count: 0,
+            mean: 0.0,
+            m2: 0.0,
+            values: VecDeque::new(),
+        }
+    }
+
+    /// Mean and population standard deviation of the earlier values in the span, with
+    /// their count.
+    fn moments(&mut self, ts: i64) -> (usize, f64, f64) {
+        match self.span {
+            Span::All => {
+                let n = self.count as usize;
+                let variance = if n > 0 { self.m2 / n as f64 } else { 0.0 };
+                (n, self.mean, variance.max(0.0).sqrt())
+            }
+            Span::Rows(_) | Span::Millis(_) => {
+                if let Span::Millis(span) = self.span {
+                    while self.values.front().is_some_and(|(t, _)| *t < ts - span) {
+                        self.values.pop_front();
+                    }
+                }
+                let n = self.values.len();
+                if n == 0 {
+                    return (0, 0.0, 0.0);
+                }
+                // Two passes over a bounded window: exact, and free of drift.
+                let mean = self.values.iter().map(|(_, v)| v).sum::<f64>() / n as f64;
+                let variance = self
+                    .values
+                    .iter()
+                    .map(|(_, v)| (v - mean) * (v - mean))
+                    .sum::<f64>()
+                    / n as f64;
+                (n, mean, variance.sqrt())
+            }
+        }
+    }
+
+    fn remember(&mut self, ts: i64, value: f64) {
+        match self.span {
+            Span::All => {
+                self.count += 1;
+                let delta = value - self.mean;
+                self.mean += delta / self.count as f64;
+                self.m2 += delta * (value - self.mean);
+            }
+            Span::Rows(rows) => {
+                if self.values.len() == rows {
+                    self.values.pop_front();
+                }
+                self.values.push_back((ts, value));
+            }
+            Span::Millis(_) => self.values.push_back((ts, value)),
+        }
+    }
+}
+
+impl Detector for Zscore {
+    fn observe(&mut self, ts: i64, value: f64) -> Verdict {
+        let (n, mean, stddev) = self.moments(ts);
+        let verdict = if n < self.min_history {
+            Verdict::NORMAL
+        } else {
+            let deviation = (value - mean).abs();
+            let is_anomaly = deviation > self.threshold * stddev;
+            let score = if stddev > 0.0 {
+                libm::erf(deviation / stddev / std::f64::consts::SQRT_2)
+            } else if deviation > 0.0 {
+                1.0
+            } else {
+                0.0
+            };
+            Verdict { score, is_anomaly }
+        };
+        self.remember(ts, value);
+        verdict
+    }
+
+    fn state_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.values.capacity() * std::mem::size_of::<(i64, f64)>()
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rule, computed the plain way: two passes over every earlier value.
+    fn oracle(values: &[f64], min_history: usize, threshold: f64) -> Vec<bool> {
+        (0..values.len())
+            .map(|i| {
+                let earlier = &values[..i];
+                if earlier.len() < min_history {
+                    return false;
+                }
+                let n = earlier.len() as f64;
+                let mean = earlier.iter().sum::<f64>() / n;
+                let var = earlier.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+                (values[i] - mean).abs() > threshold * var.sqrt()
+            })
+            .collect()
+    }
+
+    fn series() -> Vec<f64> {
+        // A deterministic wobble with spikes, and a flat start (stddev 0).
+        let mut values = vec![5.0, 5.0, 5.0];
+        for i in 0..400u32 {
+            let wobble = ((i * 37 % 101) as f64 - 50.0) / 25.0;
+            let spike = if i % 97 == 50 { 40.0 } else { 0.0 };
+            values.push(20.0 + wobble + spike);
+        }
+        values
+    }
+
+    #[test]
+    fn all_earlier_values_reproduce_the_rule_exactly() {
+        let values = series();
+        let mut detector = Zscore::new(&ZscoreConfig::default());
+        let flags: Vec<bool> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| detector.observe(i as i64, *v).is_anomaly)
+            .collect();
+        assert_eq!(flags, oracle(&values, 2, 3.0));
+        assert!(
+            flags.iter().filter(|f| **f).count() >= 4,
+            "spikes are found"
+        );
+    }
+
+    #[test]
+    fn scores_grow_with_distance_and_stay_in_range() {
+        let mut detector = Zscore::new(&ZscoreConfig::default());
+        for (i, v) in [10.0, 12.0, 10.0, 12.0].into_iter().enumerate() {
+            detector.observe(i as i64, v);
+        }
+        let near = detector.clone().observe(9, 11.5).score;
+        let far = detector.clone().observe(9, 30.0).score;
+        assert!((0.0..1.0).contains(&near) && near < far && far <= 1.0);
+        assert!(detector.observe(9, 30.0).is_anomaly);
+        // Too little history: never an anomaly.
+        let mut fresh = Zscore::new(&ZscoreConfig::default());
+        assert_eq!(fresh.observe(0, 1.0), Verdict::NORMAL);
+        assert_eq!(fresh.observe(1, 1000.0), Verdict::NORMAL);
+    }
+
+    #[test]
+    fn bounded_windows_forget_old_values() {
+        let rows = ZscoreConfig {
+            window_rows: Some(3),
+            ..ZscoreConfig::default()
+        };
+        let mut detector = Zscore::new(&rows);
+        for (i, v) in [100.0, 1.0, 2.0, 1.0].into_iter().enumerate() {
+            detector.observe(i as i64, v);
+        }
+        // The 100 has left the window of 3, so 1.5 is normal and 50 is not.
+        assert!(!detector.clone().observe(4, 1.5).is_anomaly);
+        assert!(detector.observe(4, 50.0).is_anomaly);
+
+        let time = ZscoreConfig {
+            window_duration: Some(HumanDuration(Duration::from_millis(10))),
+            ..ZscoreConfig::default()
+        };
+        let mut detector = Zscore::new(&time);
+        for (ts, v) in [(0, 1.0), (1, 1000.0), (20, 5.0), (21, 6.0)] {
+            detector.observe(ts, v);
+        }
+        // Only ts 20 and 21 are within 10 ms of 25.
+        assert!(detector.observe(25, 20.0).is_anomaly);
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let config = ZscoreConfig {
+            window_rows: Some(0),
+            window_duration: Some(HumanDuration(Duration::ZERO)),
+            min_history: 1,
+            threshold: -1.0,
+        };
+        let fields: Vec<&str> = config.problems().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "window_duration",
+                "window_rows",
+                "window_duration",
+                "min_history",
+                "threshold"
+            ]
+        );
+    }
+}
