@@ -21,12 +21,23 @@ use serde::{Deserialize, Serialize};
 /// The W1 window: 10 s tumbling windows aligned to the epoch, as in `pipeline.yaml`.
 pub const WINDOW_MS: i64 = 10_000;
 
+/// The zscore rule of the W1 `anomaly` column: a window is an anomaly when its device has
+/// at least this many earlier windows ...
+pub const ANOMALY_MIN_HISTORY: u64 = 2;
+/// ... and its mean temperature lies more than this many population standard deviations
+/// from the mean of the device's earlier windows' means.
+pub const ANOMALY_THRESHOLD: f64 = 3.0;
+
+/// How near the threshold (relative) a window's deviation may be for the two sides to
+/// disagree on its `anomaly` flag: near the line, the last bits of the means decide.
+pub const ANOMALY_MARGIN: f64 = 1e-6;
+
 /// The relative tolerance for floats: averages are sums divided by counts, and a sum's last
 /// bits depend on the order rows were added in, which a parallel or batched engine changes.
 pub const REL_TOLERANCE: f64 = 1e-9;
 
 /// One output row: the aggregate of one device over one window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct WindowRow {
     /// The device name, e.g. `dev-0042`.
     pub device: String,
@@ -44,6 +55,27 @@ pub struct WindowRow {
     pub max_temperature: f64,
     /// Mean humidity.
     pub avg_humidity: f64,
+    /// The zscore rule over the device's earlier windows (see [`ANOMALY_THRESHOLD`]).
+    pub anomaly: bool,
+    /// How far the deviation is from the threshold, relative; NaN when not known (rows
+    /// read back from Weir's output).
+    #[serde(skip)]
+    pub anomaly_margin: f64,
+}
+
+/// Rows are equal when every output field is; the margin is bookkeeping, not output.
+impl PartialEq for WindowRow {
+    fn eq(&self, other: &Self) -> bool {
+        self.device == other.device
+            && self.window_start == other.window_start
+            && self.window_end == other.window_end
+            && self.count == other.count
+            && self.avg_temperature == other.avg_temperature
+            && self.min_temperature == other.min_temperature
+            && self.max_temperature == other.max_temperature
+            && self.avg_humidity == other.avg_humidity
+            && self.anomaly == other.anomaly
+    }
 }
 
 /// One input line. The device borrows from the line buffer, so parsing does not allocate.
@@ -144,10 +176,33 @@ pub fn aggregate(mut input: impl BufRead, window_ms: i64) -> Result<Vec<WindowRo
             min_temperature: acc.min_temperature,
             max_temperature: acc.max_temperature,
             avg_humidity: acc.sum_humidity / acc.count as f64,
+            anomaly: false,
+            anomaly_margin: f64::NAN,
         })
         .collect();
     rows.sort_by(|a, b| (a.window_start, &a.device).cmp(&(b.window_start, &b.device)));
+    flag_anomalies(&mut rows);
     Ok(rows)
+}
+
+/// Sets each row's `anomaly` by the zscore rule, walking the windows in time order with a
+/// running mean and variance per device (Welford).
+fn flag_anomalies(rows: &mut [WindowRow]) {
+    let mut history: HashMap<String, (u64, f64, f64)> = HashMap::new();
+    for row in rows.iter_mut() {
+        let (count, mean, m2) = history.entry(row.device.clone()).or_insert((0, 0.0, 0.0));
+        let x = row.avg_temperature;
+        if *count >= ANOMALY_MIN_HISTORY {
+            let limit = ANOMALY_THRESHOLD * (*m2 / *count as f64).max(0.0).sqrt();
+            let deviation = (x - *mean).abs();
+            row.anomaly = deviation > limit;
+            row.anomaly_margin = (deviation - limit) / deviation.max(limit).max(f64::MIN_POSITIVE);
+        }
+        *count += 1;
+        let delta = x - *mean;
+        *mean += delta / *count as f64;
+        *m2 += delta * (x - *mean);
+    }
 }
 
 /// [`aggregate`] over a file.
@@ -195,7 +250,7 @@ fn parse_row(line: &str) -> Result<WindowRow> {
     let Some(object) = value.as_object() else {
         bail!("not a json object");
     };
-    const FIELDS: [&str; 8] = [
+    const FIELDS: [&str; 9] = [
         "device",
         "window_start",
         "window_end",
@@ -204,6 +259,7 @@ fn parse_row(line: &str) -> Result<WindowRow> {
         "min_temperature",
         "max_temperature",
         "avg_humidity",
+        "anomaly",
     ];
     if let Some(extra) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         bail!("unexpected field '{extra}': the w1 output has exactly {FIELDS:?}");
@@ -238,6 +294,10 @@ fn parse_row(line: &str) -> Result<WindowRow> {
         min_temperature: float("min_temperature")?,
         max_temperature: float("max_temperature")?,
         avg_humidity: float("avg_humidity")?,
+        anomaly: field("anomaly")?
+            .as_bool()
+            .context("field 'anomaly' is not a boolean")?,
+        anomaly_margin: f64::NAN,
     })
 }
 
@@ -328,6 +388,11 @@ pub fn compare(expected: &[WindowRow], actual: &[WindowRow], rel_tol: f64) -> Re
         if want.count != row.count {
             problems.push(format!("count {} != {}", row.count, want.count));
         }
+        // NaN (no margin known) counts as far from the line.
+        let near_the_line = want.anomaly_margin.abs() <= ANOMALY_MARGIN;
+        if want.anomaly != row.anomaly && !near_the_line {
+            problems.push(format!("anomaly {} != {}", row.anomaly, want.anomaly));
+        }
         for (name, want, got) in floats {
             if !close(want, got, rel_tol) {
                 problems.push(format!("{name} {got} != {want}"));
@@ -378,6 +443,8 @@ mod tests {
             min_temperature: t[1],
             max_temperature: t[2],
             avg_humidity: h,
+            anomaly: false,
+            anomaly_margin: f64::NAN,
         }
     }
 
@@ -408,13 +475,35 @@ mod tests {
         let rows = aggregate(INPUT.as_bytes(), WINDOW_MS).unwrap();
         let mut text = Vec::new();
         write_rows(&rows, &mut text).unwrap();
-        assert_eq!(read_rows(text.as_slice()).unwrap(), rows);
-        assert!(compare(&rows, &rows, 0.0).is_ok());
+        let back = read_rows(text.as_slice()).unwrap();
+        assert!(compare(&rows, &back, 0.0).is_ok());
+        assert_eq!(back.len(), rows.len());
+    }
+
+    #[test]
+    fn a_window_far_from_its_devices_earlier_windows_is_an_anomaly() {
+        let mut input = String::new();
+        for (window, temperature) in [20.0, 21.0, 20.0, 20.5, 35.0].into_iter().enumerate() {
+            let ts = window as i64 * WINDOW_MS;
+            input.push_str(&format!(
+                "{{\"device\":\"a\",\"ts\":{ts},\"temperature\":{temperature},\"humidity\":1.0}}\n"
+            ));
+        }
+        let rows = aggregate(input.as_bytes(), WINDOW_MS).unwrap();
+        let flags: Vec<bool> = rows.iter().map(|r| r.anomaly).collect();
+        // 20 after [20, 21] is within 3 sigma (0.5 from the mean, sigma 0.5); 35 is not.
+        assert_eq!(flags, [false, false, false, false, true]);
+        let mut flipped = rows.clone();
+        flipped[4].anomaly = false;
+        let text = compare(&rows, &flipped, REL_TOLERANCE)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("anomaly false != true"), "{text}");
     }
 
     #[test]
     fn reading_accepts_any_field_order_and_rejects_wrong_shapes() {
-        let line = r#"{"count":2,"avg_humidity":1.5,"window_end":20,"window_start":10,"device":"x","max_temperature":3,"min_temperature":1,"avg_temperature":2}"#;
+        let line = r#"{"count":2,"avg_humidity":1.5,"window_end":20,"window_start":10,"device":"x","max_temperature":3,"min_temperature":1,"avg_temperature":2,"anomaly":false}"#;
         let rows = read_rows(line.as_bytes()).unwrap();
         assert_eq!(rows[0].device, "x");
         assert_eq!((rows[0].window_start, rows[0].count), (10, 2));
