@@ -20,7 +20,9 @@ use arrow::array::{
     Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, RecordBatch,
     StringArray, UInt32Array,
 };
-use arrow::compute::{cast, concat_batches, filter_record_batch, take_record_batch};
+use arrow::compute::{
+    can_cast_types, cast, concat_batches, filter_record_batch, take_record_batch,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use lru::LruCache;
@@ -230,7 +232,21 @@ impl OperatorFactory for AnomalyFactory {
         let key = match &config.key {
             None => None,
             Some(name) => match schema.index_of(name) {
-                Ok(index) => Some(index),
+                Ok(index) if can_cast_types(schema.field(index).data_type(), &DataType::Utf8) => {
+                    Some(index)
+                }
+                Ok(index) => {
+                    errors.push(field_error(
+                        node,
+                        &["key"],
+                        format!(
+                            "column '{name}' is {}, which cannot name a series: use a text, \
+                             number or time column",
+                            schema.field(index).data_type()
+                        ),
+                    ));
+                    None
+                }
                 Err(_) => {
                     errors.push(
                         field_error(node, &["key"], format!("the input has no column '{name}'"))
