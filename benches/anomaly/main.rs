@@ -40,6 +40,16 @@ const CONFIGS: &[(&str, &str, f64)] = &[
         "{value: v, key: device, detector: zscore, zscore: {window_rows: 100}}",
         2_000_000.0,
     ),
+    (
+        "ewma (alpha 0.1)",
+        "{value: v, key: device, detector: ewma}",
+        2_000_000.0,
+    ),
+    (
+        "mad (last 100 values)",
+        "{value: v, key: device, detector: mad}",
+        2_000_000.0,
+    ),
 ];
 
 fn main() -> std::process::ExitCode {

@@ -9,8 +9,12 @@
 //! behind the watermark are scored on arrival. Detectors are deterministic: the same rows
 //! give the same scores.
 //!
-//! Detectors: `zscore` (see `zscore.rs`).
+//! Detectors, each in its own file with its parameters and defaults: `zscore` (distance
+//! from the mean of earlier values), `ewma` (an exponentially weighted control chart) and
+//! `mad` (distance from the median in median absolute deviations).
 
+mod ewma;
+mod mad;
 mod zscore;
 
 use std::num::NonZeroUsize;
@@ -35,6 +39,8 @@ use weir_engine::registry::{
 use weir_engine::time::event_times_ms;
 use weir_engine::{Collector, OperatorError, OperatorInstance, Transform, Watermark};
 
+pub use ewma::EwmaConfig;
+pub use mad::MadConfig;
 pub use zscore::ZscoreConfig;
 
 use crate::format::{field_error, node_config, node_error};
@@ -59,10 +65,14 @@ pub struct AnomalyConfig {
     pub value: String,
     /// The column whose values name the series (e.g. `device`); one series without it.
     pub key: Option<String>,
-    /// The detector: `zscore`.
+    /// The detector: `zscore`, `ewma` or `mad`.
     pub detector: DetectorKind,
     /// Parameters of the `zscore` detector.
     pub zscore: Option<ZscoreConfig>,
+    /// Parameters of the `ewma` detector.
+    pub ewma: Option<EwmaConfig>,
+    /// Parameters of the `mad` detector.
+    pub mad: Option<MadConfig>,
     /// `all` rows, scored, or only the `anomalies`.
     pub emit: Emit,
     /// The most series kept; beyond it the least recently seen is forgotten.
@@ -76,6 +86,8 @@ impl Default for AnomalyConfig {
             key: None,
             detector: DetectorKind::Zscore,
             zscore: None,
+            ewma: None,
+            mad: None,
             emit: Emit::All,
             max_keys: 100_000,
         }
@@ -89,6 +101,20 @@ pub enum DetectorKind {
     /// Distance from the mean of earlier values, in standard deviations.
     #[default]
     Zscore,
+    /// An exponentially weighted control chart.
+    Ewma,
+    /// Distance from the median, in median absolute deviations.
+    Mad,
+}
+
+impl DetectorKind {
+    fn name(self) -> &'static str {
+        match self {
+            DetectorKind::Zscore => "zscore",
+            DetectorKind::Ewma => "ewma",
+            DetectorKind::Mad => "mad",
+        }
+    }
 }
 
 /// Which rows leave the transform.
@@ -128,16 +154,38 @@ pub trait Detector: Send {
     fn state_bytes(&self) -> usize;
 }
 
+/// The verdict on a value `deviation` from a centre whose spread is `sigma`: an anomaly
+/// beyond `threshold` spreads, scored `erf(|z| / sqrt(2))` (any deviation at all from a
+/// series without spread scores 1).
+pub fn normal_score(deviation: f64, sigma: f64, threshold: f64) -> Verdict {
+    let deviation = deviation.abs();
+    let score = if sigma > 0.0 {
+        libm::erf(deviation / sigma / std::f64::consts::SQRT_2)
+    } else if deviation > 0.0 {
+        1.0
+    } else {
+        0.0
+    };
+    Verdict {
+        score,
+        is_anomaly: deviation > threshold * sigma,
+    }
+}
+
 /// The validated detector choice, able to start a series.
 #[derive(Clone, Debug)]
 enum DetectorSpec {
     Zscore(ZscoreConfig),
+    Ewma(EwmaConfig),
+    Mad(MadConfig),
 }
 
 impl DetectorSpec {
     fn new_series(&self) -> Box<dyn Detector> {
         match self {
             DetectorSpec::Zscore(config) => Box::new(zscore::Zscore::new(config)),
+            DetectorSpec::Ewma(config) => Box::new(ewma::Ewma::new(config)),
+            DetectorSpec::Mad(config) => Box::new(mad::Mad::new(config)),
         }
     }
 }
@@ -154,13 +202,52 @@ impl OperatorFactory for AnomalyFactory {
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
         let config: AnomalyConfig = node_config(node)?;
         let mut errors = ConfigErrors::new();
-        let detector = match config.detector {
+        let chosen = config.detector;
+        for (kind, given) in [
+            (DetectorKind::Zscore, config.zscore.is_some()),
+            (DetectorKind::Ewma, config.ewma.is_some()),
+            (DetectorKind::Mad, config.mad.is_some()),
+        ] {
+            if given && kind != chosen {
+                errors.push(
+                    field_error(
+                        node,
+                        &[kind.name()],
+                        format!(
+                            "`{}` sets the {} detector, but the detector is {}",
+                            kind.name(),
+                            kind.name(),
+                            chosen.name()
+                        ),
+                    )
+                    .with_hint(format!(
+                        "set `detector: {}`, or remove `{}`",
+                        kind.name(),
+                        kind.name()
+                    )),
+                );
+            }
+        }
+        let mut check = |problems: Vec<(&'static str, String)>| {
+            for (field, problem) in problems {
+                errors.push(field_error(node, &[chosen.name(), field], problem));
+            }
+        };
+        let detector = match chosen {
             DetectorKind::Zscore => {
                 let zscore = config.zscore.clone().unwrap_or_default();
-                for (field, problem) in zscore.problems() {
-                    errors.push(field_error(node, &["zscore", field], problem));
-                }
+                check(zscore.problems());
                 DetectorSpec::Zscore(zscore)
+            }
+            DetectorKind::Ewma => {
+                let ewma = config.ewma.clone().unwrap_or_default();
+                check(ewma.problems());
+                DetectorSpec::Ewma(ewma)
+            }
+            DetectorKind::Mad => {
+                let mad = config.mad.clone().unwrap_or_default();
+                check(mad.problems());
+                DetectorSpec::Mad(mad)
             }
         };
         if config.max_keys == 0 {

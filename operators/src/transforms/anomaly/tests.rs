@@ -105,6 +105,15 @@ fn invalid_configs_report_every_problem() {
     assert!(errors("value: device").contains("must be numeric"));
     assert!(errors("key: device").contains("needs a value column"));
     assert!(errors("value: v\ndetector: magic").contains("unknown value 'magic'"));
+    let mismatched = errors("value: v\ndetector: ewma\nmad: {window_rows: 10}\newma: {alpha: 2}");
+    assert!(
+        mismatched.contains("`mad` sets the mad detector, but the detector is ewma"),
+        "{mismatched}"
+    );
+    assert!(
+        mismatched.contains("ewma.alpha: alpha must be between 0 and 1"),
+        "{mismatched}"
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use weir_engine::config::HumanDuration;
 
-use super::{Detector, Verdict};
+use super::{Detector, Verdict, normal_score};
 
 /// The `zscore` section of an `anomaly` transform's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -176,16 +176,7 @@ impl Detector for Zscore {
         let verdict = if n < self.min_history {
             Verdict::NORMAL
         } else {
-            let deviation = (value - mean).abs();
-            let is_anomaly = deviation > self.threshold * stddev;
-            let score = if stddev > 0.0 {
-                libm::erf(deviation / stddev / std::f64::consts::SQRT_2)
-            } else if deviation > 0.0 {
-                1.0
-            } else {
-                0.0
-            };
-            Verdict { score, is_anomaly }
+            normal_score(value - mean, stddev, self.threshold)
         };
         self.remember(ts, value);
         verdict
