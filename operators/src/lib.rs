@@ -4,6 +4,7 @@
 pub mod format;
 pub mod mqtt;
 pub mod registry;
+pub mod rejects;
 pub mod sinks;
 pub mod sources;
 pub mod transforms;

@@ -23,7 +23,6 @@ use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, 
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::warn;
 use weir_engine::config::ConfigErrors;
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
@@ -34,6 +33,7 @@ use crate::format::{
     node_error,
 };
 use crate::mqtt::{ConnectionConfig, ConnectionMonitor, ConnectionPlan, qos_field};
+use crate::rejects::RejectLog;
 
 /// The drop reason of rows whose topic cannot be rendered (a null, empty or wildcard
 /// value in a topic column).
@@ -42,9 +42,6 @@ pub const INVALID_TOPIC: &str = "invalid_topic";
 /// How long `start` waits for the first connection, so a refused login fails the
 /// pipeline at once. After that the sink goes on and the connection keeps retrying.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(10);
-
-/// How many rows with an unrenderable topic are logged one by one.
-const LOGGED_INVALID_TOPICS: u64 = 10;
 
 /// Builds `mqtt` sinks.
 pub struct MqttSinkFactory;
@@ -105,6 +102,8 @@ enum Part {
 /// A parsed `topic`: text and `{column}` placeholders.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct TopicTemplate {
+    /// As written, for messages.
+    text: String,
     parts: Vec<Part>,
 }
 
@@ -158,7 +157,10 @@ impl TopicTemplate {
                 }
             }
         }
-        Ok(TopicTemplate { parts })
+        Ok(TopicTemplate {
+            text: template.to_owned(),
+            parts,
+        })
     }
 
     /// The topic when it names no column.
@@ -384,6 +386,11 @@ impl PlannedOperator for Plan {
             .connection
             .client(options, usize::from(self.max_in_flight));
         let (delivery_tx, delivery) = watch::channel(Delivery::default());
+        let rejects = RejectLog::new(
+            format!("mqtt sink {}", self.connection.broker.address()),
+            "row without a valid topic",
+            "rows without a valid topic",
+        );
         let publisher = Publisher {
             monitor: ConnectionMonitor::new(&self.connection, metrics.connection()),
             qos: self.qos,
@@ -399,7 +406,7 @@ impl PlannedOperator for Plan {
             delivery,
             published: 0,
             metrics: metrics.clone(),
-            invalid_topics_logged: 0,
+            rejects,
         })))
     }
 }
@@ -426,7 +433,8 @@ struct MqttSink {
     /// Messages handed to the client so far.
     published: u64,
     metrics: OperatorMetrics,
-    invalid_topics_logged: u64,
+    /// Rows dropped for their topic, counted in the metrics as `invalid_topic`.
+    rejects: RejectLog,
 }
 
 #[async_trait]
@@ -457,7 +465,10 @@ impl Sink for MqttSink {
     async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
         let Encoded { messages, rejected } = self.plan.encoder.encode(&batch)?;
         for problem in &rejected {
-            self.note_invalid_topic(problem);
+            self.rejects.note(
+                format_args!("topic '{}'", self.plan.encoder.topic.text),
+                problem,
+            );
         }
         self.metrics.dropped(INVALID_TOPIC, rejected.len() as u64);
         for (topic, payload) in messages {
@@ -478,6 +489,7 @@ impl Sink for MqttSink {
     }
 
     async fn close(&mut self) -> Result<(), OperatorError> {
+        self.rejects.summarise();
         if self.task.is_none() {
             return Ok(());
         }
@@ -491,21 +503,6 @@ impl Sink for MqttSink {
 }
 
 impl MqttSink {
-    /// Logs a row dropped for its topic: the first few one by one, then quietly (the
-    /// count is in `weir_operator_dropped_rows_total{reason="invalid_topic"}`).
-    fn note_invalid_topic(&mut self, problem: &str) {
-        if self.invalid_topics_logged < LOGGED_INVALID_TOPICS {
-            self.invalid_topics_logged += 1;
-            warn!("mqtt sink: dropped a row without a valid topic: {problem}");
-            if self.invalid_topics_logged == LOGGED_INVALID_TOPICS {
-                warn!(
-                    "mqtt sink: further rows without a valid topic are only counted, in \
-                     weir_operator_dropped_rows_total{{reason=\"{INVALID_TOPIC}\"}}"
-                );
-            }
-        }
-    }
-
     /// Waits until the broker has every message published so far.
     async fn wait_until_delivered(&mut self) -> Result<(), OperatorError> {
         let published = self.published;

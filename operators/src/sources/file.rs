@@ -35,25 +35,19 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use async_trait::async_trait;
 use serde::Deserialize;
-use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::info;
 use weir_engine::config::{ConfigErrors, HumanDuration};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{
-    MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
+    NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
 };
 use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
 
 use crate::format::{field_error, node_config, node_error};
-
-/// The name of the port that carries malformed lines.
-pub const DEAD_LETTER_PORT_NAME: &str = "dead_letter";
+use crate::rejects::{DEAD_LETTER_PORT, RejectLog, outputs_with_dead_letter};
 
 /// The `weir_operator_rejected_rows_total` reason of a malformed line.
 pub const REJECTED_LINE: &str = "bad_line";
-
-/// The index of the dead-letter port (the main port is 0).
-pub const DEAD_LETTER_PORT: usize = 1;
 
 /// How much of the file one read takes; a chunk's whole lines are decoded in one call.
 /// Unit tests use small chunks so that they cross chunk boundaries.
@@ -62,12 +56,6 @@ const CHUNK_BYTES: usize = if cfg!(test) { 4 << 10 } else { 2 << 20 };
 /// The most bytes held for one unfinished line; a longer line is reported as malformed
 /// and skipped, so a file without newlines cannot exhaust memory.
 const MAX_LINE_BYTES: usize = if cfg!(test) { 64 << 10 } else { 64 << 20 };
-
-/// How many malformed lines are logged one by one before the log switches to summaries.
-const LOGGED_INDIVIDUALLY: u64 = 10;
-
-/// How often a summary of further malformed lines is logged.
-const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// Builds `file` sources.
 pub struct FileSourceFactory;
@@ -274,24 +262,13 @@ pub fn dead_letter_schema() -> SchemaRef {
 
 impl PlannedOperator for Plan {
     fn outputs(&self) -> Vec<OutputSpec> {
-        vec![
-            OutputSpec {
-                name: MAIN_PORT_NAME.to_owned(),
-                stream: StreamInfo {
-                    schema: self.schema.clone(),
-                    event_time: self.event_time.clone(),
-                },
-                unwired_drop_reason: None,
+        outputs_with_dead_letter(
+            StreamInfo {
+                schema: self.schema.clone(),
+                event_time: self.event_time.clone(),
             },
-            OutputSpec {
-                name: DEAD_LETTER_PORT_NAME.to_owned(),
-                stream: StreamInfo {
-                    schema: dead_letter_schema(),
-                    event_time: None,
-                },
-                unwired_drop_reason: Some("malformed"),
-            },
-        ]
+            dead_letter_schema(),
+        )
     }
 
     fn instantiate(
@@ -304,7 +281,7 @@ impl PlannedOperator for Plan {
         let display = self.path.display().to_string();
         let reader = LineDecoder::new(&self);
         Ok(OperatorInstance::Source(Box::new(FileSource {
-            report: MalformedReport::new(display.clone()),
+            report: RejectLog::new(display.clone(), "malformed line", "malformed lines"),
             display,
             plan: *self,
             reader,
@@ -774,67 +751,6 @@ fn is_blank(line: &[u8]) -> bool {
     line.iter().all(u8::is_ascii_whitespace)
 }
 
-/// Logs malformed lines without flooding the log: the first few one by one, then a
-/// periodic count.
-struct MalformedReport {
-    file: String,
-    logged: u64,
-    suppressed: u64,
-    last: Option<(u64, String)>,
-    last_summary: Instant,
-}
-
-impl MalformedReport {
-    fn new(file: String) -> Self {
-        MalformedReport {
-            file,
-            logged: 0,
-            suppressed: 0,
-            last: None,
-            last_summary: Instant::now(),
-        }
-    }
-
-    fn note(&mut self, line: u64, reason: &str) {
-        if self.logged < LOGGED_INDIVIDUALLY {
-            self.logged += 1;
-            warn!("{}:{line}: skipped a malformed line: {reason}", self.file);
-            if self.logged == LOGGED_INDIVIDUALLY {
-                warn!(
-                    "{}: further malformed lines are summarised every {}s",
-                    self.file,
-                    SUMMARY_EVERY.as_secs()
-                );
-                self.last_summary = Instant::now();
-            }
-            return;
-        }
-        self.suppressed += 1;
-        self.last = Some((line, reason.to_owned()));
-        self.summarise_if_due();
-    }
-
-    /// Logs the count of unlogged malformed lines if the last summary is old enough.
-    fn summarise_if_due(&mut self) {
-        if self.suppressed > 0 && self.last_summary.elapsed() >= SUMMARY_EVERY {
-            self.summarise();
-        }
-    }
-
-    fn summarise(&mut self) {
-        if self.suppressed > 0
-            && let Some((line, reason)) = self.last.take()
-        {
-            warn!(
-                "{}: skipped {} more malformed lines, the last at line {line}: {reason}",
-                self.file, self.suppressed
-            );
-        }
-        self.suppressed = 0;
-        self.last_summary = Instant::now();
-    }
-}
-
 /// What became of the file at `path` since it was opened.
 enum FileState {
     /// Still the same file, not shorter than what was read.
@@ -866,7 +782,7 @@ struct FileSource {
     next_line: u64,
     /// Discarding the rest of an over-long line.
     skipping: bool,
-    report: MalformedReport,
+    report: RejectLog,
 }
 
 impl FileSource {
@@ -962,7 +878,8 @@ impl FileSource {
         let mut raws = StringBuilder::new();
         let mut numbers = Vec::with_capacity(rows);
         for bad in &decoded.bad {
-            self.report.note(bad.line, &bad.error);
+            self.report
+                .note(format_args!("line {}", bad.line), &bad.error);
             files.append_value(&self.display);
             numbers.push(bad.line);
             errors.append_value(&bad.error);

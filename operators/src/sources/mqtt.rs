@@ -30,22 +30,17 @@ use rumqttc::{
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use weir_engine::config::{ConfigErrors, HumanDuration};
 use weir_engine::metrics::{ConnectionMetrics, OperatorMetrics};
 use weir_engine::registry::{
-    MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
+    NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
 };
 use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
 
 use crate::format::{field_error, node_config_split, node_error};
 use crate::mqtt::{BrokerUrl, ConnectionConfig, ConnectionMonitor, ConnectionPlan, qos_field};
-
-/// The name of the port that carries malformed messages.
-pub const DEAD_LETTER_PORT_NAME: &str = "dead_letter";
-
-/// The index of the dead-letter port (the main port is 0).
-pub const DEAD_LETTER_PORT: usize = 1;
+use crate::rejects::{DEAD_LETTER_PORT, RejectLog, outputs_with_dead_letter};
 
 /// `weir_operator_rejected_rows_total` reasons: a payload over `max_payload_bytes`, ...
 pub const REJECTED_TOO_LARGE: &str = "too_large";
@@ -53,12 +48,6 @@ pub const REJECTED_TOO_LARGE: &str = "too_large";
 pub const REJECTED_TOPIC: &str = "topic_mismatch";
 /// ... and a payload that does not decode into the schema.
 pub const REJECTED_PAYLOAD: &str = "bad_payload";
-
-/// How many malformed messages are logged one by one before the log switches to summaries.
-const LOGGED_INDIVIDUALLY: u64 = 10;
-
-/// How often a summary of further malformed messages is logged.
-const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// How much of an oversize payload is kept in its dead-letter row.
 const OVERSIZE_EXCERPT_BYTES: usize = 1024;
@@ -411,24 +400,13 @@ pub fn dead_letter_schema() -> SchemaRef {
 
 impl PlannedOperator for Plan {
     fn outputs(&self) -> Vec<OutputSpec> {
-        vec![
-            OutputSpec {
-                name: MAIN_PORT_NAME.to_owned(),
-                stream: StreamInfo {
-                    schema: self.decoder.schema.clone(),
-                    event_time: self.event_time.clone(),
-                },
-                unwired_drop_reason: None,
+        outputs_with_dead_letter(
+            StreamInfo {
+                schema: self.decoder.schema.clone(),
+                event_time: self.event_time.clone(),
             },
-            OutputSpec {
-                name: DEAD_LETTER_PORT_NAME.to_owned(),
-                stream: StreamInfo {
-                    schema: dead_letter_schema(),
-                    event_time: None,
-                },
-                unwired_drop_reason: Some("malformed"),
-            },
-        ]
+            dead_letter_schema(),
+        )
     }
 
     fn instantiate(
@@ -443,7 +421,11 @@ impl PlannedOperator for Plan {
             .connection
             .client(options, self.batch_rows.saturating_add(64));
         Ok(OperatorInstance::Source(Box::new(MqttSource {
-            report: MalformedReport::new(self.connection.broker.address()),
+            report: RejectLog::new(
+                format!("mqtt {}", self.connection.broker.address()),
+                "malformed message",
+                "malformed messages",
+            ),
             plan: *self,
             client,
             eventloop: Some(eventloop),
@@ -756,59 +738,6 @@ fn reason(error: &ArrowError) -> String {
     }
 }
 
-/// Logs malformed messages without flooding the log: the first few one by one, then a
-/// periodic count.
-struct MalformedReport {
-    broker: String,
-    logged: u64,
-    suppressed: u64,
-    last: Option<(String, String)>,
-    last_summary: Instant,
-}
-
-impl MalformedReport {
-    fn new(broker: String) -> Self {
-        MalformedReport {
-            broker,
-            logged: 0,
-            suppressed: 0,
-            last: None,
-            last_summary: Instant::now(),
-        }
-    }
-
-    fn note(&mut self, topic: &str, reason: &str) {
-        if self.logged < LOGGED_INDIVIDUALLY {
-            self.logged += 1;
-            warn!(
-                "mqtt {}: skipped a malformed message on '{topic}': {reason}",
-                self.broker
-            );
-            if self.logged == LOGGED_INDIVIDUALLY {
-                warn!(
-                    "mqtt {}: further malformed messages are summarised every {}s",
-                    self.broker,
-                    SUMMARY_EVERY.as_secs()
-                );
-                self.last_summary = Instant::now();
-            }
-            return;
-        }
-        self.suppressed += 1;
-        self.last = Some((topic.to_owned(), reason.to_owned()));
-        if self.last_summary.elapsed() >= SUMMARY_EVERY
-            && let Some((topic, reason)) = self.last.take()
-        {
-            warn!(
-                "mqtt {}: skipped {} more malformed messages, the last on '{topic}': {reason}",
-                self.broker, self.suppressed
-            );
-            self.suppressed = 0;
-            self.last_summary = Instant::now();
-        }
-    }
-}
-
 /// What the connection task hands the source.
 enum Incoming {
     /// A message from a subscription.
@@ -823,7 +752,7 @@ struct MqttSource {
     client: AsyncClient,
     /// Taken by the connection task when the source starts.
     eventloop: Option<EventLoop>,
-    report: MalformedReport,
+    report: RejectLog,
     connection_metrics: ConnectionMetrics,
 }
 
@@ -904,6 +833,7 @@ impl Source for MqttSource {
         })
         .await;
         abort.abort();
+        self.report.summarise();
         outcome.and(flushed)
     }
 }
@@ -927,7 +857,8 @@ impl MqttSource {
             let mut errors = StringBuilder::new();
             let mut payloads = StringBuilder::new();
             for message in &bad {
-                self.report.note(&message.topic, &message.error);
+                self.report
+                    .note(format_args!("topic '{}'", message.topic), &message.error);
                 ctx.count_rejected(message.reason, 1);
                 topics.append_value(&message.topic);
                 errors.append_value(&message.error);
