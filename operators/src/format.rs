@@ -5,7 +5,8 @@
 //! same way, so the choices live here once: timestamps are RFC 3339 strings in UTC (a
 //! timestamp column without a time zone holds UTC instants in Weir) unless a sink asks for
 //! integer epoch milliseconds, and null values are written as explicit `null`s so every
-//! line carries every column.
+//! line carries every column. CSV output follows the same timestamp conventions; a null
+//! is an empty field.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ const RFC3339_UTC: &str = "%Y-%m-%dT%H:%M:%S%.fZ";
 /// The chrono format of a timestamp with a time zone: its offset, e.g. `+02:00`.
 const RFC3339_OFFSET: &str = "%Y-%m-%dT%H:%M:%S%.f%:z";
 
-/// How timestamps are written in JSON output.
+/// How timestamps are written in JSON and CSV output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestampFormat {
@@ -109,6 +110,31 @@ fn write_json<W: Write, F: JsonFormat>(
         .build::<_, F>(out);
     writer.write(batch)?;
     writer.finish()
+}
+
+/// Appends `batch` to `out` as CSV rows, after a header row naming the columns when
+/// `header` is set. Fields are comma-separated and quoted only when they need it, nulls are
+/// empty fields, and timestamps are written as in JSON (see [`write_json_lines`]).
+pub fn write_csv<W: Write>(
+    out: W,
+    batch: &RecordBatch,
+    header: bool,
+    timestamps: TimestampFormat,
+) -> Result<(), ArrowError> {
+    let converted;
+    let batch = match timestamps {
+        TimestampFormat::Rfc3339 => batch,
+        TimestampFormat::EpochMs => {
+            converted = timestamps_to_epoch_ms(batch)?;
+            &converted
+        }
+    };
+    let mut writer = arrow_csv::WriterBuilder::new()
+        .with_header(header)
+        .with_timestamp_format(RFC3339_UTC.to_owned())
+        .with_timestamp_tz_format(RFC3339_OFFSET.to_owned())
+        .build(out);
+    writer.write(batch)
 }
 
 /// `batch` as JSON lines, in a fresh buffer. See [`write_json_lines`].
@@ -226,6 +252,8 @@ pub(crate) mod test_support {
         pub(crate) event_time: Option<EventTimeSpec>,
         pub(crate) inputs: Vec<InputStream>,
         pub(crate) base_dir: Option<&'a Path>,
+        /// An upstream could not be planned, so the inputs' schemas are empty.
+        pub(crate) inputs_unknown: bool,
     }
 
     /// Plans a node of `factory` with the given YAML config.
@@ -245,7 +273,7 @@ pub(crate) mod test_support {
             config: &config,
             config_path: &config_path,
             inputs: &decl.inputs,
-            inputs_known: true,
+            inputs_known: !decl.inputs_unknown,
             schema: decl.schema,
             event_time: decl.event_time,
             window: None,
@@ -419,6 +447,21 @@ mod tests {
         let text =
             String::from_utf8(json_lines(&batch, TimestampFormat::Rfc3339).unwrap()).unwrap();
         assert_eq!(text, "{\"t\":\"1970-01-01T02:00:00+02:00\"}\n");
+    }
+
+    #[test]
+    fn csv_has_an_optional_header_empty_nulls_and_json_timestamps() {
+        let mut out = Vec::new();
+        write_csv(&mut out, &sample(), true, TimestampFormat::Rfc3339).unwrap();
+        write_csv(&mut out, &sample(), false, TimestampFormat::EpochMs).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "device,ts,value\n\
+             a,2026-01-01T00:00:00Z,1.5\n\
+             ,2026-01-01T00:00:00.250Z,\n\
+             a,1767225600000,1.5\n\
+             ,1767225600250,\n"
+        );
     }
 
     #[test]

@@ -7,4 +7,5 @@ pub mod registry;
 pub mod rejects;
 pub mod sinks;
 pub mod sources;
+pub mod template;
 pub mod transforms;

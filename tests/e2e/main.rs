@@ -1,9 +1,10 @@
 //! End-to-end tests that run the real `weir` binary: exit codes, validation messages,
-//! golden window outputs, every example pipeline (the MQTT ones against a test broker),
-//! signals and `/metrics`.
+//! golden window outputs, a folder of files in and out, every example pipeline (the MQTT
+//! ones against a test broker), signals and `/metrics`.
 
 mod cli;
 mod examples;
+mod files;
 mod golden;
 mod metrics;
 mod mqtt;

@@ -1,34 +1,62 @@
-//! The `file` sink: writes one stream to a file as JSON lines or Parquet.
+//! The `file` sink: writes one stream as JSON lines, CSV or Parquet, to one file or, when
+//! `path` names columns (`out/{device}/readings.csv`), to one file per distinct value.
 //!
-//! JSON lines go through a buffered writer and can append to an existing file; Parquet
-//! (Snappy-compressed) writes a row group every [`ROW_GROUP_ROWS`] rows as batches arrive
-//! and the footer when the stream ends, so a Parquet file is readable only after a clean
-//! close. Encoding and disk writes run on tokio's blocking pool so a slow disk never
-//! stalls the runtime's worker threads.
+//! JSON lines and CSV go through a buffered writer and can append to an existing file (a
+//! CSV header is written only into an empty file); Parquet (Snappy-compressed) writes a row
+//! group every [`ROW_GROUP_ROWS`] rows as batches arrive and the footer when the stream
+//! ends, so a Parquet file is readable only after a clean close. Encoding and disk writes
+//! run on tokio's blocking pool so a slow disk never stalls the runtime's worker threads.
+//!
+//! A templated path partitions the stream the way Hive and Spark's `partitionBy` do: the
+//! columns named in the path are not written into the files, since every row of a file
+//! has the same values there. The text before the first placeholder, up to its last `/`,
+//! is the sink's base directory, and no row may leave it: a rendered path that is
+//! absolute, climbs out with `..` or names a directory is refused, and so is a row whose
+//! placeholder value is null or empty. Refused rows are dropped, logged (throttled) and
+//! counted as `invalid_path`, and the stream goes on. At most `max_open_files` files are
+//! open at once; beyond that the least recently written one is closed and, for JSON and
+//! CSV, reopened in append mode when its rows come back. A Parquet file cannot be reopened
+//! (its footer ends it), so a templated Parquet sink keeps every file open and fails with
+//! a clear message when the stream needs more than `max_open_files` of them.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use arrow::array::UInt32Array;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
+use lru::LruCache;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::Deserialize;
+use tracing::debug;
 use weir_engine::config::ConfigErrors;
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
 use weir_engine::{OperatorError, OperatorInstance, Sink};
 
-use crate::format::{TimestampFormat, field_error, node_config, node_error, write_json_lines};
+use crate::format::{
+    TimestampFormat, field_error, node_config, node_error, write_csv, write_json_lines,
+};
+use crate::rejects::RejectLog;
+use crate::template::{Part, Rendered, Template, group_rows};
 
 /// The most rows in one Parquet row group; bounds the rows buffered in memory.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
 
-/// The size of the buffer in front of a JSON lines file.
-const JSON_BUFFER_BYTES: usize = 256 * 1024;
+/// The drop reason of rows whose path cannot be rendered or would leave the sink's base
+/// directory.
+pub const INVALID_PATH: &str = "invalid_path";
+
+/// How many files a sink with a templated path keeps open at most, by default.
+pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
+
+/// The size of the buffer in front of a JSON lines or CSV file.
+const TEXT_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Builds `file` sinks.
 pub struct FileSinkFactory;
@@ -38,14 +66,23 @@ pub struct FileSinkFactory;
 #[serde(default, deny_unknown_fields)]
 pub struct FileSinkConfig {
     /// The file to write; relative paths are resolved against the pipeline file's
-    /// directory. Missing parent directories are created.
+    /// directory. Missing parent directories are created. `{column}` placeholders make it
+    /// a template: each row goes to the file its values name, e.g. `out/{device}.csv` or
+    /// `out/{file}`; those columns are not written into the files. A rendered path must
+    /// stay inside the directory before the first placeholder; rows whose path is null,
+    /// empty, absolute or contains `..` are dropped and counted as `invalid_path`.
     pub path: String,
-    /// `json` (JSON lines) or `parquet`.
+    /// `json` (JSON lines), `csv` (with a header row) or `parquet`.
     pub format: OutputFormat,
-    /// JSON only: `rfc3339` strings (the default) or `epoch_ms` integers.
+    /// JSON and CSV only: `rfc3339` strings (the default) or `epoch_ms` integers.
     pub timestamps: Option<TimestampFormat>,
-    /// JSON only: add to the end of an existing file instead of replacing it.
+    /// JSON and CSV only: add to the end of an existing file instead of replacing it (a
+    /// CSV header is written only into an empty file).
     pub append: Option<bool>,
+    /// With a templated path: the most files open at once (default 64). JSON and CSV
+    /// files beyond it are closed least recently written first and reopened to append;
+    /// Parquet files cannot be reopened, so needing more fails the sink.
+    pub max_open_files: Option<usize>,
 }
 
 /// The encoding of the output file.
@@ -55,6 +92,8 @@ pub enum OutputFormat {
     /// One JSON object per row.
     #[default]
     Json,
+    /// Comma-separated values with a header row; nulls are empty fields.
+    Csv,
     /// Apache Parquet, Snappy-compressed.
     Parquet,
 }
@@ -95,31 +134,207 @@ impl OperatorFactory for FileSinkFactory {
             for key in ["timestamps", "append"] {
                 if node.config.get(key).is_some() {
                     errors.push(
-                        field_error(node, &[key], format!("{key} applies only to format json"))
-                            .with_hint(format!("remove `{key}`, or set `format: json`")),
+                        field_error(
+                            node,
+                            &[key],
+                            format!("{key} applies only to formats json and csv"),
+                        )
+                        .with_hint(format!("remove `{key}`, or set `format: json` or `csv`")),
                     );
                 }
             }
         }
-        if !errors.is_empty() {
+        if config.max_open_files == Some(0) {
+            errors.push(field_error(
+                node,
+                &["max_open_files"],
+                "max_open_files must be at least 1",
+            ));
+        }
+        if !node.inputs_known {
+            // An upstream could not be planned, so its schema is unknown: the template
+            // cannot be checked against it, and the upstream's own errors speak.
             return Err(errors);
         }
-        Ok(Box::new(Plan {
-            path: node.base_dir.join(&config.path),
-            format: config.format,
-            timestamps: config.timestamps.unwrap_or_default(),
-            append: config.append.unwrap_or(false),
-            schema: node.inputs[0].stream.schema.clone(),
-        }))
+        let target = match node.inputs {
+            [input] if !config.path.trim().is_empty() => {
+                target(node, &config, &input.stream.schema, &mut errors)
+            }
+            _ => None,
+        };
+        match target {
+            Some((target, settings)) if errors.is_empty() => {
+                Ok(Box::new(Plan { target, settings }))
+            }
+            _ => Err(errors),
+        }
     }
 }
 
-struct Plan {
-    path: PathBuf,
+/// Reads `path` against the input `schema`: where rows go and which columns are written.
+fn target(
+    node: &NodeContext<'_>,
+    config: &FileSinkConfig,
+    schema: &SchemaRef,
+    errors: &mut ConfigErrors,
+) -> Option<(Target, Settings)> {
+    let template = match Template::parse("path", &config.path, schema) {
+        Ok(template) => template,
+        Err(message) => {
+            errors
+                .push(field_error(node, &["path"], message).with_hint(
+                    "e.g. `path: out/{device}.jsonl`; `{column}` names an input column",
+                ));
+            return None;
+        }
+    };
+    let placeholders = template.columns();
+    let keep: Vec<usize> = (0..schema.fields().len())
+        .filter(|index| !placeholders.contains(index))
+        .collect();
+    let mut ok = true;
+    if keep.is_empty() {
+        ok = false;
+        errors.push(
+            field_error(
+                node,
+                &["path"],
+                format!(
+                    "path '{}' names every input column, so nothing is left to write into the \
+                     files: the columns in the path are not written into them",
+                    config.path
+                ),
+            )
+            .with_hint("select a column twice in a sql transform to keep it in the files too"),
+        );
+    }
+    let prefix = base_prefix(&template);
+    if !placeholders.is_empty() {
+        let sample = template.sample("x");
+        if let Err(problem) = check_partition(&sample, prefix) {
+            ok = false;
+            errors.push(field_error(
+                node,
+                &["path"],
+                format!("path '{}' cannot be used: {problem}", config.path),
+            ));
+        }
+    }
+    let written = match schema.project(&keep) {
+        Ok(written) => SchemaRef::new(written),
+        Err(e) => {
+            errors.push(node_error(node, format!("cannot project the input: {e}")));
+            return None;
+        }
+    };
+    if config.format == OutputFormat::Csv {
+        for field in written.fields() {
+            if field.data_type().is_nested() {
+                ok = false;
+                errors.push(
+                    field_error(
+                        node,
+                        &["format"],
+                        format!(
+                            "format csv cannot hold column '{}' of type {}: csv fields are flat \
+                             values",
+                            field.name(),
+                            field.data_type()
+                        ),
+                    )
+                    .with_hint("flatten it in a sql transform, or write json or parquet"),
+                );
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    let settings = Settings {
+        format: config.format,
+        timestamps: config.timestamps.unwrap_or_default(),
+        append: config.append.unwrap_or(false),
+        max_open_files: config.max_open_files.unwrap_or(DEFAULT_MAX_OPEN_FILES),
+        keep: (keep.len() < schema.fields().len()).then_some(keep),
+        written,
+    };
+    let target = match template.fixed() {
+        Some(path) => Target::Fixed(node.base_dir.join(path)),
+        None => Target::Template {
+            template,
+            base_dir: node.base_dir.to_owned(),
+            prefix,
+        },
+    };
+    Some((target, settings))
+}
+
+/// The length of a template's base directory: its text before the first placeholder, up to
+/// and including the last `/` (0 when the path starts with a placeholder or a file name).
+fn base_prefix(template: &Template) -> usize {
+    match template.parts() {
+        [Part::Text(text), Part::Column(_), ..] => text.rfind('/').map_or(0, |slash| slash + 1),
+        _ => 0,
+    }
+}
+
+/// Checks that `path`, a rendering of a template whose base directory is its first
+/// `prefix` bytes, names a file inside that directory.
+fn check_partition(path: &str, prefix: usize) -> Result<(), String> {
+    let rest = &path[prefix..];
+    let base = match &path[..prefix] {
+        "" => "the pipeline's directory".to_owned(),
+        base => format!("'{base}'"),
+    };
+    if rest.is_empty() {
+        return Err(format!("path '{path}' is empty"));
+    }
+    if rest.starts_with('/') {
+        return Err(format!("path '{path}' is absolute below {base}"));
+    }
+    if rest.contains('\0') {
+        return Err(format!("path '{path}' contains NUL"));
+    }
+    if rest.split('/').any(|component| component == "..") {
+        return Err(format!(
+            "path '{path}' has a '..' component, which could leave {base}"
+        ));
+    }
+    if matches!(rest.rsplit('/').next(), Some("" | ".")) {
+        return Err(format!("path '{path}' names a directory, not a file"));
+    }
+    Ok(())
+}
+
+/// Where rows go.
+enum Target {
+    /// All to one file.
+    Fixed(PathBuf),
+    /// Each row to the file its values name, inside the base directory.
+    Template {
+        template: Template,
+        /// The pipeline file's directory, which relative paths are resolved against.
+        base_dir: PathBuf,
+        /// The length of the template's base directory, see [`base_prefix`].
+        prefix: usize,
+    },
+}
+
+/// How files are written, whichever file it is.
+struct Settings {
     format: OutputFormat,
     timestamps: TimestampFormat,
     append: bool,
-    schema: SchemaRef,
+    max_open_files: usize,
+    /// The input columns written, when the path names some of them.
+    keep: Option<Vec<usize>>,
+    /// The schema of what is written.
+    written: SchemaRef,
+}
+
+struct Plan {
+    target: Target,
+    settings: Settings,
 }
 
 impl PlannedOperator for Plan {
@@ -129,43 +344,33 @@ impl PlannedOperator for Plan {
 
     fn instantiate(
         self: Box<Self>,
-        _metrics: &OperatorMetrics,
+        metrics: &OperatorMetrics,
     ) -> Result<OperatorInstance, OperatorError> {
-        let display = self.path.display().to_string();
-        let cannot = |doing: &str, e: std::io::Error| {
-            OperatorError::io(format!("cannot {doing} {display}"), e)
+        let Plan { target, settings } = *self;
+        let mut writers = Writers {
+            settings,
+            open: LruCache::unbounded(),
+            opened: HashSet::new(),
         };
-        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| cannot("create the directory of", e))?;
-        }
-        let file = match (self.format, self.append) {
-            (OutputFormat::Json, true) => OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path),
-            _ => File::create(&self.path),
-        }
-        .map_err(|e| cannot("create", e))?;
-        let writer = match self.format {
-            OutputFormat::Json => Writer::Json {
-                out: BufWriter::with_capacity(JSON_BUFFER_BYTES, file),
-                timestamps: self.timestamps,
-            },
-            OutputFormat::Parquet => {
-                let properties = WriterProperties::builder()
-                    .set_compression(Compression::SNAPPY)
-                    .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-                    .build();
-                let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(properties))
-                    .map_err(|e| {
-                        OperatorError::User(format!("cannot write {display} as parquet: {e}"))
-                    })?;
-                Writer::Parquet(Box::new(writer))
+        let display = match &target {
+            // A fixed file is created at once, so an empty stream still leaves a readable
+            // (Parquet) or empty (JSON, CSV with its header) file, and a path that cannot be
+            // written fails the start.
+            Target::Fixed(path) => {
+                writers.get(path)?;
+                path.display().to_string()
             }
+            Target::Template { template, .. } => template.text().to_owned(),
         };
         Ok(OperatorInstance::Sink(Box::new(FileSink {
+            rejects: RejectLog::new(
+                format!("file sink {display}"),
+                "row without a valid path",
+                "rows without a valid path",
+            ),
             display,
-            writer: Some(writer),
+            files: Some(Files { target, writers }),
+            metrics: metrics.clone(),
         })))
     }
 }
@@ -176,10 +381,14 @@ enum Writer {
         out: BufWriter<File>,
         timestamps: TimestampFormat,
     },
+    Csv {
+        out: BufWriter<File>,
+        timestamps: TimestampFormat,
+    },
     Parquet(Box<ArrowWriter<File>>),
 }
 
-/// One thing to do with the open file.
+/// One thing to do with the open files.
 enum Step {
     Write(RecordBatch),
     Flush,
@@ -187,8 +396,59 @@ enum Step {
 }
 
 impl Writer {
-    /// Performs `step`; blocking. Errors are worded for the file named `display`.
-    fn perform(&mut self, step: Step, display: &str) -> Result<(), OperatorError> {
+    /// Opens `path` for writing: replacing it, or appending to it when `append`. Blocking.
+    fn open(path: &Path, settings: &Settings, append: bool) -> Result<Writer, OperatorError> {
+        let cannot = |doing: &str, e: std::io::Error| {
+            OperatorError::io(format!("cannot {doing} {}", path.display()), e)
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| cannot("create the directory of", e))?;
+        }
+        let file = match (settings.format, append) {
+            (OutputFormat::Json | OutputFormat::Csv, true) => {
+                OpenOptions::new().create(true).append(true).open(path)
+            }
+            _ => File::create(path),
+        }
+        .map_err(|e| cannot("create", e))?;
+        Ok(match settings.format {
+            OutputFormat::Json => Writer::Json {
+                out: BufWriter::with_capacity(TEXT_BUFFER_BYTES, file),
+                timestamps: settings.timestamps,
+            },
+            OutputFormat::Csv => {
+                let empty = file.metadata().map_err(|e| cannot("inspect", e))?.len() == 0;
+                let mut out = BufWriter::with_capacity(TEXT_BUFFER_BYTES, file);
+                if empty {
+                    let header = RecordBatch::new_empty(settings.written.clone());
+                    write_csv(&mut out, &header, true, settings.timestamps)
+                        .map_err(|e| text_error(e, path))?;
+                }
+                Writer::Csv {
+                    out,
+                    timestamps: settings.timestamps,
+                }
+            }
+            OutputFormat::Parquet => {
+                let properties = WriterProperties::builder()
+                    .set_compression(Compression::SNAPPY)
+                    .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+                    .build();
+                let writer = ArrowWriter::try_new(file, settings.written.clone(), Some(properties))
+                    .map_err(|e| {
+                        OperatorError::User(format!(
+                            "cannot write {} as parquet: {e}",
+                            path.display()
+                        ))
+                    })?;
+                Writer::Parquet(Box::new(writer))
+            }
+        })
+    }
+
+    /// Performs `step` on the file at `path`; blocking.
+    fn perform(&mut self, step: Step, path: &Path) -> Result<(), OperatorError> {
+        let display = path.display();
         let io = |doing: &str, e: std::io::Error| {
             OperatorError::io(format!("cannot {doing} {display}"), e)
         };
@@ -203,12 +463,12 @@ impl Writer {
         };
         match (self, step) {
             (Writer::Json { out, timestamps }, Step::Write(batch)) => {
-                write_json_lines(out, &batch, *timestamps).map_err(|e| match e {
-                    arrow::error::ArrowError::IoError(_, source) => io("write", source),
-                    other => OperatorError::Arrow(other),
-                })
+                write_json_lines(out, &batch, *timestamps).map_err(|e| text_error(e, path))
             }
-            (Writer::Json { out, .. }, Step::Flush | Step::Close) => {
+            (Writer::Csv { out, timestamps }, Step::Write(batch)) => {
+                write_csv(out, &batch, false, *timestamps).map_err(|e| text_error(e, path))
+            }
+            (Writer::Json { out, .. } | Writer::Csv { out, .. }, Step::Flush | Step::Close) => {
                 out.flush().map_err(|e| io("write", e))
             }
             (Writer::Parquet(writer), Step::Write(batch)) => writer.write(&batch).map_err(parquet),
@@ -220,33 +480,180 @@ impl Writer {
     }
 }
 
+/// An error of the JSON or CSV encoder writing to `path`.
+fn text_error(error: arrow::error::ArrowError, path: &Path) -> OperatorError {
+    match error {
+        arrow::error::ArrowError::IoError(_, source) => {
+            OperatorError::io(format!("cannot write {}", path.display()), source)
+        }
+        other => OperatorError::Arrow(other),
+    }
+}
+
+/// The open files, least recently written first out when too many are open.
+struct Writers {
+    settings: Settings,
+    open: LruCache<PathBuf, Writer>,
+    /// Every file opened so far: reopening one appends to it.
+    opened: HashSet<PathBuf>,
+}
+
+impl Writers {
+    /// The writer of `path`, opened (and another closed) if need be. Blocking.
+    fn get(&mut self, path: &Path) -> Result<&mut Writer, OperatorError> {
+        if !self.open.contains(path) {
+            if self.open.len() >= self.settings.max_open_files {
+                if self.settings.format == OutputFormat::Parquet {
+                    return Err(OperatorError::User(format!(
+                        "cannot write {}: the file sink already has {} parquet files open, \
+                         and a parquet file cannot be reopened once closed; raise \
+                         max_open_files, or write json or csv",
+                        path.display(),
+                        self.open.len()
+                    )));
+                }
+                if let Some((old, mut writer)) = self.open.pop_lru() {
+                    debug!("file sink: closing {} to open another file", old.display());
+                    writer.perform(Step::Close, &old)?;
+                }
+            }
+            let again = !self.opened.insert(path.to_owned());
+            let writer = Writer::open(path, &self.settings, self.settings.append || again)?;
+            debug!(
+                "file sink: {} {}",
+                if again { "reopened" } else { "opened" },
+                path.display()
+            );
+            self.open.put(path.to_owned(), writer);
+        }
+        self.open.get_mut(path).ok_or_else(|| {
+            OperatorError::Internal(format!("{} is not open after opening", path.display()))
+        })
+    }
+
+    /// The written columns of `batch`.
+    fn project(&self, batch: &RecordBatch) -> Result<RecordBatch, OperatorError> {
+        Ok(match &self.settings.keep {
+            Some(keep) => batch.project(keep)?,
+            None => batch.clone(),
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), OperatorError> {
+        for (path, writer) in self.open.iter_mut() {
+            writer.perform(Step::Flush, path)?;
+        }
+        Ok(())
+    }
+
+    /// Closes every file; the first failure is reported after trying them all.
+    fn close(&mut self) -> Result<(), OperatorError> {
+        let mut outcome = Ok(());
+        while let Some((path, mut writer)) = self.open.pop_lru() {
+            let closed = writer.perform(Step::Close, &path);
+            if outcome.is_ok() {
+                outcome = closed;
+            }
+        }
+        outcome
+    }
+}
+
+/// Everything the sink writes with, moved to the blocking pool for each step.
+struct Files {
+    target: Target,
+    writers: Writers,
+}
+
+impl Files {
+    /// Performs `step`; blocking. A write returns why the rows it dropped have no path.
+    fn perform(&mut self, step: Step) -> Result<Vec<String>, OperatorError> {
+        match step {
+            Step::Write(batch) => self.write(&batch),
+            Step::Flush => self.writers.flush().map(|()| Vec::new()),
+            Step::Close => self.writers.close().map(|()| Vec::new()),
+        }
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<Vec<String>, OperatorError> {
+        let (template, base_dir, prefix) = match &self.target {
+            Target::Fixed(path) => {
+                let written = self.writers.project(batch)?;
+                self.writers
+                    .get(path)?
+                    .perform(Step::Write(written), path)?;
+                return Ok(Vec::new());
+            }
+            Target::Template {
+                template,
+                base_dir,
+                prefix,
+            } => (template, base_dir, *prefix),
+        };
+        let rendered: Rendered = template
+            .render(batch, |_, _| Ok(()))?
+            .into_iter()
+            .map(|path| path.and_then(|path| check_partition(&path, prefix).map(|()| path)))
+            .collect();
+        let problems: Vec<String> = rendered
+            .iter()
+            .filter_map(|path| path.as_ref().err().cloned())
+            .collect();
+        let groups = group_rows(rendered);
+        let written = self.writers.project(batch)?;
+        let whole = groups.len() == 1 && problems.is_empty();
+        for (path, rows) in groups {
+            let rows = if whole {
+                written.clone()
+            } else {
+                arrow::compute::take_record_batch(&written, &UInt32Array::from(rows))?
+            };
+            let path = base_dir.join(path);
+            self.writers.get(&path)?.perform(Step::Write(rows), &path)?;
+        }
+        Ok(problems)
+    }
+}
+
 /// The running file sink.
 struct FileSink {
+    /// The path or template, for messages.
     display: String,
     /// `None` while a blocking step holds it, and after close or a failed step.
-    writer: Option<Writer>,
+    files: Option<Files>,
+    metrics: OperatorMetrics,
+    /// Rows dropped for their path, counted in the metrics as `invalid_path`.
+    rejects: RejectLog,
 }
 
 impl FileSink {
     async fn run(&mut self, step: Step) -> Result<(), OperatorError> {
-        let Some(mut writer) = self.writer.take() else {
+        let Some(mut files) = self.files.take() else {
             return Err(OperatorError::Internal(format!(
                 "the file sink for {} was used after it closed or failed",
                 self.display
             )));
         };
-        let display = self.display.clone();
         let closing = matches!(step, Step::Close);
-        let (writer, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = writer.perform(step, &display);
-            (writer, outcome)
+        let (files, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = files.perform(step);
+            (files, outcome)
         })
         .await
         .map_err(|e| OperatorError::Internal(format!("file write task failed: {e}")))?;
         if outcome.is_ok() && !closing {
-            self.writer = Some(writer);
+            self.files = Some(files);
         }
-        outcome
+        let problems = outcome?;
+        for problem in &problems {
+            self.rejects
+                .note(format_args!("path '{}'", self.display), problem);
+        }
+        self.metrics.dropped(INVALID_PATH, problems.len() as u64);
+        if closing {
+            self.rejects.summarise();
+        }
+        Ok(())
     }
 }
 
@@ -279,7 +686,7 @@ mod tests {
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
-            Field::new("device", DataType::Utf8, false),
+            Field::new("device", DataType::Utf8, true),
             Field::new(
                 "ts",
                 DataType::Timestamp(TimeUnit::Millisecond, None),
@@ -312,20 +719,67 @@ mod tests {
     }
 
     fn sink(dir: &tempfile::TempDir, config: &str) -> Box<dyn Sink> {
+        sink_with(dir, config, &OperatorMetrics::detached("test", "node"))
+    }
+
+    fn sink_with(
+        dir: &tempfile::TempDir,
+        config: &str,
+        metrics: &OperatorMetrics,
+    ) -> Box<dyn Sink> {
         let decl = Decl {
             inputs: vec![input()],
             base_dir: Some(dir.path()),
             ..Decl::default()
         };
         let planned = plan(&FileSinkFactory, Role::Sink, config, decl).unwrap();
-        match planned
-            .instantiate(&weir_engine::metrics::OperatorMetrics::detached(
-                "test", "node",
-            ))
-            .unwrap()
-        {
+        match planned.instantiate(metrics).unwrap() {
             OperatorInstance::Sink(sink) => sink,
             _ => panic!("the file sink builds a sink"),
+        }
+    }
+
+    /// Rows of `device` values `devices`, timestamps from `first` a second apart, values
+    /// 0, 1, ...
+    fn rows(devices: &[Option<&str>], first: i64) -> RecordBatch {
+        let n = devices.len();
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(StringArray::from(devices.to_vec())),
+                Arc::new(TimestampMillisecondArray::from(
+                    (0..n as i64).map(|i| first + 1000 * i).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(
+                    (0..n).map(|i| Some(i as f64)).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn read(dir: &tempfile::TempDir, path: &str) -> String {
+        std::fs::read_to_string(dir.path().join(path))
+            .unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+    }
+
+    fn plan_errors(config: &str, schema: SchemaRef) -> Vec<String> {
+        let decl = Decl {
+            inputs: vec![InputStream {
+                name: "upstream".into(),
+                stream: StreamInfo {
+                    schema,
+                    event_time: None,
+                },
+            }],
+            ..Decl::default()
+        };
+        match plan(&FileSinkFactory, Role::Sink, config, decl) {
+            Ok(_) => panic!("config should be rejected: {config}"),
+            Err(errors) => errors
+                .iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect(),
         }
     }
 
@@ -423,10 +877,255 @@ mod tests {
             messages,
             [
                 "the file sink writes one stream but has 2 inputs",
-                "timestamps applies only to format json",
-                "append applies only to format json",
+                "timestamps applies only to formats json and csv",
+                "append applies only to formats json and csv",
             ]
         );
         assert_eq!(errors[0].path, "sinks.node");
+    }
+
+    #[tokio::test]
+    async fn csv_has_one_header_even_when_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        for first in [0, 5000] {
+            let mut sink = sink(&dir, "{path: r.csv, format: csv, append: true}");
+            sink.write(0, batch(first)).await.unwrap();
+            sink.close().await.unwrap();
+        }
+        assert_eq!(
+            read(&dir, "r.csv"),
+            "device,ts,value\n\
+             a,1970-01-01T00:00:00Z,1.5\n\
+             b,1970-01-01T00:00:01Z,\n\
+             a,1970-01-01T00:00:05Z,1.5\n\
+             b,1970-01-01T00:00:06Z,\n"
+        );
+        let mut empty = sink(&dir, "{path: empty.csv, format: csv, timestamps: epoch_ms}");
+        empty.close().await.unwrap();
+        assert_eq!(
+            read(&dir, "empty.csv"),
+            "device,ts,value\n",
+            "an empty stream"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_templated_path_partitions_rows_and_leaves_its_columns_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("out/a")).unwrap();
+        std::fs::write(dir.path().join("out/a/r.csv"), "stale\n").unwrap();
+        let mut sink = sink(
+            &dir,
+            "{path: \"out/{device}/r.csv\", format: csv, timestamps: epoch_ms}",
+        );
+        sink.write(0, rows(&[Some("a"), Some("b"), Some("a")], 0))
+            .await
+            .unwrap();
+        sink.write(0, rows(&[Some("a"), Some("deep/c")], 10_000))
+            .await
+            .unwrap();
+        sink.close().await.unwrap();
+        assert_eq!(
+            read(&dir, "out/a/r.csv"),
+            "ts,value\n0,0.0\n2000,2.0\n10000,0.0\n",
+            "the stale file is replaced; rows keep their order"
+        );
+        assert_eq!(read(&dir, "out/b/r.csv"), "ts,value\n1000,1.0\n");
+        assert_eq!(read(&dir, "out/deep/c/r.csv"), "ts,value\n11000,1.0\n");
+    }
+
+    #[tokio::test]
+    async fn files_beyond_max_open_files_are_closed_and_reopened_to_append() {
+        let dir = tempfile::tempdir().unwrap();
+        for format in ["csv", "json"] {
+            let config = format!(
+                "{{path: \"{format}/{{device}}\", format: {format}, max_open_files: 1, \
+                 timestamps: epoch_ms}}"
+            );
+            let mut sink = sink(&dir, &config);
+            for (round, device) in ["a", "b", "a", "b", "a"].into_iter().enumerate() {
+                let first = 10_000 * round as i64;
+                sink.write(0, rows(&[Some(device)], first)).await.unwrap();
+            }
+            sink.close().await.unwrap();
+        }
+        assert_eq!(
+            read(&dir, "csv/a"),
+            "ts,value\n0,0.0\n20000,0.0\n40000,0.0\n"
+        );
+        assert_eq!(read(&dir, "csv/b"), "ts,value\n10000,0.0\n30000,0.0\n");
+        assert_eq!(
+            read(&dir, "json/b"),
+            "{\"ts\":10000,\"value\":0.0}\n{\"ts\":30000,\"value\":0.0}\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn parquet_partitions_stay_open_and_too_many_fail_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut capped = sink(
+            &dir,
+            "{path: \"p/{device}.parquet\", format: parquet, max_open_files: 2}",
+        );
+        capped
+            .write(0, rows(&[Some("a"), Some("b"), Some("a")], 0))
+            .await
+            .unwrap();
+        let error = capped
+            .write(0, rows(&[Some("c")], 0))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("p/c.parquet") && error.contains("raise max_open_files"),
+            "{error}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut open = sink(&dir, "{path: \"p/{device}.parquet\", format: parquet}");
+        open.write(0, rows(&[Some("a"), Some("b"), Some("a")], 0))
+            .await
+            .unwrap();
+        open.close().await.unwrap();
+        let file = File::open(dir.path().join("p/a.parquet")).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+        let columns: Vec<_> = reader
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(columns, ["ts", "value"]);
+        assert_eq!(reader.metadata().file_metadata().num_rows(), 2);
+    }
+
+    #[tokio::test]
+    async fn rows_whose_path_would_leave_the_base_directory_are_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = prometheus::Registry::new();
+        let metrics = weir_engine::metrics::EngineMetrics::new(&registry)
+            .unwrap()
+            .operator("test", "node");
+        let mut sink = sink_with(&dir, "{path: \"out/{device}\", format: csv}", &metrics);
+        let devices = [
+            Some("../escaped"),
+            Some("/abs"),
+            None,
+            Some("ok"),
+            Some("x/.."),
+            Some("dir/"),
+            Some("sub/./fine"),
+        ];
+        sink.write(0, rows(&devices, 0)).await.unwrap();
+        sink.close().await.unwrap();
+        assert_eq!(read(&dir, "out/ok"), "ts,value\n1970-01-01T00:00:03Z,3.0\n");
+        assert_eq!(
+            read(&dir, "out/sub/fine"),
+            "ts,value\n1970-01-01T00:00:06Z,6.0\n"
+        );
+        assert!(!dir.path().join("escaped").exists());
+        assert!(!dir.path().join("out/x").exists());
+        let dropped: f64 = registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "weir_operator_dropped_rows_total")
+            .flat_map(|family| family.get_metric())
+            .filter(|metric| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|l| l.name() == "reason" && l.value() == INVALID_PATH)
+            })
+            .map(|metric| metric.get_counter().get_value())
+            .sum();
+        assert_eq!(dropped, 5.0);
+    }
+
+    #[test]
+    fn check_partition_keeps_paths_inside_the_base_directory() {
+        assert_eq!(check_partition("out/a/b.csv", 4), Ok(()));
+        assert_eq!(
+            check_partition("a..b/c", 0),
+            Ok(()),
+            "'..' inside a name is fine"
+        );
+        for (path, prefix, why) in [
+            ("out//etc/passwd", 4, "absolute"),
+            ("out/../x", 4, "'..'"),
+            ("out/a/", 4, "directory"),
+            ("out/a/.", 4, "directory"),
+            ("out/", 4, "empty"),
+            ("x\0", 0, "NUL"),
+        ] {
+            let error = check_partition(path, prefix).unwrap_err();
+            assert!(error.contains(why), "{path}: {error}");
+        }
+    }
+
+    #[test]
+    fn plan_checks_the_template_against_the_input() {
+        let errors = plan_errors("{path: \"out/{nope}.csv\", max_open_files: 0}", schema());
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("sinks.node.config.max_open_files: "));
+        assert!(
+            errors[1]
+                .starts_with("sinks.node.config.path: path 'out/{nope}.csv' names column 'nope'")
+        );
+        let errors = plan_errors("{path: \"{device}/{ts}/{value}\"}", schema());
+        assert!(errors[0].contains("names every input column"), "{errors:?}");
+        let errors = plan_errors("{path: \"out/{device}/../x\"}", schema());
+        assert!(errors[0].contains("'..' component"), "{errors:?}");
+        let nested = Arc::new(Schema::new(vec![
+            Field::new("device", DataType::Utf8, false),
+            Field::new_list(
+                "values",
+                Field::new_list_field(DataType::Float64, true),
+                true,
+            ),
+        ]));
+        let errors = plan_errors("{path: \"{device}.csv\", format: csv}", nested.clone());
+        assert!(
+            errors[0]
+                .starts_with("sinks.node.config.format: format csv cannot hold column 'values'"),
+            "{errors:?}"
+        );
+        // JSON holds nested values.
+        let decl = Decl {
+            inputs: vec![InputStream {
+                name: "upstream".into(),
+                stream: StreamInfo {
+                    schema: nested,
+                    event_time: None,
+                },
+            }],
+            ..Decl::default()
+        };
+        assert!(
+            plan(
+                &FileSinkFactory,
+                Role::Sink,
+                "{path: \"{device}.json\"}",
+                decl
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn an_unplanned_upstream_leaves_the_template_unchecked() {
+        let decl = Decl {
+            inputs: vec![InputStream {
+                name: "upstream".into(),
+                stream: StreamInfo {
+                    schema: Arc::new(Schema::empty()),
+                    event_time: None,
+                },
+            }],
+            inputs_unknown: true,
+            ..Decl::default()
+        };
+        let errors = plan(&FileSinkFactory, Role::Sink, "{path: \"out/{file}\"}", decl)
+            .err()
+            .unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
     }
 }

@@ -17,11 +17,23 @@
 //! Limits, by design of the chunked fast path: a record must sit on one line (no
 //! pretty-printed JSON, no quoted newlines in CSV); a JSON object that does span lines is
 //! accepted when its chunk decodes as a whole, and reported line by line otherwise.
+//!
+//! `path` may be a glob pattern (`data/**/*.csv`: `*`, `?`, `[...]`, and `**` for any
+//! depth of directories), so one source reads a whole folder: the matches are read one
+//! after another in sorted path order, each as if it were the only file (a CSV header is
+//! checked per file, line numbers restart, dead-letter rows name the file they came from).
+//! Hidden files (names starting with `.`) match only a pattern that spells the dot.
+//! The pattern is expanded when the pipeline starts; a pattern that matches no file fails
+//! the start. `file_column` adds a column that names each row's file, relative to the
+//! pattern's fixed base directory (the directories before the first wildcard), so the
+//! rows can be told apart downstream and written back out per file (see the file sink's
+//! `path` templates). Following (`follow`) works on one named file only.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +47,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use async_trait::async_trait;
 use serde::Deserialize;
-use tracing::info;
+use tracing::{debug, info};
 use weir_engine::config::{ConfigErrors, HumanDuration};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{
@@ -57,6 +69,10 @@ const CHUNK_BYTES: usize = if cfg!(test) { 4 << 10 } else { 2 << 20 };
 /// and skipped, so a file without newlines cannot exhaust memory.
 const MAX_LINE_BYTES: usize = if cfg!(test) { 64 << 10 } else { 64 << 20 };
 
+/// Up to this many files, the source logs each file it finished at `info`; with more
+/// (a pattern over a large folder) at `debug`, and a summary at `info` when all are read.
+const LOG_EACH_FILE_UP_TO: usize = 8;
+
 /// Builds `file` sources.
 pub struct FileSourceFactory;
 
@@ -64,19 +80,28 @@ pub struct FileSourceFactory;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileSourceConfig {
-    /// The file to read; relative paths are resolved against the pipeline file's directory.
+    /// The file to read, or a glob pattern naming several (`data/**/*.csv`; `*`, `?`,
+    /// `[...]`, and `**` for any depth of directories), read one after another in sorted
+    /// path order. Relative paths are resolved against the pipeline file's directory. A
+    /// pattern that matches no file fails the start, naming the pattern.
     pub path: String,
     /// `json` (one object per line) or `csv`.
     pub format: FileFormat,
     /// CSV options; only for `format: csv`.
     pub csv: Option<CsvOptions>,
     /// Keep reading as the file grows, following it through truncation and rotation; the
-    /// stream then never ends. The file is read from its beginning either way.
+    /// stream then never ends. The file is read from its beginning either way. Only for a
+    /// `path` that names one file, not a pattern.
     pub follow: bool,
     /// The most rows in one emitted batch.
     pub batch_rows: usize,
     /// With `follow`: how often to look for new data once the end is reached.
     pub poll_interval: HumanDuration,
+    /// Adds a non-null `utf8` column of this name, after the schema's columns, holding the
+    /// file each row came from: its path relative to the pattern's fixed base directory
+    /// (the directories before the first wildcard), with `/` separators, e.g.
+    /// `realKnownCause/nyc_taxi.csv`; for a `path` without wildcards, the file's name.
+    pub file_column: Option<String>,
 }
 
 impl Default for FileSourceConfig {
@@ -88,6 +113,7 @@ impl Default for FileSourceConfig {
             follow: false,
             batch_rows: 8192,
             poll_interval: HumanDuration(Duration::from_millis(250)),
+            file_column: None,
         }
     }
 }
@@ -129,15 +155,37 @@ enum Decoding {
     Csv { header: bool, delimiter: u8 },
 }
 
+/// What a file source reads.
+#[derive(Clone, Debug)]
+enum Input {
+    /// One file, by name.
+    File(PathBuf),
+    /// Every file a glob pattern matches.
+    Pattern {
+        /// As written in the config, for messages.
+        written: String,
+        /// Resolved against the pipeline file's directory (escaped, so that its name
+        /// cannot act as a pattern).
+        pattern: String,
+        /// The directories before the first wildcard, resolved; file names are relative
+        /// to it.
+        base: PathBuf,
+    },
+}
+
 /// A file source whose config is valid.
 #[derive(Clone, Debug)]
 struct Plan {
-    path: PathBuf,
+    input: Input,
     decoding: Decoding,
     follow: bool,
     batch_rows: usize,
     poll_interval: Duration,
+    /// The declared schema: what the files hold.
     schema: SchemaRef,
+    /// What the source emits: the declared schema, then the file column if any.
+    output: SchemaRef,
+    file_column: Option<String>,
     event_time: Option<String>,
 }
 
@@ -233,21 +281,187 @@ fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
             }
         }
     };
+    let input = if is_pattern(&config.path) {
+        if let Err(e) = glob::Pattern::new(&config.path) {
+            errors.push(
+                field_error(
+                    node,
+                    &["path"],
+                    format!(
+                        "path '{}' is not a valid pattern: {} (at character {})",
+                        config.path,
+                        e.msg,
+                        e.pos + 1
+                    ),
+                )
+                .with_hint("write e.g. `data/**/*.csv`; `[[]` matches a literal '['"),
+            );
+        }
+        if config.follow {
+            errors.push(
+                field_error(
+                    node,
+                    &["follow"],
+                    format!(
+                        "follow reads one growing file, but path '{}' is a pattern",
+                        config.path
+                    ),
+                )
+                .with_hint("name one file in `path`, or remove `follow`"),
+            );
+        }
+        pattern_input(node.base_dir, &config.path)
+    } else {
+        Input::File(node.base_dir.join(&config.path))
+    };
+    if let Some(name) = &config.file_column {
+        if name.trim().is_empty() {
+            errors.push(field_error(
+                node,
+                &["file_column"],
+                "file_column must name a column",
+            ));
+        } else if let Some(schema) = &node.schema
+            && schema.index_of(name).is_ok()
+        {
+            errors.push(
+                field_error(
+                    node,
+                    &["file_column"],
+                    format!("file_column '{name}' is also a column of the schema"),
+                )
+                .with_hint("choose another name for the file column"),
+            );
+        }
+    }
     let Some(schema) = node.schema.clone() else {
         return Err(errors);
     };
     if !errors.is_empty() {
         return Err(errors);
     }
+    let output = match &config.file_column {
+        Some(name) => {
+            let mut fields = schema.fields().to_vec();
+            fields.push(Arc::new(Field::new(name, DataType::Utf8, false)));
+            Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+        }
+        None => schema.clone(),
+    };
     Ok(Plan {
-        path: node.base_dir.join(&config.path),
+        input,
         decoding,
         follow: config.follow,
         batch_rows: config.batch_rows,
         poll_interval: config.poll_interval.0,
         schema,
+        output,
+        file_column: config.file_column.clone(),
         event_time: node.event_time.as_ref().map(|spec| spec.column.clone()),
     })
+}
+
+/// Whether `path` holds a glob wildcard.
+fn is_pattern(path: &str) -> bool {
+    path.contains(['*', '?', '['])
+}
+
+/// A pattern resolved against `base_dir`, the pipeline file's directory.
+fn pattern_input(base_dir: &Path, written: &str) -> Input {
+    let fixed: Vec<&str> = written
+        .split('/')
+        .take_while(|component| !is_pattern(component))
+        .collect();
+    let fixed = match fixed.as_slice() {
+        // `/*.csv`: the root.
+        [""] => "/".to_owned(),
+        fixed => fixed.join("/"),
+    };
+    let pattern = if Path::new(written).is_absolute() {
+        written.to_owned()
+    } else {
+        let base = glob::Pattern::escape(&base_dir.to_string_lossy());
+        Path::new(&base)
+            .join(written)
+            .to_string_lossy()
+            .into_owned()
+    };
+    Input::Pattern {
+        written: written.to_owned(),
+        pattern,
+        base: base_dir.join(fixed),
+    }
+}
+
+/// `path` without `.` components, so paths spelt with and without `./` compare equal.
+fn without_dots(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|component| *component != Component::CurDir)
+        .collect()
+}
+
+/// The files to read, in order, each with its name for the file column.
+fn resolve(input: &Input) -> Result<VecDeque<(PathBuf, Arc<str>)>, OperatorError> {
+    let (written, pattern, base) = match input {
+        Input::File(path) => {
+            let name = path
+                .file_name()
+                .map_or_else(|| path.to_string_lossy(), |name| name.to_string_lossy());
+            return Ok(VecDeque::from([(path.clone(), Arc::from(name.as_ref()))]));
+        }
+        Input::Pattern {
+            written,
+            pattern,
+            base,
+        } => (written, pattern, base),
+    };
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let matches = glob::glob_with(pattern, options).map_err(|e| {
+        OperatorError::User(format!("path '{written}' is not a valid pattern: {e}"))
+    })?;
+    let mut files = Vec::new();
+    for found in matches {
+        let path = found.map_err(|e| {
+            OperatorError::io(
+                format!(
+                    "cannot read {} while matching '{written}'",
+                    e.path().display()
+                ),
+                std::io::Error::from(e),
+            )
+        })?;
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(OperatorError::User(format!(
+            "no file matches path '{written}' (looked in {})",
+            base.display()
+        )));
+    }
+    files.sort();
+    let base = without_dots(base);
+    Ok(files
+        .into_iter()
+        .map(|path| {
+            let name = without_dots(&path)
+                .strip_prefix(&base)
+                .map(|relative| {
+                    relative
+                        .components()
+                        .map(|c| c.as_os_str().to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
+                .unwrap_or_else(|_| path.to_string_lossy().into_owned());
+            (path, Arc::from(name))
+        })
+        .collect())
 }
 
 /// The schema of the dead-letter port: where each malformed line was, why, and its text.
@@ -264,7 +478,7 @@ impl PlannedOperator for Plan {
     fn outputs(&self) -> Vec<OutputSpec> {
         outputs_with_dead_letter(
             StreamInfo {
-                schema: self.schema.clone(),
+                schema: self.output.clone(),
                 event_time: self.event_time.clone(),
             },
             dead_letter_schema(),
@@ -275,14 +489,39 @@ impl PlannedOperator for Plan {
         self: Box<Self>,
         _metrics: &OperatorMetrics,
     ) -> Result<OperatorInstance, OperatorError> {
-        let file = File::open(&self.path)
-            .map_err(|e| OperatorError::io(format!("cannot open {}", self.path.display()), e))?;
+        let mut pending = resolve(&self.input)?;
+        let count = pending.len();
+        let Some((path, name)) = pending.pop_front() else {
+            return Err(OperatorError::Internal(
+                "the file source resolved no file".into(),
+            ));
+        };
+        let file = File::open(&path)
+            .map_err(|e| OperatorError::io(format!("cannot open {}", path.display()), e))?;
         let identity = file.metadata().ok().and_then(|meta| identity(&meta));
-        let display = self.path.display().to_string();
+        let display = path.display().to_string();
         let reader = LineDecoder::new(&self);
+        let report = match &self.input {
+            Input::File(_) => RejectLog::new(display.clone(), "malformed line", "malformed lines"),
+            Input::Pattern { written, .. } => {
+                info!("file source: {count} files match '{written}'");
+                RejectLog::new(
+                    format!("files matching '{written}'"),
+                    "malformed line",
+                    "malformed lines",
+                )
+            }
+        };
         Ok(OperatorInstance::Source(Box::new(FileSource {
-            report: RejectLog::new(display.clone(), "malformed line", "malformed lines"),
+            report,
             display,
+            path,
+            name,
+            name_column: None,
+            pending,
+            files: count,
+            rows: 0,
+            total_rows: 0,
             plan: *self,
             reader,
             file: Some(file),
@@ -766,6 +1005,19 @@ enum FileState {
 /// The running file source.
 struct FileSource {
     plan: Plan,
+    /// The file being read.
+    path: PathBuf,
+    /// Its name in the file column: relative to the pattern's base directory.
+    name: Arc<str>,
+    /// The file column's values for this file, at least as many as the last batch had.
+    name_column: Option<ArrayRef>,
+    /// The files still to read after this one, in order.
+    pending: VecDeque<(PathBuf, Arc<str>)>,
+    /// How many files the source reads in all.
+    files: usize,
+    /// Rows emitted from the current file, and from all files.
+    rows: u64,
+    total_rows: u64,
     /// The path as shown in logs and dead-letter rows.
     display: String,
     reader: LineDecoder,
@@ -867,6 +1119,8 @@ impl FileSource {
         decoded: Decoded,
     ) -> Result<(), OperatorError> {
         for batch in decoded.batches {
+            self.rows += batch.num_rows() as u64;
+            let batch = self.with_file_column(batch)?;
             ctx.emit(batch).await?;
         }
         if decoded.bad.is_empty() {
@@ -878,8 +1132,15 @@ impl FileSource {
         let mut raws = StringBuilder::new();
         let mut numbers = Vec::with_capacity(rows);
         for bad in &decoded.bad {
-            self.report
-                .note(format_args!("line {}", bad.line), &bad.error);
+            match &self.plan.input {
+                Input::File(_) => self
+                    .report
+                    .note(format_args!("line {}", bad.line), &bad.error),
+                Input::Pattern { .. } => self.report.note(
+                    format_args!("line {} of {}", bad.line, self.name),
+                    &bad.error,
+                ),
+            }
             files.append_value(&self.display);
             numbers.push(bad.line);
             errors.append_value(&bad.error);
@@ -916,8 +1177,65 @@ impl FileSource {
         .await
     }
 
+    /// `batch` with the file column, when the source has one.
+    fn with_file_column(&mut self, batch: RecordBatch) -> Result<RecordBatch, OperatorError> {
+        if self.plan.file_column.is_none() {
+            return Ok(batch);
+        }
+        let rows = batch.num_rows();
+        let column = match &self.name_column {
+            Some(column) if column.len() >= rows => column.slice(0, rows),
+            _ => {
+                let column: ArrayRef = Arc::new(StringArray::from_iter_values(
+                    std::iter::repeat_n(self.name.as_ref(), rows),
+                ));
+                self.name_column = Some(column.clone());
+                column
+            }
+        };
+        let mut columns = batch.columns().to_vec();
+        columns.push(column);
+        Ok(RecordBatch::try_new(self.plan.output.clone(), columns)?)
+    }
+
+    /// Logs how many rows the file that just ended held.
+    fn finish_file(&mut self) {
+        if self.files <= LOG_EACH_FILE_UP_TO {
+            info!("file source read {} rows from {}", self.rows, self.display);
+        } else {
+            debug!("file source read {} rows from {}", self.rows, self.display);
+        }
+        self.total_rows += self.rows;
+        self.rows = 0;
+    }
+
+    /// Opens the next file; `false` when every file has been read.
+    async fn next_file(&mut self) -> Result<bool, OperatorError> {
+        let Some((path, name)) = self.pending.pop_front() else {
+            if let Input::Pattern { written, .. } = &self.plan.input {
+                info!(
+                    "file source read {} rows from {} files matching '{written}'",
+                    self.total_rows, self.files
+                );
+            }
+            return Ok(false);
+        };
+        self.display = path.display().to_string();
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file.into_std().await,
+            Err(e) => return Err(self.io_error("open", e)),
+        };
+        self.identity = file.metadata().ok().and_then(|meta| identity(&meta));
+        self.file = Some(file);
+        self.path = path;
+        self.name = name;
+        self.name_column = None;
+        self.start_over();
+        Ok(true)
+    }
+
     async fn check_file(&self) -> Result<FileState, OperatorError> {
-        match tokio::fs::metadata(&self.plan.path).await {
+        match tokio::fs::metadata(&self.path).await {
             Ok(meta) => {
                 let now = identity(&meta);
                 Ok(if now.is_some() && now != self.identity {
@@ -949,7 +1267,7 @@ impl FileSource {
 
     /// Switches to the file that now has the name; `false` when it vanished meanwhile.
     async fn reopen(&mut self) -> Result<bool, OperatorError> {
-        let file = match tokio::fs::File::open(&self.plan.path).await {
+        let file = match tokio::fs::File::open(&self.path).await {
             Ok(file) => file.into_std().await,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(self.io_error("open", e)),
@@ -1023,10 +1341,16 @@ impl Source for FileSource {
             while !ctx.is_cancelled() {
                 if self.read_chunk().await? > 0 {
                     self.drain_lines(ctx, false).await?;
-                } else if !self.plan.follow {
-                    return self.drain_lines(ctx, true).await;
-                } else if self.at_end_of_followed_file(ctx).await? {
-                    return Ok(());
+                } else if self.plan.follow {
+                    if self.at_end_of_followed_file(ctx).await? {
+                        return Ok(());
+                    }
+                } else {
+                    self.drain_lines(ctx, true).await?;
+                    self.finish_file();
+                    if !self.next_file().await? {
+                        return Ok(());
+                    }
                 }
             }
             Ok(())
@@ -1415,6 +1739,230 @@ mod tests {
         .err()
         .unwrap();
         assert_eq!(errors[0].path, "sources.node.config.csv.delimiter");
+    }
+
+    /// Writes `text` at `name` under `base`, creating directories.
+    fn put(base: &Path, name: &str, text: &str) {
+        let path = base.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// Runs a source planned against `base` as the pipeline's directory.
+    async fn run_in(base: &Path, config: &str) -> (Outputs, Result<(), String>) {
+        let decl = Decl {
+            schema: Some(schema()),
+            base_dir: Some(base),
+            ..Decl::default()
+        };
+        let planned = plan(&FileSourceFactory, Role::Source, config, decl).unwrap();
+        let outputs = Outputs::new();
+        let outcome = run_source(planned, None, CancellationToken::new(), &outputs)
+            .await
+            .map_err(|e| e.to_string());
+        (outputs, outcome)
+    }
+
+    fn strings(column: &ArrayRef) -> Vec<String> {
+        column
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_pattern_reads_every_match_in_path_order_naming_each_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // The pipeline's directory has a name that would be a pattern itself.
+        let base = dir.path().join("pipe[1]");
+        let csv = |first: usize, rows: usize| {
+            let mut text = "device,ts,temperature\n".to_owned();
+            for i in first..first + rows {
+                text.push_str(&format!("d,{i},{i}\n"));
+            }
+            text
+        };
+        put(&base, "data/b/2.csv", &csv(300, 2));
+        // Larger than a chunk, so files end and start mid-way through reads.
+        put(&base, "data/a/1.csv", &csv(0, 250));
+        put(&base, "data/a/sub/0.csv", &csv(250, 50));
+        put(&base, "data/top.csv", &csv(302, 1));
+        put(&base, "data/a/notes.txt", "not csv");
+        put(&base, "data/.hidden.csv", "not, even, csv\n");
+        put(
+            &base,
+            "data/dir.csv/inner.txt",
+            "a directory that matches is skipped",
+        );
+        let config = "{path: \"data/**/*.csv\", format: csv, file_column: file, batch_rows: 100}";
+        let (outputs, outcome) = run_in(&base, config).await;
+        outcome.unwrap();
+        let all = outputs.main_batch();
+        assert_eq!(
+            temperatures(&all),
+            (0..303).map(f64::from).collect::<Vec<_>>(),
+            "files in sorted path order, rows in file order"
+        );
+        assert_eq!(
+            all.schema().field(3),
+            &Field::new("file", DataType::Utf8, false)
+        );
+        let files = strings(all.column(3));
+        let expected: Vec<String> = [
+            ("a/1.csv", 250),
+            ("a/sub/0.csv", 50),
+            ("b/2.csv", 2),
+            ("top.csv", 1),
+        ]
+        .into_iter()
+        .flat_map(|(name, rows)| std::iter::repeat_n(name.to_owned(), rows))
+        .collect();
+        assert_eq!(files, expected);
+        assert!(outputs.side.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_absolute_pattern_names_files_relative_to_its_fixed_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        put(
+            dir.path(),
+            "nab/realKnownCause/nyc_taxi.csv",
+            "device,ts,temperature\nd,1,1\n",
+        );
+        put(
+            dir.path(),
+            "nab/artificial/flat.csv",
+            "device,ts,temperature\nd,2,2\n",
+        );
+        let pattern = format!("{}/nab/*/*.csv", dir.path().display());
+        let elsewhere = tempfile::tempdir().unwrap();
+        let config = format!("{{path: \"{pattern}\", format: csv, file_column: source}}");
+        let (outputs, outcome) = run_in(elsewhere.path(), &config).await;
+        outcome.unwrap();
+        assert_eq!(
+            strings(outputs.main_batch().column(3)),
+            ["artificial/flat.csv", "realKnownCause/nyc_taxi.csv"]
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_lines_name_their_file_and_each_header_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = "device,ts,temperature\n";
+        put(dir.path(), "in/1.csv", &format!("{header}d,1,1\nd,2,2\n"));
+        put(
+            dir.path(),
+            "in/2.csv",
+            &format!("{header}d,3,3\nd,4,warm\nd,5,5\n"),
+        );
+        let (outputs, outcome) = run_in(dir.path(), "{path: in/*.csv, format: csv}").await;
+        outcome.unwrap();
+        assert_eq!(
+            temperatures(&outputs.main_batch()),
+            vec![1.0, 2.0, 3.0, 5.0]
+        );
+        let dead = outputs.side_batch();
+        assert!(
+            dead.column(0)
+                .as_string::<i32>()
+                .value(0)
+                .ends_with("in/2.csv"),
+            "{:?}",
+            dead.column(0)
+        );
+        assert_eq!(dead.column(1).as_primitive::<UInt64Type>().value(0), 3);
+
+        put(dir.path(), "in/3.csv", "ts,device,temperature\n1,d,6\n");
+        let (outputs, outcome) = run_in(dir.path(), "{path: in/*.csv, format: csv}").await;
+        let error = outcome.unwrap_err();
+        assert!(
+            error.contains("in/3.csv:1: the csv header does not match"),
+            "{error}"
+        );
+        assert_eq!(outputs.main_rows(), 4, "the earlier files were read");
+    }
+
+    #[test]
+    fn a_pattern_that_matches_nothing_fails_at_start_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        put(dir.path(), "data/readme.txt", "");
+        let error = match planned(&dir, "{path: \"data/**/*.csv\"}").instantiate(
+            &weir_engine::metrics::OperatorMetrics::detached("test", "node"),
+        ) {
+            Err(error) => error.to_string(),
+            Ok(_) => panic!("an empty match must not instantiate"),
+        };
+        assert!(
+            error.starts_with("no file matches path 'data/**/*.csv'"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_single_file_s_file_column_holds_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            &dir,
+            "in.jsonl",
+            "{\"device\":\"d\",\"ts\":1,\"temperature\":1}\n",
+        );
+        let planned = planned(&dir, "{path: in.jsonl, file_column: origin}");
+        let schema = planned.outputs()[0].stream.schema.clone();
+        assert_eq!(schema.fields().len(), 4);
+        assert_eq!(
+            schema.field(3),
+            &Field::new("origin", DataType::Utf8, false)
+        );
+        let outputs = read(&dir, "{path: in.jsonl, file_column: origin}").await;
+        assert_eq!(strings(outputs.main_batch().column(3)), ["in.jsonl"]);
+    }
+
+    #[test]
+    fn plan_rejects_follow_on_a_pattern_bad_patterns_and_clashing_file_columns() {
+        let decl = || Decl {
+            schema: Some(schema()),
+            ..Decl::default()
+        };
+        let errors = plan(
+            &FileSourceFactory,
+            Role::Source,
+            "{path: \"logs/*.jsonl\", follow: true, file_column: device}",
+            decl(),
+        )
+        .err()
+        .unwrap();
+        let found: Vec<_> = errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "sources.node.config.follow",
+                    "follow reads one growing file, but path 'logs/*.jsonl' is a pattern"
+                ),
+                (
+                    "sources.node.config.file_column",
+                    "file_column 'device' is also a column of the schema"
+                ),
+            ]
+        );
+        let errors = plan(
+            &FileSourceFactory,
+            Role::Source,
+            "{path: \"logs/[a.jsonl\"}",
+            decl(),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(errors[0].path, "sources.node.config.path");
+        assert!(
+            errors[0].message.contains("is not a valid pattern"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]
