@@ -6,6 +6,8 @@
 //! - [`Pki`]: a certificate authority with a broker and a client certificate, generated
 //!   for one test and written as PEM files.
 //!
+//! - [`noise`]: reproducible pseudo-random values for synthetic series.
+//!
 //! Every wait is bounded by [`WAIT`], so a broken peer fails a test instead of hanging it.
 //! The broker fixtures panic when Mosquitto is not installed: `.ci/run` installs it, and
 //! a silently skipped broker test would hide exactly the regressions it exists for.
@@ -27,4 +29,15 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
         .expect("the loopback interface has a free port")
+}
+
+/// A reproducible pseudo-random value in [0, 1) for row `row` of stream `stream`
+/// (SplitMix64's finaliser over the two), so synthetic series need no generator state.
+pub fn noise(row: u64, stream: u64) -> f64 {
+    let mut x =
+        row.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 29;
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -1,6 +1,6 @@
 //! End-to-end tests that run the real `weir` binary: exit codes, validation messages,
-//! golden window outputs, a folder of files in and out, every example pipeline (the MQTT
-//! ones against a test broker), signals and `/metrics`.
+//! golden window outputs, a folder of files in and out, the NAB runner, every example
+//! pipeline (the MQTT ones against a test broker), signals and `/metrics`.
 
 mod cli;
 mod examples;
@@ -8,5 +8,6 @@ mod files;
 mod golden;
 mod metrics;
 mod mqtt;
+mod nab;
 mod signals;
 mod support;

@@ -200,9 +200,14 @@ impl ConfigValue {
         self
     }
 
-    /// The value under `key`, when this is a mapping that has it.
+    /// The value under `key`, when this is a mapping that has it. A sequence's items are
+    /// found by their index written as text (`"0"`, `"1"`, ...), so that error paths such
+    /// as `members.1.alpha` can be followed to their location.
     pub fn get(&self, key: &str) -> Option<&ConfigValue> {
-        self.entry(key).map(|(_, v)| v)
+        match &self.value {
+            Value::Seq(items) => key.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => self.entry(key).map(|(_, v)| v),
+        }
     }
 
     /// The key and value under `key`, when this is a mapping that has it. The key carries

@@ -90,7 +90,8 @@ impl Ewma {
 }
 
 impl Detector for Ewma {
-    fn observe(&mut self, _ts: i64, value: f64) -> Verdict {
+    fn observe(&mut self, _ts: i64, values: &[f64]) -> Verdict {
+        let value = values[0];
         let verdict = if self.count < self.min_history {
             Verdict::NORMAL
         } else {
@@ -122,7 +123,7 @@ mod tests {
         values
             .iter()
             .enumerate()
-            .map(|(i, v)| detector.observe(i as i64, *v).is_anomaly)
+            .map(|(i, v)| detector.observe(i as i64, &[*v]).is_anomaly)
             .collect()
     }
 

@@ -167,7 +167,8 @@ impl Mad {
 }
 
 impl Detector for Mad {
-    fn observe(&mut self, _ts: i64, value: f64) -> Verdict {
+    fn observe(&mut self, _ts: i64, values: &[f64]) -> Verdict {
+        let value = values[0];
         let verdict = if self.sorted.len() < self.min_history {
             Verdict::NORMAL
         } else {
@@ -239,7 +240,7 @@ mod tests {
             threshold: 3.5,
         });
         for (i, v) in [5.0, 1.0, 5.0, 3.0, 2.0, 5.0].into_iter().enumerate() {
-            detector.observe(i as i64, v);
+            detector.observe(i as i64, &[v]);
         }
         // The window holds the last four arrivals, 5, 3, 2, 5, sorted.
         assert_eq!(detector.sorted, [2.0, 3.0, 5.0, 5.0]);
@@ -256,7 +257,7 @@ mod tests {
             } else {
                 10.0 + (i % 5) as f64 * 0.2
             };
-            flags.push(detector.observe(i, value).is_anomaly);
+            flags.push(detector.observe(i, &[value]).is_anomaly);
         }
         // The first outlier does not inflate the spread: the second is flagged too.
         assert!(flags[40] && flags[41]);
@@ -271,11 +272,11 @@ mod tests {
             threshold: 3.5,
         });
         for (i, v) in [5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 9.0].into_iter().enumerate() {
-            detector.observe(i as i64, v);
+            detector.observe(i as i64, &[v]);
         }
         // MAD is 0 (six fives), the mean absolute deviation is not: 5.5 is normal.
-        assert!(!detector.clone().observe(7, 5.5).is_anomaly);
-        assert!(detector.observe(7, 40.0).is_anomaly);
+        assert!(!detector.clone().observe(7, &[5.5]).is_anomaly);
+        assert!(detector.observe(7, &[40.0]).is_anomaly);
     }
 
     #[test]

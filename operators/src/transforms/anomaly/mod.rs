@@ -1,5 +1,5 @@
-//! The `anomaly` transform: scores every row of a value column against its series'
-//! history and adds `anomaly_score` (0..1) and `is_anomaly` columns.
+//! The `anomaly` transform: scores every row of one or more value columns against its
+//! series' history and adds `anomaly_score` (0..1) and `is_anomaly` columns.
 //!
 //! Rows are grouped into series by an optional `key` column, each with its own detector
 //! state; at most `max_keys` series are kept, the least recently seen is evicted first,
@@ -7,14 +7,24 @@
 //! watermark passes them and are then scored in event-time order, so the outcome does not
 //! depend on how rows were cut into batches or interleaved across keys. Rows that arrive
 //! behind the watermark are scored on arrival. Detectors are deterministic: the same rows
-//! give the same scores.
+//! (and, for `iforest`, the same seed) give the same scores.
 //!
 //! Detectors, each in its own file with its parameters and defaults: `zscore` (distance
-//! from the mean of earlier values), `ewma` (an exponentially weighted control chart) and
-//! `mad` (distance from the median in median absolute deviations).
+//! from the mean of earlier values), `ewma` (an exponentially weighted control chart),
+//! `mad` (distance from the median in median absolute deviations), `forecast` (the
+//! residual of a seasonal Holt-Winters forecast), `range` (a value outside the range seen
+//! so far), `iforest` (an isolation forest over several columns and their recent
+//! values) and `ensemble` (several of these, combined). Any detector's scores can be
+//! post-processed (`post.rs`): `likelihood` turns them into a calibrated tail
+//! probability and `onset_rows` keeps only the start of an anomalous stretch.
 
+mod ensemble;
 mod ewma;
+mod forecast;
+mod iforest;
 mod mad;
+mod post;
+mod range;
 mod zscore;
 
 use std::num::NonZeroUsize;
@@ -39,11 +49,16 @@ use weir_engine::registry::{
 use weir_engine::time::event_times_ms;
 use weir_engine::{Collector, OperatorError, OperatorInstance, Transform, Watermark};
 
+pub use ensemble::{Combine, EnsembleConfig};
 pub use ewma::EwmaConfig;
+pub use forecast::ForecastConfig;
+pub use iforest::IforestConfig;
 pub use mad::MadConfig;
+pub use post::LikelihoodConfig;
+pub use range::RangeConfig;
 pub use zscore::ZscoreConfig;
 
-use crate::format::{field_error, node_config, node_error};
+use crate::format::{field_error, node_config_split, node_error};
 
 /// The column holding each row's score, from 0 (normal) towards 1.
 pub const SCORE_COLUMN: &str = "anomaly_score";
@@ -57,22 +72,21 @@ const SERIES_OVERHEAD_BYTES: usize = 64;
 /// Builds `anomaly` transforms.
 pub struct AnomalyFactory;
 
-/// The `config` of an `anomaly` transform.
+/// The `config` of an `anomaly` transform, besides its detector ([`DetectorConfig`]),
+/// whose fields are written in the same map.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AnomalyConfig {
     /// The numeric column to score.
-    pub value: String,
+    pub value: Option<String>,
+    /// Several numeric columns scored together, for a multivariate detector (`iforest`).
+    pub values: Option<Vec<String>>,
     /// The column whose values name the series (e.g. `device`); one series without it.
     pub key: Option<String>,
-    /// The detector: `zscore`, `ewma` or `mad`.
-    pub detector: DetectorKind,
-    /// Parameters of the `zscore` detector.
-    pub zscore: Option<ZscoreConfig>,
-    /// Parameters of the `ewma` detector.
-    pub ewma: Option<EwmaConfig>,
-    /// Parameters of the `mad` detector.
-    pub mad: Option<MadConfig>,
+    /// The timestamp column detectors read times from (seasons, time windows); the
+    /// input's event-time column by default. Naming one does not change the order rows
+    /// are scored in: that is event-time order only when the input has event time.
+    pub time: Option<String>,
     /// `all` rows, scored, or only the `anomalies`.
     pub emit: Emit,
     /// The most series kept; beyond it the least recently seen is forgotten.
@@ -82,16 +96,42 @@ pub struct AnomalyConfig {
 impl Default for AnomalyConfig {
     fn default() -> Self {
         AnomalyConfig {
-            value: String::new(),
+            value: None,
+            values: None,
             key: None,
-            detector: DetectorKind::Zscore,
-            zscore: None,
-            ewma: None,
-            mad: None,
+            time: None,
             emit: Emit::All,
             max_keys: 100_000,
         }
     }
+}
+
+/// A detector and its parameters: the rest of the transform's `config`, or one member of
+/// an `ensemble`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DetectorConfig {
+    /// Which detector scores the rows.
+    pub detector: DetectorKind,
+    /// Parameters of the `zscore` detector.
+    pub zscore: Option<ZscoreConfig>,
+    /// Parameters of the `ewma` detector.
+    pub ewma: Option<EwmaConfig>,
+    /// Parameters of the `mad` detector.
+    pub mad: Option<MadConfig>,
+    /// Parameters of the `forecast` detector.
+    pub forecast: Option<ForecastConfig>,
+    /// Parameters of the `range` detector.
+    pub range: Option<RangeConfig>,
+    /// Parameters of the `iforest` detector.
+    pub iforest: Option<IforestConfig>,
+    /// The members of an `ensemble` and how their scores combine.
+    pub ensemble: Option<EnsembleConfig>,
+    /// Replace the detector's scores by their anomaly likelihood (see `post.rs`).
+    pub likelihood: Option<LikelihoodConfig>,
+    /// Keep a score only when it beats every score of the previous this many rows, so a
+    /// long anomalous stretch reports its start and not every row (0: keep all).
+    pub onset_rows: usize,
 }
 
 /// The detectors there are.
@@ -99,21 +139,48 @@ impl Default for AnomalyConfig {
 #[serde(rename_all = "snake_case")]
 pub enum DetectorKind {
     /// Distance from the mean of earlier values, in standard deviations.
-    #[default]
     Zscore,
     /// An exponentially weighted control chart.
     Ewma,
     /// Distance from the median, in median absolute deviations.
     Mad,
+    /// The residual of a seasonal (Holt-Winters) forecast.
+    Forecast,
+    /// A value outside the range of the earlier ones.
+    Range,
+    /// An isolation forest over the value columns and their recent values.
+    Iforest,
+    /// Several detectors, combined; with its default members, the default detector.
+    #[default]
+    Ensemble,
 }
 
 impl DetectorKind {
+    const ALL: [DetectorKind; 7] = [
+        DetectorKind::Zscore,
+        DetectorKind::Ewma,
+        DetectorKind::Mad,
+        DetectorKind::Forecast,
+        DetectorKind::Range,
+        DetectorKind::Iforest,
+        DetectorKind::Ensemble,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             DetectorKind::Zscore => "zscore",
             DetectorKind::Ewma => "ewma",
             DetectorKind::Mad => "mad",
+            DetectorKind::Forecast => "forecast",
+            DetectorKind::Range => "range",
+            DetectorKind::Iforest => "iforest",
+            DetectorKind::Ensemble => "ensemble",
         }
+    }
+
+    /// Whether the detector scores several value columns at once.
+    fn multivariate(self) -> bool {
+        matches!(self, DetectorKind::Iforest | DetectorKind::Ensemble)
     }
 }
 
@@ -128,12 +195,12 @@ pub enum Emit {
     Anomalies,
 }
 
-/// What a detector says about one value.
+/// What a detector says about one row.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Verdict {
     /// 0 (normal) to 1 (as abnormal as it gets).
     pub score: f64,
-    /// Whether the value is an anomaly.
+    /// Whether the row is an anomaly.
     pub is_anomaly: bool,
 }
 
@@ -145,10 +212,11 @@ impl Verdict {
     };
 }
 
-/// One series' detector: scores each value against what came before, then learns it.
+/// One series' detector: scores each row against what came before, then learns it.
 pub trait Detector: Send {
-    /// Scores `value`, seen at event time `ts` (ms), and adds it to the history.
-    fn observe(&mut self, ts: i64, value: f64) -> Verdict;
+    /// Scores the row with `values` (one per value column, none of them NaN), seen at
+    /// event time `ts` (ms), and adds it to the history.
+    fn observe(&mut self, ts: i64, values: &[f64]) -> Verdict;
 
     /// The memory this series' state holds, in bytes (an estimate).
     fn state_bytes(&self) -> usize;
@@ -172,21 +240,207 @@ pub fn normal_score(deviation: f64, sigma: f64, threshold: f64) -> Verdict {
     }
 }
 
-/// The validated detector choice, able to start a series.
+/// The problem with a `threshold` on scores, unless it is in (0, 1].
+pub fn score_threshold_problem(threshold: f64) -> Option<(&'static str, String)> {
+    (!(threshold > 0.0 && threshold <= 1.0)).then(|| {
+        (
+            "threshold",
+            format!("threshold is a score above 0 and at most 1, not {threshold}"),
+        )
+    })
+}
+
+/// The validated choice of detector, able to start a series.
 #[derive(Clone, Debug)]
-enum DetectorSpec {
+struct DetectorSpec {
+    base: BaseSpec,
+    likelihood: Option<LikelihoodConfig>,
+    onset_rows: usize,
+}
+
+/// A detector before post-processing.
+#[derive(Clone, Debug)]
+enum BaseSpec {
     Zscore(ZscoreConfig),
     Ewma(EwmaConfig),
     Mad(MadConfig),
+    Forecast(ForecastConfig),
+    Range(RangeConfig),
+    Iforest(IforestConfig),
+    Ensemble(Combine, Vec<DetectorSpec>),
 }
 
 impl DetectorSpec {
-    fn new_series(&self) -> Box<dyn Detector> {
-        match self {
-            DetectorSpec::Zscore(config) => Box::new(zscore::Zscore::new(config)),
-            DetectorSpec::Ewma(config) => Box::new(ewma::Ewma::new(config)),
-            DetectorSpec::Mad(config) => Box::new(mad::Mad::new(config)),
+    fn new_series(&self, columns: usize) -> Box<dyn Detector> {
+        let base: Box<dyn Detector> = match &self.base {
+            BaseSpec::Zscore(config) => Box::new(zscore::Zscore::new(config)),
+            BaseSpec::Ewma(config) => Box::new(ewma::Ewma::new(config)),
+            BaseSpec::Mad(config) => Box::new(mad::Mad::new(config)),
+            BaseSpec::Forecast(config) => Box::new(forecast::Forecast::new(config)),
+            BaseSpec::Range(config) => Box::new(range::Range::new(config)),
+            BaseSpec::Iforest(config) => Box::new(iforest::Iforest::new(config, columns)),
+            BaseSpec::Ensemble(combine, members) => Box::new(ensemble::Ensemble::new(
+                *combine,
+                members.iter().map(|m| m.new_series(columns)).collect(),
+            )),
+        };
+        let base = match &self.likelihood {
+            Some(config) => Box::new(post::Likelihood::new(config, base)),
+            None => base,
+        };
+        match self.onset_rows {
+            0 => base,
+            rows => Box::new(post::Onset::new(rows, base)),
         }
+    }
+
+    /// Checks `config` (found at `path` under the node's config) for `columns` value
+    /// columns, pushing every problem to `errors`.
+    fn validate(
+        config: &DetectorConfig,
+        path: &[String],
+        columns: usize,
+        node: &NodeContext<'_>,
+        errors: &mut ConfigErrors,
+    ) -> Option<DetectorSpec> {
+        let at = |field: &[&str]| -> Vec<String> {
+            path.iter()
+                .cloned()
+                .chain(field.iter().map(|f| (*f).to_owned()))
+                .collect()
+        };
+        // Problems of this detector; a member's own go straight to `errors`.
+        let mut problems: Vec<(Vec<String>, String, Option<String>)> = Vec::new();
+        let mut report = |keys: Vec<String>, problem: String, hint: Option<String>| {
+            problems.push((keys, problem, hint));
+        };
+        let chosen = config.detector;
+        let given = [
+            config.zscore.is_some(),
+            config.ewma.is_some(),
+            config.mad.is_some(),
+            config.forecast.is_some(),
+            config.range.is_some(),
+            config.iforest.is_some(),
+            config.ensemble.is_some(),
+        ];
+        for (kind, given) in DetectorKind::ALL.into_iter().zip(given) {
+            if given && kind != chosen {
+                report(
+                    at(&[kind.name()]),
+                    format!(
+                        "`{}` sets the {} detector, but the detector is {}",
+                        kind.name(),
+                        kind.name(),
+                        chosen.name()
+                    ),
+                    Some(format!(
+                        "set `detector: {}`, or remove `{}`",
+                        kind.name(),
+                        kind.name()
+                    )),
+                );
+            }
+        }
+        if columns > 1 && !chosen.multivariate() {
+            report(
+                at(&["detector"]),
+                format!(
+                    "the {} detector scores one value column, but `values` names {columns}",
+                    chosen.name()
+                ),
+                Some("use `detector: iforest` for several columns, or one `value`".to_owned()),
+            );
+        }
+        let mut check = |problems: Vec<(&'static str, String)>| {
+            for (field, problem) in problems {
+                report(at(&[chosen.name(), field]), problem, None);
+            }
+        };
+        let base = match chosen {
+            DetectorKind::Zscore => {
+                let zscore = config.zscore.clone().unwrap_or_default();
+                check(zscore.problems());
+                BaseSpec::Zscore(zscore)
+            }
+            DetectorKind::Ewma => {
+                let ewma = config.ewma.clone().unwrap_or_default();
+                check(ewma.problems());
+                BaseSpec::Ewma(ewma)
+            }
+            DetectorKind::Mad => {
+                let mad = config.mad.clone().unwrap_or_default();
+                check(mad.problems());
+                BaseSpec::Mad(mad)
+            }
+            DetectorKind::Forecast => {
+                let forecast = config.forecast.clone().unwrap_or_default();
+                check(forecast.problems());
+                BaseSpec::Forecast(forecast)
+            }
+            DetectorKind::Range => {
+                let range = config.range.clone().unwrap_or_default();
+                check(range.problems());
+                BaseSpec::Range(range)
+            }
+            DetectorKind::Iforest => {
+                let iforest = config.iforest.clone().unwrap_or_default();
+                check(iforest.problems());
+                BaseSpec::Iforest(iforest)
+            }
+            DetectorKind::Ensemble => {
+                let ensemble = config.ensemble.clone().unwrap_or_default();
+                if ensemble.members.is_empty() {
+                    report(
+                        at(&["ensemble", "members"]),
+                        "an ensemble needs at least one member".to_owned(),
+                        Some(
+                            "e.g. `members: [{detector: forecast}, {detector: range}]`".to_owned(),
+                        ),
+                    );
+                }
+                let mut members = Vec::new();
+                for (i, member) in ensemble.members.iter().enumerate() {
+                    let member_path = at(&["ensemble", "members", &i.to_string()]);
+                    if member.detector == DetectorKind::Ensemble {
+                        report(
+                            member_path,
+                            "an ensemble member must name its detector: zscore, ewma, mad, \
+                             forecast, range or iforest (ensembles do not nest)"
+                                .to_owned(),
+                            Some("e.g. `- {detector: forecast}`".to_owned()),
+                        );
+                    } else {
+                        members.push((member, member_path));
+                    }
+                }
+                let members = members
+                    .into_iter()
+                    .filter_map(|(member, path)| {
+                        DetectorSpec::validate(member, &path, columns, node, errors)
+                    })
+                    .collect();
+                BaseSpec::Ensemble(ensemble.combine, members)
+            }
+        };
+        if let Some(likelihood) = &config.likelihood {
+            for (field, problem) in likelihood.problems() {
+                report(at(&["likelihood", field]), problem, None);
+            }
+        }
+        for (keys, problem, hint) in problems {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let error = field_error(node, &keys, problem);
+            errors.push(match hint {
+                Some(hint) => error.with_hint(hint),
+                None => error,
+            });
+        }
+        Some(DetectorSpec {
+            base,
+            likelihood: config.likelihood.clone(),
+            onset_rows: config.onset_rows,
+        })
     }
 }
 
@@ -200,64 +454,21 @@ impl OperatorFactory for AnomalyFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let config: AnomalyConfig = node_config(node)?;
+        let (config, detector_config): (AnomalyConfig, DetectorConfig) = node_config_split(node)?;
         let mut errors = ConfigErrors::new();
-        let chosen = config.detector;
-        for (kind, given) in [
-            (DetectorKind::Zscore, config.zscore.is_some()),
-            (DetectorKind::Ewma, config.ewma.is_some()),
-            (DetectorKind::Mad, config.mad.is_some()),
-        ] {
-            if given && kind != chosen {
+        let value_names: Vec<String> = match (&config.value, &config.values) {
+            (Some(value), None) => vec![value.clone()],
+            (None, Some(values)) => values.clone(),
+            (Some(_), Some(_)) => {
                 errors.push(
-                    field_error(
-                        node,
-                        &[kind.name()],
-                        format!(
-                            "`{}` sets the {} detector, but the detector is {}",
-                            kind.name(),
-                            kind.name(),
-                            chosen.name()
-                        ),
-                    )
-                    .with_hint(format!(
-                        "set `detector: {}`, or remove `{}`",
-                        kind.name(),
-                        kind.name()
-                    )),
+                    field_error(node, &["values"], "give `value` or `values`, not both")
+                        .with_hint("`value` names one column, `values` a list of them"),
                 );
+                Vec::new()
             }
-        }
-        let mut check = |problems: Vec<(&'static str, String)>| {
-            for (field, problem) in problems {
-                errors.push(field_error(node, &[chosen.name(), field], problem));
-            }
+            (None, None) => Vec::new(),
         };
-        let detector = match chosen {
-            DetectorKind::Zscore => {
-                let zscore = config.zscore.clone().unwrap_or_default();
-                check(zscore.problems());
-                DetectorSpec::Zscore(zscore)
-            }
-            DetectorKind::Ewma => {
-                let ewma = config.ewma.clone().unwrap_or_default();
-                check(ewma.problems());
-                DetectorSpec::Ewma(ewma)
-            }
-            DetectorKind::Mad => {
-                let mad = config.mad.clone().unwrap_or_default();
-                check(mad.problems());
-                DetectorSpec::Mad(mad)
-            }
-        };
-        if config.max_keys == 0 {
-            errors.push(field_error(
-                node,
-                &["max_keys"],
-                "max_keys must be at least 1",
-            ));
-        }
-        if config.value.is_empty() {
+        if value_names.is_empty() {
             errors.push(
                 field_error(
                     node,
@@ -266,6 +477,20 @@ impl OperatorFactory for AnomalyFactory {
                 )
                 .with_hint("add e.g. `value: temperature` under config"),
             );
+        }
+        let detector = DetectorSpec::validate(
+            &detector_config,
+            &[],
+            value_names.len().max(1),
+            node,
+            &mut errors,
+        );
+        if config.max_keys == 0 {
+            errors.push(field_error(
+                node,
+                &["max_keys"],
+                "max_keys must be at least 1",
+            ));
         }
         let [input] = node.inputs else {
             errors.push(node_error(
@@ -289,33 +514,33 @@ impl OperatorFactory for AnomalyFactory {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let value = match schema.index_of(&config.value) {
-            Ok(index) if schema.field(index).data_type().is_numeric() => Some(index),
-            Ok(index) => {
-                errors.push(field_error(
+        let value_field = if config.values.is_some() {
+            "values"
+        } else {
+            "value"
+        };
+        let mut values = Vec::new();
+        for name in &value_names {
+            match schema.index_of(name) {
+                Ok(index) if schema.field(index).data_type().is_numeric() => values.push(index),
+                Ok(index) => errors.push(field_error(
                     node,
-                    &["value"],
+                    &[value_field],
                     format!(
-                        "column '{}' is {}: the value column must be numeric",
-                        config.value,
+                        "column '{name}' is {}: a value column must be numeric",
                         schema.field(index).data_type()
                     ),
-                ));
-                None
-            }
-            Err(_) if config.value.is_empty() => None,
-            Err(_) => {
-                errors.push(
+                )),
+                Err(_) => errors.push(
                     field_error(
                         node,
-                        &["value"],
-                        format!("the input has no column '{}'", config.value),
+                        &[value_field],
+                        format!("the input has no column '{name}'"),
                     )
                     .with_hint(format!("its columns: {}", names())),
-                );
-                None
+                ),
             }
-        };
+        }
         let key = match &config.key {
             None => None,
             Some(name) => match schema.index_of(name) {
@@ -359,8 +584,34 @@ impl OperatorFactory for AnomalyFactory {
             .event_time
             .as_ref()
             .and_then(|column| schema.index_of(column).ok());
-        match value {
-            Some(value) if errors.is_empty() => {
+        let time = match &config.time {
+            None => event_time,
+            Some(name) => match schema.index_of(name) {
+                Ok(index) if matches!(schema.field(index).data_type(), DataType::Timestamp(..)) => {
+                    Some(index)
+                }
+                Ok(index) => {
+                    errors.push(field_error(
+                        node,
+                        &["time"],
+                        format!(
+                            "column '{name}' is {}: the time column must be a timestamp",
+                            schema.field(index).data_type()
+                        ),
+                    ));
+                    None
+                }
+                Err(_) => {
+                    errors.push(
+                        field_error(node, &["time"], format!("the input has no column '{name}'"))
+                            .with_hint(format!("its columns: {}", names())),
+                    );
+                    None
+                }
+            },
+        };
+        match detector {
+            Some(detector) if errors.is_empty() && !values.is_empty() => {
                 let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
                 fields.push(Arc::new(Field::new(SCORE_COLUMN, DataType::Float64, true)));
                 fields.push(Arc::new(Field::new(FLAG_COLUMN, DataType::Boolean, false)));
@@ -369,7 +620,8 @@ impl OperatorFactory for AnomalyFactory {
                     output_schema: Arc::new(Schema::new(fields)),
                     event_time_name: input.stream.event_time.clone(),
                     event_time,
-                    value,
+                    time,
+                    values,
                     key,
                     detector,
                     emit: config.emit,
@@ -386,9 +638,12 @@ struct Plan {
     input_schema: SchemaRef,
     output_schema: SchemaRef,
     event_time_name: Option<String>,
-    /// Index of the input's event-time column, when it has one.
+    /// Index of the input's event-time column, when it has one: it orders the rows.
     event_time: Option<usize>,
-    value: usize,
+    /// Index of the column detectors read times from.
+    time: Option<usize>,
+    /// Indexes of the value columns, in the order the detector sees them.
+    values: Vec<usize>,
     key: Option<usize>,
     detector: DetectorSpec,
     emit: Emit,
@@ -492,11 +747,13 @@ impl Anomaly {
     /// starting the series, and evicting the least recently seen one, when needed.
     fn series_of(&mut self, key: Option<&str>) -> &mut Box<dyn Detector> {
         let Some(key) = key else {
-            let detector = &self.plan.detector;
-            return self.unkeyed.get_or_insert_with(|| detector.new_series());
+            let (detector, columns) = (&self.plan.detector, self.plan.values.len());
+            return self
+                .unkeyed
+                .get_or_insert_with(|| detector.new_series(columns));
         };
         if !self.series.contains(key) {
-            let fresh = self.plan.detector.new_series();
+            let fresh = self.plan.detector.new_series(self.plan.values.len());
             self.state_bytes += (key.len() + SERIES_OVERHEAD_BYTES + fresh.state_bytes()) as i64;
             if let Some((evicted_key, evicted)) = self.series.push(key.to_owned(), fresh) {
                 self.state.evictions.inc();
@@ -511,12 +768,18 @@ impl Anomaly {
 
     /// Each row's event time in ms; rows without one sort first.
     fn event_times(&self, batch: &RecordBatch) -> Result<Vec<i64>, OperatorError> {
-        let Some(index) = self.plan.event_time else {
+        Self::times_ms(batch, self.plan.event_time)
+    }
+
+    /// Each row's time in the column at `index` in ms (0 without a column; rows without
+    /// a time get the earliest there is).
+    fn times_ms(batch: &RecordBatch, index: Option<usize>) -> Result<Vec<i64>, OperatorError> {
+        let Some(index) = index else {
             return Ok(vec![0; batch.num_rows()]);
         };
         let column = batch.column(index);
         let millis = event_times_ms(column).ok_or_else(|| {
-            OperatorError::Internal("the event-time column is not a timestamp".to_owned())
+            OperatorError::Internal("the time column is not a timestamp".to_owned())
         })?;
         Ok((0..millis.len())
             .map(|i| {
@@ -536,11 +799,21 @@ impl Anomaly {
         out: &mut Collector,
     ) -> Result<(), OperatorError> {
         let rows = batch.num_rows();
-        let values = cast(batch.column(self.plan.value), &DataType::Float64)?;
-        let values = values
-            .as_any()
-            .downcast_ref::<Float64Array>()
-            .ok_or_else(|| OperatorError::Internal("value cast to float64".to_owned()))?;
+        let columns = self
+            .plan
+            .values
+            .iter()
+            .map(|&index| cast(batch.column(index), &DataType::Float64))
+            .collect::<Result<Vec<_>, _>>()?;
+        let columns = columns
+            .iter()
+            .map(|c| {
+                c.as_any()
+                    .downcast_ref::<Float64Array>()
+                    .ok_or_else(|| OperatorError::Internal("value cast to float64".to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut row_values = vec![0.0; columns.len()];
         let keys = match self.plan.key {
             Some(index) => Some(cast(batch.column(index), &DataType::Utf8)?),
             None => None,
@@ -549,11 +822,16 @@ impl Anomaly {
             .as_ref()
             .map(|k| k.as_any().downcast_ref::<StringArray>())
             .unwrap_or(None);
-        let times = self.event_times(batch)?;
+        let times = Self::times_ms(batch, self.plan.time)?;
         let mut scores = Float64Builder::with_capacity(rows);
         let mut flags = BooleanBuilder::with_capacity(rows);
         for (row, &ts) in times.iter().enumerate() {
-            if values.is_null(row) || values.value(row).is_nan() {
+            let mut complete = true;
+            for (slot, column) in row_values.iter_mut().zip(&columns) {
+                *slot = column.value(row);
+                complete &= column.is_valid(row) && !slot.is_nan();
+            }
+            if !complete {
                 scores.append_null();
                 flags.append_value(false);
                 continue;
@@ -561,7 +839,7 @@ impl Anomaly {
             let key = keys.and_then(|k| (!k.is_null(row)).then(|| k.value(row)));
             let detector = self.series_of(key);
             let before = detector.state_bytes() as i64;
-            let verdict = detector.observe(ts, values.value(row));
+            let verdict = detector.observe(ts, &row_values);
             let grown = detector.state_bytes() as i64 - before;
             self.state_bytes += grown;
             scores.append_value(verdict.score);

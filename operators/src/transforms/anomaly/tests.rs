@@ -93,7 +93,8 @@ fn errors(config: &str) -> String {
 
 #[test]
 fn invalid_configs_report_every_problem() {
-    let text = errors("value: nope\nkey: nada\nmax_keys: 0\nzscore: {min_history: 1}\n");
+    let text =
+        errors("value: nope\nkey: nada\nmax_keys: 0\ndetector: zscore\nzscore: {min_history: 1}\n");
     for needle in [
         "no column 'nope'",
         "no column 'nada'",
@@ -116,10 +117,47 @@ fn invalid_configs_report_every_problem() {
     );
 }
 
+#[test]
+fn ensemble_members_and_value_columns_are_checked_where_they_are_written() {
+    let text = errors(
+        "value: v\nensemble:\n  members:\n    - {detector: forecast, forecast: {alpha: 2}}\n    - {onset_rows: 3}\n",
+    );
+    assert!(
+        text.contains("ensemble.members.0.forecast.alpha: alpha must be in 0 < x < 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ensemble.members.1: an ensemble member must name its detector"),
+        "{text}"
+    );
+    assert!(errors("value: v\nensemble: {members: []}").contains("needs at least one member"));
+    assert!(errors("value: v\nvalues: [v]").contains("give `value` or `values`, not both"));
+    let univariate = errors("values: [v, v]\ndetector: forecast");
+    assert!(
+        univariate.contains("the forecast detector scores one value column, but `values` names 2"),
+        "{univariate}"
+    );
+    let bad_member =
+        errors("values: [v, v]\nensemble: {members: [{detector: iforest}, {detector: range}]}");
+    assert!(
+        bad_member.contains("ensemble.members.1.detector: the range detector scores one"),
+        "{bad_member}"
+    );
+    assert!(errors("value: v\nlikelihood: {raw_weight: 2}").contains("likelihood.raw_weight"));
+    // The default detector, and a multivariate forest, plan.
+    for config in [
+        "value: v",
+        "values: [v, v]\ndetector: iforest\niforest: {shingle: 2}",
+    ] {
+        plan(&AnomalyFactory, Role::Transform, config, decl(true))
+            .unwrap_or_else(|e| panic!("{config}: {e:?}"));
+    }
+}
+
 #[tokio::test]
 async fn rows_wait_for_the_watermark_and_are_scored_in_event_time_order_per_key() {
     let metrics = OperatorMetrics::detached("test", "node");
-    let mut anomaly = transform("value: v\nkey: device\n", true, &metrics);
+    let mut anomaly = transform("value: v\ndetector: zscore\nkey: device\n", true, &metrics);
     let mut out = Collector::new();
     // Arrival order differs from event-time order; the spike for `a` arrives first.
     anomaly
@@ -167,7 +205,11 @@ async fn rows_wait_for_the_watermark_and_are_scored_in_event_time_order_per_key(
 #[tokio::test]
 async fn without_event_time_rows_are_scored_on_arrival_and_emit_can_filter() {
     let metrics = OperatorMetrics::detached("test", "node");
-    let mut anomaly = transform("value: v\nemit: anomalies\n", false, &metrics);
+    let mut anomaly = transform(
+        "value: v\ndetector: zscore\nemit: anomalies\n",
+        false,
+        &metrics,
+    );
     let mut out = Collector::new();
     anomaly
         .process_batch(
@@ -185,7 +227,11 @@ async fn without_event_time_rows_are_scored_on_arrival_and_emit_can_filter() {
 async fn the_least_recently_seen_series_is_evicted_and_counted() {
     let registry = prometheus::Registry::new();
     let metrics = EngineMetrics::new(&registry).unwrap().operator("p", "a");
-    let mut anomaly = transform("value: v\nkey: device\nmax_keys: 2\n", false, &metrics);
+    let mut anomaly = transform(
+        "value: v\ndetector: zscore\nkey: device\nmax_keys: 2\n",
+        false,
+        &metrics,
+    );
     let mut out = Collector::new();
     let rows = [("a", 0, 1.0), ("b", 0, 1.0), ("a", 1, 1.0), ("c", 0, 1.0)];
     anomaly

@@ -171,7 +171,8 @@ impl Zscore {
 }
 
 impl Detector for Zscore {
-    fn observe(&mut self, ts: i64, value: f64) -> Verdict {
+    fn observe(&mut self, ts: i64, values: &[f64]) -> Verdict {
+        let value = values[0];
         let (n, mean, stddev) = self.moments(ts);
         let verdict = if n < self.min_history {
             Verdict::NORMAL
@@ -229,7 +230,7 @@ mod tests {
         let flags: Vec<bool> = values
             .iter()
             .enumerate()
-            .map(|(i, v)| detector.observe(i as i64, *v).is_anomaly)
+            .map(|(i, v)| detector.observe(i as i64, &[*v]).is_anomaly)
             .collect();
         assert_eq!(flags, oracle(&values, 2, 3.0));
         assert!(
@@ -242,16 +243,16 @@ mod tests {
     fn scores_grow_with_distance_and_stay_in_range() {
         let mut detector = Zscore::new(&ZscoreConfig::default());
         for (i, v) in [10.0, 12.0, 10.0, 12.0].into_iter().enumerate() {
-            detector.observe(i as i64, v);
+            detector.observe(i as i64, &[v]);
         }
-        let near = detector.clone().observe(9, 11.5).score;
-        let far = detector.clone().observe(9, 30.0).score;
+        let near = detector.clone().observe(9, &[11.5]).score;
+        let far = detector.clone().observe(9, &[30.0]).score;
         assert!((0.0..1.0).contains(&near) && near < far && far <= 1.0);
-        assert!(detector.observe(9, 30.0).is_anomaly);
+        assert!(detector.observe(9, &[30.0]).is_anomaly);
         // Too little history: never an anomaly.
         let mut fresh = Zscore::new(&ZscoreConfig::default());
-        assert_eq!(fresh.observe(0, 1.0), Verdict::NORMAL);
-        assert_eq!(fresh.observe(1, 1000.0), Verdict::NORMAL);
+        assert_eq!(fresh.observe(0, &[1.0]), Verdict::NORMAL);
+        assert_eq!(fresh.observe(1, &[1000.0]), Verdict::NORMAL);
     }
 
     #[test]
@@ -262,11 +263,11 @@ mod tests {
         };
         let mut detector = Zscore::new(&rows);
         for (i, v) in [100.0, 1.0, 2.0, 1.0].into_iter().enumerate() {
-            detector.observe(i as i64, v);
+            detector.observe(i as i64, &[v]);
         }
         // The 100 has left the window of 3, so 1.5 is normal and 50 is not.
-        assert!(!detector.clone().observe(4, 1.5).is_anomaly);
-        assert!(detector.observe(4, 50.0).is_anomaly);
+        assert!(!detector.clone().observe(4, &[1.5]).is_anomaly);
+        assert!(detector.observe(4, &[50.0]).is_anomaly);
 
         let time = ZscoreConfig {
             window_duration: Some(HumanDuration(Duration::from_millis(10))),
@@ -274,10 +275,10 @@ mod tests {
         };
         let mut detector = Zscore::new(&time);
         for (ts, v) in [(0, 1.0), (1, 1000.0), (20, 5.0), (21, 6.0)] {
-            detector.observe(ts, v);
+            detector.observe(ts, &[v]);
         }
         // Only ts 20 and 21 are within 10 ms of 25.
-        assert!(detector.observe(25, 20.0).is_anomaly);
+        assert!(detector.observe(25, &[20.0]).is_anomaly);
     }
 
     #[test]
