@@ -8,6 +8,7 @@
 //! line carries every column. CSV output follows the same timestamp conventions; a null
 //! is an empty field.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -88,6 +89,18 @@ pub fn write_json_lines<W: Write>(
     write_json::<W, LineDelimited>(out, batch, timestamps)
 }
 
+/// `batch` with its timestamps as `timestamps` asks: unchanged for RFC 3339 (the
+/// writers format them), as epoch-millisecond integers otherwise.
+fn in_timestamp_format(
+    batch: &RecordBatch,
+    timestamps: TimestampFormat,
+) -> Result<Cow<'_, RecordBatch>, ArrowError> {
+    Ok(match timestamps {
+        TimestampFormat::Rfc3339 => Cow::Borrowed(batch),
+        TimestampFormat::EpochMs => Cow::Owned(timestamps_to_epoch_ms(batch)?),
+    })
+}
+
 /// Writes `batch` to `out` in the JSON layout `F` (lines, or one array), with the
 /// conventions of [`write_json_lines`].
 fn write_json<W: Write, F: JsonFormat>(
@@ -95,20 +108,13 @@ fn write_json<W: Write, F: JsonFormat>(
     batch: &RecordBatch,
     timestamps: TimestampFormat,
 ) -> Result<(), ArrowError> {
-    let converted;
-    let batch = match timestamps {
-        TimestampFormat::Rfc3339 => batch,
-        TimestampFormat::EpochMs => {
-            converted = timestamps_to_epoch_ms(batch)?;
-            &converted
-        }
-    };
+    let batch = in_timestamp_format(batch, timestamps)?;
     let mut writer = arrow_json::WriterBuilder::new()
         .with_explicit_nulls(true)
         .with_timestamp_format(RFC3339_UTC.to_owned())
         .with_timestamp_tz_format(RFC3339_OFFSET.to_owned())
         .build::<_, F>(out);
-    writer.write(batch)?;
+    writer.write(&batch)?;
     writer.finish()
 }
 
@@ -121,20 +127,13 @@ pub fn write_csv<W: Write>(
     header: bool,
     timestamps: TimestampFormat,
 ) -> Result<(), ArrowError> {
-    let converted;
-    let batch = match timestamps {
-        TimestampFormat::Rfc3339 => batch,
-        TimestampFormat::EpochMs => {
-            converted = timestamps_to_epoch_ms(batch)?;
-            &converted
-        }
-    };
+    let batch = in_timestamp_format(batch, timestamps)?;
     let mut writer = arrow_csv::WriterBuilder::new()
         .with_header(header)
         .with_timestamp_format(RFC3339_UTC.to_owned())
         .with_timestamp_tz_format(RFC3339_OFFSET.to_owned())
         .build(out);
-    writer.write(batch)
+    writer.write(&batch)
 }
 
 /// `batch` as JSON lines, in a fresh buffer. See [`write_json_lines`].
@@ -225,8 +224,8 @@ pub(crate) mod test_support {
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
-    use arrow::array::RecordBatch;
-    use arrow::datatypes::SchemaRef;
+    use arrow::array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
     use async_trait::async_trait;
     use weir_engine::config::{ConfigErrors, ConfigValue};
     use weir_engine::graph::{InputRef, PipelineBuilder};
@@ -236,6 +235,38 @@ pub(crate) mod test_support {
     };
     use weir_engine::time::EventTimeSpec;
     use weir_engine::{OperatorError, OperatorInstance, Sink};
+
+    /// The schema of [`readings`]: `device` (text, nullable), `ts` (ms) and
+    /// `temperature`.
+    pub(crate) fn readings_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("device", DataType::Utf8, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            Field::new("temperature", DataType::Float64, true),
+        ]))
+    }
+
+    /// One reading per entry of `devices`, a second apart from ts 0, temperatures 20, 21, ...
+    pub(crate) fn readings(devices: &[Option<&str>]) -> RecordBatch {
+        let n = devices.len();
+        RecordBatch::try_new(
+            readings_schema(),
+            vec![
+                Arc::new(StringArray::from(devices.to_vec())),
+                Arc::new(TimestampMillisecondArray::from(
+                    (0..n as i64).map(|i| 1_000 * i).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(
+                    (0..n).map(|i| 20.0 + i as f64).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .expect("columns match the schema")
+    }
 
     /// A YAML document read into a [`ConfigValue`] by the pipeline loader's own reader.
     pub(crate) fn yaml(text: &str) -> ConfigValue {

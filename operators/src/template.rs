@@ -217,38 +217,17 @@ pub fn group_rows(rendered: Rendered) -> Vec<(String, Vec<u32>)> {
 mod tests {
     use std::sync::Arc;
 
-    use arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
-    use arrow::datatypes::{Field, Fields, Schema, TimeUnit};
+    use arrow::datatypes::{Field, Fields, Schema};
 
     use super::*;
+    use crate::format::test_support::{readings, readings_schema};
 
     fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("device", DataType::Utf8, true),
-            Field::new(
-                "ts",
-                DataType::Timestamp(TimeUnit::Millisecond, None),
-                false,
-            ),
-            Field::new("temperature", DataType::Float64, true),
-        ]))
+        readings_schema()
     }
 
     fn batch(devices: &[Option<&str>]) -> RecordBatch {
-        let n = devices.len();
-        RecordBatch::try_new(
-            schema(),
-            vec![
-                Arc::new(StringArray::from(devices.to_vec())),
-                Arc::new(TimestampMillisecondArray::from(
-                    (0..n as i64).map(|i| 1_000 * i).collect::<Vec<_>>(),
-                )),
-                Arc::new(Float64Array::from(
-                    (0..n).map(|i| 20.0 + i as f64).collect::<Vec<_>>(),
-                )),
-            ],
-        )
-        .unwrap()
+        readings(devices)
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 
-use super::{Detector, Verdict, normal_score};
+use super::{Detector, Verdict, normal_score, spread_threshold_problem};
 
 /// The `ewma` section of an `anomaly` transform's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -51,15 +51,7 @@ impl EwmaConfig {
                 "min_history must be at least 2: a deviation needs two values".to_owned(),
             ));
         }
-        if !(self.threshold.is_finite() && self.threshold > 0.0) {
-            problems.push((
-                "threshold",
-                format!(
-                    "threshold must be a positive number, not {}",
-                    self.threshold
-                ),
-            ));
-        }
+        problems.extend(spread_threshold_problem(self.threshold));
         problems
     }
 }

@@ -224,6 +224,8 @@ pub struct Iforest {
     columns: usize,
     /// The last `shingle` rows' values, oldest first, flattened.
     recent: VecDeque<f64>,
+    /// The current point, copied out of `recent`.
+    point: Vec<f64>,
     /// The last `window_rows` points, one per row, written round-robin.
     window: Array2<f64>,
     filled: usize,
@@ -245,6 +247,7 @@ impl Iforest {
             config: config.clone(),
             columns,
             recent: VecDeque::with_capacity(dims),
+            point: Vec::with_capacity(dims),
             window: Array2::zeros((0, dims)),
             filled: 0,
             next: 0,
@@ -314,7 +317,10 @@ impl Detector for Iforest {
         if self.recent.len() < dims {
             return Verdict::NORMAL;
         }
-        let point: Vec<f64> = self.recent.iter().copied().collect();
+        // The point is scored and stored from a reused buffer: no allocation per row.
+        let mut point = std::mem::take(&mut self.point);
+        point.clear();
+        point.extend(self.recent.iter().copied());
         let verdict = if self.roots.is_empty() {
             Verdict::NORMAL
         } else {
@@ -325,6 +331,7 @@ impl Detector for Iforest {
             }
         };
         self.remember(&point);
+        self.point = point;
         self.rows_since_growth += 1;
         let due = if self.roots.is_empty() {
             self.filled >= self.config.min_history
@@ -339,7 +346,7 @@ impl Detector for Iforest {
 
     fn state_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self.recent.capacity() * std::mem::size_of::<f64>()
+            + (self.recent.capacity() + self.point.capacity()) * std::mem::size_of::<f64>()
             + self.window.len() * std::mem::size_of::<f64>()
             + self.nodes.capacity() * std::mem::size_of::<Node>()
             + self.roots.capacity() * std::mem::size_of::<u32>()

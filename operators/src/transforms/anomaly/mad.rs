@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 
 use serde::Deserialize;
 
-use super::{Detector, Verdict, normal_score};
+use super::{Detector, Verdict, normal_score, spread_threshold_problem};
 
 /// Scales a median absolute deviation to a normal standard deviation (1 / 1.4826).
 const MAD_TO_SIGMA: f64 = 0.6745;
@@ -60,15 +60,7 @@ impl MadConfig {
                 ),
             ));
         }
-        if !(self.threshold.is_finite() && self.threshold > 0.0) {
-            problems.push((
-                "threshold",
-                format!(
-                    "threshold must be a positive number, not {}",
-                    self.threshold
-                ),
-            ));
-        }
+        problems.extend(spread_threshold_problem(self.threshold));
         problems
     }
 }

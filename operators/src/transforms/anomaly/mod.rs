@@ -240,6 +240,17 @@ pub fn normal_score(deviation: f64, sigma: f64, threshold: f64) -> Verdict {
     }
 }
 
+/// The problem with a `threshold` in spreads (standard deviations, MADs), unless it is a
+/// positive number.
+pub fn spread_threshold_problem(threshold: f64) -> Option<(&'static str, String)> {
+    (!(threshold.is_finite() && threshold > 0.0)).then(|| {
+        (
+            "threshold",
+            format!("threshold must be a positive number, not {threshold}"),
+        )
+    })
+}
+
 /// The problem with a `threshold` on scores, unless it is in (0, 1].
 pub fn score_threshold_problem(threshold: f64) -> Option<(&'static str, String)> {
     (!(threshold > 0.0 && threshold <= 1.0)).then(|| {
@@ -302,7 +313,7 @@ impl DetectorSpec {
         columns: usize,
         node: &NodeContext<'_>,
         errors: &mut ConfigErrors,
-    ) -> Option<DetectorSpec> {
+    ) -> DetectorSpec {
         let at = |field: &[&str]| -> Vec<String> {
             path.iter()
                 .cloned()
@@ -416,7 +427,7 @@ impl DetectorSpec {
                 }
                 let members = members
                     .into_iter()
-                    .filter_map(|(member, path)| {
+                    .map(|(member, path)| {
                         DetectorSpec::validate(member, &path, columns, node, errors)
                     })
                     .collect();
@@ -436,11 +447,11 @@ impl DetectorSpec {
                 None => error,
             });
         }
-        Some(DetectorSpec {
+        DetectorSpec {
             base,
             likelihood: config.likelihood.clone(),
             onset_rows: config.onset_rows,
-        })
+        }
     }
 }
 
@@ -610,26 +621,24 @@ impl OperatorFactory for AnomalyFactory {
                 }
             },
         };
-        match detector {
-            Some(detector) if errors.is_empty() && !values.is_empty() => {
-                let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
-                fields.push(Arc::new(Field::new(SCORE_COLUMN, DataType::Float64, true)));
-                fields.push(Arc::new(Field::new(FLAG_COLUMN, DataType::Boolean, false)));
-                Ok(Box::new(Plan {
-                    input_schema: schema.clone(),
-                    output_schema: Arc::new(Schema::new(fields)),
-                    event_time_name: input.stream.event_time.clone(),
-                    event_time,
-                    time,
-                    values,
-                    key,
-                    detector,
-                    emit: config.emit,
-                    max_keys: NonZeroUsize::new(config.max_keys).unwrap_or(NonZeroUsize::MIN),
-                }))
-            }
-            _ => Err(errors),
+        if !errors.is_empty() {
+            return Err(errors);
         }
+        let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(Field::new(SCORE_COLUMN, DataType::Float64, true)));
+        fields.push(Arc::new(Field::new(FLAG_COLUMN, DataType::Boolean, false)));
+        Ok(Box::new(Plan {
+            input_schema: schema.clone(),
+            output_schema: Arc::new(Schema::new(fields)),
+            event_time_name: input.stream.event_time.clone(),
+            event_time,
+            time,
+            values,
+            key,
+            detector,
+            emit: config.emit,
+            max_keys: NonZeroUsize::new(config.max_keys).unwrap_or(NonZeroUsize::MIN),
+        }))
     }
 }
 

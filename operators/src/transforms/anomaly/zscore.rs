@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use weir_engine::config::HumanDuration;
 
-use super::{Detector, Verdict, normal_score};
+use super::{Detector, Verdict, normal_score, spread_threshold_problem};
 
 /// The `zscore` section of an `anomaly` transform's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -65,15 +65,7 @@ impl ZscoreConfig {
                 "min_history must be at least 2: a standard deviation needs two values".to_owned(),
             ));
         }
-        if !(self.threshold.is_finite() && self.threshold > 0.0) {
-            problems.push((
-                "threshold",
-                format!(
-                    "threshold must be a positive number, not {}",
-                    self.threshold
-                ),
-            ));
-        }
+        problems.extend(spread_threshold_problem(self.threshold));
         problems
     }
 }
