@@ -7,6 +7,7 @@ mod http;
 mod logging;
 mod progress;
 mod run;
+mod status;
 mod validate;
 
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Show the modules of a running `weir run`: state, restarts, last exit and why.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,12 @@ fn main() -> ExitCode {
         Command::Validate { files } => validate::run(&files),
         Command::Run(args) => match runtime(cli.threads) {
             Ok(runtime) => runtime.block_on(run::run(args)),
+            Err(error) => {
+                exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
+            }
+        },
+        Command::Status(args) => match runtime(Some(1)) {
+            Ok(runtime) => runtime.block_on(status::run(args)),
             Err(error) => {
                 exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
             }

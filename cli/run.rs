@@ -2,12 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use weir_engine::metrics::EngineMetrics;
+use weir_modules::ModuleHost;
 
 use crate::exit::Outcome;
 
@@ -44,7 +46,8 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
 
 /// Runs the pipelines in `args` to completion.
 pub async fn run(args: RunArgs) -> Outcome {
-    let validated = match crate::validate::load(&args.files) {
+    let modules = Arc::new(ModuleHost::new(ModuleHost::default_root()));
+    let validated = match crate::validate::load(&args.files, &modules) {
         Ok(pipelines) => pipelines,
         Err(outcome) => return outcome,
     };
@@ -58,8 +61,13 @@ pub async fn run(args: RunArgs) -> Outcome {
     let http = if args.no_metrics {
         None
     } else {
-        match crate::http::serve(args.metrics_addr, registry.clone(), stop_background.clone()).await
-        {
+        let serving = crate::http::serve(
+            args.metrics_addr,
+            registry.clone(),
+            modules.clone(),
+            stop_background.clone(),
+        );
+        match serving.await {
             Ok((bound, handle)) => {
                 info!("metrics: listening on http://{bound}/metrics");
                 Some(handle)

@@ -1,12 +1,17 @@
 //! `weir validate`: checks pipeline files and prints every problem found.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use weir_engine::Registry;
+use weir_modules::{ModuleFactory, ModuleHost};
 
 use crate::exit::Outcome;
 
 /// Loads and validates `files` against the built-in operators and prints the result.
 pub fn run(files: &[PathBuf]) -> Outcome {
-    match load(files) {
+    let modules = Arc::new(ModuleHost::new(ModuleHost::default_root()));
+    match load(files, &modules) {
         Ok(pipelines) => {
             for pipeline in &pipelines {
                 println!(
@@ -23,8 +28,11 @@ pub fn run(files: &[PathBuf]) -> Outcome {
 
 /// Loads and validates `files`, printing every diagnostic to standard error. Shared by
 /// `weir run`, which refuses to start anything when a single file is invalid.
-pub fn load(files: &[PathBuf]) -> Result<Vec<weir_pipelines::ValidatedPipeline>, Outcome> {
-    let registry = weir_operators::registry::builtin();
+pub fn load(
+    files: &[PathBuf],
+    modules: &Arc<ModuleHost>,
+) -> Result<Vec<weir_pipelines::ValidatedPipeline>, Outcome> {
+    let registry = registry(modules);
     let env = |name: &str| std::env::var(name).ok();
     let (pipelines, diagnostics) = weir_pipelines::load_and_validate(files, &registry, &env);
     if diagnostics.is_empty() {
@@ -39,4 +47,11 @@ pub fn load(files: &[PathBuf]) -> Result<Vec<weir_pipelines::ValidatedPipeline>,
         if count == 1 { "" } else { "s" }
     );
     Err(Outcome::ConfigInvalid)
+}
+
+/// Every operator kind the binary knows: the built-in ones, and modules run on `modules`.
+pub fn registry(modules: &Arc<ModuleHost>) -> Registry {
+    let mut registry = weir_operators::registry::builtin();
+    registry.register(Arc::new(ModuleFactory::new(modules.clone())));
+    registry
 }

@@ -6,20 +6,23 @@
 //! `dev-0000`..), timing only the transform. The process pins itself to CPU 0 first.
 //! Under `cargo test --benches` it runs a small smoke check and judges nothing.
 
-use std::path::Path;
+#[path = "../w1/data.rs"]
+#[allow(dead_code)]
+mod data;
+#[path = "../support.rs"]
+#[allow(dead_code)]
+mod support;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
 use weir_engine::arrow::array::{
     Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use weir_engine::metrics::OperatorMetrics;
-use weir_engine::registry::{InputStream, NodeContext, Role, StreamInfo};
-use weir_engine::{Collector, OperatorInstance, Transform, Watermark};
+use weir_engine::registry::Role;
+use weir_engine::{Collector, Transform, Watermark};
 
 /// Rows per configuration under `cargo bench`.
 const BENCH_ROWS: usize = 10_000_000;
@@ -82,11 +85,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     let judged = std::env::args().any(|arg| arg == "--bench");
     let rows = if judged { BENCH_ROWS } else { SMOKE_ROWS };
-    let mut cpus = CpuSet::new();
-    let pinned = cpus
-        .set(0)
-        .and_then(|()| sched_setaffinity(Pid::from_raw(0), &cpus))
-        .is_ok();
+    let pinned = support::pin_to_cpu0();
     let batches = batches(rows);
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     println!("| detector | rows | seconds | rows/s | target |");
@@ -184,34 +183,7 @@ fn transform(config: &str) -> Result<Box<dyn Transform>> {
     let factory = registry
         .get(Role::Transform, "anomaly")
         .context("anomaly is registered")?;
-    let config = weir_pipelines::parse_yaml(config).context("the config is YAML")?;
-    let inputs = [InputStream {
-        name: "readings".into(),
-        stream: StreamInfo {
-            schema: schema(),
-            event_time: None,
-        },
-    }];
-    let node = NodeContext {
-        pipeline: "bench",
-        name: "anomaly",
-        role: Role::Transform,
-        config: &config,
-        config_path: "transforms.anomaly.config",
-        inputs: &inputs,
-        inputs_known: true,
-        schema: None,
-        event_time: None,
-        window: None,
-        base_dir: Path::new("."),
-    };
-    let planned = factory
-        .plan(&node)
-        .map_err(|errors| anyhow::anyhow!("invalid config: {errors:?}"))?;
-    match planned.instantiate(&OperatorMetrics::detached("bench", "anomaly"))? {
-        OperatorInstance::Transform(transform) => Ok(transform),
-        _ => bail!("anomaly is not a transform"),
-    }
+    support::transform(factory.as_ref(), config, schema())
 }
 
 /// Rows flagged in what the transform emitted, emptying the collector.

@@ -18,22 +18,23 @@ mod data;
 mod figures;
 #[cfg_attr(test, allow(dead_code, unused_imports))]
 mod reference;
+#[path = "../support.rs"]
+#[allow(dead_code)]
+mod support;
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nix::sched::{CpuSet, sched_setaffinity};
 use nix::sys::resource::{UsageWho, getrusage};
-use nix::unistd::Pid;
 
 use data::W1Spec;
 use figures::{elf_loadable_bytes, thousands};
 use reference::{REL_TOLERANCE, WINDOW_MS, WindowRow};
+use support::{ensure_input, pin_to_cpu0, target_dir};
 
 /// W1's targets. Throughput is per core: everything runs pinned to one CPU.
 const TARGET_EVENTS_PER_S: f64 = 1_000_000.0;
@@ -43,8 +44,6 @@ const TARGET_FLOOR_RATIO: f64 = 0.40;
 const TARGET_RSS_MIB: f64 = 150.0;
 /// Lines generated when running under `cargo test` rather than `cargo bench`.
 const SMOKE_LINES: u64 = 50_000;
-/// Bumped whenever the generator's output changes, so stale inputs are not reused.
-const GENERATOR_VERSION: u32 = 1;
 
 fn main() -> ExitCode {
     match run() {
@@ -180,71 +179,6 @@ fn run() -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The target directory the binary was built into (`<target>/<profile>/weir`), so the input
-/// lands beside the build however `CARGO_TARGET_DIR` is set.
-fn target_dir(weir: &Path) -> PathBuf {
-    weir.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-}
-
-/// Pins this thread, and so every child spawned from it, to CPU 0, so throughput is per
-/// core whatever the runtime does with threads. Returns whether it worked.
-fn pin_to_cpu0() -> bool {
-    let mut cpus = CpuSet::new();
-    let result = cpus
-        .set(0)
-        .and_then(|()| sched_setaffinity(Pid::from_raw(0), &cpus));
-    match result {
-        Ok(()) => true,
-        Err(errno) => {
-            eprintln!("w1: warning: cannot pin to CPU 0 ({errno}); figures may use more cores");
-            false
-        }
-    }
-}
-
-/// The input file for `spec`, generated unless a complete one is already there.
-///
-/// Every generator parameter is in the file name, and the file is renamed into place only
-/// once fully written, so an existing file is always the right one.
-fn ensure_input(work: &Path, spec: &W1Spec) -> Result<PathBuf> {
-    let name = format!(
-        "w1-v{GENERATOR_VERSION}-{}lines-{}dev-{}hz-seed{}-shuffle{}ms.jsonl",
-        spec.lines,
-        spec.devices,
-        spec.readings_per_device_per_second,
-        spec.seed,
-        spec.shuffle_within_ms
-    );
-    let path = work.join(name);
-    if path.is_file() {
-        eprintln!("w1: reusing {}", path.display());
-        return Ok(path);
-    }
-    eprintln!("w1: generating {} ...", path.display());
-    let started = Instant::now();
-    let partial = path.with_extension("jsonl.partial");
-    let file =
-        File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let bytes = spec
-        .write_to(&mut out)
-        .with_context(|| format!("cannot write {}", partial.display()))?;
-    out.into_inner()
-        .map_err(|e| e.into_error())
-        .and_then(|file| file.sync_all())
-        .with_context(|| format!("cannot write {}", partial.display()))?;
-    fs::rename(&partial, &path).with_context(|| format!("cannot create {}", path.display()))?;
-    eprintln!(
-        "w1: generated {:.1} MiB in {:.1} s",
-        bytes as f64 / (1024.0 * 1024.0),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(path)
 }
 
 /// Times the hand-written loop, end to end: read, parse, aggregate, write.

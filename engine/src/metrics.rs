@@ -34,7 +34,24 @@ pub struct EngineMetrics {
     state_keys: IntGaugeVec,
     state_bytes: IntGaugeVec,
     state_evictions: IntCounterVec,
+    module_state: IntGaugeVec,
+    module_healthy: IntGaugeVec,
+    module_restarts: IntCounterVec,
+    module_last_exit_code: IntGaugeVec,
+    module_oom_kills: IntCounterVec,
+    module_retries: IntCounterVec,
+    module_dead_letters: IntCounterVec,
 }
+
+/// The states a module can be in, as `weir_module_state` labels them.
+pub const MODULE_STATES: &[&str] = &[
+    "starting",
+    "running",
+    "unhealthy",
+    "backoff",
+    "failed",
+    "stopped",
+];
 
 fn counter(
     registry: &Registry,
@@ -164,6 +181,50 @@ impl EngineMetrics {
                 "Keys a stateful operator forgot because it held the most it may",
                 op,
             )?,
+            module_state: gauge(
+                registry,
+                "weir_module_state",
+                "1 for the state a module is in (starting, running, unhealthy, backoff, \
+                 failed, stopped), 0 for the others",
+                &["pipeline", "operator", "state"],
+            )?,
+            module_healthy: gauge(
+                registry,
+                "weir_module_healthy",
+                "1 while a module passes its health checks, else 0",
+                op,
+            )?,
+            module_restarts: counter(
+                registry,
+                "weir_module_restarts_total",
+                "Times the runtime restarted a module",
+                op,
+            )?,
+            module_last_exit_code: gauge(
+                registry,
+                "weir_module_last_exit_code",
+                "The exit code of a module's last run (-1 when it had none: killed by a \
+                 signal or never started)",
+                op,
+            )?,
+            module_oom_kills: counter(
+                registry,
+                "weir_module_oom_kills_total",
+                "Runs of a module that the kernel ended for passing its memory limit",
+                op,
+            )?,
+            module_retries: counter(
+                registry,
+                "weir_module_retries_total",
+                "Batches sent to a module again after it failed or did not answer",
+                op,
+            )?,
+            module_dead_letters: counter(
+                registry,
+                "weir_module_dead_letter_batches_total",
+                "Batches a module rejected or failed on every attempt, sent to dead_letter",
+                op,
+            )?,
         })
     }
 
@@ -187,6 +248,15 @@ impl EngineMetrics {
             state_keys: self.state_keys.clone(),
             state_bytes: self.state_bytes.clone(),
             state_evictions: self.state_evictions.clone(),
+            module: ModuleFamilies {
+                state: self.module_state.clone(),
+                healthy: self.module_healthy.clone(),
+                restarts: self.module_restarts.clone(),
+                last_exit_code: self.module_last_exit_code.clone(),
+                oom_kills: self.module_oom_kills.clone(),
+                retries: self.module_retries.clone(),
+                dead_letters: self.module_dead_letters.clone(),
+            },
         }
     }
 
@@ -228,6 +298,47 @@ pub struct OperatorMetrics {
     state_keys: IntGaugeVec,
     state_bytes: IntGaugeVec,
     state_evictions: IntCounterVec,
+    module: ModuleFamilies,
+}
+
+/// The module metric families, kept until a module operator asks for its series.
+#[derive(Clone)]
+struct ModuleFamilies {
+    state: IntGaugeVec,
+    healthy: IntGaugeVec,
+    restarts: IntCounterVec,
+    last_exit_code: IntGaugeVec,
+    oom_kills: IntCounterVec,
+    retries: IntCounterVec,
+    dead_letters: IntCounterVec,
+}
+
+/// The series of a module operator: its supervision and its batches' retries.
+#[derive(Clone)]
+pub struct ModuleMetrics {
+    /// One gauge per state in [`MODULE_STATES`] order.
+    states: Vec<IntGauge>,
+    /// 1 while health checks pass.
+    pub healthy: IntGauge,
+    /// Restarts.
+    pub restarts: IntCounter,
+    /// The last run's exit code.
+    pub last_exit_code: IntGauge,
+    /// OOM kills.
+    pub oom_kills: IntCounter,
+    /// Batches sent again.
+    pub retries: IntCounter,
+    /// Batches sent to dead_letter.
+    pub dead_letters: IntCounter,
+}
+
+impl ModuleMetrics {
+    /// Sets the state gauge of `state` (one of [`MODULE_STATES`]) to 1 and the others to 0.
+    pub fn set_state(&self, state: &str) {
+        for (name, gauge) in MODULE_STATES.iter().zip(&self.states) {
+            gauge.set(i64::from(*name == state));
+        }
+    }
 }
 
 /// The keyed-state series of a stateful operator.
@@ -287,6 +398,30 @@ impl OperatorMetrics {
             keys: self.state_keys.with_label_values(labels),
             bytes: self.state_bytes.with_label_values(labels),
             evictions: self.state_evictions.with_label_values(labels),
+        }
+    }
+
+    /// The module series, created on first use so that only modules report them.
+    pub fn module(&self) -> ModuleMetrics {
+        let labels = &[self.pipeline.as_str(), self.operator.as_str()];
+        let families = &self.module;
+        ModuleMetrics {
+            states: MODULE_STATES
+                .iter()
+                .map(|state| {
+                    families.state.with_label_values(&[
+                        self.pipeline.as_str(),
+                        self.operator.as_str(),
+                        state,
+                    ])
+                })
+                .collect(),
+            healthy: families.healthy.with_label_values(labels),
+            restarts: families.restarts.with_label_values(labels),
+            last_exit_code: families.last_exit_code.with_label_values(labels),
+            oom_kills: families.oom_kills.with_label_values(labels),
+            retries: families.retries.with_label_values(labels),
+            dead_letters: families.dead_letters.with_label_values(labels),
         }
     }
 

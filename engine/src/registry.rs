@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 
-use crate::config::{ConfigErrors, ConfigValue};
+use crate::config::{ConfigError, ConfigErrors, ConfigValue};
 use crate::error::OperatorError;
 use crate::metrics::OperatorMetrics;
 use crate::operator::OperatorInstance;
@@ -93,7 +93,7 @@ pub struct NodeContext<'a> {
     /// schemas, and the factory should report only problems that do not depend on them.
     /// The planner discards whatever a factory returns in that case except its errors.
     pub inputs_known: bool,
-    /// The schema declared on the node (sources).
+    /// The schema declared on the node (sources, and `module` transforms).
     pub schema: Option<SchemaRef>,
     /// The event-time column declared on the node (sources).
     pub event_time: Option<EventTimeSpec>,
@@ -101,6 +101,53 @@ pub struct NodeContext<'a> {
     pub window: Option<WindowSpec>,
     /// The directory relative paths in the config are resolved against.
     pub base_dir: &'a Path,
+}
+
+impl NodeContext<'_> {
+    /// Deserializes the node's `config` into `T`. An absent `config` reads as an empty
+    /// map, so config structs with `#[serde(default)]` get their defaults.
+    pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigErrors> {
+        self.config
+            .deserialize_into::<T>(self.config_path)
+            .map_err(|error| vec![error])
+    }
+
+    /// Reads the node's `config` into two typed values that share its map: `A` takes the
+    /// keys it declares (e.g. the MQTT connection fields), `B` the rest. See
+    /// [`ConfigValue::deserialize_split`].
+    pub fn config_split<A: serde::de::DeserializeOwned, B: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<(A, B), ConfigErrors> {
+        self.config.deserialize_split(self.config_path)
+    }
+
+    /// A problem with the config value at `keys` (e.g. `["fields", "temperature",
+    /// "step"]`), located at the deepest of those keys that was written, or at the whole
+    /// `config`.
+    pub fn field_error(&self, keys: &[&str], message: impl Into<String>) -> ConfigError {
+        let mut location = self.config.location;
+        let mut value = Some(self.config);
+        for key in keys {
+            value = value.and_then(|v| v.get(key));
+            if let Some(found) = value {
+                location = found.location;
+            }
+        }
+        ConfigError::new(
+            format!("{}.{}", self.config_path, keys.join(".")),
+            location,
+            message,
+        )
+    }
+
+    /// A problem with the node itself (not one config field), e.g. a missing `schema`.
+    pub fn error(&self, message: impl Into<String>) -> ConfigError {
+        let path = self
+            .config_path
+            .strip_suffix(".config")
+            .unwrap_or(self.config_path);
+        ConfigError::new(path, self.config.location, message)
+    }
 }
 
 /// A node whose configuration is valid, ready to be built.

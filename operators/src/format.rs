@@ -19,9 +19,6 @@ use arrow::util::display::FormatOptions;
 use arrow::util::pretty::pretty_format_batches_with_options;
 use arrow_json::writer::{JsonArray, JsonFormat, LineDelimited};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
-use weir_engine::config::{ConfigError, ConfigErrors};
-use weir_engine::registry::NodeContext;
 use weir_engine::time::event_times_ms;
 
 /// The chrono format of a timestamp without a time zone: UTC, with as many fractional
@@ -166,54 +163,6 @@ pub fn pretty_table(batch: &RecordBatch) -> Result<String, ArrowError> {
     let table =
         pretty_format_batches_with_options(std::slice::from_ref(batch), &display_options())?;
     Ok(format!("{table}\n"))
-}
-
-/// Deserializes a node's `config` into `T`. An absent `config` reads as an empty map, so
-/// config structs with `#[serde(default)]` get their defaults.
-pub fn node_config<T: DeserializeOwned>(node: &NodeContext<'_>) -> Result<T, ConfigErrors> {
-    node.config
-        .deserialize_into::<T>(node.config_path)
-        .map_err(|error| vec![error])
-}
-
-/// Reads a node's `config` into two typed values that share its map: `A` takes the keys
-/// it declares (e.g. the MQTT connection fields), `B` the rest. See
-/// [`ConfigValue::deserialize_split`](weir_engine::config::ConfigValue::deserialize_split).
-pub fn node_config_split<A: DeserializeOwned, B: DeserializeOwned>(
-    node: &NodeContext<'_>,
-) -> Result<(A, B), ConfigErrors> {
-    node.config.deserialize_split(node.config_path)
-}
-
-/// A problem with the config value at `keys` (e.g. `["fields", "temperature", "step"]`),
-/// located at the deepest of those keys that was written, or at the whole `config`.
-pub fn field_error(
-    node: &NodeContext<'_>,
-    keys: &[&str],
-    message: impl Into<String>,
-) -> ConfigError {
-    let mut location = node.config.location;
-    let mut value = Some(node.config);
-    for key in keys {
-        value = value.and_then(|v| v.get(key));
-        if let Some(found) = value {
-            location = found.location;
-        }
-    }
-    ConfigError::new(
-        format!("{}.{}", node.config_path, keys.join(".")),
-        location,
-        message,
-    )
-}
-
-/// A problem with the node itself (not one config field), e.g. a missing `schema`.
-pub fn node_error(node: &NodeContext<'_>, message: impl Into<String>) -> ConfigError {
-    let path = node
-        .config_path
-        .strip_suffix(".config")
-        .unwrap_or(node.config_path);
-    ConfigError::new(path, node.config.location, message)
 }
 
 #[cfg(test)]

@@ -21,12 +21,20 @@ use weir_engine::time::{EventTimeSpec, WindowSpec, is_event_time_type};
 use crate::env::{EnvLookup, interpolate_tree};
 use crate::schema::{parse_schema, type_name};
 
+/// The kind of the one transform that declares its output schema: a module, whose
+/// output Weir cannot derive.
+const MODULE_KIND: &str = "module";
+
+/// Why a node cannot declare a schema.
+const SCHEMA_HINT: &str = "only sources and `module` transforms declare a schema; other nodes \
+                           derive theirs from their inputs";
+
 /// The document version this crate reads.
 pub const VERSION: u32 = 1;
 
 const TOP_FIELDS: &[&str] = &["version", "name", "sources", "transforms", "sinks"];
 const SOURCE_FIELDS: &[&str] = &["kind", "config", "schema", "event_time"];
-const TRANSFORM_FIELDS: &[&str] = &["kind", "inputs", "window", "config"];
+const TRANSFORM_FIELDS: &[&str] = &["kind", "inputs", "window", "schema", "config"];
 const SINK_FIELDS: &[&str] = &["kind", "inputs", "config"];
 const ROLES: [Role; 3] = [Role::Source, Role::Transform, Role::Sink];
 
@@ -415,6 +423,7 @@ fn parse_node(
     };
 
     let (mut kind_seen, mut inputs_seen) = (false, false);
+    let mut schema_location = None;
     for (field, value) in entries {
         let field_path = child(&path, &field.name);
         match (field.name.as_str(), role) {
@@ -433,7 +442,10 @@ fn parse_node(
                 inputs_seen = true;
                 node.inputs = parse_inputs(&value, &field_path, errors);
             }
-            ("schema", Role::Source) => node.schema = parse_schema(&value, &field_path, errors),
+            ("schema", Role::Source | Role::Transform) => {
+                schema_location = Some(field.location);
+                node.schema = parse_schema(&value, &field_path, errors);
+            }
             ("event_time", Role::Source) => {
                 match value.deserialize_into::<EventTimeYaml>(&field_path) {
                     Ok(declared) => {
@@ -477,6 +489,22 @@ fn parse_node(
                 .with_hint("list the nodes this one reads from, e.g. inputs: [sensors]"),
         );
     }
+    // A transform's output schema comes from its inputs, except for a module's: the
+    // module runs outside Weir, so its output schema is declared.
+    if let Some(location) = schema_location
+        && role == Role::Transform
+        && kind_seen
+        && node.kind != MODULE_KIND
+    {
+        errors.push(
+            ConfigError::new(
+                child(&path, "schema"),
+                location,
+                format!("a '{}' transform takes no 'schema'", node.kind),
+            )
+            .with_hint(SCHEMA_HINT),
+        );
+    }
     if let (Some(schema), Some(event_time)) = (&node.schema, &node.event_time) {
         errors.extend(check_event_time_column(
             schema,
@@ -497,7 +525,7 @@ fn misplaced(role: Role, field: &str, path: &str, location: Location) -> ConfigE
             "sources read from outside the pipeline; to read from another node, declare this \
              one under 'transforms'"
         }
-        "schema" => "only sources declare a schema; other nodes derive theirs from their inputs",
+        "schema" => SCHEMA_HINT,
         "event_time" => "only sources declare event time; it flows downstream with the data",
         _ => "windows belong on the transform that aggregates",
     };

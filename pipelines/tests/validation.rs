@@ -601,12 +601,12 @@ fn unknown_field_suggests_the_nearest_name() {
         pos(&text, "windw"),
         "transforms.per_minute.windw",
         "unknown field 'windw'",
-        Some("did you mean 'window'? valid fields: kind, inputs, window, config"),
+        Some("did you mean 'window'? valid fields: kind, inputs, window, schema, config"),
     );
     assert_eq!(
         d.to_string(),
         "pipes/boiler.yaml:13:5: transforms.per_minute.windw: unknown field 'windw'\n  \
-         hint: did you mean 'window'? valid fields: kind, inputs, window, config"
+         hint: did you mean 'window'? valid fields: kind, inputs, window, schema, config"
     );
 
     // Inside an operator's config the factory reports it, through the same deserializer.
@@ -902,6 +902,22 @@ fn misplaced_fields_and_bad_windows_are_reported() {
         "transforms.per_minute.window.hopping.slide",
         "the window size 1m is not a multiple of the slide 7s",
         Some("pick a slide that divides the size evenly, e.g. size 1m with slide 10s"),
+    );
+
+    // Only a module transform declares its output schema; others derive theirs.
+    let text = with(
+        "    window: {tumbling: 1m}\n",
+        "    window: {tumbling: 1m}\n    schema: {device: utf8}\n",
+    );
+    assert_problem(
+        &only(&text),
+        pos(&text, "schema: {device: utf8}"),
+        "transforms.per_minute.schema",
+        "a 'pass' transform takes no 'schema'",
+        Some(
+            "only sources and `module` transforms declare a schema; other nodes derive theirs \
+             from their inputs",
+        ),
     );
 
     let text = with("{tumbling: 1m}", "{tumbeling: 1m}");

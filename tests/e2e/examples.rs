@@ -54,6 +54,7 @@ fn every_example_runs_to_completion() {
             .args(["run", "--no-metrics"])
             .arg(&file)
             .env("WEIR_OUT_DIR", out.path())
+            .env("WEIR_ECHO_MODULE", crate::modules::echo_module())
             .output()
             .expect("weir runs");
         let (stdout, stderr) = text(&output);

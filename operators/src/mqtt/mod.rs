@@ -24,8 +24,6 @@ use weir_engine::config::{ConfigErrors, HumanDuration};
 use weir_engine::metrics::ConnectionMetrics;
 use weir_engine::registry::NodeContext;
 
-use crate::format::field_error;
-
 /// The largest packet MQTT can carry (the protocol's remaining-length limit). rumqttc drops
 /// the connection on a bigger packet, so its limit is set this high and operators enforce
 /// their own, smaller, `max_payload_bytes` by dead-lettering: a limit inside rumqttc would
@@ -262,7 +260,7 @@ impl ConnectionConfig {
                     message
                 };
                 errors.push(
-                    field_error(node, &["url"], message)
+                    node.field_error(&["url"], message)
                         .with_hint("e.g. `url: mqtt://127.0.0.1:1883`"),
                 );
                 None
@@ -273,8 +271,7 @@ impl ConnectionConfig {
             .clone()
             .unwrap_or_else(|| format!("weir-{}-{}", node.pipeline, node.name));
         if client_id.is_empty() || client_id.len() > 65535 {
-            errors.push(field_error(
-                node,
+            errors.push(node.field_error(
                 &["client_id"],
                 "client_id must be between 1 and 65535 bytes long",
             ));
@@ -282,19 +279,14 @@ impl ConnectionConfig {
         let password = match (&self.password, &self.password_env) {
             (Some(_), Some(_)) => {
                 errors.push(
-                    field_error(
-                        node,
-                        &["password_env"],
-                        "give password or password_env, not both",
-                    )
-                    .with_hint("prefer password_env, so the secret stays out of the file"),
+                    node.field_error(&["password_env"], "give password or password_env, not both")
+                        .with_hint("prefer password_env, so the secret stays out of the file"),
                 );
                 None
             }
             (Some(password), None) => Some(Password::Inline(password.clone())),
             (None, Some(var)) if var.trim().is_empty() || var.contains('=') => {
-                errors.push(field_error(
-                    node,
+                errors.push(node.field_error(
                     &["password_env"],
                     format!("'{var}' is not an environment variable name"),
                 ));
@@ -305,14 +297,14 @@ impl ConnectionConfig {
         };
         if (self.password.is_some() || self.password_env.is_some()) && self.username.is_none() {
             errors.push(
-                field_error(node, &["username"], "a password needs a username")
+                node.field_error(&["username"], "a password needs a username")
                     .with_hint("add `username: ...` under config"),
             );
         }
         let tls = match (&self.tls, &broker) {
             (Some(_), Some(broker)) if !broker.tls => {
                 errors.push(
-                    field_error(node, &["tls"], "tls options apply only to mqtts:// urls")
+                    node.field_error(&["tls"], "tls options apply only to mqtts:// urls")
                         .with_hint("write the url as mqtts://host:8883, or remove `tls`"),
                 );
                 None
@@ -323,16 +315,14 @@ impl ConnectionConfig {
                     (Some(cert), Some(key)) => Some((resolve(cert), resolve(key))),
                     (None, None) => None,
                     (Some(_), None) => {
-                        errors.push(field_error(
-                            node,
+                        errors.push(node.field_error(
                             &["tls", "key_file"],
                             "tls.cert_file needs tls.key_file: add the client's private key",
                         ));
                         None
                     }
                     (None, Some(_)) => {
-                        errors.push(field_error(
-                            node,
+                        errors.push(node.field_error(
                             &["tls", "cert_file"],
                             "tls.key_file needs tls.cert_file: add the client certificate",
                         ));
@@ -349,22 +339,18 @@ impl ConnectionConfig {
         let keep_alive = self.keep_alive.0;
         let (initial, max) = (self.reconnect_initial_delay.0, self.reconnect_max_delay.0);
         if !keep_alive.is_zero() && keep_alive < Duration::from_secs(1) {
-            errors.push(field_error(
-                node,
-                &["keep_alive"],
-                "keep_alive must be 0 (off) or at least 1s",
-            ));
+            errors.push(
+                node.field_error(&["keep_alive"], "keep_alive must be 0 (off) or at least 1s"),
+            );
         }
         if initial < Duration::from_millis(1) {
-            errors.push(field_error(
-                node,
+            errors.push(node.field_error(
                 &["reconnect_initial_delay"],
                 "reconnect_initial_delay must be at least 1ms",
             ));
         }
         if max < initial {
-            errors.push(field_error(
-                node,
+            errors.push(node.field_error(
                 &["reconnect_max_delay"],
                 "reconnect_max_delay must not be shorter than reconnect_initial_delay",
             ));
@@ -515,7 +501,7 @@ pub fn qos_field(node: &NodeContext<'_>, qos: u8, errors: &mut ConfigErrors) -> 
         1 => QoS::AtLeastOnce,
         other => {
             errors.push(
-                field_error(node, &["qos"], format!("qos {other} is not supported"))
+                node.field_error(&["qos"], format!("qos {other} is not supported"))
                     .with_hint("use 0 (at most once) or 1 (at least once)"),
             );
             QoS::AtLeastOnce

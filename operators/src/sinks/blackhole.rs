@@ -15,8 +15,6 @@ use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
 use weir_engine::{OperatorError, OperatorInstance, Sink};
 
-use crate::format::{field_error, node_config};
-
 /// Builds `blackhole` sinks.
 pub struct BlackholeFactory;
 
@@ -38,14 +36,12 @@ impl OperatorFactory for BlackholeFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let config: BlackholeConfig = node_config(node)?;
+        let config: BlackholeConfig = node.config()?;
         let log_every = config.log_every.map(|d| d.0);
         if log_every.is_some_and(|every| every < Duration::from_millis(100)) {
-            return Err(vec![field_error(
-                node,
-                &["log_every"],
-                "log_every must be at least 100ms",
-            )]);
+            return Err(vec![
+                node.field_error(&["log_every"], "log_every must be at least 100ms"),
+            ]);
         }
         Ok(Box::new(Plan {
             node: node.name.to_owned(),

@@ -39,9 +39,7 @@ use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
 use weir_engine::{OperatorError, OperatorInstance, Sink};
 
-use crate::format::{
-    TimestampFormat, field_error, node_config, node_error, write_csv, write_json_lines,
-};
+use crate::format::{TimestampFormat, write_csv, write_json_lines};
 use crate::rejects::RejectLog;
 use crate::template::{Part, Rendered, Template, group_rows};
 
@@ -108,17 +106,14 @@ impl OperatorFactory for FileSinkFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let config: FileSinkConfig = node_config(node)?;
+        let config: FileSinkConfig = node.config()?;
         let mut errors = ConfigErrors::new();
         if node.inputs.len() != 1 {
             errors.push(
-                node_error(
-                    node,
-                    format!(
-                        "the file sink writes one stream but has {} inputs",
-                        node.inputs.len()
-                    ),
-                )
+                node.error(format!(
+                    "the file sink writes one stream but has {} inputs",
+                    node.inputs.len()
+                ))
                 .with_hint(
                     "use one file sink per input, or merge the streams with a sql transform first",
                 ),
@@ -126,7 +121,7 @@ impl OperatorFactory for FileSinkFactory {
         }
         if config.path.trim().is_empty() {
             errors.push(
-                field_error(node, &["path"], "the file sink needs a path")
+                node.field_error(&["path"], "the file sink needs a path")
                     .with_hint("add e.g. `path: out/readings.jsonl` under config"),
             );
         }
@@ -134,8 +129,7 @@ impl OperatorFactory for FileSinkFactory {
             for key in ["timestamps", "append"] {
                 if node.config.get(key).is_some() {
                     errors.push(
-                        field_error(
-                            node,
+                        node.field_error(
                             &[key],
                             format!("{key} applies only to formats json and csv"),
                         )
@@ -145,11 +139,7 @@ impl OperatorFactory for FileSinkFactory {
             }
         }
         if config.max_open_files == Some(0) {
-            errors.push(field_error(
-                node,
-                &["max_open_files"],
-                "max_open_files must be at least 1",
-            ));
+            errors.push(node.field_error(&["max_open_files"], "max_open_files must be at least 1"));
         }
         if !node.inputs_known {
             // An upstream could not be planned, so its schema is unknown: the template
@@ -182,7 +172,7 @@ fn target(
         Ok(template) => template,
         Err(message) => {
             errors
-                .push(field_error(node, &["path"], message).with_hint(
+                .push(node.field_error(&["path"], message).with_hint(
                     "e.g. `path: out/{device}.jsonl`; `{column}` names an input column",
                 ));
             return None;
@@ -196,8 +186,7 @@ fn target(
     if keep.is_empty() {
         ok = false;
         errors.push(
-            field_error(
-                node,
+            node.field_error(
                 &["path"],
                 format!(
                     "path '{}' names every input column, so nothing is left to write into the \
@@ -213,8 +202,7 @@ fn target(
         let sample = template.sample("x");
         if let Err(problem) = check_partition(&sample, prefix) {
             ok = false;
-            errors.push(field_error(
-                node,
+            errors.push(node.field_error(
                 &["path"],
                 format!("path '{}' cannot be used: {problem}", config.path),
             ));
@@ -223,7 +211,7 @@ fn target(
     let written = match schema.project(&keep) {
         Ok(written) => SchemaRef::new(written),
         Err(e) => {
-            errors.push(node_error(node, format!("cannot project the input: {e}")));
+            errors.push(node.error(format!("cannot project the input: {e}")));
             return None;
         }
     };
@@ -232,8 +220,7 @@ fn target(
             if field.data_type().is_nested() {
                 ok = false;
                 errors.push(
-                    field_error(
-                        node,
+                    node.field_error(
                         &["format"],
                         format!(
                             "format csv cannot hold column '{}' of type {}: csv fields are flat \

@@ -27,9 +27,7 @@ use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
 use weir_engine::{OperatorError, OperatorInstance, Sink};
 
-use crate::format::{
-    TimestampFormat, field_error, json_array, json_lines, node_config_split, node_error,
-};
+use crate::format::{TimestampFormat, json_array, json_lines};
 use crate::mqtt::{ConnectionConfig, ConnectionMonitor, ConnectionPlan, qos_field};
 use crate::rejects::RejectLog;
 use crate::template::{Part, Rendered, Template, group_rows};
@@ -203,16 +201,12 @@ impl OperatorFactory for MqttSinkFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let (connection, config): (ConnectionConfig, MqttSinkConfig) = node_config_split(node)?;
+        let (connection, config): (ConnectionConfig, MqttSinkConfig) = node.config_split()?;
         let mut errors = ConfigErrors::new();
         let connection = connection.validate(node, &mut errors);
         let qos = qos_field(node, config.qos, &mut errors);
         if config.max_in_flight == 0 {
-            errors.push(field_error(
-                node,
-                &["max_in_flight"],
-                "max_in_flight must be at least 1",
-            ));
+            errors.push(node.field_error(&["max_in_flight"], "max_in_flight must be at least 1"));
         }
         let topic = match node.inputs {
             // An upstream could not be planned, so its schema is unknown: the topic cannot
@@ -222,7 +216,7 @@ impl OperatorFactory for MqttSinkFactory {
                 Ok(topic) => Some(topic),
                 Err(message) => {
                     errors.push(
-                        field_error(node, &["topic"], message)
+                        node.field_error(&["topic"], message)
                             .with_hint("e.g. `topic: alerts/{device}`"),
                     );
                     None
@@ -230,13 +224,10 @@ impl OperatorFactory for MqttSinkFactory {
             },
             inputs => {
                 errors.push(
-                    node_error(
-                        node,
-                        format!(
-                            "the mqtt sink publishes one stream but has {} inputs",
-                            inputs.len()
-                        ),
-                    )
+                    node.error(format!(
+                        "the mqtt sink publishes one stream but has {} inputs",
+                        inputs.len()
+                    ))
                     .with_hint(
                         "use one mqtt sink per input, or merge the streams with a sql \
                          transform first",

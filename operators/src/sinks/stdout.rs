@@ -15,7 +15,7 @@ use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
 use weir_engine::{OperatorError, OperatorInstance, Sink};
 
-use crate::format::{TimestampFormat, json_lines, node_config, pretty_table};
+use crate::format::{TimestampFormat, json_lines, pretty_table};
 
 /// Builds `stdout` sinks.
 pub struct StdoutFactory;
@@ -50,7 +50,7 @@ impl OperatorFactory for StdoutFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let config: StdoutConfig = node_config(node)?;
+        let config: StdoutConfig = node.config()?;
         Ok(Box::new(Plan {
             format: config.format,
         }))

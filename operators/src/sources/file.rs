@@ -55,7 +55,6 @@ use weir_engine::registry::{
 };
 use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
 
-use crate::format::{field_error, node_config, node_error};
 use crate::rejects::{DEAD_LETTER_PORT, RejectLog, outputs_with_dead_letter};
 
 /// The `weir_operator_rejected_rows_total` reason of a malformed line.
@@ -199,7 +198,7 @@ impl OperatorFactory for FileSourceFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let config: FileSourceConfig = node_config(node)?;
+        let config: FileSourceConfig = node.config()?;
         Ok(Box::new(validate(&config, node)?))
     }
 }
@@ -208,35 +207,28 @@ fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
     let mut errors = ConfigErrors::new();
     if node.schema.is_none() {
         errors.push(
-            node_error(node, "the file source needs a declared schema").with_hint(
-                "add e.g. `schema: {device: utf8, ts: timestamp_ms, temperature: float64}`",
-            ),
+            node.error("the file source needs a declared schema")
+                .with_hint(
+                    "add e.g. `schema: {device: utf8, ts: timestamp_ms, temperature: float64}`",
+                ),
         );
     }
     if config.path.trim().is_empty() {
         errors.push(
-            field_error(node, &["path"], "the file source needs a path")
+            node.field_error(&["path"], "the file source needs a path")
                 .with_hint("add e.g. `path: data/readings.jsonl` under config"),
         );
     }
     if config.batch_rows == 0 {
-        errors.push(field_error(
-            node,
-            &["batch_rows"],
-            "batch_rows must be at least 1",
-        ));
+        errors.push(node.field_error(&["batch_rows"], "batch_rows must be at least 1"));
     }
     if config.poll_interval.0 < Duration::from_millis(1) {
-        errors.push(field_error(
-            node,
-            &["poll_interval"],
-            "poll_interval must be at least 1ms",
-        ));
+        errors.push(node.field_error(&["poll_interval"], "poll_interval must be at least 1ms"));
     }
     let decoding = match (config.format, &config.csv) {
         (FileFormat::Json, Some(_)) => {
             errors.push(
-                field_error(node, &["csv"], "csv options apply only to format csv")
+                node.field_error(&["csv"], "csv options apply only to format csv")
                     .with_hint("remove `csv`, or set `format: csv`"),
             );
             Decoding::Json
@@ -248,8 +240,7 @@ fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
                 [byte] if byte.is_ascii() && !matches!(byte, b'\n' | b'\r' | b'"') => *byte,
                 _ => {
                     errors.push(
-                        field_error(
-                            node,
+                        node.field_error(
                             &["csv", "delimiter"],
                             format!(
                                 "delimiter '{}' is not one ASCII character",
@@ -264,14 +255,11 @@ fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
             if let Some(schema) = &node.schema {
                 for field in schema.fields() {
                     if field.data_type().is_nested() {
-                        errors.push(node_error(
-                            node,
-                            format!(
-                                "csv cannot hold column '{}' of type {}: csv columns are flat values",
-                                field.name(),
-                                field.data_type()
-                            ),
-                        ));
+                        errors.push(node.error(format!(
+                            "csv cannot hold column '{}' of type {}: csv columns are flat values",
+                            field.name(),
+                            field.data_type()
+                        )));
                     }
                 }
             }
@@ -284,8 +272,7 @@ fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
     let input = if is_pattern(&config.path) {
         if let Err(e) = glob::Pattern::new(&config.path) {
             errors.push(
-                field_error(
-                    node,
+                node.field_error(
                     &["path"],
                     format!(
                         "path '{}' is not a valid pattern: {} (at character {})",
@@ -299,8 +286,7 @@ fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
         }
         if config.follow {
             errors.push(
-                field_error(
-                    node,
+                node.field_error(
                     &["follow"],
                     format!(
                         "follow reads one growing file, but path '{}' is a pattern",
@@ -316,17 +302,12 @@ fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
     };
     if let Some(name) = &config.file_column {
         if name.trim().is_empty() {
-            errors.push(field_error(
-                node,
-                &["file_column"],
-                "file_column must name a column",
-            ));
+            errors.push(node.field_error(&["file_column"], "file_column must name a column"));
         } else if let Some(schema) = &node.schema
             && schema.index_of(name).is_ok()
         {
             errors.push(
-                field_error(
-                    node,
+                node.field_error(
                     &["file_column"],
                     format!("file_column '{name}' is also a column of the schema"),
                 )

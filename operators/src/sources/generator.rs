@@ -34,8 +34,6 @@ use weir_engine::registry::{
 };
 use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
 
-use crate::format::{field_error, node_config, node_error};
-
 /// The name of the device-id column.
 pub const DEVICE_COLUMN: &str = "device";
 /// The name of the event-time column.
@@ -298,7 +296,7 @@ impl OperatorFactory for GeneratorFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let config: GeneratorConfig = node_config(node)?;
+        let config: GeneratorConfig = node.config()?;
         Ok(Box::new(validate(&config, node)?))
     }
 }
@@ -307,14 +305,14 @@ fn validate(config: &GeneratorConfig, node: &NodeContext<'_>) -> Result<Plan, Co
     let mut errors = ConfigErrors::new();
     if node.schema.is_some() {
         errors.push(
-            node_error(node, "generator derives its schema from config.fields").with_hint(
-                "remove `schema` from this node and describe the columns under config.fields",
-            ),
+            node.error("generator derives its schema from config.fields")
+                .with_hint(
+                    "remove `schema` from this node and describe the columns under config.fields",
+                ),
         );
     }
     if config.devices == 0 || config.devices > MAX_DEVICES {
-        errors.push(field_error(
-            node,
+        errors.push(node.field_error(
             &["devices"],
             format!(
                 "devices must be between 1 and {MAX_DEVICES}, not {}",
@@ -325,8 +323,7 @@ fn validate(config: &GeneratorConfig, node: &NodeContext<'_>) -> Result<Plan, Co
     let interval = config.interval.0;
     if interval < Duration::from_millis(1) || !interval.subsec_nanos().is_multiple_of(1_000_000) {
         errors.push(
-            field_error(
-                node,
+            node.field_error(
                 &["interval"],
                 "interval must be a whole number of milliseconds, at least 1ms",
             )
@@ -334,11 +331,7 @@ fn validate(config: &GeneratorConfig, node: &NodeContext<'_>) -> Result<Plan, Co
         );
     }
     if config.batch_rows == 0 {
-        errors.push(field_error(
-            node,
-            &["batch_rows"],
-            "batch_rows must be at least 1",
-        ));
+        errors.push(node.field_error(&["batch_rows"], "batch_rows must be at least 1"));
     }
     let start_ms = match &config.start {
         None => None,
@@ -346,8 +339,7 @@ fn validate(config: &GeneratorConfig, node: &NodeContext<'_>) -> Result<Plan, Co
             Ok(nanos) => Some(nanos.div_euclid(1_000_000)),
             Err(_) => {
                 errors.push(
-                    field_error(
-                        node,
+                    node.field_error(
                         &["start"],
                         format!("start '{text}' is not an RFC 3339 timestamp"),
                     )
@@ -360,8 +352,7 @@ fn validate(config: &GeneratorConfig, node: &NodeContext<'_>) -> Result<Plan, Co
     let fields = validate_fields(config, node, &mut errors);
     if let Some(anomalies) = &config.anomalies {
         if !(0.0..=1.0).contains(&anomalies.probability) {
-            errors.push(field_error(
-                node,
+            errors.push(node.field_error(
                 &["anomalies", "probability"],
                 format!(
                     "probability must be between 0 and 1, not {}",
@@ -370,8 +361,7 @@ fn validate(config: &GeneratorConfig, node: &NodeContext<'_>) -> Result<Plan, Co
             ));
         }
         if !anomalies.magnitude.is_finite() {
-            errors.push(field_error(
-                node,
+            errors.push(node.field_error(
                 &["anomalies", "magnitude"],
                 "magnitude must be a finite number",
             ));
@@ -402,24 +392,16 @@ fn validate_fields(
     errors: &mut ConfigErrors,
 ) -> Vec<FieldModel> {
     if config.fields.0.is_empty() {
-        errors.push(field_error(
-            node,
-            &["fields"],
-            "fields must declare at least one column",
-        ));
+        errors.push(node.field_error(&["fields"], "fields must declare at least one column"));
     }
     let mut models = Vec::with_capacity(config.fields.0.len());
     for (name, field) in &config.fields.0 {
         let at = |key: &'static str| ["fields", name.as_str(), key];
-        let error = |keys: [&str; 3], message: String| field_error(node, &keys, message);
+        let error = |keys: [&str; 3], message: String| node.field_error(&keys, message);
         if name.is_empty() || [DEVICE_COLUMN, TS_COLUMN, ANOMALY_COLUMN].contains(&name.as_str()) {
             errors.push(
-                field_error(
-                    node,
-                    &["fields", name],
-                    format!("'{name}' cannot name a field"),
-                )
-                .with_hint("device, ts and injected_anomaly are the generator's own columns"),
+                node.field_error(&["fields", name], format!("'{name}' cannot name a field"))
+                    .with_hint("device, ts and injected_anomaly are the generator's own columns"),
             );
         }
         let shape = field.shape;

@@ -38,7 +38,6 @@ use weir_engine::registry::{
 };
 use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
 
-use crate::format::{field_error, node_config_split, node_error};
 use crate::mqtt::{BrokerUrl, ConnectionConfig, ConnectionMonitor, ConnectionPlan, qos_field};
 use crate::rejects::{DEAD_LETTER_PORT, RejectLog, outputs_with_dead_letter};
 
@@ -226,7 +225,7 @@ impl OperatorFactory for MqttSourceFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let (connection, config) = node_config_split(node)?;
+        let (connection, config) = node.config_split()?;
         Ok(Box::new(validate(&connection, &config, node)?))
     }
 }
@@ -240,42 +239,30 @@ fn validate(
     let connection = connection.validate(node, &mut errors);
     if node.schema.is_none() {
         errors.push(
-            node_error(node, "the mqtt source needs a declared schema").with_hint(
-                "add e.g. `schema: {device: utf8, ts: timestamp_ms, temperature: float64}`",
-            ),
+            node.error("the mqtt source needs a declared schema")
+                .with_hint(
+                    "add e.g. `schema: {device: utf8, ts: timestamp_ms, temperature: float64}`",
+                ),
         );
     }
     if config.topics.is_empty() {
         errors.push(
-            field_error(
-                node,
-                &["topics"],
-                "the mqtt source needs at least one topic",
-            )
-            .with_hint("add e.g. `topics: [\"plant/+/boiler\"]` under config"),
+            node.field_error(&["topics"], "the mqtt source needs at least one topic")
+                .with_hint("add e.g. `topics: [\"plant/+/boiler\"]` under config"),
         );
     }
     for problem in config.topics.iter().filter_map(|t| filter_problem(t)) {
-        errors.push(field_error(node, &["topics"], problem));
+        errors.push(node.field_error(&["topics"], problem));
     }
     let qos = qos_field(node, config.qos, &mut errors);
     if config.batch_rows == 0 {
-        errors.push(field_error(
-            node,
-            &["batch_rows"],
-            "batch_rows must be at least 1",
-        ));
+        errors.push(node.field_error(&["batch_rows"], "batch_rows must be at least 1"));
     }
     if config.linger.0 < Duration::from_millis(1) {
-        errors.push(field_error(
-            node,
-            &["linger"],
-            "linger must be at least 1ms",
-        ));
+        errors.push(node.field_error(&["linger"], "linger must be at least 1ms"));
     }
     if config.max_payload_bytes == 0 {
-        errors.push(field_error(
-            node,
+        errors.push(node.field_error(
             &["max_payload_bytes"],
             "max_payload_bytes must be at least 1",
         ));
@@ -284,11 +271,7 @@ fn validate(
         None => None,
         Some(Ok(pattern)) => Some(pattern),
         Some(Err(problem)) => {
-            errors.push(field_error(
-                node,
-                &["topic_pattern"],
-                format!("topic_pattern: {problem}"),
-            ));
+            errors.push(node.field_error(&["topic_pattern"], format!("topic_pattern: {problem}")));
             None
         }
     };
@@ -296,8 +279,7 @@ fn validate(
     if let (Some(pattern), Some(schema)) = (&pattern, &node.schema) {
         for name in pattern.columns() {
             if topic_columns.iter().any(|c| c == name) {
-                errors.push(field_error(
-                    node,
+                errors.push(node.field_error(
                     &["topic_pattern"],
                     format!("topic_pattern names column '{name}' twice"),
                 ));
@@ -308,8 +290,7 @@ fn validate(
                     let names: Vec<&str> =
                         schema.fields().iter().map(|f| f.name().as_str()).collect();
                     errors.push(
-                        field_error(
-                            node,
+                        node.field_error(
                             &["topic_pattern"],
                             format!("topic_pattern names column '{name}', which the schema does not declare"),
                         )
@@ -319,8 +300,7 @@ fn validate(
                         )),
                     );
                 }
-                Ok(field) if field.data_type() != &DataType::Utf8 => errors.push(field_error(
-                    node,
+                Ok(field) if field.data_type() != &DataType::Utf8 => errors.push(node.field_error(
                     &["topic_pattern"],
                     format!(
                         "topic_pattern fills column '{name}', which is {} in the schema: topic \
@@ -339,21 +319,17 @@ fn validate(
             .iter()
             .all(|f| topic_columns.contains(f.name()))
         {
-            errors.push(node_error(
-                node,
+            errors.push(node.error(
                 "every schema column comes from the topic: declare at least one payload column",
             ));
         }
         if config.format == PayloadFormat::Csv {
             for field in schema.fields().iter().filter(|f| f.data_type().is_nested()) {
-                errors.push(node_error(
-                    node,
-                    format!(
-                        "csv cannot hold column '{}' of type {}: csv columns are flat values",
-                        field.name(),
-                        field.data_type()
-                    ),
-                ));
+                errors.push(node.error(format!(
+                    "csv cannot hold column '{}' of type {}: csv columns are flat values",
+                    field.name(),
+                    field.data_type()
+                )));
             }
         }
     }
@@ -1020,7 +996,7 @@ mod tests {
             window: None,
             base_dir: std::path::Path::new("."),
         };
-        let (connection, config) = node_config_split(&node)?;
+        let (connection, config) = node.config_split()?;
         validate(&connection, &config, &node)
     }
 

@@ -58,8 +58,6 @@ pub use post::LikelihoodConfig;
 pub use range::RangeConfig;
 pub use zscore::ZscoreConfig;
 
-use crate::format::{field_error, node_config_split, node_error};
-
 /// The column holding each row's score, from 0 (normal) towards 1.
 pub const SCORE_COLUMN: &str = "anomaly_score";
 /// The column saying whether the row is an anomaly.
@@ -441,7 +439,7 @@ impl DetectorSpec {
         }
         for (keys, problem, hint) in problems {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let error = field_error(node, &keys, problem);
+            let error = node.field_error(&keys, problem);
             errors.push(match hint {
                 Some(hint) => error.with_hint(hint),
                 None => error,
@@ -465,14 +463,14 @@ impl OperatorFactory for AnomalyFactory {
     }
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
-        let (config, detector_config): (AnomalyConfig, DetectorConfig) = node_config_split(node)?;
+        let (config, detector_config): (AnomalyConfig, DetectorConfig) = node.config_split()?;
         let mut errors = ConfigErrors::new();
         let value_names: Vec<String> = match (&config.value, &config.values) {
             (Some(value), None) => vec![value.clone()],
             (None, Some(values)) => values.clone(),
             (Some(_), Some(_)) => {
                 errors.push(
-                    field_error(node, &["values"], "give `value` or `values`, not both")
+                    node.field_error(&["values"], "give `value` or `values`, not both")
                         .with_hint("`value` names one column, `values` a list of them"),
                 );
                 Vec::new()
@@ -481,12 +479,8 @@ impl OperatorFactory for AnomalyFactory {
         };
         if value_names.is_empty() {
             errors.push(
-                field_error(
-                    node,
-                    &["value"],
-                    "the anomaly transform needs a value column",
-                )
-                .with_hint("add e.g. `value: temperature` under config"),
+                node.field_error(&["value"], "the anomaly transform needs a value column")
+                    .with_hint("add e.g. `value: temperature` under config"),
             );
         }
         let detector = DetectorSpec::validate(
@@ -497,20 +491,13 @@ impl OperatorFactory for AnomalyFactory {
             &mut errors,
         );
         if config.max_keys == 0 {
-            errors.push(field_error(
-                node,
-                &["max_keys"],
-                "max_keys must be at least 1",
-            ));
+            errors.push(node.field_error(&["max_keys"], "max_keys must be at least 1"));
         }
         let [input] = node.inputs else {
-            errors.push(node_error(
-                node,
-                format!(
-                    "the anomaly transform reads one stream but has {} inputs",
-                    node.inputs.len()
-                ),
-            ));
+            errors.push(node.error(format!(
+                "the anomaly transform reads one stream but has {} inputs",
+                node.inputs.len()
+            )));
             return Err(errors);
         };
         if !node.inputs_known {
@@ -534,8 +521,7 @@ impl OperatorFactory for AnomalyFactory {
         for name in &value_names {
             match schema.index_of(name) {
                 Ok(index) if schema.field(index).data_type().is_numeric() => values.push(index),
-                Ok(index) => errors.push(field_error(
-                    node,
+                Ok(index) => errors.push(node.field_error(
                     &[value_field],
                     format!(
                         "column '{name}' is {}: a value column must be numeric",
@@ -543,12 +529,8 @@ impl OperatorFactory for AnomalyFactory {
                     ),
                 )),
                 Err(_) => errors.push(
-                    field_error(
-                        node,
-                        &[value_field],
-                        format!("the input has no column '{name}'"),
-                    )
-                    .with_hint(format!("its columns: {}", names())),
+                    node.field_error(&[value_field], format!("the input has no column '{name}'"))
+                        .with_hint(format!("its columns: {}", names())),
                 ),
             }
         }
@@ -559,8 +541,7 @@ impl OperatorFactory for AnomalyFactory {
                     Some(index)
                 }
                 Ok(index) => {
-                    errors.push(field_error(
-                        node,
+                    errors.push(node.field_error(
                         &["key"],
                         format!(
                             "column '{name}' is {}, which cannot name a series: use a text, \
@@ -572,7 +553,7 @@ impl OperatorFactory for AnomalyFactory {
                 }
                 Err(_) => {
                     errors.push(
-                        field_error(node, &["key"], format!("the input has no column '{name}'"))
+                        node.field_error(&["key"], format!("the input has no column '{name}'"))
                             .with_hint(format!("its columns: {}", names())),
                     );
                     None
@@ -581,13 +562,10 @@ impl OperatorFactory for AnomalyFactory {
         };
         for taken in [SCORE_COLUMN, FLAG_COLUMN] {
             if schema.index_of(taken).is_ok() {
-                errors.push(node_error(
-                    node,
-                    format!(
-                        "the input already has a column '{taken}', which the anomaly \
+                errors.push(node.error(format!(
+                    "the input already has a column '{taken}', which the anomaly \
                          transform adds: rename it upstream"
-                    ),
-                ));
+                )));
             }
         }
         let event_time = input
@@ -602,8 +580,7 @@ impl OperatorFactory for AnomalyFactory {
                     Some(index)
                 }
                 Ok(index) => {
-                    errors.push(field_error(
-                        node,
+                    errors.push(node.field_error(
                         &["time"],
                         format!(
                             "column '{name}' is {}: the time column must be a timestamp",
@@ -614,7 +591,7 @@ impl OperatorFactory for AnomalyFactory {
                 }
                 Err(_) => {
                     errors.push(
-                        field_error(node, &["time"], format!("the input has no column '{name}'"))
+                        node.field_error(&["time"], format!("the input has no column '{name}'"))
                             .with_hint(format!("its columns: {}", names())),
                     );
                     None
@@ -676,7 +653,7 @@ impl PlannedOperator for Plan {
         metrics: &OperatorMetrics,
     ) -> Result<OperatorInstance, OperatorError> {
         Ok(OperatorInstance::Transform(Box::new(Anomaly {
-            series: LruCache::new(self.max_keys),
+            series: LruCache::with_hasher(self.max_keys, foldhash::fast::RandomState::default()),
             unkeyed: None,
             pending: Vec::new(),
             watermark: Watermark::START,
@@ -691,7 +668,7 @@ impl PlannedOperator for Plan {
 struct Anomaly {
     plan: Plan,
     /// Each keyed series' detector, least recently seen first out.
-    series: LruCache<String, Box<dyn Detector>>,
+    series: LruCache<String, Box<dyn Detector>, foldhash::fast::RandomState>,
     /// The series of rows without a key (no key column, or a null key).
     unkeyed: Option<Box<dyn Detector>>,
     /// Rows waiting for the watermark to pass them.

@@ -84,12 +84,17 @@ pub struct Zscore {
     span: Span,
     min_history: usize,
     threshold: f64,
-    /// All values: count, mean and sum of squared deviations (Welford).
+    /// The values compared with: count, mean and sum of squared deviations (Welford).
     count: u64,
     mean: f64,
     m2: f64,
     /// Bounded spans: the values in the span, with their event times.
     values: VecDeque<(i64, f64)>,
+    /// Bounded spans: values that left the span since `mean` and `m2` were last summed
+    /// afresh. Each departure is undone incrementally, which drifts by a rounding error;
+    /// summing afresh once per window's worth of departures bounds the drift at O(1)
+    /// amortised cost per row.
+    departed: usize,
 }
 
 impl Zscore {
@@ -108,57 +113,80 @@ impl Zscore {
             mean: 0.0,
             m2: 0.0,
             values: VecDeque::new(),
+            departed: 0,
         }
     }
 
     /// Mean and population standard deviation of the earlier values in the span, with
     /// their count.
     fn moments(&mut self, ts: i64) -> (usize, f64, f64) {
-        match self.span {
-            Span::All => {
-                let n = self.count as usize;
-                let variance = if n > 0 { self.m2 / n as f64 } else { 0.0 };
-                (n, self.mean, variance.max(0.0).sqrt())
-            }
-            Span::Rows(_) | Span::Millis(_) => {
-                if let Span::Millis(span) = self.span {
-                    while self.values.front().is_some_and(|(t, _)| *t < ts - span) {
-                        self.values.pop_front();
-                    }
-                }
-                let n = self.values.len();
-                if n == 0 {
-                    return (0, 0.0, 0.0);
-                }
-                // Two passes over a bounded window: exact, and free of drift.
-                let mean = self.values.iter().map(|(_, v)| v).sum::<f64>() / n as f64;
-                let variance = self
-                    .values
-                    .iter()
-                    .map(|(_, v)| (v - mean) * (v - mean))
-                    .sum::<f64>()
-                    / n as f64;
-                (n, mean, variance.sqrt())
+        if let Span::Millis(span) = self.span {
+            while self.values.front().is_some_and(|(t, _)| *t < ts - span) {
+                self.depart();
             }
         }
+        let n = match self.span {
+            Span::All => self.count as usize,
+            Span::Rows(_) | Span::Millis(_) => self.values.len(),
+        };
+        if n == 0 {
+            return (0, 0.0, 0.0);
+        }
+        let variance = (self.m2 / n as f64).max(0.0);
+        (n, self.mean, variance.sqrt())
+    }
+
+    /// Adds `value` to the running mean and sum of squared deviations (Welford).
+    fn include(&mut self, value: f64) {
+        self.count += 1;
+        let delta = value - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (value - self.mean);
+    }
+
+    /// Drops the oldest value of a bounded span, undoing its Welford step.
+    fn depart(&mut self) {
+        let Some((_, value)) = self.values.pop_front() else {
+            return;
+        };
+        self.count -= 1;
+        if self.count == 0 {
+            (self.mean, self.m2) = (0.0, 0.0);
+            return;
+        }
+        let delta = value - self.mean;
+        self.mean -= delta / self.count as f64;
+        self.m2 -= delta * (value - self.mean);
+        self.departed += 1;
+        if self.departed >= self.values.len().max(64) {
+            self.resum();
+        }
+    }
+
+    /// Sums the bounded span afresh in two passes: exact, and free of drift.
+    fn resum(&mut self) {
+        self.departed = 0;
+        let n = self.values.len() as f64;
+        self.mean = self.values.iter().map(|(_, v)| v).sum::<f64>() / n;
+        self.m2 = self
+            .values
+            .iter()
+            .map(|(_, v)| (v - self.mean) * (v - self.mean))
+            .sum::<f64>();
     }
 
     fn remember(&mut self, ts: i64, value: f64) {
         match self.span {
-            Span::All => {
-                self.count += 1;
-                let delta = value - self.mean;
-                self.mean += delta / self.count as f64;
-                self.m2 += delta * (value - self.mean);
-            }
+            Span::All => {}
             Span::Rows(rows) => {
                 if self.values.len() == rows {
-                    self.values.pop_front();
+                    self.depart();
                 }
                 self.values.push_back((ts, value));
             }
             Span::Millis(_) => self.values.push_back((ts, value)),
         }
+        self.include(value);
     }
 }
 
@@ -271,6 +299,45 @@ mod tests {
         }
         // Only ts 20 and 21 are within 10 ms of 25.
         assert!(detector.observe(25, &[20.0]).is_anomaly);
+    }
+
+    #[test]
+    fn running_window_moments_match_two_passes_over_the_window() {
+        // Large offsets and long runs are where an incremental variance drifts.
+        let values: Vec<f64> = (0..5000u32)
+            .map(|i| {
+                1.0e6 + ((i * 7919 % 1009) as f64) / 10.0 + if i % 613 == 0 { 900.0 } else { 0.0 }
+            })
+            .collect();
+        for window in [1usize, 2, 7, 100, 1000] {
+            let mut detector = Zscore::new(&ZscoreConfig {
+                window_rows: Some(window),
+                ..ZscoreConfig::default()
+            });
+            for (i, &value) in values.iter().enumerate() {
+                let (n, mean, stddev) = detector.moments(i as i64);
+                let earlier = &values[i.saturating_sub(window)..i];
+                assert_eq!(n, earlier.len());
+                if n > 0 {
+                    let plain_mean = earlier.iter().sum::<f64>() / n as f64;
+                    let plain_var = earlier
+                        .iter()
+                        .map(|v| (v - plain_mean).powi(2))
+                        .sum::<f64>()
+                        / n as f64;
+                    assert!(
+                        (mean - plain_mean).abs() <= 1e-9 * plain_mean.abs(),
+                        "window {window} row {i}"
+                    );
+                    assert!(
+                        (stddev - plain_var.sqrt()).abs() <= 1e-6 * (1.0 + plain_var.sqrt()),
+                        "window {window} row {i}: {stddev} vs {}",
+                        plain_var.sqrt()
+                    );
+                }
+                detector.remember(i as i64, value);
+            }
+        }
     }
 
     #[test]
