@@ -5,13 +5,14 @@
 use std::fs::{self, File};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
 
-use weir_engine::arrow::datatypes::SchemaRef;
+use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{InputStream, NodeContext, Role, StreamInfo};
 use weir_engine::{OperatorFactory, OperatorInstance, Transform};
@@ -121,4 +122,17 @@ pub fn transform(
         OperatorInstance::Transform(transform) => Ok(transform),
         _ => bail!("{} is not a transform", factory.kind()),
     }
+}
+
+/// Readings as the benches feed them: `device`, `ts` (ms) and one float64 column `value`.
+pub fn readings_schema(value: &str) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("device", DataType::Utf8, false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new(value, DataType::Float64, false),
+    ]))
 }

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use weir_engine::arrow::array::{
     Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
-use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use weir_engine::arrow::datatypes::SchemaRef;
 use weir_engine::registry::Role;
 use weir_engine::{Collector, Transform, Watermark};
 
@@ -127,15 +127,7 @@ fn run() -> Result<()> {
 }
 
 fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("device", DataType::Utf8, false),
-        Field::new(
-            "ts",
-            DataType::Timestamp(TimeUnit::Millisecond, None),
-            false,
-        ),
-        Field::new("v", DataType::Float64, false),
-    ]))
+    support::readings_schema("v")
 }
 
 /// `rows` rows in batches: each series a noisy level with an occasional spike.

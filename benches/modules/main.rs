@@ -6,7 +6,8 @@
 //! one core (the module process inherits the pinning, so it shares that core) over W1's
 //! generated input (`MODULES_LINES`, default 2,000,000), then times single batches
 //! through the module operator in this process. Under `cargo test --benches` it runs a
-//! small smoke check and judges nothing.
+//! small smoke check and judges nothing. `WEIR_BIN` points it at another `weir` build
+//! (the echo module is taken from beside it).
 
 #[path = "../w1/data.rs"]
 #[allow(dead_code)]
@@ -25,7 +26,7 @@ use weir_engine::Collector;
 use weir_engine::arrow::array::{
     Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
-use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use weir_engine::arrow::datatypes::SchemaRef;
 
 /// The bound: the echo module may cost at most this share of the throughput at
 /// 8k-row batches.
@@ -50,7 +51,10 @@ fn run() -> Result<()> {
         Err(_) if judged => 2_000_000,
         Err(_) => 20_000,
     };
-    let weir = PathBuf::from(env!("CARGO_BIN_EXE_weir"));
+    // WEIR_BIN runs another build of `weir` (and the echo module beside it), e.g. a
+    // release build measured by a quick debug build of this harness.
+    let weir = std::env::var_os("WEIR_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_weir")), PathBuf::from);
     let echo = echo_module(&weir)?;
     let work = support::target_dir(&weir).join("modules-bench");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
@@ -206,15 +210,7 @@ sinks:
 }
 
 fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("device", DataType::Utf8, false),
-        Field::new(
-            "ts",
-            DataType::Timestamp(TimeUnit::Millisecond, None),
-            false,
-        ),
-        Field::new("temperature", DataType::Float64, false),
-    ]))
+    support::readings_schema("temperature")
 }
 
 /// Times `ROUND_TRIPS` batches of `rows` rows through the echo module operator; returns

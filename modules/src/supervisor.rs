@@ -33,6 +33,9 @@ use crate::runtime::{
     ContainerRuntime, ExitInfo, InstanceId, LaunchSpec, LogStream, RuntimeEvent, RuntimeHealth,
 };
 
+/// How often a starting module is checked, until its first check passes.
+const STARTING_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
 /// When a module is restarted (see the table in the module docs).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -513,7 +516,9 @@ impl Supervisor {
         let mut events = self.runtime.events(&id).fuse();
         let health = self.config.health;
         let start_period_ends = Instant::now() + health.start_period.0;
-        let mut checks = tokio::time::interval(health.interval.0);
+        // Until its first check passes, a starting module is checked every
+        // STARTING_CHECK_INTERVAL (at most), so batches flow as soon as it listens.
+        let mut checks = tokio::time::interval(health.interval.0.min(STARTING_CHECK_INTERVAL));
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failed_checks = 0u32;
         let mut healthy_at = None;
@@ -541,7 +546,16 @@ impl Supervisor {
                     match self.probe.check(health.timeout.0).await {
                         Ok(()) => {
                             failed_checks = 0;
-                            healthy_at.get_or_insert_with(Instant::now);
+                            if healthy_at.is_none() {
+                                healthy_at = Some(Instant::now());
+                                checks = tokio::time::interval_at(
+                                    Instant::now() + health.interval.0,
+                                    health.interval.0,
+                                );
+                                checks.set_missed_tick_behavior(
+                                    tokio::time::MissedTickBehavior::Delay,
+                                );
+                            }
                             if self.status.borrow().state != ModuleState::Running {
                                 tracing::info!(module = %self.spec.module, "module is running and healthy");
                             }
