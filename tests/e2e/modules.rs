@@ -291,10 +291,10 @@ fn a_crash_looping_module_backs_off_exponentially_and_is_reported_failing() {
     };
     assert!(times.len() >= 6, "{times:?}");
     let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
-    // 0.3 s, 0.6 s, then the 1.2 s cap; each gap is the delay plus a start (< 0.25 s).
+    // 0.3 s, 0.6 s, then the 1.2 s cap; each gap is the delay plus a start (< 0.35 s on a loaded machine).
     for (gap, delay) in gaps.iter().zip([0.3, 0.6, 1.2, 1.2, 1.2]) {
         assert!(
-            (delay - 0.02..delay + 0.25).contains(gap),
+            (delay - 0.02..delay + 0.35).contains(gap),
             "gaps {gaps:?}: expected {delay} s"
         );
     }
