@@ -338,6 +338,25 @@ fn a_missing_executable_fails_the_pipeline_with_a_clear_error_under_restart_neve
     );
 }
 
+#[test]
+fn a_process_module_past_its_memory_limit_is_reported_with_the_limit() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let settings = "      restart: never\n      limits: {memory: 64MiB}\n      \
+                    env: {ECHO_ALLOCATE_MB: \"256\"}";
+    let file = pipeline(
+        dir.path(),
+        10,
+        "10ms",
+        &process_module(&echo_module(), settings),
+    );
+    let (code, stderr) = run_to_end(&file, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    // A process is not OOM-killed: its allocation fails under the address-space limit,
+    // and the report names the limit rather than claiming an OOM kill.
+    assert!(stderr.contains("64 MiB address-space limit"), "{stderr}");
+    assert!(!stderr.contains("OOM"), "{stderr}");
+}
+
 /// `weir validate` on a pipeline whose module has `settings`: its standard error.
 fn invalid(settings: &str) -> String {
     let dir = tempfile::tempdir().expect("a temp dir");

@@ -255,7 +255,7 @@ impl ContainerRuntime for ProcessRuntime {
         let _ = instance.events.send(RuntimeEvent::Started);
         let waiter = instance.clone();
         tokio::spawn(async move {
-            let exit = match child.wait().await {
+            let mut exit = match child.wait().await {
                 Ok(status) => ExitInfo {
                     code: status.code().map(i64::from),
                     signal: status.signal(),
@@ -267,6 +267,19 @@ impl ContainerRuntime for ProcessRuntime {
                     ..ExitInfo::default()
                 },
             };
+            // Without a cgroup the kernel does not OOM-kill a process module: its
+            // allocations fail under the address-space limit. Say so, rather than
+            // leave a bare abort unexplained (and never claim an OOM kill).
+            if let Some(limit) = waiter.spec.limits.memory_bytes
+                && !exit.is_success()
+                && exit.error.is_none()
+            {
+                exit.error = Some(format!(
+                    "it ran under a {} MiB address-space limit: a failed allocation is the \
+                     likely cause",
+                    limit >> 20
+                ));
+            }
             let _ = waiter.events.send(RuntimeEvent::Exited(exit.clone()));
             waiter.exit.send_replace(Some(exit));
         });
