@@ -93,7 +93,8 @@ pub struct NodeContext<'a> {
     /// schemas, and the factory should report only problems that do not depend on them.
     /// The planner discards whatever a factory returns in that case except its errors.
     pub inputs_known: bool,
-    /// The schema declared on the node (sources, and `module` transforms).
+    /// The schema declared on the node (sources, and transforms whose kind declares its
+    /// output, see [`OperatorFactory::declares_output_schema`]).
     pub schema: Option<SchemaRef>,
     /// The event-time column declared on the node (sources).
     pub event_time: Option<EventTimeSpec>,
@@ -173,6 +174,13 @@ pub trait OperatorFactory: Send + Sync {
     /// Checks the node's configuration and derives its outputs, reporting every problem
     /// found. Must not touch files, sockets or the clock.
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors>;
+
+    /// Whether a transform of this kind takes its output schema from the node's
+    /// `schema`, because Weir cannot derive it (a module). Other transforms derive
+    /// theirs from their inputs, and declaring one is an error.
+    fn declares_output_schema(&self) -> bool {
+        false
+    }
 }
 
 /// Maps (section, kind name) to factories. One kind name may mean different operators in

@@ -1,6 +1,4 @@
-//! The errors of module runtimes and of the module protocol's client side.
-
-use std::time::Duration;
+//! The errors of module runtimes.
 
 /// A module runtime could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -60,46 +58,5 @@ impl RuntimeError {
             operation: operation.into(),
             source,
         }
-    }
-}
-
-/// A call to a module over the protocol failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    /// The module could not be reached, or broke the connection (it crashed, or is
-    /// restarting). Worth retrying.
-    #[error("module unreachable: {0}")]
-    Unreachable(String),
-    /// No answer in time. Worth retrying.
-    #[error("module did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The module failed on the batch (HTTP 5xx). Worth retrying.
-    #[error("module failed ({status}): {message}")]
-    Failed {
-        /// The HTTP status.
-        status: u16,
-        /// The module's message.
-        message: String,
-    },
-    /// The module refused the batch as bad (HTTP 4xx). Not worth retrying.
-    #[error("module rejected the batch ({status}): {message}")]
-    Rejected {
-        /// The HTTP status.
-        status: u16,
-        /// The module's message.
-        message: String,
-    },
-    /// The module's answer is not a valid Arrow IPC stream. Not worth retrying.
-    #[error("module answered with a malformed Arrow stream: {0}")]
-    Malformed(String),
-}
-
-impl CallError {
-    /// Whether the same batch may succeed when sent again.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Failed { .. }
-        )
     }
 }

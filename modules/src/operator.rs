@@ -162,6 +162,10 @@ impl OperatorFactory for ModuleFactory {
         &[Role::Source, Role::Transform, Role::Sink]
     }
 
+    fn declares_output_schema(&self) -> bool {
+        true
+    }
+
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
         let config: ModuleConfig = node.config()?;
         let mut errors: ConfigErrors = config

@@ -268,7 +268,23 @@ fn check_kind<'r>(
     let path = format!("{}.kind", node.path());
     let elsewhere = registry.roles_of(&node.kind);
     match registry.get(node.role, &node.kind) {
-        Some(factory) => Some(factory.as_ref()),
+        Some(factory) => {
+            // Only a kind whose output Weir cannot derive (a module) declares it.
+            if node.role == Role::Transform
+                && node.schema.is_some()
+                && !factory.declares_output_schema()
+            {
+                errors.push(
+                    ConfigError::new(
+                        format!("{}.schema", node.path()),
+                        node.schema_location,
+                        format!("a '{}' transform takes no 'schema'", node.kind),
+                    )
+                    .with_hint(crate::spec::SCHEMA_HINT),
+                );
+            }
+            Some(factory.as_ref())
+        }
         None if !elsewhere.is_empty() => {
             let roles: Vec<&str> = elsewhere.iter().map(|r| role_noun(*r)).collect();
             errors.push(

@@ -21,12 +21,8 @@ use weir_engine::time::{EventTimeSpec, WindowSpec, is_event_time_type};
 use crate::env::{EnvLookup, interpolate_tree};
 use crate::schema::{parse_schema, type_name};
 
-/// The kind of the one transform that declares its output schema: a module, whose
-/// output Weir cannot derive.
-const MODULE_KIND: &str = "module";
-
 /// Why a node cannot declare a schema.
-const SCHEMA_HINT: &str = "only sources and `module` transforms declare a schema; other nodes \
+pub(crate) const SCHEMA_HINT: &str = "only sources and `module` transforms declare a schema; other nodes \
                            derive theirs from their inputs";
 
 /// The document version this crate reads.
@@ -72,8 +68,10 @@ pub struct NodeSpec {
     pub config: ConfigValue,
     /// The nodes (and ports) this node reads from, in order. Empty for sources.
     pub inputs: Vec<InputSpec>,
-    /// The declared schema (sources only).
+    /// The declared schema (sources, and transforms whose kind declares its output).
     pub schema: Option<SchemaRef>,
+    /// Where `schema` was written.
+    pub schema_location: Location,
     /// The declared event-time column (sources only).
     pub event_time: Option<EventTimeSpec>,
     /// The declared window (transforms only).
@@ -382,6 +380,7 @@ fn parse_node(
         config: ConfigValue::null().at(key.location),
         inputs: Vec::new(),
         schema: None,
+        schema_location: key.location,
         event_time: None,
         window: None,
         location: key.location,
@@ -423,7 +422,6 @@ fn parse_node(
     };
 
     let (mut kind_seen, mut inputs_seen) = (false, false);
-    let mut schema_location = None;
     for (field, value) in entries {
         let field_path = child(&path, &field.name);
         match (field.name.as_str(), role) {
@@ -443,7 +441,7 @@ fn parse_node(
                 node.inputs = parse_inputs(&value, &field_path, errors);
             }
             ("schema", Role::Source | Role::Transform) => {
-                schema_location = Some(field.location);
+                node.schema_location = field.location;
                 node.schema = parse_schema(&value, &field_path, errors);
             }
             ("event_time", Role::Source) => {
@@ -487,22 +485,6 @@ fn parse_node(
         errors.push(
             ConfigError::new(&path, key.location, "missing field 'inputs'")
                 .with_hint("list the nodes this one reads from, e.g. inputs: [sensors]"),
-        );
-    }
-    // A transform's output schema comes from its inputs, except for a module's: the
-    // module runs outside Weir, so its output schema is declared.
-    if let Some(location) = schema_location
-        && role == Role::Transform
-        && kind_seen
-        && node.kind != MODULE_KIND
-    {
-        errors.push(
-            ConfigError::new(
-                child(&path, "schema"),
-                location,
-                format!("a '{}' transform takes no 'schema'", node.kind),
-            )
-            .with_hint(SCHEMA_HINT),
         );
     }
     if let (Some(schema), Some(event_time)) = (&node.schema, &node.event_time) {

@@ -426,8 +426,10 @@ mod tests {
             &[
                 "sh",
                 "-c",
-                "echo \"$GREETING $WEIR_MODULE_ROLE\"; echo oops >&2; \
-                 trap 'echo bye; exit 0' TERM; while true; do sleep 0.05; done",
+                // The trap goes first: the test stops the process once it has read
+                // both lines.
+                "trap 'echo bye; exit 0' TERM; echo \"$GREETING $WEIR_MODULE_ROLE\"; \
+                 echo oops >&2; while true; do sleep 0.05; done",
             ],
             dir.path(),
         );
