@@ -2,6 +2,7 @@
 //!
 //! One file per subcommand; [`exit`] is the one place that maps outcomes to exit codes.
 
+mod agent;
 mod exit;
 mod http;
 mod logging;
@@ -51,6 +52,13 @@ enum Command {
     },
     /// Show the modules of a running `weir run`: state, restarts, last exit and why.
     Status(status::StatusArgs),
+    /// Run the pipelines a hub deploys to this device, and report on them.
+    ///
+    /// Long-polls the hub for this device's desired state, validates it, swaps the running
+    /// pipelines (unchanged ones keep running), reports the outcome and sends heartbeats.
+    /// The last applied deployment is kept in --state-dir, so the agent boots into it and
+    /// keeps running it while the hub is out of reach.
+    Agent(agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +68,12 @@ fn main() -> ExitCode {
         Command::Validate { files } => validate::run(&files),
         Command::Run(args) => match runtime(cli.threads) {
             Ok(runtime) => runtime.block_on(run::run(args)),
+            Err(error) => {
+                exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
+            }
+        },
+        Command::Agent(args) => match runtime(cli.threads) {
+            Ok(runtime) => runtime.block_on(agent::run(args)),
             Err(error) => {
                 exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
             }

@@ -40,7 +40,7 @@ pub struct RunArgs {
     shutdown_timeout: Duration,
 }
 
-fn humantime_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e}; write e.g. 500ms, 10s or 1m"))
 }
 
@@ -194,13 +194,13 @@ async fn supervise(
 }
 
 /// SIGINT and SIGTERM as one stream of names.
-struct Signals {
+pub(crate) struct Signals {
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Signals {
             #[cfg(unix)]
             terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -208,7 +208,7 @@ impl Signals {
         }
     }
 
-    async fn next(&mut self) -> &'static str {
+    pub(crate) async fn next(&mut self) -> &'static str {
         #[cfg(unix)]
         {
             let terminate = async {

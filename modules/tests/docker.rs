@@ -502,6 +502,26 @@ async fn a_container_over_its_memory_limit_is_reported_oom_killed() {
         let state = runtime.inspect(&id).await.expect("inspect");
         assert!(state.exit.is_some_and(|exit| exit.oom_killed));
         runtime.remove(&id).await.expect("remove");
+
+        // A memory-limited container killed through the API also dies of SIGKILL, and
+        // is not taken for an OOM kill.
+        let mut spec = fx.spec("killed", &["sleep"]);
+        spec.limits = Limits {
+            memory_bytes: Some(32 << 20),
+            ..Limits::default()
+        };
+        let id = runtime.create(&spec).await.expect("create");
+        runtime.start(&id).await.expect("start");
+        let killed = tokio::process::Command::new("docker")
+            .args(["kill", "--signal", "KILL", &id.0])
+            .output()
+            .await
+            .expect("run docker kill");
+        assert!(killed.status.success(), "{killed:?}");
+        let exit = runtime.wait(&id).await.expect("wait");
+        assert_eq!(exit.signal, Some(9), "{exit:?}");
+        assert!(!exit.oom_killed, "{exit:?}");
+        runtime.remove(&id).await.expect("remove");
     })
     .await;
 }

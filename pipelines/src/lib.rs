@@ -99,24 +99,54 @@ pub fn load_and_validate<P: AsRef<Path>>(
     registry: &Registry,
     env: EnvLookup<'_>,
 ) -> (Vec<ValidatedPipeline>, Vec<Diagnostic>) {
+    let mut problems = Vec::new();
+    let mut sources = Vec::new();
+    for file in expand(paths, &mut problems) {
+        match read(&file) {
+            Ok(text) => {
+                let base = base_dir(&file);
+                sources.push(PipelineSource { file, text, base });
+            }
+            Err(problem) => problems.push(problem),
+        }
+    }
+    let (pipelines, mut found) = validate_sources(&sources, registry, env);
+    problems.append(&mut found);
+    diagnostic::sort(&mut problems);
+    (pipelines, problems)
+}
+
+/// One pipeline document held in memory: where it is said to come from (for messages),
+/// its text, and the directory its relative paths resolve against.
+#[derive(Clone, Debug)]
+pub struct PipelineSource {
+    /// The name messages give the document, such as `deployments/plant/filter.yaml`.
+    pub file: PathBuf,
+    /// The YAML text.
+    pub text: String,
+    /// The directory relative paths resolve against.
+    pub base: PathBuf,
+}
+
+/// Validates documents held in memory as [`load_and_validate`] does files: each one on
+/// its own, and their pipeline names unique across them. Used where pipelines do not
+/// come from local files, such as a deployment sent to the hub.
+pub fn validate_sources(
+    sources: &[PipelineSource],
+    registry: &Registry,
+    env: EnvLookup<'_>,
+) -> (Vec<ValidatedPipeline>, Vec<Diagnostic>) {
     let mut pipelines = Vec::new();
     let mut problems = Vec::new();
     let mut names: HashMap<String, (PathBuf, Location)> = HashMap::new();
-    for file in expand(paths, &mut problems) {
-        let text = match read(&file) {
-            Ok(text) => text,
-            Err(problem) => {
-                problems.push(problem);
-                continue;
-            }
-        };
-        let Checked { name, outcome } = check_text(&file, &text, registry, env, &base_dir(&file));
+    for PipelineSource { file, text, base } in sources {
+        let Checked { name, outcome } = check_text(file, text, registry, env, base);
         let mut duplicate = false;
         if let Some((name, location)) = name {
             if let Some((first, first_location)) = names.get(&name) {
                 duplicate = true;
                 problems.push(Diagnostic::from_config_error(
-                    &file,
+                    file,
                     ConfigError::new(
                         "name",
                         location,

@@ -1,12 +1,14 @@
 //! End-to-end tests that run the real `weir` binary: exit codes, validation messages,
 //! golden window outputs, a folder of files in and out, the NAB runner, every example
-//! pipeline (the MQTT ones against a test broker), process and container modules, signals and `/metrics`.
+//! pipeline (the MQTT ones against a test broker), process and container modules, signals,
+//! `/metrics`, and `weir agent` under a hub.
 
 mod cli;
 mod container_modules;
 mod examples;
 mod files;
 mod golden;
+mod hub;
 mod metrics;
 mod modules;
 mod mqtt;

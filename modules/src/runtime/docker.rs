@@ -23,6 +23,14 @@
 //! `signal` to `n` for codes 129 to 192 (signals 1 to 64): the engine cannot tell such a
 //! death from a process that chose to exit with, say, 137, and by that convention a
 //! process that does means "I died of SIGKILL".
+//!
+//! OOM kills: Docker's `OOMKilled` flag is not reliable everywhere. Its OOM and exit
+//! notices travel separately, and on some kernels and cgroup set-ups the flag comes late
+//! or never. So a memory-limited container that died of SIGKILL is looked at twice: the
+//! flag is re-read for a moment, and if it stays unset, the engine's event history
+//! settles it. Every kill through the API (`docker kill`, or a `docker stop` past its
+//! grace) leaves a `kill` event there, while the kernel's OOM killer leaves none, and
+//! nothing else in a container sends SIGKILL to its main process.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::PermissionsExt;
@@ -72,6 +80,14 @@ const REQUEST_TIMEOUT_SECS: u64 = 120;
 /// line) is cut into pieces of this size, so a module cannot grow Weir's memory by
 /// printing without newlines.
 const MAX_LOG_LINE: usize = 64 * 1024;
+
+/// How long, and how often, a SIGKILLed container's `OOMKilled` flag is re-read before
+/// the event history is asked (see the module docs).
+const OOM_FLAG_GRACE: Duration = Duration::from_millis(500);
+const OOM_FLAG_POLL: Duration = Duration::from_millis(100);
+
+/// SIGKILL, the signal both the OOM killer and a forced stop send.
+const SIGKILL: i32 = 9;
 
 /// Chunk size for streaming an image archive to the engine.
 const ARCHIVE_CHUNK: usize = 256 * 1024;
@@ -356,9 +372,13 @@ impl ContainerRuntime for DockerRuntime {
             state.status,
             Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD)
         );
+        let exit = match ended {
+            true => Some(self.exit_of(id, &state).await),
+            false => None,
+        };
         Ok(InstanceState {
             running: state.running.unwrap_or(false),
-            exit: ended.then(|| exit_info(&state)),
+            exit,
             health: state
                 .health
                 .as_ref()
@@ -393,12 +413,9 @@ impl ContainerRuntime for DockerRuntime {
         // The wait answer has only the code: the OOM flag and the engine's error are in
         // the container's state.
         match self.container_state(id).await {
-            Ok(state) => {
-                let mut exit = exit_info(&state);
-                if exit.code.is_none() {
-                    exit.code = code;
-                    exit.signal = code.and_then(signal_of);
-                }
+            Ok(mut state) => {
+                state.exit_code = state.exit_code.or(code);
+                let mut exit = self.exit_of(id, &state).await;
                 exit.error = exit.error.or(wait_error);
                 Ok(exit)
             }
@@ -511,6 +528,82 @@ impl ContainerRuntime for DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// How an ended container ended, with its OOM kill confirmed as the module docs
+    /// describe when the engine's flag is missing.
+    async fn exit_of(&self, id: &InstanceId, state: &ContainerState) -> ExitInfo {
+        let mut exit = exit_info(state);
+        if !exit.oom_killed && exit.signal == Some(SIGKILL) {
+            exit.oom_killed = self.killed_for_memory(id).await;
+        }
+        exit
+    }
+
+    /// Whether a container that died of SIGKILL without the `OOMKilled` flag was killed
+    /// by the kernel for passing its memory limit: it has one, and either the flag
+    /// turns up late or no one asked the engine to kill it.
+    async fn killed_for_memory(&self, id: &InstanceId) -> bool {
+        let memory_limited = match self
+            .docker
+            .inspect_container(&id.0, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(response) => response
+                .host_config
+                .and_then(|host| host.memory)
+                .is_some_and(|bytes| bytes > 0),
+            Err(_) => return false,
+        };
+        if !memory_limited {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + OOM_FLAG_GRACE;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(OOM_FLAG_POLL).await;
+            match self.container_state(id).await {
+                Ok(state) if state.oom_killed == Some(true) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        match self.kill_requested(id).await {
+            Ok(requested) => !requested,
+            Err(e) => {
+                tracing::debug!(
+                    container = %short_id(id),
+                    "could not read the engine's events to tell an OOM kill: {}",
+                    error_chain(&e)
+                );
+                false
+            }
+        }
+    }
+
+    /// Whether the engine's event history holds a `kill` for the container: someone
+    /// (Weir's stop, or a `docker kill`) asked for a signal through the API.
+    async fn kill_requested(&self, id: &InstanceId) -> Result<bool, BollardError> {
+        // With `until`, the engine answers from its history and closes the stream.
+        let until = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|now| (now.as_secs() + 1).to_string())
+            .unwrap_or_else(|_| "0".to_owned());
+        let filters = HashMap::from([
+            ("container", vec![id.0.as_str()]),
+            ("type", vec!["container"]),
+            ("event", vec!["kill"]),
+        ]);
+        let options = EventsOptionsBuilder::default()
+            .since("0")
+            .until(&until)
+            .filters(&filters)
+            .build();
+        let mut history = self.docker.events(Some(options));
+        match history.next().await {
+            Some(Ok(_)) => Ok(true),
+            Some(Err(e)) => Err(e),
+            None => Ok(false),
+        }
+    }
+
     /// The container's `State`; [`RuntimeError::NoSuchInstance`] when it is gone.
     async fn container_state(&self, id: &InstanceId) -> Result<ContainerState, RuntimeError> {
         let response = self
@@ -565,13 +658,18 @@ impl EventState {
                 // engine's error. The container may be gone already (AutoRemove, or a
                 // quick `remove`): then the event is all there is.
                 let mut exit = match self.runtime.container_state(&self.id).await {
-                    Ok(state) => exit_info(&state),
-                    Err(_) => ExitInfo::default(),
+                    Ok(mut state) => {
+                        state.exit_code = code.or(state.exit_code);
+                        state.oom_killed = Some(state.oom_killed == Some(true) || self.oom_seen);
+                        self.runtime.exit_of(&self.id, &state).await
+                    }
+                    Err(_) => ExitInfo {
+                        code,
+                        signal: code.and_then(signal_of),
+                        oom_killed: self.oom_seen,
+                        error: None,
+                    },
                 };
-                if code.is_some() {
-                    exit.code = code;
-                    exit.signal = code.and_then(signal_of);
-                }
                 exit.oom_killed |= self.oom_seen;
                 Some(RuntimeEvent::Exited(exit))
             }

@@ -594,10 +594,7 @@ impl ConnectionMonitor {
         metrics.connected.set(0);
         ConnectionMonitor {
             broker: plan.broker.clone(),
-            backoff: Backoff::new(
-                plan.backoff,
-                ChaCha8Rng::seed_from_u64(jitter_seed(&plan.client_id)),
-            ),
+            backoff: Backoff::for_client(plan.backoff, &plan.client_id),
             metrics,
             ever_connected: false,
             failing: false,
@@ -664,6 +661,14 @@ pub struct Backoff<R> {
     bounds: BackoffBounds,
     attempt: u32,
     rng: R,
+}
+
+impl Backoff<ChaCha8Rng> {
+    /// A backoff whose jitter differs between clients (named by `client_id`) and between
+    /// runs: for anything that reconnects to a shared server, not only MQTT.
+    pub fn for_client(bounds: BackoffBounds, client_id: &str) -> Self {
+        Backoff::new(bounds, ChaCha8Rng::seed_from_u64(jitter_seed(client_id)))
+    }
 }
 
 impl<R: Rng> Backoff<R> {

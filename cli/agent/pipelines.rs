@@ -1,0 +1,264 @@
+//! The agent's running pipelines, swapped as a whole when a new deployment arrives:
+//! pipelines whose definition did not change keep running untouched, the others are
+//! drained and replaced.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir_engine::metrics::EngineMetrics;
+use weir_hub::protocol::PipelineDocument;
+use weir_modules::ModuleHost;
+use weir_pipelines::PipelineSource;
+
+/// A pipeline's state, as the agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PipelineHealth {
+    /// The pipeline's name.
+    pub name: String,
+    /// `running`, `finished` (its sources ended) or `failed`.
+    pub state: &'static str,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When this run of it started, ms since the Unix epoch: a pipeline left untouched
+    /// by a new deployment keeps its time.
+    pub since_ms: i64,
+}
+
+/// A pipeline task ended: which one (by name and the start it belongs to), and how.
+pub struct Ended {
+    name: String,
+    start: u64,
+    result: Result<(), String>,
+}
+
+/// What an apply changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swap {
+    /// Pipelines started that did not run before.
+    pub started: Vec<String>,
+    /// Pipelines restarted with a new definition.
+    pub replaced: Vec<String>,
+    /// Pipelines stopped because the deployment no longer has them.
+    pub stopped: Vec<String>,
+    /// Pipelines left running untouched.
+    pub kept: Vec<String>,
+}
+
+struct Running {
+    /// The YAML it was built from: the same text means the same pipeline.
+    definition: String,
+    /// Which start this is, to tell a stale end from the current one.
+    start: u64,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    health: PipelineHealth,
+}
+
+/// The pipelines the agent runs.
+pub struct PipelineSet {
+    running: BTreeMap<String, Running>,
+    metrics: EngineMetrics,
+    modules: Arc<ModuleHost>,
+    /// Where relative paths in deployed pipelines resolve.
+    base_dir: PathBuf,
+    shutdown_timeout: Duration,
+    ended_tx: mpsc::UnboundedSender<Ended>,
+    starts: u64,
+}
+
+impl PipelineSet {
+    /// An empty set. Pipeline ends are announced on the returned channel; pass each one
+    /// to [`PipelineSet::ended`].
+    pub fn new(
+        metrics: EngineMetrics,
+        modules: Arc<ModuleHost>,
+        base_dir: PathBuf,
+        shutdown_timeout: Duration,
+    ) -> (PipelineSet, mpsc::UnboundedReceiver<Ended>) {
+        let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        let set = PipelineSet {
+            running: BTreeMap::new(),
+            metrics,
+            modules,
+            base_dir,
+            shutdown_timeout,
+            ended_tx,
+            starts: 0,
+        };
+        (set, ended_rx)
+    }
+
+    /// Makes `documents` (of `deployment`) the running set. Everything is validated and
+    /// built first: on any problem nothing changes and the problems are returned, as
+    /// `weir validate` prints them. Then the pipelines that changed or went away are
+    /// drained, and the new ones started.
+    pub async fn apply(
+        &mut self,
+        deployment: &str,
+        documents: &[PipelineDocument],
+    ) -> Result<Swap, String> {
+        let sources: Vec<PipelineSource> = documents
+            .iter()
+            .map(|document| PipelineSource {
+                file: PathBuf::from(deployment).join(format!("{}.yaml", document.name)),
+                text: document.yaml.clone(),
+                base: self.base_dir.clone(),
+            })
+            .collect();
+        let registry = crate::validate::registry(&self.modules);
+        let (validated, diagnostics) =
+            weir_pipelines::validate_sources(&sources, &registry, &weir_pipelines::process_env);
+        if !diagnostics.is_empty() {
+            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+            return Err(lines.join("\n"));
+        }
+        // Each validated pipeline with its text (validation keeps the documents' order
+        // for the ones that passed, and here all passed).
+        let wanted: BTreeMap<String, (String, weir_pipelines::ValidatedPipeline)> = validated
+            .into_iter()
+            .zip(&sources)
+            .map(|(pipeline, source)| (pipeline.name().to_owned(), (source.text.clone(), pipeline)))
+            .collect();
+
+        let mut swap = Swap {
+            stopped: self
+                .running
+                .keys()
+                .filter(|name| !wanted.contains_key(*name))
+                .cloned()
+                .collect(),
+            ..Swap::default()
+        };
+        let mut built = Vec::new();
+        for (name, (text, pipeline)) in wanted {
+            // The same text is the same pipeline: left as it is, running, finished or
+            // failed. A new definition starts it over.
+            let unchanged = self
+                .running
+                .get(&name)
+                .is_some_and(|running| running.definition == text);
+            if unchanged {
+                swap.kept.push(name);
+                continue;
+            }
+            let pipeline = pipeline
+                .build(&self.metrics)
+                .map_err(|e| format!("pipeline '{name}': {e}"))?;
+            if self.running.contains_key(&name) {
+                swap.replaced.push(name.clone());
+            } else {
+                swap.started.push(name.clone());
+            }
+            built.push((name, text, pipeline));
+        }
+
+        let to_stop: Vec<String> = swap.stopped.iter().chain(&swap.replaced).cloned().collect();
+        for name in &to_stop {
+            self.stop(name).await;
+        }
+        for (name, text, pipeline) in built {
+            self.start(name, text, pipeline);
+        }
+        Ok(swap)
+    }
+
+    fn start(&mut self, name: String, definition: String, pipeline: weir_engine::graph::Pipeline) {
+        self.starts += 1;
+        let start = self.starts;
+        let cancel = CancellationToken::new();
+        let ended = self.ended_tx.clone();
+        let task = {
+            let cancel = cancel.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let result = pipeline.run(cancel).await.map_err(|e| e.to_string());
+                let _ = ended.send(Ended {
+                    name,
+                    start,
+                    result,
+                });
+            })
+        };
+        tracing::info!(pipeline = %name, "pipeline started");
+        self.running.insert(
+            name.clone(),
+            Running {
+                definition,
+                start,
+                cancel,
+                task: Some(task),
+                health: PipelineHealth {
+                    name,
+                    state: "running",
+                    error: None,
+                    since_ms: weir_hub::protocol::now_ms(),
+                },
+            },
+        );
+    }
+
+    /// Drains pipeline `name` and forgets it; past the shutdown timeout it is aborted.
+    async fn stop(&mut self, name: &str) {
+        let Some(mut running) = self.running.remove(name) else {
+            return;
+        };
+        running.cancel.cancel();
+        if let Some(mut task) = running.task.take()
+            && tokio::time::timeout(self.shutdown_timeout, &mut task)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                pipeline = %name,
+                "did not drain within {}; stopped without draining",
+                humantime::format_duration(self.shutdown_timeout)
+            );
+            task.abort();
+        }
+        tracing::info!(pipeline = %name, "pipeline stopped");
+    }
+
+    /// Drains every pipeline.
+    pub async fn stop_all(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            self.stop(&name).await;
+        }
+    }
+
+    /// Takes note that a pipeline ended by itself. Returns whether that changed its
+    /// health (a stale end, of a pipeline since replaced, changes nothing).
+    pub fn ended(&mut self, ended: Ended) -> bool {
+        let Some(running) = self.running.get_mut(&ended.name) else {
+            return false;
+        };
+        if running.start != ended.start {
+            return false;
+        }
+        running.task = None;
+        match ended.result {
+            Ok(()) => {
+                tracing::info!(pipeline = %ended.name, "pipeline finished");
+                running.health.state = "finished";
+            }
+            Err(error) => {
+                tracing::error!(pipeline = %ended.name, "pipeline failed: {error}");
+                running.health.state = "failed";
+                running.health.error = Some(error);
+            }
+        }
+        true
+    }
+
+    /// Every pipeline's health.
+    pub fn health(&self) -> Vec<PipelineHealth> {
+        self.running.values().map(|r| r.health.clone()).collect()
+    }
+}

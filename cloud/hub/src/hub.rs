@@ -1,0 +1,331 @@
+//! The hub's state: its store, its secret and admin token, the fleet it serves from
+//! memory, and the background work that keeps that fleet current.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use weir_engine::Registry;
+use weir_modules::{ModuleFactory, ModuleHost};
+use weir_pipelines::{Diagnostic, PipelineSource};
+
+use crate::error::{StartError, StoreError};
+use crate::fleet::{Fleet, FleetChange};
+use crate::identity::{self, DeviceKey, HubSecret, KeySlot};
+use crate::metrics::HubMetrics;
+use crate::protocol::{Connection, PipelineDocument};
+use crate::store::{Database, DeviceRecord, Store};
+
+/// The setting that holds the SHA-256 of a generated admin token.
+const ADMIN_TOKEN_SETTING: &str = "admin_token_sha256";
+
+/// How often heartbeats received are written, together.
+const HEARTBEAT_FLUSH: Duration = Duration::from_secs(1);
+
+/// Where the hub's secret comes from.
+#[derive(Clone, Debug)]
+pub enum SecretSource {
+    /// A file holding it, created when missing.
+    File(PathBuf),
+    /// The secret itself, base64.
+    Value(String),
+}
+
+/// How a hub runs.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Where it keeps its data (the SQLite database and the secret file by default).
+    pub data_dir: PathBuf,
+    /// Its database.
+    pub database: Database,
+    /// The secret device keys are derived from. Hubs sharing a database must share it.
+    pub secret: SecretSource,
+    /// The admin token; without one, a token is generated once and printed.
+    pub admin_token: Option<String>,
+    /// How often the hub looks for changes other hubs made to the shared database.
+    pub sync_interval: Duration,
+    /// A device that has not been heard from for this long is offline.
+    pub offline_after: Duration,
+    /// The longest a device's poll for its desired state is held open.
+    pub max_poll_wait: Duration,
+}
+
+impl HubConfig {
+    /// The defaults, keeping everything in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> HubConfig {
+        let data_dir = data_dir.into();
+        HubConfig {
+            database: Database::Sqlite(data_dir.join("hub.db")),
+            secret: SecretSource::File(data_dir.join("hub.secret")),
+            data_dir,
+            admin_token: None,
+            sync_interval: Duration::from_secs(1),
+            offline_after: Duration::from_secs(90),
+            max_poll_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A running hub's state, shared by its request handlers.
+pub struct Hub {
+    store: Store,
+    secret: HubSecret,
+    admin_digest: String,
+    config: HubConfig,
+    fleet: RwLock<Fleet>,
+    changes: watch::Sender<i64>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    /// Heartbeats not written yet: each device's latest.
+    heartbeats: Mutex<HashMap<String, i64>>,
+    registry: Registry,
+    metrics: HubMetrics,
+}
+
+/// A hub that has just been opened.
+pub struct Opened {
+    /// The hub.
+    pub hub: Arc<Hub>,
+    /// The admin token, when this start generated it: shown once, never stored.
+    pub generated_admin_token: Option<String>,
+    /// Whether this start created the hub's secret file.
+    pub created_secret: bool,
+}
+
+impl Hub {
+    /// Opens the store (migrating it), loads or creates the secret and the admin token,
+    /// and loads the fleet.
+    pub async fn open(config: HubConfig) -> Result<Opened, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StoreError::Io {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = Store::open(&config.database).await?;
+        let (secret, created_secret) = match &config.secret {
+            SecretSource::File(path) => HubSecret::load_or_create(path)?,
+            SecretSource::Value(text) => (HubSecret::from_base64(text)?, false),
+        };
+        let (admin_digest, generated_admin_token) = match &config.admin_token {
+            Some(token) => (identity::admin_token_digest(token), None),
+            None => {
+                let token = identity::generate_admin_token()?;
+                let digest = identity::admin_token_digest(&token);
+                let stored = store
+                    .setting_or_insert(ADMIN_TOKEN_SETTING, &digest)
+                    .await?;
+                // Ours only if no earlier start (or another hub) had set one.
+                let generated = (stored == digest).then_some(token);
+                (stored, generated)
+            }
+        };
+        let modules = Arc::new(ModuleHost::new(config.data_dir.join("modules")));
+        let mut registry = weir_operators::registry::builtin();
+        registry.register(Arc::new(ModuleFactory::new(modules)));
+        let (changes, _) = watch::channel(-1);
+        let hub = Arc::new(Hub {
+            store,
+            secret,
+            admin_digest,
+            config,
+            fleet: RwLock::new(Fleet::default()),
+            changes,
+            reloading: tokio::sync::Mutex::new(()),
+            heartbeats: Mutex::default(),
+            registry,
+            metrics: HubMetrics::new(),
+        });
+        hub.reload().await?;
+        Ok(Opened {
+            hub,
+            generated_admin_token,
+            created_secret,
+        })
+    }
+
+    /// Starts the background work: following the store's change generation, and
+    /// writing heartbeats. Abort the handles to stop it.
+    pub fn spawn_background(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+        let sync = {
+            let hub = Arc::clone(self);
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(hub.config.sync_interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    if let Err(e) = hub.refresh().await {
+                        tracing::warn!("cannot read the fleet's changes: {e}");
+                    }
+                }
+            })
+        };
+        let heartbeats = {
+            let hub = Arc::clone(self);
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(HEARTBEAT_FLUSH);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    hub.flush_heartbeats().await;
+                }
+            })
+        };
+        vec![sync, heartbeats]
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The hub's configuration.
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    /// The hub's metrics.
+    pub fn metrics(&self) -> &HubMetrics {
+        &self.metrics
+    }
+
+    /// Reads the fleet. `read` must be quick: polls wait while the fleet changes.
+    pub fn with_fleet<R>(&self, read: impl FnOnce(&Fleet) -> R) -> R {
+        read(&self.fleet.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Changes to the fleet: the receiver sees each new generation.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.changes.subscribe()
+    }
+
+    /// Takes in a change this hub wrote at `generation`: applied in place when nothing
+    /// came in between, otherwise by reading the whole fleet again.
+    pub async fn applied(&self, generation: i64, change: FleetChange) -> Result<(), StoreError> {
+        let in_place = self
+            .fleet
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(generation, change);
+        if in_place {
+            self.changes.send_replace(generation);
+            Ok(())
+        } else {
+            self.reload().await
+        }
+    }
+
+    /// Takes in a change to the deployments this hub wrote at `generation`.
+    pub async fn deployments_changed(&self, generation: i64) -> Result<(), StoreError> {
+        let deployments = self.store.deployments().await?;
+        self.applied(generation, FleetChange::Deployments(deployments))
+            .await
+    }
+
+    /// Reads the whole fleet again if the store's change generation moved past this
+    /// hub's: another hub changed it. Runs every `sync_interval`.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let generation = self.store.generation().await?;
+        if generation > self.with_fleet(|fleet| fleet.generation) {
+            self.reload().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the whole fleet from the store.
+    async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        // Read at or after `generation`: a change made meanwhile is applied again on
+        // top (changes are idempotent), or picked up by the next refresh.
+        let generation = self.store.generation().await?;
+        if generation <= self.with_fleet(|fleet| fleet.generation) && *self.changes.borrow() != -1 {
+            return Ok(());
+        }
+        let deployments = self.store.deployments().await?;
+        let tags = self.store.device_tags().await?;
+        let fleet = Fleet::new(generation, deployments, tags);
+        {
+            let mut current = self.fleet.write().unwrap_or_else(|e| e.into_inner());
+            // A change applied in place while this read ran may be newer.
+            if fleet.generation >= current.generation {
+                *current = fleet;
+            }
+        }
+        self.changes.send_replace(generation);
+        Ok(())
+    }
+
+    /// Checks a deployment's pipelines with the validator `weir validate` uses: the same
+    /// operators, the same messages. Files are named `DEPLOYMENT/DOCUMENT.yaml`.
+    ///
+    /// The hub cannot know each device's environment, so it validates with an empty
+    /// one: `${VAR:-default}` is checked with its default, and `${VAR}` without a
+    /// default is refused.
+    pub fn validate_pipelines(
+        &self,
+        deployment: &str,
+        pipelines: &[PipelineDocument],
+    ) -> Vec<Diagnostic> {
+        let sources: Vec<PipelineSource> = pipelines
+            .iter()
+            .map(|document| PipelineSource {
+                file: Path::new(deployment).join(format!("{}.yaml", document.name)),
+                text: document.yaml.clone(),
+                base: PathBuf::from("."),
+            })
+            .collect();
+        let no_env = |_: &str| None;
+        let (_, diagnostics) = weir_pipelines::validate_sources(&sources, &self.registry, &no_env);
+        diagnostics
+    }
+
+    /// The key in `slot` of `device`.
+    pub fn device_key(&self, device: &DeviceRecord, slot: KeySlot) -> DeviceKey {
+        self.secret
+            .device_key(&device.id, &device.nonce, slot, device.generation(slot))
+    }
+
+    /// Whether `token` is the admin token.
+    pub fn is_admin_token(&self, token: &str) -> bool {
+        identity::admin_token_matches(token, &self.admin_digest)
+    }
+
+    /// Notes a heartbeat from `device`; it is written within a second.
+    pub fn heartbeat(&self, device: &str, at_ms: i64) {
+        let mut pending = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+        pending.insert(device.to_owned(), at_ms);
+    }
+
+    /// Writes the heartbeats noted since the last flush.
+    pub async fn flush_heartbeats(&self) {
+        let beats: Vec<(String, i64)> = {
+            let mut pending = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+            pending.drain().collect()
+        };
+        if let Err(e) = self.store.record_heartbeats(&beats).await {
+            tracing::warn!("cannot record {} heartbeats: {e}", beats.len());
+            // Keep them for the next flush, unless a newer one came meanwhile.
+            let mut pending = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+            for (device, at_ms) in beats {
+                pending.entry(device).or_insert(at_ms);
+            }
+        }
+    }
+
+    /// Whether a device last heard from at `last_seen_ms` is online now.
+    pub fn connection(&self, last_seen_ms: Option<i64>, now_ms: i64) -> Connection {
+        match last_seen_ms {
+            None => Connection::Never,
+            Some(seen) => {
+                let limit =
+                    i64::try_from(self.config.offline_after.as_millis()).unwrap_or(i64::MAX);
+                if now_ms.saturating_sub(seen) <= limit {
+                    Connection::Online
+                } else {
+                    Connection::Offline
+                }
+            }
+        }
+    }
+}

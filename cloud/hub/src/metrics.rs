@@ -1,0 +1,150 @@
+//! The hub's Prometheus metrics: requests by route, devices by connection, and
+//! deployments by rollout status.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::protocol::Rollout;
+
+/// The hub's metrics, in their own registry.
+pub struct HubMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    devices: IntGaugeVec,
+    deployments: IntGaugeVec,
+    rollout: IntGaugeVec,
+}
+
+impl Default for HubMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HubMetrics {
+    /// The metric families, registered.
+    pub fn new() -> HubMetrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "weir_hub_http_requests_total",
+                "HTTP requests answered, by method, route and status code.",
+            ),
+            &["method", "route", "status"],
+        )
+        .expect("valid metric");
+        // Long polls are held up to a minute: the buckets reach past that.
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_hub_http_request_duration_seconds",
+                "Time to answer HTTP requests, by method and route (long polls included).",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 120.0,
+            ]),
+            &["method", "route"],
+        )
+        .expect("valid metric");
+        let devices = IntGaugeVec::new(
+            Opts::new(
+                "weir_hub_devices",
+                "Registered devices by connection: online, offline, never (seen).",
+            ),
+            &["connection"],
+        )
+        .expect("valid metric");
+        let deployments = IntGaugeVec::new(
+            Opts::new(
+                "weir_hub_deployments",
+                "Deployments by rollout status: idle, rolling-out, complete, failing.",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        let rollout = IntGaugeVec::new(
+            Opts::new(
+                "weir_hub_deployment_devices",
+                "Devices per deployment: targeted, applied, succeeded, failed.",
+            ),
+            &["deployment", "count"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(devices.clone()),
+            Box::new(deployments.clone()),
+            Box::new(rollout.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        HubMetrics {
+            registry,
+            requests,
+            latency,
+            devices,
+            deployments,
+            rollout,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn observe_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        self.requests
+            .with_label_values(&[method, route, &status.to_string()])
+            .inc();
+        self.latency
+            .with_label_values(&[method, route])
+            .observe(seconds);
+    }
+
+    /// Sets the fleet gauges: devices per connection state, and each deployment's
+    /// rollout. Deployments gone since the last call disappear from the gauges.
+    pub fn set_fleet<'a>(
+        &self,
+        connections: [(&str, i64); 3],
+        rollouts: impl IntoIterator<Item = (&'a str, Rollout)>,
+    ) {
+        for (state, count) in connections {
+            self.devices.with_label_values(&[state]).set(count);
+        }
+        self.rollout.reset();
+        let mut by_status = [
+            ("idle", 0),
+            ("rolling-out", 0),
+            ("complete", 0),
+            ("failing", 0),
+        ];
+        for (name, rollout) in rollouts {
+            for (count, value) in [
+                ("targeted", rollout.targeted),
+                ("applied", rollout.applied),
+                ("succeeded", rollout.succeeded),
+                ("failed", rollout.failed),
+            ] {
+                self.rollout
+                    .with_label_values(&[name, count])
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+            if let Some(slot) = by_status.iter_mut().find(|(s, _)| *s == rollout.status()) {
+                slot.1 += 1;
+            }
+        }
+        for (status, count) in by_status {
+            self.deployments.with_label_values(&[status]).set(count);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec does not fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+}

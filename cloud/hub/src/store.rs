@@ -1,0 +1,717 @@
+//! The hub's storage: devices, deployments and settings, in SQLite or PostgreSQL.
+//!
+//! One set of migrations and queries serves both databases, through sqlx's `Any` driver
+//! and the SQL the two share. Everything a hub keeps in memory is rebuilt from here, so
+//! several hubs can share one PostgreSQL database: each write that can move a device's
+//! desired state also bumps one change counter, in the same transaction, and every hub
+//! watches that counter (see [`Store::generation`]).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Row, SqlSafeStr};
+
+use crate::error::StoreError;
+use crate::identity::KeySlot;
+use crate::protocol::{PipelineDocument, Report};
+
+/// The columns [`device_from_row`] reads, as a literal for `concat!`.
+macro_rules! device_columns {
+    () => {
+        "id, tags, nonce, primary_generation, secondary_generation, enabled, created_ms, \
+         last_seen_ms, report, reported_ms"
+    };
+}
+
+/// The columns [`deployment_from_row`] reads, as a literal for `concat!`.
+macro_rules! deployment_columns {
+    () => {
+        "name, version, revision, priority, target_condition, pipelines, created_ms, updated_ms"
+    };
+}
+
+/// The migrations, in order. Each is plain SQL that both databases accept.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "registry",
+    include_str!("../migrations/0001_registry.sql"),
+)];
+
+/// How long a SQLite connection waits for another writer before giving up.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the hub keeps its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file, created when missing.
+    Sqlite(PathBuf),
+    /// A database URL: `postgres://…` (or `sqlite://…`).
+    Url(String),
+}
+
+impl Database {
+    /// The database for `--database`, or the SQLite file in `data_dir` without it.
+    pub fn choose(url: Option<&str>, data_dir: &Path) -> Database {
+        match url {
+            Some(url) => Database::Url(url.to_owned()),
+            None => Database::Sqlite(data_dir.join("hub.db")),
+        }
+    }
+
+    /// The URL sqlx connects to.
+    fn url(&self) -> String {
+        match self {
+            Database::Sqlite(path) => format!("sqlite://{}?mode=rwc", path.display()),
+            Database::Url(url) => url.clone(),
+        }
+    }
+
+    /// What to call it in messages: never the password in a URL.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(path) => format!("SQLite database {}", path.display()),
+            Database::Url(url) => redact_url(url),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` as `postgres://user:***@host/db`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Which database engine is behind the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, one file.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// A device as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceRecord {
+    /// The device id.
+    pub id: String,
+    /// Its tags.
+    pub tags: BTreeMap<String, String>,
+    /// The random part of its key derivation.
+    pub nonce: String,
+    /// The generation of its primary key.
+    pub primary_generation: u64,
+    /// The generation of its secondary key.
+    pub secondary_generation: u64,
+    /// Whether it may connect.
+    pub enabled: bool,
+    /// When it was registered, in ms since the epoch.
+    pub created_ms: i64,
+    /// Its last heartbeat or report, in ms since the epoch.
+    pub last_seen_ms: Option<i64>,
+    /// Its last report.
+    pub report: Option<Report>,
+    /// When that report came, in ms since the epoch.
+    pub reported_ms: Option<i64>,
+}
+
+impl DeviceRecord {
+    /// The generation of the key in `slot`.
+    pub fn generation(&self, slot: KeySlot) -> u64 {
+        match slot {
+            KeySlot::Primary => self.primary_generation,
+            KeySlot::Secondary => self.secondary_generation,
+        }
+    }
+}
+
+/// A deployment as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeploymentRecord {
+    /// Its name.
+    pub name: String,
+    /// 1 when created, one more on each update.
+    pub version: u64,
+    /// The change generation this version was written at (unique across deployments).
+    pub revision: i64,
+    /// Higher wins where several deployments target a device.
+    pub priority: i64,
+    /// Which devices it targets.
+    pub target_condition: String,
+    /// What it runs.
+    pub pipelines: Vec<PipelineDocument>,
+    /// When it was created, in ms since the epoch.
+    pub created_ms: i64,
+    /// When this version was written, in ms since the epoch.
+    pub updated_ms: i64,
+}
+
+/// A deployment to write.
+#[derive(Clone, Debug)]
+pub struct DeploymentDraft {
+    /// Its name.
+    pub name: String,
+    /// Higher wins where several deployments target a device.
+    pub priority: i64,
+    /// Which devices it targets, already checked.
+    pub target_condition: String,
+    /// What it runs, already validated.
+    pub pipelines: Vec<PipelineDocument>,
+}
+
+/// The hub's database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects to `database`, creating a SQLite file (and its directory) when missing,
+    /// and brings its schema up to date.
+    pub async fn open(database: &Database) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        if let Database::Sqlite(path) = database
+            && let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let url = database.url();
+        let options = AnyConnectOptions::from_str(&url).map_err(|e| StoreError::Connect {
+            database: database.describe(),
+            message: e.to_string(),
+        })?;
+        let backend = match options.database_url.scheme() {
+            "sqlite" => Backend::Sqlite,
+            "postgres" | "postgresql" => Backend::Postgres,
+            other => {
+                return Err(StoreError::Connect {
+                    database: database.describe(),
+                    message: format!(
+                        "'{other}' databases are not supported: use postgres://… or a SQLite file"
+                    ),
+                });
+            }
+        };
+        let pool_options = match backend {
+            // SQLite has one writer at a time: more connections would only wait on it.
+            Backend::Sqlite => {
+                AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(|connection, _| {
+                        Box::pin(async move {
+                            let busy = format!(
+                                "PRAGMA busy_timeout = {}",
+                                SQLITE_BUSY_TIMEOUT.as_millis()
+                            );
+                            sqlx::query(sqlx::AssertSqlSafe(busy))
+                                .execute(&mut *connection)
+                                .await?;
+                            // WAL: readers do not wait for the writer, and a commit is an
+                            // append. NORMAL syncs at checkpoints, which WAL keeps safe.
+                            sqlx::query("PRAGMA journal_mode = WAL")
+                                .execute(&mut *connection)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous = NORMAL")
+                                .execute(&mut *connection)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+            }
+            Backend::Postgres => AnyPoolOptions::new().max_connections(16),
+        };
+        let pool = pool_options
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Connect {
+                database: database.describe(),
+                message: e.to_string(),
+            })?;
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies the migrations not yet applied. Safe with several hubs starting at once:
+    /// sqlx takes a database lock around it.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        Migrator::with_migrations(migrations)
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migrate(e.to_string()))
+    }
+
+    /// The fleet's change generation: it grows with every change that can move a
+    /// device's desired state (deployments, device tags, devices added or removed).
+    pub async fn generation(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT generation FROM hub_changes WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("generation")?)
+    }
+
+    // --- devices ----------------------------------------------------------------------
+
+    /// Registers a device, and returns the change generation it was written at.
+    /// [`StoreError::Conflict`] when the id is taken.
+    pub async fn insert_device(&self, device: &DeviceRecord) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO devices (id, tags, nonce, primary_generation, secondary_generation, \
+             enabled, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&device.id)
+        .bind(tags_json(&device.tags))
+        .bind(&device.nonce)
+        .bind(to_db(device.primary_generation))
+        .bind(to_db(device.secondary_generation))
+        .bind(i64::from(device.enabled))
+        .bind(device.created_ms)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "a device with id '{}' already exists",
+                device.id
+            )));
+        }
+        let generation = bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    /// One device, if it exists.
+    pub async fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| device_from_row(&row)).transpose()
+    }
+
+    /// Every device, by id.
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// Every device's tags, as the fleet needs them.
+    pub async fn device_tags(&self) -> Result<Vec<(String, BTreeMap<String, String>)>, StoreError> {
+        let rows = sqlx::query("SELECT id, tags FROM devices")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let tags = tags_from_row(row, &id)?;
+                Ok((id, tags))
+            })
+            .collect()
+    }
+
+    /// Removes a device, and returns the change generation that was; none when there
+    /// was no such device.
+    pub async fn delete_device(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM devices WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let generation = bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Some(generation))
+    }
+
+    /// Replaces a device's tags, and returns the change generation that was; none when
+    /// there is no such device.
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query("UPDATE devices SET tags = $1 WHERE id = $2")
+            .bind(tags_json(tags))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let generation = bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Some(generation))
+    }
+
+    /// Enables or disables a device; false when there is no such device.
+    pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<bool, StoreError> {
+        let updated = sqlx::query("UPDATE devices SET enabled = $1 WHERE id = $2")
+            .bind(i64::from(enabled))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(updated.rows_affected() > 0)
+    }
+
+    /// Moves the key in `slot` to its next generation, which revokes every token signed
+    /// with the old one. The device as it is now; none when there is no such device.
+    pub async fn rotate_key(
+        &self,
+        id: &str,
+        slot: KeySlot,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let sql = match slot {
+            KeySlot::Primary => {
+                "UPDATE devices SET primary_generation = primary_generation + 1 WHERE id = $1"
+            }
+            KeySlot::Secondary => {
+                "UPDATE devices SET secondary_generation = secondary_generation + 1 \
+                 WHERE id = $1"
+            }
+        };
+        sqlx::query(sql).bind(id).execute(&self.pool).await?;
+        self.device(id).await
+    }
+
+    /// Stores a device's report and counts it as a sign of life.
+    pub async fn record_report(
+        &self,
+        id: &str,
+        report: &Report,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(report).map_err(|e| StoreError::Corrupt {
+            what: format!("the report of device '{id}'"),
+            message: e.to_string(),
+        })?;
+        let updated = sqlx::query(
+            "UPDATE devices SET report = $1, reported_ms = $2, last_seen_ms = $2 WHERE id = $3",
+        )
+        .bind(json)
+        .bind(now_ms)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() > 0)
+    }
+
+    /// Records heartbeats: each device's latest time, in one transaction.
+    pub async fn record_heartbeats(&self, beats: &[(String, i64)]) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, at_ms) in beats {
+            // Never move a device's time backwards (another hub may hold a later one).
+            sqlx::query(
+                "UPDATE devices SET last_seen_ms = $1 \
+                 WHERE id = $2 AND (last_seen_ms IS NULL OR last_seen_ms < $1)",
+            )
+            .bind(at_ms)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // --- deployments ------------------------------------------------------------------
+
+    /// Writes a deployment: creates it at version 1, or (unless `create_only`) updates
+    /// it to the next version. [`StoreError::Conflict`] when `create_only` and it exists.
+    pub async fn put_deployment(
+        &self,
+        draft: &DeploymentDraft,
+        create_only: bool,
+        now_ms: i64,
+    ) -> Result<DeploymentRecord, StoreError> {
+        let pipelines =
+            serde_json::to_string(&draft.pipelines).map_err(|e| StoreError::Corrupt {
+                what: format!("the pipelines of deployment '{}'", draft.name),
+                message: e.to_string(),
+            })?;
+        let mut tx = self.pool.begin().await?;
+        // The generation row is locked first, so concurrent writers of one deployment
+        // (on several hubs) take turns and each gets its own version.
+        let revision = bump_generation(&mut tx).await?;
+        let existing = sqlx::query("SELECT version, created_ms FROM deployments WHERE name = $1")
+            .bind(&draft.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (version, created_ms) = match existing {
+            Some(_) if create_only => {
+                return Err(StoreError::Conflict(format!(
+                    "a deployment named '{}' already exists: update it with PUT",
+                    draft.name
+                )));
+            }
+            Some(row) => {
+                let version: i64 = row.try_get("version")?;
+                let created_ms: i64 = row.try_get("created_ms")?;
+                sqlx::query(
+                    "UPDATE deployments SET version = $1, revision = $2, priority = $3, \
+                     target_condition = $4, pipelines = $5, updated_ms = $6 WHERE name = $7",
+                )
+                .bind(version + 1)
+                .bind(revision)
+                .bind(draft.priority)
+                .bind(&draft.target_condition)
+                .bind(&pipelines)
+                .bind(now_ms)
+                .bind(&draft.name)
+                .execute(&mut *tx)
+                .await?;
+                (version + 1, created_ms)
+            }
+            None => {
+                sqlx::query(
+                    "INSERT INTO deployments (name, version, revision, priority, \
+                     target_condition, pipelines, created_ms, updated_ms) \
+                     VALUES ($1, 1, $2, $3, $4, $5, $6, $6)",
+                )
+                .bind(&draft.name)
+                .bind(revision)
+                .bind(draft.priority)
+                .bind(&draft.target_condition)
+                .bind(&pipelines)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+                (1, now_ms)
+            }
+        };
+        tx.commit().await?;
+        Ok(DeploymentRecord {
+            name: draft.name.clone(),
+            version: from_db(version),
+            revision,
+            priority: draft.priority,
+            target_condition: draft.target_condition.clone(),
+            pipelines: draft.pipelines.clone(),
+            created_ms,
+            updated_ms: now_ms,
+        })
+    }
+
+    /// One deployment, if it exists.
+    pub async fn deployment(&self, name: &str) -> Result<Option<DeploymentRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            deployment_columns!(),
+            " FROM deployments WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| deployment_from_row(&row)).transpose()
+    }
+
+    /// Every deployment, by name.
+    pub async fn deployments(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            deployment_columns!(),
+            " FROM deployments ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    /// Removes a deployment, and returns the change generation that was; none when
+    /// there was no such deployment.
+    pub async fn delete_deployment(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM deployments WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let generation = bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Some(generation))
+    }
+
+    // --- settings ---------------------------------------------------------------------
+
+    /// A setting, if set.
+    pub async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT value FROM hub_settings WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| row.try_get("value")).transpose()?)
+    }
+
+    /// Sets a setting unless it is set already, and returns the value that holds: of
+    /// several hubs starting at once, the first one's.
+    pub async fn setting_or_insert(&self, name: &str, value: &str) -> Result<String, StoreError> {
+        sqlx::query(
+            "INSERT INTO hub_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        self.setting(name)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt {
+                what: format!("setting '{name}'"),
+                message: "it was written and then not found".to_owned(),
+            })
+    }
+
+    /// Closes every connection (waiting for those in use).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Bumps the fleet's change generation inside `tx` and returns the new value.
+async fn bump_generation(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64, StoreError> {
+    let row = sqlx::query(
+        "UPDATE hub_changes SET generation = generation + 1 WHERE id = 1 RETURNING generation",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row.try_get("generation")?)
+}
+
+fn tags_json(tags: &BTreeMap<String, String>) -> String {
+    // A map of strings always serialises.
+    serde_json::to_string(tags).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// Counters are unsigned to Weir and BIGINT to the databases.
+fn to_db(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn from_db(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn device_from_row(row: &sqlx::any::AnyRow) -> Result<DeviceRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let tags = tags_from_row(row, &id)?;
+    let report: Option<String> = row.try_get("report")?;
+    let report = report
+        .map(|json| serde_json::from_str(&json))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt {
+            what: format!("the report of device '{id}'"),
+            message: e.to_string(),
+        })?;
+    Ok(DeviceRecord {
+        tags,
+        nonce: row.try_get("nonce")?,
+        primary_generation: from_db(row.try_get("primary_generation")?),
+        secondary_generation: from_db(row.try_get("secondary_generation")?),
+        enabled: row.try_get::<i64, _>("enabled")? != 0,
+        created_ms: row.try_get("created_ms")?,
+        last_seen_ms: row.try_get("last_seen_ms")?,
+        report,
+        reported_ms: row.try_get("reported_ms")?,
+        id,
+    })
+}
+
+fn tags_from_row(
+    row: &sqlx::any::AnyRow,
+    id: &str,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    let tags: String = row.try_get("tags")?;
+    serde_json::from_str(&tags).map_err(|e| StoreError::Corrupt {
+        what: format!("the tags of device '{id}'"),
+        message: e.to_string(),
+    })
+}
+
+fn deployment_from_row(row: &sqlx::any::AnyRow) -> Result<DeploymentRecord, StoreError> {
+    let name: String = row.try_get("name")?;
+    let pipelines: String = row.try_get("pipelines")?;
+    let pipelines = serde_json::from_str(&pipelines).map_err(|e| StoreError::Corrupt {
+        what: format!("the pipelines of deployment '{name}'"),
+        message: e.to_string(),
+    })?;
+    Ok(DeploymentRecord {
+        version: from_db(row.try_get("version")?),
+        revision: row.try_get("revision")?,
+        priority: row.try_get("priority")?,
+        target_condition: row.try_get("target_condition")?,
+        pipelines,
+        created_ms: row.try_get("created_ms")?,
+        updated_ms: row.try_get("updated_ms")?,
+        name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_messages_hide_the_password() {
+        assert_eq!(
+            redact_url("postgres://weir:secret@db:5432/hub"),
+            "postgres://weir:***@db:5432/hub"
+        );
+        assert_eq!(redact_url("postgres://db/hub"), "postgres://db/hub");
+        assert_eq!(
+            Database::choose(None, Path::new("/var/lib/weir-hub")).describe(),
+            "SQLite database /var/lib/weir-hub/hub.db"
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! The hub and `weir agent` end to end: a hub on loopback and three agents, two of which
+//! a deployment targets by tag. They run it and report success, swap on an update
+//! (leaving the unchanged pipeline alone), never see a deployment the hub refuses, and
+//! carry on while the hub is down, a restarted agent booting from its stored deployment.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use weir_hub::protocol::{DeploymentSpec, DeviceView, NewDevice, PipelineDocument, ReportStatus};
+use weir_hub::{Credentials, Hub, HubClient, HubConfig, RunningHub};
+
+use crate::support::{Running, http_get, metric_value};
+
+const ADMIN_TOKEN: &str = "weir_admin_e2e";
+
+/// A pipeline that runs until stopped: paced readings, counted by `/metrics`.
+const COUNTER: &str = r#"version: 1
+name: counter
+sources:
+  readings:
+    kind: generator
+    config:
+      devices: 2
+      interval: 20ms
+      realtime: true
+      fields:
+        temperature: {shape: sine, base: 60, amplitude: 5, period: 1m}
+sinks:
+  nowhere:
+    kind: stdout
+    inputs: [readings]
+    config: {format: json}
+"#;
+
+/// A pipeline that writes `rows` readings to `file` (under the agent's files
+/// directory) and ends.
+fn batch(rows: u32, file: &str) -> String {
+    format!(
+        r#"version: 1
+name: batch
+sources:
+  readings:
+    kind: generator
+    config:
+      devices: 1
+      interval: 1s
+      count: {rows}
+      realtime: false
+      start: 2026-01-01T00:00:00Z
+      fields:
+        temperature: {{shape: sine, base: 60, amplitude: 5, period: 1m}}
+sinks:
+  out:
+    kind: file
+    inputs: [readings]
+    config: {{path: "out/{file}", format: json}}
+"#
+    )
+}
+
+fn spec(target: &str, documents: &[(&str, String)]) -> DeploymentSpec {
+    DeploymentSpec {
+        name: None,
+        target_condition: target.to_owned(),
+        priority: 0,
+        pipelines: documents
+            .iter()
+            .map(|(name, yaml)| PipelineDocument {
+                name: (*name).to_owned(),
+                yaml: yaml.clone(),
+            })
+            .collect(),
+    }
+}
+
+async fn start_hub(data_dir: &Path) -> RunningHub {
+    let mut config = HubConfig::new(data_dir);
+    config.admin_token = Some(ADMIN_TOKEN.to_owned());
+    let opened = Hub::open(config).await.expect("open the hub");
+    weir_hub::serve(opened.hub, "127.0.0.1:0".parse().expect("address"), None)
+        .await
+        .expect("serve the hub")
+}
+
+fn start_agent(url: &str, id: &str, key: &str, state_dir: &Path) -> Running {
+    // The sensor's environment makes a pipeline the hub accepted invalid on the device.
+    let interval = if id.starts_with("sensor") {
+        "soon"
+    } else {
+        "1s"
+    };
+    let state = state_dir.to_string_lossy().into_owned();
+    Running::start(
+        &[
+            "agent",
+            "--hub",
+            url,
+            "--device",
+            id,
+            "--state-dir",
+            &state,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--poll-wait",
+            "5s",
+            "--heartbeat-interval",
+            "1s",
+        ],
+        &[("WEIR_DEVICE_KEY", key), ("WEIR_E2E_INTERVAL", interval)],
+    )
+}
+
+/// Waits up to a minute for `check` to hold on the hub's view of `ids`.
+fn wait_for_devices(
+    runtime: &tokio::runtime::Runtime,
+    admin: &HubClient,
+    ids: &[&str],
+    what: &str,
+    check: impl Fn(&DeviceView) -> bool,
+) -> Vec<DeviceView> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let devices: Vec<DeviceView> = ids
+            .iter()
+            .map(|id| runtime.block_on(admin.device(id)).expect("device"))
+            .collect();
+        if devices.iter().all(&check) {
+            return devices;
+        }
+        assert!(Instant::now() < deadline, "{what}: {devices:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pipeline_health<'a>(device: &'a DeviceView, pipeline: &str) -> &'a serde_json::Value {
+    device
+        .report
+        .as_ref()
+        .and_then(|report| report.health["pipelines"].as_array())
+        .and_then(|pipelines| pipelines.iter().find(|p| p["name"] == pipeline))
+        .unwrap_or_else(|| panic!("no health for pipeline {pipeline}: {device:#?}"))
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().count())
+        .unwrap_or(0)
+}
+
+/// The rows the `counter` pipeline has generated, from an agent's `/metrics`.
+fn counted(addr: &str) -> f64 {
+    let body = http_get(addr, "/metrics");
+    metric_value(
+        &body,
+        "weir_operator_rows_out_total",
+        &[("pipeline", "counter"), ("operator", "readings")],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Asserts the `counter` pipeline behind `addr` is generating rows.
+fn assert_counting(addr: &str, when: &str) {
+    let before = counted(addr);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counted(addr) <= before {
+        assert!(Instant::now() < deadline, "the counter stood still {when}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn agents_run_what_the_hub_deploys_and_carry_on_without_it() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let hub = runtime.block_on(start_hub(&dir.path().join("hub")));
+    let url = hub.url();
+    let admin = HubClient::new(&url, Credentials::Admin(ADMIN_TOKEN.to_owned()), None)
+        .expect("admin client");
+
+    let mut agents = Vec::new();
+    let mut keys = Vec::new();
+    let state_dir = |id: &str| -> PathBuf { dir.path().join("agents").join(id) };
+    for (id, role) in [
+        ("gw-a", "gateway"),
+        ("gw-b", "gateway"),
+        ("sensor-c", "sensor"),
+    ] {
+        let created = runtime
+            .block_on(
+                admin.create_device(&NewDevice {
+                    id: id.to_owned(),
+                    tags: [("site", "plant-1"), ("role", role)]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
+                }),
+            )
+            .expect("register");
+        agents.push(start_agent(&url, id, &created.keys.primary, &state_dir(id)));
+        keys.push(created.keys.primary);
+    }
+    let addrs: Vec<String> = agents.iter_mut().map(Running::metrics_addr).collect();
+
+    // Deploy to the gateways: both run it and report success; the sensor does not.
+    let v1 = runtime
+        .block_on(admin.put_deployment(
+            "gateways",
+            &spec(
+                "role = 'gateway'",
+                &[
+                    ("counter", COUNTER.to_owned()),
+                    ("batch", batch(20, "batch.jsonl")),
+                ],
+            ),
+        ))
+        .expect("deploy");
+    assert_eq!(v1.rollout.targeted, 2);
+    let applied_v1 = |d: &DeviceView| {
+        d.report
+            .as_ref()
+            .is_some_and(|r| r.revision == Some(v1.revision) && r.status == ReportStatus::Applied)
+    };
+    let gateways = wait_for_devices(&runtime, &admin, &["gw-a", "gw-b"], "v1 applied", |d| {
+        applied_v1(d) && pipeline_health(d, "batch")["state"] == "finished"
+    });
+    let view = runtime
+        .block_on(admin.deployment("gateways"))
+        .expect("deployment");
+    assert_eq!((view.rollout.succeeded, view.rollout.failed), (2, 0));
+    assert_eq!(view.status, "complete");
+    for id in ["gw-a", "gw-b"] {
+        assert_eq!(
+            lines(&state_dir(id).join("files/out/batch.jsonl")),
+            20,
+            "{id}"
+        );
+    }
+    let sensor = wait_for_devices(&runtime, &admin, &["sensor-c"], "sensor reports", |d| {
+        d.report
+            .as_ref()
+            .is_some_and(|r| r.status == ReportStatus::Applied)
+    });
+    assert_eq!(sensor[0].report.as_ref().and_then(|r| r.revision), None);
+    assert!(!state_dir("sensor-c").join("files/out").exists());
+    assert_counting(&addrs[0], "on gw-a");
+    let counter_since = pipeline_health(&gateways[0], "counter")["since_ms"].clone();
+
+    // Update one pipeline: both swap it, and leave the other running untouched.
+    let v2 = runtime
+        .block_on(admin.put_deployment(
+            "gateways",
+            &spec(
+                "role = 'gateway'",
+                &[
+                    ("counter", COUNTER.to_owned()),
+                    ("batch", batch(30, "batch-v2.jsonl")),
+                ],
+            ),
+        ))
+        .expect("update");
+    assert_eq!(v2.version, 2);
+    let gateways = wait_for_devices(&runtime, &admin, &["gw-a", "gw-b"], "v2 applied", |d| {
+        d.report
+            .as_ref()
+            .is_some_and(|r| r.revision == Some(v2.revision) && r.status == ReportStatus::Applied)
+            && pipeline_health(d, "batch")["state"] == "finished"
+    });
+    for (id, device) in ["gw-a", "gw-b"].iter().zip(&gateways) {
+        assert_eq!(
+            lines(&state_dir(id).join("files/out/batch-v2.jsonl")),
+            30,
+            "{id}"
+        );
+        // The first batch did not run again.
+        assert_eq!(
+            lines(&state_dir(id).join("files/out/batch.jsonl")),
+            20,
+            "{id}"
+        );
+        assert_eq!(device.desired.as_ref().map(|d| d.version), Some(2));
+    }
+    assert_eq!(
+        pipeline_health(&gateways[0], "counter")["since_ms"],
+        counter_since,
+        "the unchanged pipeline was restarted"
+    );
+
+    // A broken pipeline is refused by the hub, and the devices keep version 2.
+    let broken = COUNTER.replace("kind: stdout", "kind: no-such-sink");
+    let refused = runtime.block_on(admin.put_deployment(
+        "gateways",
+        &spec("role = 'gateway'", &[("counter", broken)]),
+    ));
+    let error = refused.expect_err("a broken deployment was accepted");
+    assert_eq!(error.status(), Some(422), "{error}");
+    let view = runtime
+        .block_on(admin.deployment("gateways"))
+        .expect("deployment");
+    assert_eq!(view.version, 2);
+
+    // A pipeline the hub accepts (it checks `${WEIR_E2E_INTERVAL:-1s}` with its default)
+    // but the sensor cannot run (its environment says `soon`): the sensor reports the
+    // failure with the validator's message, and the rollout counts it.
+    let sensors = runtime
+        .block_on(
+            admin.put_deployment(
+                "sensors",
+                &spec(
+                    "role = 'sensor'",
+                    &[(
+                        "paced",
+                        batch(5, "paced.jsonl")
+                            .replace("interval: 1s", "interval: ${WEIR_E2E_INTERVAL:-1s}"),
+                    )],
+                ),
+            ),
+        )
+        .expect("the hub accepts it");
+    let failed = wait_for_devices(&runtime, &admin, &["sensor-c"], "sensor fails", |d| {
+        d.report.as_ref().is_some_and(|r| {
+            r.revision == Some(sensors.revision) && r.status == ReportStatus::Failed
+        })
+    });
+    let error = failed[0]
+        .report
+        .as_ref()
+        .and_then(|r| r.error.clone())
+        .unwrap_or_default();
+    assert!(
+        error.contains("sensors/paced.yaml") && error.contains("soon"),
+        "{error}"
+    );
+    let view = runtime
+        .block_on(admin.deployment("sensors"))
+        .expect("deployment");
+    assert_eq!((view.rollout.targeted, view.rollout.failed), (1, 1));
+    assert_eq!(view.status, "failing");
+    assert!(!state_dir("sensor-c").join("files/out").exists());
+
+    // The hub goes away: the agents keep running.
+    runtime.block_on(hub.shutdown());
+    for addr in &addrs[..2] {
+        assert_counting(addr, "with the hub down");
+    }
+
+    // An agent restarted while the hub is down boots from its stored deployment.
+    let restarted = {
+        let mut first = agents.remove(0);
+        first.signal("TERM");
+        assert_eq!(first.wait_exit(Duration::from_secs(30)), Some(0));
+        start_agent(&url, "gw-a", &keys[0], &state_dir("gw-a"))
+    };
+    let mut restarted = restarted;
+    let addr = restarted.metrics_addr();
+    restarted
+        .wait_for_log("starting the stored deployment", Duration::from_secs(30))
+        .expect("the agent boots from its stored deployment");
+    assert_counting(&addr, "after a restart without the hub");
+    assert!(
+        restarted
+            .wait_for_log("cannot poll for the desired state", Duration::from_secs(30))
+            .is_some(),
+        "the agent should say the hub is out of reach"
+    );
+}
