@@ -44,6 +44,14 @@ pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e}; write e.g. 500ms, 10s or 1m"))
 }
 
+/// A duration that must not be zero (an interval, a wait).
+pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime_duration(text)? {
+        duration if duration.is_zero() => Err("must be longer than zero; write e.g. 1s".to_owned()),
+        duration => Ok(duration),
+    }
+}
+
 /// Runs the pipelines in `args` to completion.
 pub async fn run(args: RunArgs) -> Outcome {
     let modules = Arc::new(ModuleHost::new(ModuleHost::default_root()));

@@ -27,6 +27,12 @@ use crate::exit::Outcome;
 use pipelines::PipelineSet;
 use state::{Applied, StateDir};
 
+/// How long a newly applied deployment gets to show that its pipelines start.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// The least time between two polls.
+const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The waits after failed calls to the hub: doubling from 1 s to a minute, jittered.
 const BACKOFF: BackoffBounds = BackoffBounds {
     initial: Duration::from_secs(1),
@@ -56,7 +62,7 @@ pub struct AgentArgs {
         hide_env_values = true,
         value_name = "KEY"
     )]
-    key: Option<String>,
+    key: Option<Secret>,
 
     /// A PEM CA certificate to trust for an HTTPS hub, beside the system's roots.
     #[arg(long, value_name = "FILE")]
@@ -74,17 +80,40 @@ pub struct AgentArgs {
     #[arg(long, conflicts_with = "metrics_addr")]
     no_metrics: bool,
 
-    /// How long each poll for the desired state waits for a change.
-    #[arg(long, default_value = "30s", value_parser = crate::run::humantime_duration, value_name = "DURATION")]
+    /// How long each poll for the desired state waits for a change (whole seconds).
+    #[arg(long, default_value = "30s", value_parser = crate::run::positive_duration, value_name = "DURATION")]
     poll_wait: Duration,
 
     /// How often to send a heartbeat.
-    #[arg(long, default_value = "30s", value_parser = crate::run::humantime_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "30s", value_parser = crate::run::positive_duration, value_name = "DURATION")]
     heartbeat_interval: Duration,
+
+    /// How often to apply again a deployment that failed, or else restart pipelines that
+    /// failed.
+    #[arg(long, default_value = "30s", value_parser = crate::run::positive_duration, value_name = "DURATION")]
+    retry_interval: Duration,
 
     /// How long stopping a pipeline may take to drain.
     #[arg(long, default_value = "10s", value_parser = crate::run::humantime_duration, value_name = "DURATION")]
     shutdown_timeout: Duration,
+}
+
+/// A flag's value that must not show in debug output (clap's `Args` are `Debug`).
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(text.to_owned()))
+    }
 }
 
 /// The agent's config file.
@@ -133,6 +162,7 @@ fn settings(args: &AgentArgs) -> Result<Settings, String> {
     let key = args
         .key
         .clone()
+        .map(|secret| secret.0)
         .or(file.key)
         .ok_or_else(|| missing("its device key", "--key", "WEIR_DEVICE_KEY"))?;
     let key = DeviceKey::from_base64(&key).map_err(|e| format!("the device key: {e}"))?;
@@ -201,7 +231,7 @@ pub async fn run(args: AgentArgs) -> Outcome {
         }
     }
 
-    let (mut pipelines, mut ended) = PipelineSet::new(
+    let (pipelines, ended) = PipelineSet::new(
         metrics,
         modules.clone(),
         state.path().join("files"),
@@ -209,27 +239,35 @@ pub async fn run(args: AgentArgs) -> Outcome {
     );
     let device = settings.device.clone();
 
-    // Boot into the last applied deployment, before the hub is even asked.
-    let applied: Option<Applied> = state.load();
-    if let Some(last) = &applied {
-        let name = last
-            .state
-            .deployment
-            .as_ref()
-            .map_or("nothing", |d| d.name.as_str());
+    let (report_tx, report_rx) = watch::channel::<Option<Report>>(None);
+    let mut agent = Agent {
+        pipelines,
+        ended,
+        modules,
+        state,
+        reports: report_tx,
+        target: None,
+        apply_error: None,
+    };
+
+    // Boot into the last applied deployment, before the hub is even asked. If it no
+    // longer starts (the device's environment changed), the hub hears so, and is asked
+    // for the desired state afresh.
+    let mut poll_from = None;
+    if let Some(last) = agent.state.load() {
+        let name = deployment_name(&last.state).to_owned();
         info!(deployment = %name, etag = %last.state.etag, "starting the stored deployment");
-        if let Err(problems) = apply_state(&mut pipelines, &last.state).await {
-            // Valid when stored; the device's environment may have changed since.
-            warn!("the stored deployment no longer starts:\n{problems}");
+        let etag = last.state.etag.clone();
+        if agent.apply(last.state, false).await {
+            poll_from = Some(etag);
         }
     }
 
     let (desired_tx, mut desired_rx) = mpsc::channel::<DesiredState>(1);
-    let (report_tx, report_rx) = watch::channel::<Option<Report>>(None);
     let poller = tokio::spawn(poll_desired(
         client.clone(),
         device.clone(),
-        applied.as_ref().map(|a| a.state.etag.clone()),
+        poll_from,
         args.poll_wait,
         desired_tx,
     ));
@@ -240,59 +278,25 @@ pub async fn run(args: AgentArgs) -> Outcome {
         args.heartbeat_interval,
     ));
 
-    // Where the agent stands, re-sent with fresh health whenever a pipeline ends.
-    let mut current_report = applied.as_ref().map(|last| Report {
-        revision: last.state.deployment.as_ref().map(|d| d.revision),
-        status: ReportStatus::Applied,
-        error: None,
-        health: serde_json::Value::Null,
-    });
-    if let Some(report) = &mut current_report {
-        report.health = health(&pipelines, &modules);
-        report_tx.send_replace(Some(report.clone()));
-    }
-
+    let mut retries = tokio::time::interval_at(
+        tokio::time::Instant::now() + args.retry_interval,
+        args.retry_interval,
+    );
+    retries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut signals = crate::run::Signals::new();
     loop {
         tokio::select! {
             desired = desired_rx.recv() => {
                 let Some(desired) = desired else { break };
-                let revision = desired.deployment.as_ref().map(|d| d.revision);
-                let name = desired.deployment.as_ref().map_or("nothing", |d| d.name.as_str()).to_owned();
-                info!(deployment = %name, etag = %desired.etag, "new desired state");
-                report_tx.send_replace(Some(Report {
-                    revision,
-                    status: ReportStatus::Applying,
-                    error: None,
-                    health: health(&pipelines, &modules),
-                }));
-                let report = match apply_state(&mut pipelines, &desired).await {
-                    Ok(()) => {
-                        let record = Applied { applied_ms: now_ms(), state: desired };
-                        if let Err(message) = state.store(&record) {
-                            warn!("{message}; a restart without the hub will not run it");
-                        }
-                        info!(deployment = %name, "applied");
-                        Report { revision, status: ReportStatus::Applied, error: None, health: serde_json::Value::Null }
-                    }
-                    Err(problems) => {
-                        warn!(deployment = %name, "refused; the running pipelines are unchanged:\n{problems}");
-                        Report { revision, status: ReportStatus::Failed, error: Some(problems), health: serde_json::Value::Null }
-                    }
-                };
-                let mut report = report;
-                report.health = health(&pipelines, &modules);
-                current_report = Some(report.clone());
-                report_tx.send_replace(Some(report));
+                info!(deployment = %deployment_name(&desired), etag = %desired.etag, "new desired state");
+                agent.apply(desired, true).await;
             }
-            Some(end) = ended.recv() => {
-                if pipelines.ended(end)
-                    && let Some(report) = &mut current_report
-                {
-                    report.health = health(&pipelines, &modules);
-                    report_tx.send_replace(Some(report.clone()));
+            Some(end) = agent.ended.recv() => {
+                if agent.pipelines.ended(end) {
+                    agent.report();
                 }
             }
+            _ = retries.tick() => agent.retry().await,
             signal = signals.next() => {
                 info!("received {signal}: stopping the pipelines");
                 break;
@@ -301,41 +305,133 @@ pub async fn run(args: AgentArgs) -> Outcome {
     }
     poller.abort();
     heartbeats.abort();
-    pipelines.stop_all().await;
+    agent.pipelines.stop_all().await;
     reporter.abort();
     stop_background.cancel();
     Outcome::Success
 }
 
-/// Makes `desired` the running set of pipelines.
-async fn apply_state(pipelines: &mut PipelineSet, desired: &DesiredState) -> Result<(), String> {
-    match &desired.deployment {
-        Some(deployment) => {
-            let swap = pipelines
-                .apply(&deployment.name, &deployment.pipelines)
-                .await?;
-            info!(
-                deployment = %deployment.name,
-                version = deployment.version,
-                "started {:?}, replaced {:?}, stopped {:?}, kept {:?}",
-                swap.started, swap.replaced, swap.stopped, swap.kept
-            );
-            Ok(())
+/// The agent's pipelines and what it tells the hub about them.
+struct Agent {
+    pipelines: PipelineSet,
+    ended: mpsc::UnboundedReceiver<pipelines::Ended>,
+    modules: Arc<ModuleHost>,
+    state: StateDir,
+    reports: watch::Sender<Option<Report>>,
+    /// The desired state last received (or booted from).
+    target: Option<DesiredState>,
+    /// Why applying `target` failed; the previous pipelines still run.
+    apply_error: Option<String>,
+}
+
+impl Agent {
+    /// Applies `desired` (storing it on success when `store`), lets what it started
+    /// settle, and reports. Returns whether it applied.
+    async fn apply(&mut self, desired: DesiredState, store: bool) -> bool {
+        let name = deployment_name(&desired).to_owned();
+        self.target = Some(desired.clone());
+        self.apply_error = None;
+        self.send(ReportStatus::Applying, None);
+        let outcome = match &desired.deployment {
+            Some(deployment) => {
+                self.pipelines
+                    .apply(&deployment.name, &deployment.pipelines)
+                    .await
+            }
+            None => {
+                self.pipelines.stop_all().await;
+                Ok(pipelines::Swap::default())
+            }
+        };
+        match outcome {
+            Ok(swap) => {
+                info!(
+                    deployment = %name,
+                    "applied: started {:?}, replaced {:?}, stopped {:?}, kept {:?}",
+                    swap.started, swap.replaced, swap.stopped, swap.kept
+                );
+                // A pipeline that cannot even start (a file that is not there, a
+                // refused connection) fails within moments: wait that long, so the
+                // report says so rather than "applied".
+                let deadline = tokio::time::Instant::now() + SETTLE;
+                while let Ok(Some(end)) = tokio::time::timeout_at(deadline, self.ended.recv()).await
+                {
+                    self.pipelines.ended(end);
+                }
+                if store {
+                    let record = Applied {
+                        applied_ms: now_ms(),
+                        state: desired,
+                    };
+                    if let Err(message) = self.state.store(&record) {
+                        warn!("{message}; a restart without the hub will not run it");
+                    }
+                }
+                self.report();
+                true
+            }
+            Err(problems) => {
+                warn!(deployment = %name, "not applied; the running pipelines are unchanged:\n{problems}");
+                self.apply_error = Some(problems);
+                self.report();
+                false
+            }
         }
-        None => {
-            pipelines.stop_all().await;
-            Ok(())
+    }
+
+    /// Every `--retry-interval`: applies again a desired state that failed (its cause
+    /// may have gone: an environment variable set, a port freed), or else restarts the
+    /// pipelines that failed.
+    async fn retry(&mut self) {
+        if self.apply_error.is_some()
+            && let Some(desired) = self.target.clone()
+        {
+            info!(deployment = %deployment_name(&desired), "applying again");
+            self.apply(desired, true).await;
+            return;
         }
+        let restarted = self.pipelines.restart_failed().await;
+        if !restarted.is_empty() {
+            info!("restarted failed pipelines {restarted:?}");
+            self.report();
+        }
+    }
+
+    /// Reports where the agent stands: the apply's error if it failed, else `failed`
+    /// with the errors of failed pipelines, else `applied`; with fresh health.
+    fn report(&self) {
+        let failures = self.pipelines.failures(self.pipelines.names());
+        match (&self.apply_error, failures.is_empty()) {
+            (Some(problems), _) => self.send(ReportStatus::Failed, Some(problems.clone())),
+            (None, true) => self.send(ReportStatus::Applied, None),
+            (None, false) => self.send(ReportStatus::Failed, Some(failures.join("\n"))),
+        }
+    }
+
+    fn send(&self, status: ReportStatus, error: Option<String>) {
+        let revision = self
+            .target
+            .as_ref()
+            .and_then(|target| target.deployment.as_ref())
+            .map(|deployment| deployment.revision);
+        self.reports.send_replace(Some(Report {
+            revision,
+            status,
+            error,
+            health: serde_json::json!({
+                "agent_version": env!("CARGO_PKG_VERSION"),
+                "pipelines": self.pipelines.health(),
+                "modules": self.modules.reports(),
+            }),
+        }));
     }
 }
 
-/// The health the agent reports: its pipelines and modules.
-fn health(pipelines: &PipelineSet, modules: &ModuleHost) -> serde_json::Value {
-    serde_json::json!({
-        "agent_version": env!("CARGO_PKG_VERSION"),
-        "pipelines": pipelines.health(),
-        "modules": modules.reports(),
-    })
+fn deployment_name(desired: &DesiredState) -> &str {
+    desired
+        .deployment
+        .as_ref()
+        .map_or("nothing", |deployment| deployment.name.as_str())
 }
 
 /// Long-polls the hub, passing on each new desired state. Errors are retried with
@@ -349,6 +445,7 @@ async fn poll_desired(
 ) {
     let mut backoff = Backoff::for_client(BACKOFF, &device);
     loop {
+        let asked = tokio::time::Instant::now();
         match client.desired(&device, etag.as_deref(), wait).await {
             Ok(Some(state)) => {
                 backoff.reset();
@@ -357,7 +454,12 @@ async fn poll_desired(
                     return;
                 }
             }
-            Ok(None) => backoff.reset(),
+            Ok(None) => {
+                backoff.reset();
+                // A hub that holds polls for less than a second (or not at all) must
+                // not be asked in a tight loop.
+                tokio::time::sleep_until(asked + MIN_POLL_INTERVAL).await;
+            }
             Err(error) => {
                 let delay = backoff.next_delay();
                 log_hub_error("poll for the desired state", &error, delay);

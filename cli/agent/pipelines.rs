@@ -11,10 +11,11 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use weir_engine::graph::Pipeline;
 use weir_engine::metrics::EngineMetrics;
 use weir_hub::protocol::PipelineDocument;
 use weir_modules::ModuleHost;
-use weir_pipelines::PipelineSource;
+use weir_pipelines::{PipelineSource, ValidatedPipeline};
 
 /// A pipeline's state, as the agent reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -52,8 +53,8 @@ pub struct Swap {
 }
 
 struct Running {
-    /// The YAML it was built from: the same text means the same pipeline.
-    definition: String,
+    /// The document it was built from: the same text means the same pipeline.
+    source: PipelineSource,
     /// Which start this is, to tell a stale end from the current one.
     start: u64,
     cancel: CancellationToken,
@@ -95,10 +96,14 @@ impl PipelineSet {
         (set, ended_rx)
     }
 
-    /// Makes `documents` (of `deployment`) the running set. Everything is validated and
-    /// built first: on any problem nothing changes and the problems are returned, as
-    /// `weir validate` prints them. Then the pipelines that changed or went away are
-    /// drained, and the new ones started.
+    /// Makes `documents` (of `deployment`) the running set.
+    ///
+    /// Everything is validated first: on any problem nothing changes and the problems
+    /// are returned, as `weir validate` prints them. Then the pipelines that changed or
+    /// went away are drained (building touches the outside world: a file sink opens its
+    /// file, a module starts, so the old run must be gone first), and the new ones are
+    /// built and started. If one fails to build, the pipelines stopped for this apply are
+    /// started again from their old definitions and the error is returned.
     pub async fn apply(
         &mut self,
         deployment: &str,
@@ -112,20 +117,7 @@ impl PipelineSet {
                 base: self.base_dir.clone(),
             })
             .collect();
-        let registry = crate::validate::registry(&self.modules);
-        let (validated, diagnostics) =
-            weir_pipelines::validate_sources(&sources, &registry, &weir_pipelines::process_env);
-        if !diagnostics.is_empty() {
-            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-            return Err(lines.join("\n"));
-        }
-        // Each validated pipeline with its text (validation keeps the documents' order
-        // for the ones that passed, and here all passed).
-        let wanted: BTreeMap<String, (String, weir_pipelines::ValidatedPipeline)> = validated
-            .into_iter()
-            .zip(&sources)
-            .map(|(pipeline, source)| (pipeline.name().to_owned(), (source.text.clone(), pipeline)))
-            .collect();
+        let wanted = self.validate(&sources)?;
 
         let mut swap = Swap {
             stopped: self
@@ -136,40 +128,116 @@ impl PipelineSet {
                 .collect(),
             ..Swap::default()
         };
-        let mut built = Vec::new();
-        for (name, (text, pipeline)) in wanted {
+        let mut to_start = Vec::new();
+        for (name, (source, pipeline)) in wanted {
             // The same text is the same pipeline: left as it is, running, finished or
             // failed. A new definition starts it over.
-            let unchanged = self
-                .running
-                .get(&name)
-                .is_some_and(|running| running.definition == text);
-            if unchanged {
-                swap.kept.push(name);
-                continue;
+            match self.running.get(&name) {
+                Some(running) if running.source.text == source.text => swap.kept.push(name),
+                Some(_) => {
+                    swap.replaced.push(name.clone());
+                    to_start.push((name, source, pipeline));
+                }
+                None => {
+                    swap.started.push(name.clone());
+                    to_start.push((name, source, pipeline));
+                }
             }
-            let pipeline = pipeline
-                .build(&self.metrics)
-                .map_err(|e| format!("pipeline '{name}': {e}"))?;
-            if self.running.contains_key(&name) {
-                swap.replaced.push(name.clone());
-            } else {
-                swap.started.push(name.clone());
-            }
-            built.push((name, text, pipeline));
         }
 
-        let to_stop: Vec<String> = swap.stopped.iter().chain(&swap.replaced).cloned().collect();
-        for name in &to_stop {
+        let mut stopped = Vec::new();
+        for name in swap.stopped.iter().chain(&swap.replaced) {
+            if let Some(source) = self.stop(name).await {
+                stopped.push(source);
+            }
+        }
+        let mut failure = None;
+        for (name, source, pipeline) in to_start {
+            match pipeline.build(&self.metrics) {
+                Ok(built) => self.start(name, source, built),
+                Err(e) => {
+                    failure = Some(format!("pipeline '{name}': {e}"));
+                    break;
+                }
+            }
+        }
+        let Some(failure) = failure else {
+            return Ok(swap);
+        };
+        // Back to what ran before: the new pipelines started so far go, the old ones
+        // come back.
+        for name in swap.started.iter().chain(&swap.replaced) {
             self.stop(name).await;
         }
-        for (name, text, pipeline) in built {
-            self.start(name, text, pipeline);
+        if let Err(problems) = self.restore(&stopped) {
+            tracing::error!("could not restart the previous pipelines: {problems}");
         }
-        Ok(swap)
+        Err(failure)
     }
 
-    fn start(&mut self, name: String, definition: String, pipeline: weir_engine::graph::Pipeline) {
+    /// Restarts every pipeline that failed, from its definition: what a supervisor does
+    /// for a crashed service. Returns the names restarted.
+    pub async fn restart_failed(&mut self) -> Vec<String> {
+        let failed: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, running)| running.health.state == "failed")
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut sources = Vec::new();
+        for name in &failed {
+            if let Some(source) = self.stop(name).await {
+                sources.push(source);
+            }
+        }
+        if let Err(problems) = self.restore(&sources) {
+            tracing::warn!("could not restart failed pipelines: {problems}");
+        }
+        failed
+    }
+
+    /// Validates and starts `sources` again (pipelines stopped earlier).
+    fn restore(&mut self, sources: &[PipelineSource]) -> Result<(), String> {
+        if sources.is_empty() {
+            return Ok(());
+        }
+        let pipelines = self.validate(sources)?;
+        let mut problems = Vec::new();
+        for (name, (source, pipeline)) in pipelines {
+            match pipeline.build(&self.metrics) {
+                Ok(built) => self.start(name, source, built),
+                Err(e) => problems.push(format!("pipeline '{name}': {e}")),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+
+    /// Validates `sources` with the device's environment: each pipeline by name, with
+    /// the document it came from.
+    fn validate(
+        &self,
+        sources: &[PipelineSource],
+    ) -> Result<BTreeMap<String, (PipelineSource, ValidatedPipeline)>, String> {
+        let registry = crate::validate::registry(&self.modules);
+        let (validated, diagnostics) =
+            weir_pipelines::validate_sources(sources, &registry, &weir_pipelines::process_env);
+        if !diagnostics.is_empty() {
+            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+            return Err(lines.join("\n"));
+        }
+        // With no problems every document passed, in order.
+        Ok(validated
+            .into_iter()
+            .zip(sources)
+            .map(|(pipeline, source)| (pipeline.name().to_owned(), (source.clone(), pipeline)))
+            .collect())
+    }
+
+    fn start(&mut self, name: String, source: PipelineSource, pipeline: Pipeline) {
         self.starts += 1;
         let start = self.starts;
         let cancel = CancellationToken::new();
@@ -190,7 +258,7 @@ impl PipelineSet {
         self.running.insert(
             name.clone(),
             Running {
-                definition,
+                source,
                 start,
                 cancel,
                 task: Some(task),
@@ -205,10 +273,9 @@ impl PipelineSet {
     }
 
     /// Drains pipeline `name` and forgets it; past the shutdown timeout it is aborted.
-    async fn stop(&mut self, name: &str) {
-        let Some(mut running) = self.running.remove(name) else {
-            return;
-        };
+    /// Returns the document it ran from.
+    async fn stop(&mut self, name: &str) -> Option<PipelineSource> {
+        let mut running = self.running.remove(name)?;
         running.cancel.cancel();
         if let Some(mut task) = running.task.take()
             && tokio::time::timeout(self.shutdown_timeout, &mut task)
@@ -223,6 +290,7 @@ impl PipelineSet {
             task.abort();
         }
         tracing::info!(pipeline = %name, "pipeline stopped");
+        Some(running.source)
     }
 
     /// Drains every pipeline.
@@ -255,6 +323,26 @@ impl PipelineSet {
             }
         }
         true
+    }
+
+    /// The pipelines among `names` that failed, each as `pipeline 'NAME': ERROR`.
+    pub fn failures<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let health = &self.running.get(name)?.health;
+                let error = health
+                    .error
+                    .as_deref()
+                    .filter(|_| health.state == "failed")?;
+                Some(format!("pipeline '{name}': {error}"))
+            })
+            .collect()
+    }
+
+    /// The pipelines' names.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.running.keys()
     }
 
     /// Every pipeline's health.

@@ -3,6 +3,7 @@
 //! (leaving the unchanged pipeline alone), never see a deployment the hub refuses, and
 //! carry on while the hub is down, a restarted agent booting from its stored deployment.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -73,11 +74,11 @@ fn spec(target: &str, documents: &[(&str, String)]) -> DeploymentSpec {
     }
 }
 
-async fn start_hub(data_dir: &Path) -> RunningHub {
+async fn start_hub(data_dir: &Path, addr: SocketAddr) -> RunningHub {
     let mut config = HubConfig::new(data_dir);
     config.admin_token = Some(ADMIN_TOKEN.to_owned());
     let opened = Hub::open(config).await.expect("open the hub");
-    weir_hub::serve(opened.hub, "127.0.0.1:0".parse().expect("address"), None)
+    weir_hub::serve(opened.hub, addr, None)
         .await
         .expect("serve the hub")
 }
@@ -110,7 +111,7 @@ fn start_agent(url: &str, id: &str, key: &str, state_dir: &Path) -> Running {
     )
 }
 
-/// Waits up to a minute for `check` to hold on the hub's view of `ids`.
+/// Waits up to 90 s for `check` to hold on the hub's view of `ids`.
 fn wait_for_devices(
     runtime: &tokio::runtime::Runtime,
     admin: &HubClient,
@@ -118,7 +119,7 @@ fn wait_for_devices(
     what: &str,
     check: impl Fn(&DeviceView) -> bool,
 ) -> Vec<DeviceView> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let devices: Vec<DeviceView> = ids
             .iter()
@@ -176,7 +177,11 @@ fn agents_run_what_the_hub_deploys_and_carry_on_without_it() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
-    let hub = runtime.block_on(start_hub(&dir.path().join("hub")));
+    let hub = runtime.block_on(start_hub(
+        &dir.path().join("hub"),
+        "127.0.0.1:0".parse().expect("address"),
+    ));
+    let hub_addr = hub.addr;
     let url = hub.url();
     let admin = HubClient::new(&url, Credentials::Admin(ADMIN_TOKEN.to_owned()), None)
         .expect("admin client");
@@ -366,4 +371,36 @@ fn agents_run_what_the_hub_deploys_and_carry_on_without_it() {
             .is_some(),
         "the agent should say the hub is out of reach"
     );
+
+    // The hub comes back (same address, same data): the agents reconnect and take the
+    // next update.
+    let hub = runtime.block_on(start_hub(&dir.path().join("hub"), hub_addr));
+    let v3 = runtime
+        .block_on(admin.put_deployment(
+            "gateways",
+            &spec(
+                "role = 'gateway'",
+                &[
+                    ("counter", COUNTER.to_owned()),
+                    ("batch", batch(40, "batch-v3.jsonl")),
+                ],
+            ),
+        ))
+        .expect("update after the restart");
+    // Reconnecting waits out the backoff, at most a minute.
+    wait_for_devices(&runtime, &admin, &["gw-a", "gw-b"], "v3 applied", |d| {
+        d.report
+            .as_ref()
+            .is_some_and(|r| r.revision == Some(v3.revision) && r.status == ReportStatus::Applied)
+    });
+    for id in ["gw-a", "gw-b"] {
+        assert_eq!(
+            lines(&state_dir(id).join("files/out/batch-v3.jsonl")),
+            40,
+            "{id}"
+        );
+    }
+    drop(restarted);
+    drop(agents);
+    runtime.block_on(hub.shutdown());
 }

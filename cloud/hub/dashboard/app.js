@@ -137,12 +137,13 @@ login.addEventListener("submit", (event) => {
   render();
 });
 window.addEventListener("hashchange", render);
-// A token can also come in the URL fragment's query (#/?token=…), for scripted screenshots;
-// it is moved to session storage and removed from the address at once.
+// A token can also come in the fragment (#/devices?token=…), for kiosks and scripted
+// screenshots. The fragment never reaches the server; the token is moved to session
+// storage and the address replaced in place, so it stays out of the history too.
 const fromUrl = new URLSearchParams(location.hash.split("?")[1] || "").get("token");
 if (fromUrl) {
   sessionStorage.setItem("weir-hub-token", fromUrl);
-  location.hash = location.hash.split("?")[0];
+  history.replaceState(null, "", location.pathname + location.hash.split("?")[0]);
 }
 render();
 setInterval(render, REFRESH_MS);

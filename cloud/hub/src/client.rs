@@ -20,8 +20,8 @@ const DEVICE_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// How long a request may take, long polls aside (they get their wait on top).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How the client proves who it is.
-#[derive(Clone, Debug)]
+/// How the client proves who it is. Its debug output shows no token or key.
+#[derive(Clone)]
 pub enum Credentials {
     /// The admin token.
     Admin(String),
@@ -32,6 +32,15 @@ pub enum Credentials {
         /// Its key.
         key: DeviceKey,
     },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Admin(_) => f.write_str("Admin(..)"),
+            Credentials::Device { id, .. } => write!(f, "Device {{ id: {id:?}, key: .. }}"),
+        }
+    }
 }
 
 /// A failed call.
@@ -229,11 +238,16 @@ impl HubClient {
 
     // --- admin ------------------------------------------------------------------------
 
-    /// Devices, optionally only those matching a target condition.
-    pub async fn devices(&self, condition: Option<&str>) -> Result<Vec<DeviceView>, ClientError> {
-        let query: Vec<(&str, String)> = condition
-            .map(|c| ("condition", c.to_owned()))
+    /// Devices, optionally only those matching a target condition and having a tag
+    /// (`NAME=VALUE`, or `NAME` for any value).
+    pub async fn devices(
+        &self,
+        condition: Option<&str>,
+        tag: Option<&str>,
+    ) -> Result<Vec<DeviceView>, ClientError> {
+        let query: Vec<(&str, String)> = [("condition", condition), ("tag", tag)]
             .into_iter()
+            .filter_map(|(name, value)| Some((name, value?.to_owned())))
             .collect();
         self.call(Method::GET, "/devices", &query, None::<&()>)
             .await

@@ -38,6 +38,13 @@ fn page(content_type: &'static str, body: &'static str) -> impl IntoResponse {
             (header::CONTENT_TYPE, content_type),
             // The files change with the binary only; the data comes from the API.
             (header::CACHE_CONTROL, "no-cache"),
+            // Only its own files and API, and never inside another site's frame.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; frame-ancestors 'none'",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
         ],
         body,
     )

@@ -48,7 +48,7 @@ enum Command {
         #[arg(long, env = "WEIR_DEVICE_KEY", hide_env_values = true)]
         key: String,
         /// How long the token is valid.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = positive_duration)]
         ttl: Duration,
     },
 }
@@ -81,13 +81,13 @@ struct ServeArgs {
     #[arg(long, env = "WEIR_HUB_SECRET", hide_env_values = true)]
     secret: Option<String>,
     /// How often to look for changes other hubs made to a shared database.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     sync_interval: Duration,
     /// A device not heard from for this long is offline.
-    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "90s", value_parser = positive_duration)]
     offline_after: Duration,
     /// The longest a device's poll for its desired state is held.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = positive_duration)]
     max_poll_wait: Duration,
 }
 
@@ -116,6 +116,9 @@ enum DevicesCommand {
         /// Only devices matching this target condition, e.g. "site = 'plant-3'".
         #[arg(long = "where")]
         condition: Option<String>,
+        /// Only devices with this tag: NAME=VALUE, or NAME for any value.
+        #[arg(long)]
+        tag: Option<String>,
     },
     /// Registers a device and prints its keys.
     Create {
@@ -230,6 +233,15 @@ enum DeploymentsCommand {
         /// The deployment.
         name: String,
     },
+}
+
+/// A duration that must not be zero (an interval, a wait, a lifetime).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be longer than zero".to_owned()),
+        Ok(duration) => Ok(duration),
+        Err(e) => Err(format!("{e}; write e.g. 500ms, 10s or 1m")),
+    }
 }
 
 fn parse_tag(text: &str) -> Result<(String, String), String> {
@@ -377,8 +389,14 @@ fn client(admin: &AdminArgs) -> anyhow::Result<HubClient> {
 
 async fn devices(command: DevicesCommand) -> anyhow::Result<()> {
     match command {
-        DevicesCommand::List { admin, condition } => {
-            let devices = client(&admin)?.devices(condition.as_deref()).await?;
+        DevicesCommand::List {
+            admin,
+            condition,
+            tag,
+        } => {
+            let devices = client(&admin)?
+                .devices(condition.as_deref(), tag.as_deref())
+                .await?;
             if admin.json {
                 return print_json(&devices);
             }

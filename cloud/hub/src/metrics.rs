@@ -7,8 +7,13 @@ use prometheus::{
 
 use crate::protocol::Rollout;
 
+/// The least time between two computations of the fleet gauges.
+pub const FLEET_GAUGE_INTERVAL_MS: i64 = 5_000;
+
 /// The hub's metrics, in their own registry.
 pub struct HubMetrics {
+    /// When the fleet gauges were last computed, ms since the epoch.
+    fleet_updated_ms: std::sync::atomic::AtomicI64,
     registry: Registry,
     requests: IntCounterVec,
     latency: HistogramVec,
@@ -84,6 +89,7 @@ impl HubMetrics {
                 .expect("metric names are unique");
         }
         HubMetrics {
+            fleet_updated_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
             registry,
             requests,
             latency,
@@ -101,6 +107,19 @@ impl HubMetrics {
         self.latency
             .with_label_values(&[method, route])
             .observe(seconds);
+    }
+
+    /// Whether the fleet gauges are older than [`FLEET_GAUGE_INTERVAL_MS`] at `now_ms`;
+    /// if so, the caller is the one to recompute them. Scrapes (which need no token)
+    /// cannot make the hub read its whole registry more often than that.
+    pub fn fleet_due(&self, now_ms: i64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.fleet_updated_ms.load(Ordering::Acquire);
+        now_ms.saturating_sub(last) >= FLEET_GAUGE_INTERVAL_MS
+            && self
+                .fleet_updated_ms
+                .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     /// Sets the fleet gauges: devices per connection state, and each deployment's

@@ -80,18 +80,37 @@ impl Database {
     }
 }
 
-/// `postgres://user:secret@host/db` as `postgres://user:***@host/db`.
+/// A database URL with its passwords hidden: `postgres://user:secret@host/db?password=x`
+/// as `postgres://user:***@host/db?password=***`.
 fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (address, query) = match url.split_once('?') {
+        Some((address, query)) => (address, Some(query)),
+        None => (url, None),
     };
-    let Some((credentials, host)) = rest.split_once('@') else {
-        return url.to_owned();
+    let mut redacted = match address.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((credentials, host)) => match credentials.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => address.to_owned(),
+            },
+            None => address.to_owned(),
+        },
+        None => address.to_owned(),
     };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    if let Some(query) = query {
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|parameter| match parameter.split_once('=') {
+                Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                    format!("{name}=***")
+                }
+                _ => parameter.to_owned(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&parameters.join("&"));
     }
+    redacted
 }
 
 /// Which database engine is behind the store.
@@ -369,6 +388,52 @@ impl Store {
         let generation = bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(Some(generation))
+    }
+
+    /// Changes some of a device's tags (`None` removes one) and returns the change
+    /// generation and the tags now; none when there is no such device. A change made
+    /// meanwhile by another request (or hub) is kept: the write only happens if the
+    /// tags are still those read, and is otherwise done again on the new ones.
+    pub async fn patch_tags(
+        &self,
+        id: &str,
+        changes: &BTreeMap<String, Option<String>>,
+    ) -> Result<Option<(i64, BTreeMap<String, String>)>, StoreError> {
+        const ATTEMPTS: usize = 10;
+        for _ in 0..ATTEMPTS {
+            let Some(row) = sqlx::query("SELECT id, tags FROM devices WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let read: String = row.try_get("tags")?;
+            let mut tags = tags_from_row(&row, id)?;
+            for (name, value) in changes {
+                match value {
+                    Some(value) => tags.insert(name.clone(), value.clone()),
+                    None => tags.remove(name),
+                };
+            }
+            let mut tx = self.pool.begin().await?;
+            let updated = sqlx::query("UPDATE devices SET tags = $1 WHERE id = $2 AND tags = $3")
+                .bind(tags_json(&tags))
+                .bind(id)
+                .bind(&read)
+                .execute(&mut *tx)
+                .await?;
+            if updated.rows_affected() == 0 {
+                // Changed (or removed) since the read: start over from what is there.
+                continue;
+            }
+            let generation = bump_generation(&mut tx).await?;
+            tx.commit().await?;
+            return Ok(Some((generation, tags)));
+        }
+        Err(StoreError::Conflict(format!(
+            "the tags of device '{id}' changed {ATTEMPTS} times while being updated; try again"
+        )))
     }
 
     /// Replaces a device's tags, and returns the change generation that was; none when
@@ -709,6 +774,10 @@ mod tests {
             "postgres://weir:***@db:5432/hub"
         );
         assert_eq!(redact_url("postgres://db/hub"), "postgres://db/hub");
+        assert_eq!(
+            redact_url("postgres://db/hub?user=weir&password=secret&sslmode=require"),
+            "postgres://db/hub?user=weir&password=***&sslmode=require"
+        );
         assert_eq!(
             Database::choose(None, Path::new("/var/lib/weir-hub")).describe(),
             "SQLite database /var/lib/weir-hub/hub.db"

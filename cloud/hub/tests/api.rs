@@ -77,17 +77,17 @@ async fn devices_are_registered_tagged_filtered_and_deleted(db: Db) {
     let text = refusal_message(bad);
     assert!(text.contains("'/'") && text.contains("HTTP 400"), "{text}");
 
-    let all = hub.admin.devices(None).await.expect("list");
+    let all = hub.admin.devices(None, None).await.expect("list");
     let ids: Vec<&str> = all.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(ids, ["gw-1", "gw-9", "sensor-1"]);
     let plant3 = hub
         .admin
-        .devices(Some("site = 'plant-3' AND role = 'gateway'"))
+        .devices(Some("site = 'plant-3' AND role = 'gateway'"), None)
         .await
         .expect("filter");
     assert_eq!(plant3.len(), 1);
     assert_eq!(plant3[0].id, "gw-1");
-    let bad_filter = hub.admin.devices(Some("site = ")).await;
+    let bad_filter = hub.admin.devices(Some("site = "), None).await;
     assert_eq!(refusal_status(bad_filter), 400);
 
     // Tags: set one, remove one, keep the rest.
@@ -106,8 +106,21 @@ async fn devices_are_registered_tagged_filtered_and_deleted(db: Db) {
             ("site".to_owned(), "plant-3".to_owned()),
         ])
     );
-    let floor2 = hub.admin.devices(Some("floor >= 2")).await.expect("filter");
+    let floor2 = hub
+        .admin
+        .devices(Some("floor >= 2"), None)
+        .await
+        .expect("filter");
     assert_eq!(floor2.len(), 1);
+    let by_tag = hub
+        .admin
+        .devices(None, Some("role=gateway"))
+        .await
+        .expect("tag");
+    let ids: Vec<&str> = by_tag.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["gw-9"]);
+    let having = hub.admin.devices(None, Some("floor")).await.expect("tag");
+    assert_eq!(having.len(), 1);
 
     // The keys can be read again, and are the ones issued.
     let keys = hub.admin.device_keys("gw-1").await.expect("keys");
@@ -159,7 +172,7 @@ async fn devices_act_only_as_themselves_with_valid_tokens(db: Db) {
     assert_eq!(refusal_status(as_a.report("dev-b", &report).await), 403);
     assert_eq!(refusal_status(as_a.heartbeat("dev-b").await), 403);
     // The admin API: 403 for a device.
-    assert_eq!(refusal_status(as_a.devices(None).await), 403);
+    assert_eq!(refusal_status(as_a.devices(None, None).await), 403);
     assert_eq!(refusal_status(as_a.device_keys("dev-a").await), 403);
 
     // Raw tokens: expired, tampered, signed with the wrong key, or with no header.
@@ -250,8 +263,35 @@ async fn devices_act_only_as_themselves_with_valid_tokens(db: Db) {
         .await
         .expect("enabled again");
 
-    // A deleted device's tokens stop working.
+    // A deleted device's tokens stop working; the answer is the one a wrong key gets,
+    // so device ids cannot be probed.
+    let forged = sign_token(&device_resource("dev-b"), &key_a, now + 600);
+    let wrong_key = raw
+        .get(format!("{}/api/v1/devices/dev-b/desired", hub.url))
+        .header("Authorization", forged)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(wrong_key.status(), 401);
+    let wrong_key: serde_json::Value = wrong_key.json().await.expect("json");
     hub.admin.delete_device("dev-a").await.expect("delete");
+    let forged = sign_token(&device_resource("dev-zz"), &key_a, now + 600);
+    let unknown = raw
+        .get(format!("{}/api/v1/devices/dev-zz/desired", hub.url))
+        .header("Authorization", forged)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unknown.status(), 401);
+    let unknown: serde_json::Value = unknown.json().await.expect("json");
+    assert_eq!(
+        unknown["error"]["message"]
+            .as_str()
+            .map(|m| m.replace("dev-zz", "ID")),
+        wrong_key["error"]["message"]
+            .as_str()
+            .map(|m| m.replace("dev-b", "ID")),
+    );
     assert_eq!(refusal_status(as_a_secondary.heartbeat("dev-a").await), 401);
 
     hub.stop().await;
@@ -888,6 +928,34 @@ async fn the_openapi_document_describes_every_route() {
             "PUT /api/v1/devices/{id}/tags",
         ]
     );
+    // A query that does not parse and a method a route does not take answer in JSON too.
+    hub.register("q", &[]).await;
+    let bad_query = hub
+        .raw()
+        .get(format!("{}/api/v1/devices/q/desired?wait=soon", hub.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(bad_query.status(), 400);
+    let body: serde_json::Value = bad_query.json().await.expect("a JSON error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("wait")),
+        "{body}"
+    );
+    let wrong_method = hub
+        .raw()
+        .delete(format!("{}/api/v1/status", hub.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(wrong_method.status(), 405);
+    let body: serde_json::Value = wrong_method.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["status"], 405);
+
     // Each documented route answers (an unknown one is a JSON 404 naming the path).
     let missing = hub
         .raw()

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 
-use super::{ApiError, Caller, JsonBody};
+use super::{ApiError, Caller, JsonBody, PathParams, QueryParams};
 use crate::condition::Condition;
 use crate::fleet::{Fleet, FleetChange};
 use crate::hub::Hub;
@@ -44,7 +44,7 @@ pub struct DeviceFilter {
 pub async fn list_devices(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Query(filter): Query<DeviceFilter>,
+    QueryParams(filter): QueryParams<DeviceFilter>,
 ) -> Result<Json<Vec<DeviceView>>, ApiError> {
     caller.require_admin()?;
     let condition = filter
@@ -120,12 +120,13 @@ pub async fn create_device(
 }
 
 /// One device: its tags, connection, desired deployment and last report.
-#[utoipa::path(get, path = "/api/v1/devices/{id}", security(("admin" = [])),
+#[utoipa::path(get, params(("id" = String, Path, description = "The device id")),
+    path = "/api/v1/devices/{id}", security(("admin" = [])),
     responses((status = 200, body = DeviceView), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn get_device(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
     caller.require_admin()?;
     let device = find_device(&hub, &id).await?;
@@ -133,27 +134,40 @@ pub async fn get_device(
 }
 
 /// Changes some of a device's tags, or enables or disables it.
-#[utoipa::path(patch, path = "/api/v1/devices/{id}", request_body = DevicePatch,
+#[utoipa::path(patch, params(("id" = String, Path, description = "The device id")),
+    path = "/api/v1/devices/{id}", request_body = DevicePatch,
     security(("admin" = [])),
     responses((status = 200, body = DeviceView), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn patch_device(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(patch): JsonBody<DevicePatch>,
 ) -> Result<Json<DeviceView>, ApiError> {
     caller.require_admin()?;
     let device = find_device(&hub, &id).await?;
     if let Some(changes) = patch.tags {
-        let mut tags = device.tags.clone();
-        for (name, value) in changes {
+        // Checked against the tags as read; the store merges into the tags as they are
+        // when it writes, so a concurrent change is not lost.
+        let mut merged = device.tags.clone();
+        for (name, value) in &changes {
             match value {
-                Some(value) => tags.insert(name, value),
-                None => tags.remove(&name),
+                Some(value) => merged.insert(name.clone(), value.clone()),
+                None => merged.remove(name),
             };
         }
-        check_tags(&tags)?;
-        retag(&hub, &id, tags).await?;
+        check_tags(&merged)?;
+        let Some((generation, tags)) = hub.store().patch_tags(&id, &changes).await? else {
+            return Err(no_device(&id));
+        };
+        hub.applied(
+            generation,
+            FleetChange::Device {
+                id: id.clone(),
+                tags: Some(tags),
+            },
+        )
+        .await?;
     }
     if let Some(enabled) = patch.enabled {
         hub.store().set_enabled(&id, enabled).await?;
@@ -163,13 +177,14 @@ pub async fn patch_device(
 }
 
 /// Replaces a device's tags.
-#[utoipa::path(put, path = "/api/v1/devices/{id}/tags",
+#[utoipa::path(put, params(("id" = String, Path, description = "The device id")),
+    path = "/api/v1/devices/{id}/tags",
     request_body = BTreeMap<String, String>, security(("admin" = [])),
     responses((status = 200, body = DeviceView), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn put_tags(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(tags): JsonBody<BTreeMap<String, String>>,
 ) -> Result<Json<DeviceView>, ApiError> {
     caller.require_admin()?;
@@ -180,12 +195,13 @@ pub async fn put_tags(
 }
 
 /// Removes a device. Its tokens stop working at once.
-#[utoipa::path(delete, path = "/api/v1/devices/{id}", security(("admin" = [])),
+#[utoipa::path(delete, params(("id" = String, Path, description = "The device id")),
+    path = "/api/v1/devices/{id}", security(("admin" = [])),
     responses((status = 204), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn delete_device(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
     let Some(generation) = hub.store().delete_device(&id).await? else {
@@ -204,12 +220,13 @@ pub async fn delete_device(
 }
 
 /// A device's current keys.
-#[utoipa::path(get, path = "/api/v1/devices/{id}/keys", security(("admin" = [])),
+#[utoipa::path(get, params(("id" = String, Path, description = "The device id")),
+    path = "/api/v1/devices/{id}/keys", security(("admin" = [])),
     responses((status = 200, body = DeviceKeys), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn get_keys(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<DeviceKeys>, ApiError> {
     caller.require_admin()?;
     let device = find_device(&hub, &id).await?;
@@ -218,12 +235,13 @@ pub async fn get_keys(
 
 /// Replaces one of a device's keys (`primary` or `secondary`): tokens signed with the
 /// old key are refused from now on.
-#[utoipa::path(post, path = "/api/v1/devices/{id}/keys/{slot}/rotate", security(("admin" = [])),
+#[utoipa::path(post, params(("id" = String, Path, description = "The device id"), ("slot" = String, Path, description = "primary or secondary")),
+    path = "/api/v1/devices/{id}/keys/{slot}/rotate", security(("admin" = [])),
     responses((status = 200, body = DeviceKeys), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn rotate_key(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path((id, slot)): Path<(String, String)>,
+    PathParams((id, slot)): PathParams<(String, String)>,
 ) -> Result<Json<DeviceKeys>, ApiError> {
     caller.require_admin()?;
     let slot: KeySlot = slot
@@ -281,14 +299,15 @@ pub async fn create_deployment(
 }
 
 /// Creates or updates a deployment: an update is a new version, rolled out again.
-#[utoipa::path(put, path = "/api/v1/deployments/{name}", request_body = DeploymentSpec,
+#[utoipa::path(put, params(("name" = String, Path, description = "The deployment")),
+    path = "/api/v1/deployments/{name}", request_body = DeploymentSpec,
     security(("admin" = [])),
     responses((status = 200, body = DeploymentView), (status = 400, body = crate::protocol::ErrorBody),
         (status = 422, body = crate::protocol::ErrorBody)))]
 pub async fn put_deployment(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(name): Path<String>,
+    PathParams(name): PathParams<String>,
     JsonBody(spec): JsonBody<DeploymentSpec>,
 ) -> Result<Json<DeploymentView>, ApiError> {
     caller.require_admin()?;
@@ -302,12 +321,13 @@ pub async fn put_deployment(
 }
 
 /// One deployment with its rollout.
-#[utoipa::path(get, path = "/api/v1/deployments/{name}", security(("admin" = [])),
+#[utoipa::path(get, params(("name" = String, Path, description = "The deployment")),
+    path = "/api/v1/deployments/{name}", security(("admin" = [])),
     responses((status = 200, body = DeploymentView), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn get_deployment(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(name): Path<String>,
+    PathParams(name): PathParams<String>,
 ) -> Result<Json<DeploymentView>, ApiError> {
     caller.require_admin()?;
     let record = find_deployment(&hub, &name).await?;
@@ -316,12 +336,13 @@ pub async fn get_deployment(
 
 /// Removes a deployment: the devices it targeted move to the next deployment that
 /// matches them, or to running nothing.
-#[utoipa::path(delete, path = "/api/v1/deployments/{name}", security(("admin" = [])),
+#[utoipa::path(delete, params(("name" = String, Path, description = "The deployment")),
+    path = "/api/v1/deployments/{name}", security(("admin" = [])),
     responses((status = 204), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn delete_deployment(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(name): Path<String>,
+    PathParams(name): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
     let Some(generation) = hub.store().delete_deployment(&name).await? else {
@@ -333,12 +354,13 @@ pub async fn delete_deployment(
 }
 
 /// The devices a deployment targets, each with its report on the current version.
-#[utoipa::path(get, path = "/api/v1/deployments/{name}/devices", security(("admin" = [])),
+#[utoipa::path(get, params(("name" = String, Path, description = "The deployment")),
+    path = "/api/v1/deployments/{name}/devices", security(("admin" = [])),
     responses((status = 200, body = [DeploymentDevice]), (status = 404, body = crate::protocol::ErrorBody)))]
 pub async fn deployment_devices(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(name): Path<String>,
+    PathParams(name): PathParams<String>,
 ) -> Result<Json<Vec<DeploymentDevice>>, ApiError> {
     caller.require_admin()?;
     let record = find_deployment(&hub, &name).await?;

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{ApiError, Caller, JsonBody};
+use super::{ApiError, Caller, JsonBody, PathParams, QueryParams};
 use crate::hub::Hub;
 use crate::protocol::{DesiredState, Report, now_ms};
 
@@ -32,15 +32,15 @@ pub struct Poll {
 /// The device's desired state: the deployment it should run. With the `etag` it has,
 /// the answer is held until the desired state changes (then 200), or until `wait`
 /// seconds pass (then 304).
-#[utoipa::path(get, path = "/api/v1/devices/{id}/desired", params(Poll),
+#[utoipa::path(get, path = "/api/v1/devices/{id}/desired", params(Poll, ("id" = String, Path, description = "The device id")),
     security(("device" = []), ("admin" = [])),
     responses((status = 200, body = DesiredState), (status = 304),
         (status = 401, body = crate::protocol::ErrorBody), (status = 403, body = crate::protocol::ErrorBody)))]
 pub async fn desired(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
-    Query(poll): Query<Poll>,
+    PathParams(id): PathParams<String>,
+    QueryParams(poll): QueryParams<Poll>,
 ) -> Result<Response, ApiError> {
     // The admin may look at any device's desired state; a device only at its own.
     if !matches!(caller, Caller::Admin) {
@@ -89,14 +89,15 @@ fn with_etag(mut response: Response, etag: &str) -> Response {
 
 /// Records the device's report on its desired state: applying, applied, or failed with
 /// the error, with the health of its pipelines and modules.
-#[utoipa::path(post, path = "/api/v1/devices/{id}/report", request_body = Report,
+#[utoipa::path(post, params(("id" = String, Path, description = "The device id")),
+    path = "/api/v1/devices/{id}/report", request_body = Report,
     security(("device" = [])),
     responses((status = 204), (status = 400, body = crate::protocol::ErrorBody),
         (status = 401, body = crate::protocol::ErrorBody), (status = 403, body = crate::protocol::ErrorBody)))]
 pub async fn report(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(report): JsonBody<Report>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_device(&id)?;
@@ -109,14 +110,15 @@ pub async fn report(
 
 /// A sign of life: a device not heard from for the hub's `--offline-after` (90 s by
 /// default) is shown offline.
-#[utoipa::path(post, path = "/api/v1/devices/{id}/heartbeat",
+#[utoipa::path(post, params(("id" = String, Path, description = "The device id")),
+    path = "/api/v1/devices/{id}/heartbeat",
     security(("device" = [])),
     responses((status = 204), (status = 401, body = crate::protocol::ErrorBody),
         (status = 403, body = crate::protocol::ErrorBody)))]
 pub async fn heartbeat(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_device(&id)?;
     hub.heartbeat(&id, now_ms());

@@ -32,13 +32,16 @@ use utoipa::OpenApi;
 
 use crate::error::StoreError;
 use crate::hub::Hub;
-use crate::identity::{DeviceToken, KeySlot, TOKEN_PREFIX};
+use crate::identity::{DeviceToken, KeySlot, TOKEN_PREFIX, TokenError};
 use crate::protocol::now_secs;
 use crate::protocol::{DiagnosticView, ErrorBody, ErrorDetail};
 use crate::store::DeviceRecord;
 
 /// The largest request body: a deployment's pipelines are the big ones.
 const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// The largest device report: a device may not fill the hub's database.
+const MAX_REPORT_BYTES: usize = 256 << 10;
 
 /// The API's OpenAPI document.
 #[derive(OpenApi)]
@@ -117,7 +120,10 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/devices/{id}/keys", get(admin::get_keys))
         .route("/devices/{id}/keys/{slot}/rotate", post(admin::rotate_key))
         .route("/devices/{id}/desired", get(device::desired))
-        .route("/devices/{id}/report", post(device::report))
+        .route(
+            "/devices/{id}/report",
+            post(device::report).layer(axum::extract::DefaultBodyLimit::max(MAX_REPORT_BYTES)),
+        )
         .route("/devices/{id}/heartbeat", post(device::heartbeat))
         .route(
             "/deployments",
@@ -134,7 +140,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
             get(admin::deployment_devices),
         )
         .route("/status", get(admin::fleet_status))
-        .fallback(not_found);
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/api/v1", api)
         .route("/metrics", get(metrics))
@@ -152,14 +159,25 @@ pub fn router(hub: Arc<Hub>) -> Router {
 /// ids would make a series per device).
 async fn observe(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    // Only methods the API knows become labels: anything else would add a series per
+    // made-up method.
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let response = next.run(request).await;
     hub.metrics().observe_request(
-        &method,
+        method,
         &route,
         response.status().as_u16(),
         started.elapsed().as_secs_f64(),
@@ -172,7 +190,9 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Result<Response, ApiError> {
-    admin::update_fleet_metrics(&hub).await?;
+    if hub.metrics().fleet_due(crate::protocol::now_ms()) {
+        admin::update_fleet_metrics(&hub).await?;
+    }
     let mut response = hub.metrics().render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -186,6 +206,16 @@ async fn not_found(method: axum::http::Method, OriginalUri(uri): OriginalUri) ->
         "no API route {method} {} (see /api/v1/openapi.json)",
         uri.path()
     ))
+}
+
+async fn method_not_allowed(method: axum::http::Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::Rejected {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!(
+            "{} does not take {method} (see /api/v1/openapi.json)",
+            uri.path()
+        ),
+    }
 }
 
 /// An error answer: its status, and a JSON body that says what went wrong.
@@ -208,7 +238,15 @@ pub enum ApiError {
         /// Every problem.
         diagnostics: Vec<DiagnosticView>,
     },
-    /// 500: the hub's own failure (logged).
+    /// Another status, from a request the framework could not take (a body too large,
+    /// a method the route does not have).
+    Rejected {
+        /// The status.
+        status: StatusCode,
+        /// Why.
+        message: String,
+    },
+    /// 500: the hub's own failure (logged; the caller is told only that it happened).
     Internal(String),
 }
 
@@ -236,7 +274,12 @@ impl IntoResponse for ApiError {
                 message,
                 diagnostics,
             } => (StatusCode::UNPROCESSABLE_ENTITY, message, diagnostics),
-            ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m, Vec::new()),
+            ApiError::Rejected { status, message } => (status, message, Vec::new()),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the hub failed to answer; its log says why".to_owned(),
+                Vec::new(),
+            ),
         };
         let body = ErrorBody {
             error: ErrorDetail {
@@ -270,8 +313,51 @@ where
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(JsonBody(value)),
-            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
+            Err(rejection) => Err(rejected(rejection.status(), rejection.body_text())),
         }
+    }
+}
+
+/// Reads the query string, answering 400 in JSON when it does not fit.
+pub struct QueryParams<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for QueryParams<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(QueryParams(value)),
+            Err(rejection) => Err(rejected(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// Reads the path's parameters, answering in JSON when they do not fit.
+pub struct PathParams<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for PathParams<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(PathParams(value)),
+            Err(rejection) => Err(rejected(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+fn rejected(status: StatusCode, message: String) -> ApiError {
+    match status {
+        StatusCode::BAD_REQUEST => ApiError::BadRequest(message),
+        status => ApiError::Rejected { status, message },
     }
 }
 
@@ -326,16 +412,28 @@ async fn authenticate_device(hub: &Hub, header: &str) -> Result<Box<DeviceRecord
             token.resource
         )));
     };
+    // An unknown device and a wrong signature get the same answer, so ids cannot be
+    // probed; the hub's log tells them apart.
+    let not_valid = || {
+        ApiError::Unauthorized(format!(
+            "the token is not signed with a current key of device '{id}'"
+        ))
+    };
     let Some(device) = hub.store().device(id).await? else {
-        return Err(ApiError::Unauthorized(format!(
-            "no device '{id}' is registered"
-        )));
+        tracing::debug!(device = %id, "token for an unknown device");
+        return Err(not_valid());
     };
     let primary = hub.device_key(&device, KeySlot::Primary);
     let secondary = hub.device_key(&device, KeySlot::Secondary);
     token
         .verify(&[&primary, &secondary], now_secs())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+        .map_err(|e| match e {
+            TokenError::BadSignature => {
+                tracing::debug!(device = %id, "token with a bad signature");
+                not_valid()
+            }
+            other => ApiError::Unauthorized(other.to_string()),
+        })?;
     if !device.enabled {
         return Err(ApiError::Forbidden(format!("device '{id}' is disabled")));
     }
