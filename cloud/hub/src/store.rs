@@ -194,8 +194,32 @@ pub struct DeploymentDraft {
 /// The hub's database.
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// For reads.
     pool: AnyPool,
+    /// For writes: on SQLite one connection, on PostgreSQL the same pool as reads.
+    writer: AnyPool,
     backend: Backend,
+}
+
+/// A SQLite connection as the hub wants it: WAL, and a generous busy timeout.
+fn sqlite_pool() -> AnyPoolOptions {
+    AnyPoolOptions::new().after_connect(|connection, _| {
+        Box::pin(async move {
+            let busy = format!("PRAGMA busy_timeout = {}", SQLITE_BUSY_TIMEOUT.as_millis());
+            sqlx::query(sqlx::AssertSqlSafe(busy))
+                .execute(&mut *connection)
+                .await?;
+            // WAL: readers do not wait for the writer, and a commit is an append.
+            // NORMAL syncs at checkpoints, which WAL keeps safe from corruption.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&mut *connection)
+                .await?;
+            sqlx::query("PRAGMA synchronous = NORMAL")
+                .execute(&mut *connection)
+                .await?;
+            Ok(())
+        })
+    })
 }
 
 impl Store {
@@ -228,43 +252,35 @@ impl Store {
                 });
             }
         };
-        let pool_options = match backend {
-            // SQLite has one writer at a time: more connections would only wait on it.
-            Backend::Sqlite => {
-                AnyPoolOptions::new()
-                    .max_connections(4)
-                    .after_connect(|connection, _| {
-                        Box::pin(async move {
-                            let busy = format!(
-                                "PRAGMA busy_timeout = {}",
-                                SQLITE_BUSY_TIMEOUT.as_millis()
-                            );
-                            sqlx::query(sqlx::AssertSqlSafe(busy))
-                                .execute(&mut *connection)
-                                .await?;
-                            // WAL: readers do not wait for the writer, and a commit is an
-                            // append. NORMAL syncs at checkpoints, which WAL keeps safe.
-                            sqlx::query("PRAGMA journal_mode = WAL")
-                                .execute(&mut *connection)
-                                .await?;
-                            sqlx::query("PRAGMA synchronous = NORMAL")
-                                .execute(&mut *connection)
-                                .await?;
-                            Ok(())
-                        })
-                    })
-            }
-            Backend::Postgres => AnyPoolOptions::new().max_connections(16),
+        let connect = |options: AnyPoolOptions, connect: AnyConnectOptions| async move {
+            options
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(connect)
+                .await
+                .map_err(|e| StoreError::Connect {
+                    database: database.describe(),
+                    message: e.to_string(),
+                })
         };
-        let pool = pool_options
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options)
-            .await
-            .map_err(|e| StoreError::Connect {
-                database: database.describe(),
-                message: e.to_string(),
-            })?;
-        let store = Store { pool, backend };
+        let (pool, writer) = match backend {
+            // SQLite takes one writer at a time, and a writer that finds the database
+            // busy sleeps and retries: every write goes through one connection, so
+            // writes queue in the pool instead. Readers (WAL) never wait for it.
+            Backend::Sqlite => {
+                let writer = connect(sqlite_pool().max_connections(1), options.clone()).await?;
+                let readers = connect(sqlite_pool().max_connections(8), options).await?;
+                (readers, writer)
+            }
+            Backend::Postgres => {
+                let pool = connect(AnyPoolOptions::new().max_connections(16), options).await?;
+                (pool.clone(), pool)
+            }
+        };
+        let store = Store {
+            pool,
+            writer,
+            backend,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -290,7 +306,7 @@ impl Store {
             })
             .collect();
         Migrator::with_migrations(migrations)
-            .run(&self.pool)
+            .run(&self.writer)
             .await
             .map_err(|e| StoreError::Migrate(e.to_string()))
     }
@@ -309,7 +325,7 @@ impl Store {
     /// Registers a device, and returns the change generation it was written at.
     /// [`StoreError::Conflict`] when the id is taken.
     pub async fn insert_device(&self, device: &DeviceRecord) -> Result<i64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO devices (id, tags, nonce, primary_generation, secondary_generation, \
              enabled, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -377,7 +393,7 @@ impl Store {
     /// Removes a device, and returns the change generation that was; none when there
     /// was no such device.
     pub async fn delete_device(&self, id: &str) -> Result<Option<i64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let deleted = sqlx::query("DELETE FROM devices WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -416,7 +432,7 @@ impl Store {
                     None => tags.remove(name),
                 };
             }
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.writer.begin().await?;
             let updated = sqlx::query("UPDATE devices SET tags = $1 WHERE id = $2 AND tags = $3")
                 .bind(tags_json(&tags))
                 .bind(id)
@@ -443,7 +459,7 @@ impl Store {
         id: &str,
         tags: &BTreeMap<String, String>,
     ) -> Result<Option<i64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let updated = sqlx::query("UPDATE devices SET tags = $1 WHERE id = $2")
             .bind(tags_json(tags))
             .bind(id)
@@ -462,7 +478,7 @@ impl Store {
         let updated = sqlx::query("UPDATE devices SET enabled = $1 WHERE id = $2")
             .bind(i64::from(enabled))
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(updated.rows_affected() > 0)
     }
@@ -483,7 +499,7 @@ impl Store {
                  WHERE id = $1"
             }
         };
-        sqlx::query(sql).bind(id).execute(&self.pool).await?;
+        sqlx::query(sql).bind(id).execute(&self.writer).await?;
         self.device(id).await
     }
 
@@ -504,7 +520,7 @@ impl Store {
         .bind(json)
         .bind(now_ms)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(updated.rows_affected() > 0)
     }
@@ -514,7 +530,7 @@ impl Store {
         if beats.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         for (id, at_ms) in beats {
             // Never move a device's time backwards (another hub may hold a later one).
             sqlx::query(
@@ -545,7 +561,7 @@ impl Store {
                 what: format!("the pipelines of deployment '{}'", draft.name),
                 message: e.to_string(),
             })?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         // The generation row is locked first, so concurrent writers of one deployment
         // (on several hubs) take turns and each gets its own version.
         let revision = bump_generation(&mut tx).await?;
@@ -636,7 +652,7 @@ impl Store {
     /// Removes a deployment, and returns the change generation that was; none when
     /// there was no such deployment.
     pub async fn delete_deployment(&self, name: &str) -> Result<Option<i64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let deleted = sqlx::query("DELETE FROM deployments WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -668,7 +684,7 @@ impl Store {
         )
         .bind(name)
         .bind(value)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         self.setting(name)
             .await?
@@ -681,6 +697,7 @@ impl Store {
     /// Closes every connection (waiting for those in use).
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 }
 
