@@ -108,11 +108,6 @@ impl Fleet {
         true
     }
 
-    /// How many devices the fleet knows.
-    pub fn device_count(&self) -> usize {
-        self.tags.len()
-    }
-
     /// The deployments, highest priority first.
     pub fn deployments(&self) -> &[ActiveDeployment] {
         &self.deployments
@@ -280,7 +275,6 @@ mod tests {
         assert!(fleet.apply(7, replaced));
         assert_eq!(fleet.generation, 7);
         assert_eq!(fleet.desired("a").unwrap().deployment.unwrap().name, "e");
-        assert_eq!(fleet.device_count(), 1);
     }
 
     #[test]

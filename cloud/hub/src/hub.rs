@@ -17,7 +17,7 @@ use crate::fleet::{Fleet, FleetChange};
 use crate::identity::{self, DeviceKey, HubSecret, KeySlot};
 use crate::metrics::HubMetrics;
 use crate::protocol::{Connection, PipelineDocument};
-use crate::store::{Database, DeviceRecord, Store};
+use crate::store::{Database, DeviceCredentials, Store};
 
 /// The setting that holds the SHA-256 of a generated admin token.
 const ADMIN_TOKEN_SETTING: &str = "admin_token_sha256";
@@ -281,7 +281,7 @@ impl Hub {
     }
 
     /// The key in `slot` of `device`.
-    pub fn device_key(&self, device: &DeviceRecord, slot: KeySlot) -> DeviceKey {
+    pub fn device_key(&self, device: &DeviceCredentials, slot: KeySlot) -> DeviceKey {
         self.secret
             .device_key(&device.id, &device.nonce, slot, device.generation(slot))
     }

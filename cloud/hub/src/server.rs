@@ -49,11 +49,6 @@ impl RunningHub {
         )
     }
 
-    /// The hub being served.
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
-    }
-
     /// Waits until the server stops by itself (it only does on an error).
     pub async fn wait(&mut self) -> std::io::Result<()> {
         match (&mut self.server).await {

@@ -115,7 +115,7 @@ fn redact_url(url: &str) -> String {
 
 /// Which database engine is behind the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+enum Backend {
     /// SQLite, one file.
     Sqlite,
     /// PostgreSQL.
@@ -148,6 +148,35 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
+    /// What its keys are derived from, and whether it may connect.
+    pub fn credentials(&self) -> DeviceCredentials {
+        DeviceCredentials {
+            id: self.id.clone(),
+            nonce: self.nonce.clone(),
+            primary_generation: self.primary_generation,
+            secondary_generation: self.secondary_generation,
+            enabled: self.enabled,
+        }
+    }
+}
+
+/// What authenticating a device needs, and no more: read on every device request, so
+/// it leaves out the tags and the stored report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceCredentials {
+    /// The device id.
+    pub id: String,
+    /// The random part of its key derivation.
+    pub nonce: String,
+    /// The generation of its primary key.
+    pub primary_generation: u64,
+    /// The generation of its secondary key.
+    pub secondary_generation: u64,
+    /// Whether it may connect.
+    pub enabled: bool,
+}
+
+impl DeviceCredentials {
     /// The generation of the key in `slot`.
     pub fn generation(&self, slot: KeySlot) -> u64 {
         match slot {
@@ -198,7 +227,6 @@ pub struct Store {
     pool: AnyPool,
     /// For writes: on SQLite one connection, on PostgreSQL the same pool as reads.
     writer: AnyPool,
-    backend: Backend,
 }
 
 /// A SQLite connection as the hub wants it: WAL, and a generous busy timeout.
@@ -276,18 +304,9 @@ impl Store {
                 (pool.clone(), pool)
             }
         };
-        let store = Store {
-            pool,
-            writer,
-            backend,
-        };
+        let store = Store { pool, writer };
         store.migrate().await?;
         Ok(store)
-    }
-
-    /// Which database this is.
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     /// Applies the migrations not yet applied. Safe with several hubs starting at once:
@@ -362,6 +381,30 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| device_from_row(&row)).transpose()
+    }
+
+    /// A device's credentials, if it exists.
+    pub async fn device_credentials(
+        &self,
+        id: &str,
+    ) -> Result<Option<DeviceCredentials>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, nonce, primary_generation, secondary_generation, enabled \
+             FROM devices WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(DeviceCredentials {
+                id: row.try_get("id")?,
+                nonce: row.try_get("nonce")?,
+                primary_generation: from_db(row.try_get("primary_generation")?),
+                secondary_generation: from_db(row.try_get("secondary_generation")?),
+                enabled: row.try_get::<i64, _>("enabled")? != 0,
+            })
+        })
+        .transpose()
     }
 
     /// Every device, by id.

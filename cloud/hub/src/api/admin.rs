@@ -594,9 +594,10 @@ async fn retag(hub: &Hub, id: &str, tags: BTreeMap<String, String>) -> Result<()
 }
 
 fn keys_of(hub: &Hub, device: &DeviceRecord) -> DeviceKeys {
+    let credentials = device.credentials();
     DeviceKeys {
-        primary: hub.device_key(device, KeySlot::Primary).to_base64(),
-        secondary: hub.device_key(device, KeySlot::Secondary).to_base64(),
+        primary: hub.device_key(&credentials, KeySlot::Primary).to_base64(),
+        secondary: hub.device_key(&credentials, KeySlot::Secondary).to_base64(),
     }
 }
 

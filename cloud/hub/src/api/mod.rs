@@ -35,7 +35,6 @@ use crate::hub::Hub;
 use crate::identity::{DeviceToken, KeySlot, TOKEN_PREFIX, TokenError};
 use crate::protocol::now_secs;
 use crate::protocol::{DiagnosticView, ErrorBody, ErrorDetail};
-use crate::store::DeviceRecord;
 
 /// The largest request body: a deployment's pipelines are the big ones.
 const MAX_BODY_BYTES: usize = 8 << 20;
@@ -365,8 +364,8 @@ fn rejected(status: StatusCode, message: String) -> ApiError {
 pub enum Caller {
     /// The admin token's holder.
     Admin,
-    /// A device, authenticated by its token.
-    Device(Box<DeviceRecord>),
+    /// A device, authenticated by its token: its id.
+    Device(String),
 }
 
 impl FromRequestParts<Arc<Hub>> for Caller {
@@ -404,7 +403,7 @@ impl FromRequestParts<Arc<Hub>> for Caller {
 }
 
 /// Checks a device token against the keys of the device it names.
-async fn authenticate_device(hub: &Hub, header: &str) -> Result<Box<DeviceRecord>, ApiError> {
+async fn authenticate_device(hub: &Hub, header: &str) -> Result<String, ApiError> {
     let token = DeviceToken::parse(header).map_err(|e| ApiError::Unauthorized(e.to_string()))?;
     let Some(id) = token.device_id() else {
         return Err(ApiError::Unauthorized(format!(
@@ -419,7 +418,7 @@ async fn authenticate_device(hub: &Hub, header: &str) -> Result<Box<DeviceRecord
             "the token is not signed with a current key of device '{id}'"
         ))
     };
-    let Some(device) = hub.store().device(id).await? else {
+    let Some(device) = hub.store().device_credentials(id).await? else {
         tracing::debug!(device = %id, "token for an unknown device");
         return Err(not_valid());
     };
@@ -437,7 +436,7 @@ async fn authenticate_device(hub: &Hub, header: &str) -> Result<Box<DeviceRecord
     if !device.enabled {
         return Err(ApiError::Forbidden(format!("device '{id}' is disabled")));
     }
-    Ok(Box::new(device))
+    Ok(device.id)
 }
 
 impl Caller {
@@ -446,19 +445,17 @@ impl Caller {
         match self {
             Caller::Admin => Ok(()),
             Caller::Device(device) => Err(ApiError::Forbidden(format!(
-                "device '{}' may not use the admin API",
-                device.id
+                "device '{device}' may not use the admin API"
             ))),
         }
     }
 
     /// Refuses anyone but device `id` itself.
-    pub fn require_device(&self, id: &str) -> Result<&DeviceRecord, ApiError> {
+    pub fn require_device(&self, id: &str) -> Result<(), ApiError> {
         match self {
-            Caller::Device(device) if device.id == id => Ok(device),
+            Caller::Device(device) if device == id => Ok(()),
             Caller::Device(device) => Err(ApiError::Forbidden(format!(
-                "device '{}' may not act as device '{id}'",
-                device.id
+                "device '{device}' may not act as device '{id}'"
             ))),
             Caller::Admin => Err(ApiError::Forbidden(format!(
                 "only device '{id}' itself may do this, with its own token"
