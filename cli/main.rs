@@ -3,12 +3,14 @@
 //! One file per subcommand; [`exit`] is the one place that maps outcomes to exit codes.
 
 mod agent;
+mod api;
 mod exit;
-mod http;
 mod logging;
 mod progress;
+mod query;
 mod run;
 mod status;
+mod tap;
 mod validate;
 
 use std::path::PathBuf;
@@ -50,8 +52,17 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
-    /// Show the modules of a running `weir run`: state, restarts, last exit and why.
+    /// Show what a running `weir run` or `weir agent` runs: pipelines, their operators,
+    /// rows and retained streams, and modules (state, restarts, last exit and why).
     Status(status::StatusArgs),
+    /// Run read-only SQL over the retained streams of a running `weir run` or `weir agent`.
+    ///
+    /// Every node with `retain:` is a table named after it (and `pipeline.node`). The
+    /// answer prints as a table, or as JSON, CSV or Arrow IPC with --format.
+    Query(query::QueryArgs),
+    /// Show a live sample of what a node of a running pipeline emits, one JSON row per
+    /// line, at most --rate rows per second; rows left out are counted on standard error.
+    Tap(tap::TapArgs),
     /// Run the pipelines a hub deploys to this device, and report on them.
     ///
     /// Long-polls the hub for this device's desired state, validates it, swaps the running
@@ -78,14 +89,19 @@ fn main() -> ExitCode {
                 exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
             }
         },
-        Command::Status(args) => match runtime(Some(1)) {
-            Ok(runtime) => runtime.block_on(status::run(args)),
-            Err(error) => {
-                exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
-            }
-        },
+        Command::Status(args) => client_runtime(status::run(args)),
+        Command::Query(args) => client_runtime(query::run(args)),
+        Command::Tap(args) => client_runtime(tap::run(args)),
     };
     outcome.report()
+}
+
+/// Runs a client command (one that talks to a running runtime) on one thread.
+fn client_runtime(command: impl std::future::Future<Output = exit::Outcome>) -> exit::Outcome {
+    match runtime(Some(1)) {
+        Ok(runtime) => runtime.block_on(command),
+        Err(error) => exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}")),
+    }
 }
 
 fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {

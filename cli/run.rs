@@ -1,8 +1,8 @@
 //! `weir run`: runs pipelines until their sources end or a signal asks them to stop.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -11,10 +11,9 @@ use tracing::{info, warn};
 use weir_engine::metrics::EngineMetrics;
 use weir_modules::ModuleHost;
 
+use crate::api::ApiArgs;
+use crate::api::live::{LivePipelines, PipelineShape};
 use crate::exit::Outcome;
-
-/// The address `/metrics` is served on unless told otherwise: loopback only.
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
 
 /// Arguments of `weir run`.
 #[derive(clap::Args, Debug)]
@@ -23,13 +22,13 @@ pub struct RunArgs {
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
 
-    /// Where to serve Prometheus metrics (`/metrics`) and `/healthz`. Port 0 picks a free port.
-    #[arg(long, env = "WEIR_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR, value_name = "HOST:PORT")]
-    metrics_addr: SocketAddr,
+    #[command(flatten)]
+    api: ApiArgs,
 
-    /// Do not serve metrics at all.
-    #[arg(long, conflicts_with = "metrics_addr")]
-    no_metrics: bool,
+    /// Once every pipeline has ended, keep serving the local API until SIGINT or SIGTERM,
+    /// so retained streams can still be queried.
+    #[arg(long, conflicts_with = "no_metrics")]
+    keep_serving: bool,
 
     /// How often to log each pipeline's progress (rows read and written); 0s turns it off.
     #[arg(long, default_value = "30s", value_parser = humantime_duration, value_name = "DURATION")]
@@ -66,27 +65,21 @@ pub async fn run(args: RunArgs) -> Outcome {
         Err(error) => return Outcome::RuntimeFailure(format!("cannot register metrics: {error}")),
     };
     let stop_background = CancellationToken::new();
-    let http = if args.no_metrics {
-        None
-    } else {
-        let serving = crate::http::serve(
-            args.metrics_addr,
+    let live = Arc::new(LivePipelines::default());
+    let started = Arc::new(AtomicBool::new(false));
+    let http = match args
+        .api
+        .serve(
             registry.clone(),
             modules.clone(),
+            live.clone(),
+            started.clone(),
             stop_background.clone(),
-        );
-        match serving.await {
-            Ok((bound, handle)) => {
-                info!("metrics: listening on http://{bound}/metrics");
-                Some(handle)
-            }
-            Err(error) => {
-                return Outcome::RuntimeFailure(format!(
-                    "cannot serve metrics on {}: {error}; pick another address with --metrics-addr or pass --no-metrics",
-                    args.metrics_addr
-                ));
-            }
-        }
+        )
+        .await
+    {
+        Ok(served) => served.map(|(_, handle)| handle),
+        Err(message) => return Outcome::RuntimeFailure(message),
     };
 
     let progress: Vec<_> = validated
@@ -104,8 +97,9 @@ pub async fn run(args: RunArgs) -> Outcome {
     let mut pipelines = Vec::with_capacity(validated.len());
     for pipeline in validated {
         let name = pipeline.name().to_owned();
+        let shape = PipelineShape::of(&pipeline, &metrics);
         match pipeline.build(&metrics) {
-            Ok(built) => pipelines.push(built),
+            Ok(built) => pipelines.push((shape, built)),
             Err(error) => {
                 stop_background.cancel();
                 return Outcome::RuntimeFailure(format!("pipeline '{name}': {error}"));
@@ -115,14 +109,32 @@ pub async fn run(args: RunArgs) -> Outcome {
 
     let shutdown = CancellationToken::new();
     let mut running = JoinSet::new();
-    for pipeline in pipelines {
+    for (shape, pipeline) in pipelines {
         let name = pipeline.name().to_owned();
+        live.started(shape, &pipeline);
         info!(pipeline = %name, "pipeline started");
         let token = shutdown.clone();
         running.spawn(async move { (name, pipeline.run(token).await) });
     }
 
-    let outcome = supervise(&mut running, &shutdown, args.shutdown_timeout, &progress).await;
+    started.store(true, Ordering::Relaxed);
+
+    let outcome = supervise(
+        &mut running,
+        &shutdown,
+        args.shutdown_timeout,
+        &progress,
+        &live,
+    )
+    .await;
+    if args.keep_serving && http.is_some() && !matches!(outcome, Outcome::Interrupted) {
+        info!(
+            "every pipeline has ended; the local API keeps serving their retained streams \
+             until SIGINT or SIGTERM (--keep-serving)"
+        );
+        let signal = Signals::new().next().await;
+        info!("received {signal}: stopping");
+    }
     stop_background.cancel();
     if let Some(handle) = http {
         let _ = handle.await;
@@ -136,6 +148,7 @@ async fn supervise(
     shutdown: &CancellationToken,
     deadline: Duration,
     progress: &[crate::progress::PipelineProgress],
+    live: &LivePipelines,
 ) -> Outcome {
     let started = tokio::time::Instant::now();
     let finished = |name: &str| {
@@ -164,8 +177,12 @@ async fn supervise(
         tokio::select! {
             joined = running.join_next() => match joined {
                 None => break,
-                Some(Ok((name, Ok(())))) => finished(&name),
-                Some(Ok((_, Err(error)))) => {
+                Some(Ok((name, Ok(())))) => {
+                    live.ended(&name, Ok(()));
+                    finished(&name);
+                }
+                Some(Ok((name, Err(error)))) => {
+                    live.ended(&name, Err(error.to_string()));
                     failures.push(error.to_string());
                     if draining_since.is_none() {
                         warn!("stopping the other pipelines after a failure");

@@ -1,63 +1,30 @@
-//! `weir status`: asks a running `weir run` for its modules' states and prints them.
+//! `weir status`: asks a running `weir run` or `weir agent` for its pipelines (operators,
+//! rows, retained streams) and modules, and prints them.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use weir_module_sdk::Endpoint;
-use weir_module_sdk::client::Client;
-
+use crate::api::client::{ClientArgs, LocalClient};
+use crate::api::live::{PipelineReport, StatusBody};
 use crate::exit::Outcome;
-use crate::http::StatusBody;
 
 /// Arguments of `weir status`.
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    /// The address the running `weir run` serves metrics on.
-    #[arg(long, env = "WEIR_METRICS_ADDR", default_value = crate::run::DEFAULT_METRICS_ADDR, value_name = "HOST:PORT")]
-    addr: SocketAddr,
-
-    /// Print JSON instead of a table.
+    /// Print the API's JSON instead of tables.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
-/// Fetches `/status` from `args.addr` and prints it.
+/// Fetches `/api/v1/pipelines` and prints it.
 pub async fn run(args: StatusArgs) -> Outcome {
-    let mut client = Client::new(Endpoint::Tcp(args.addr));
-    let answer = client
-        .send(
-            hyper::Method::GET,
-            "/status",
-            &[],
-            Default::default(),
-            Duration::from_secs(5),
-        )
-        .await;
-    let body = match answer {
-        Ok(answer) if answer.status.is_success() => answer.body,
-        Ok(answer) => {
-            return Outcome::RuntimeFailure(format!(
-                "{} answered /status with {}: {}",
-                args.addr,
-                answer.status,
-                answer.text()
-            ));
-        }
-        Err(error) => {
-            return Outcome::RuntimeFailure(format!(
-                "cannot reach weir at {}: {error} (is `weir run` running, with --metrics-addr {}?)",
-                args.addr, args.addr
-            ));
-        }
+    let client = match LocalClient::new(&args.client) {
+        Ok(client) => client,
+        Err(error) => return Outcome::RuntimeFailure(error),
     };
-    let status: StatusBody = match serde_json::from_slice(&body) {
+    let status: StatusBody = match client.get_json("/api/v1/pipelines").await {
         Ok(status) => status,
-        Err(error) => {
-            return Outcome::RuntimeFailure(format!(
-                "{} answered /status with something that is not weir's status: {error}",
-                args.addr
-            ));
-        }
+        Err(error) => return Outcome::RuntimeFailure(error),
     };
     if args.json {
         println!(
@@ -66,15 +33,65 @@ pub async fn run(args: StatusArgs) -> Outcome {
         );
         return Outcome::Success;
     }
-    if status.modules.is_empty() {
+    print_pipelines(&status.pipelines);
+    println!();
+    print_modules(&status.modules);
+    Outcome::Success
+}
+
+fn print_pipelines(pipelines: &[PipelineReport]) {
+    if pipelines.is_empty() {
+        println!("no pipelines are running");
+        return;
+    }
+    for pipeline in pipelines {
+        let error = pipeline
+            .error
+            .as_deref()
+            .map(|error| format!(": {error}"))
+            .unwrap_or_default();
+        println!(
+            "pipeline {} ({}): {}{error}",
+            pipeline.name,
+            pipeline.file,
+            pipeline.state.as_str()
+        );
+        println!(
+            "  {:<20} {:<9} {:<12} {:>12} {:>12}  RETAINED",
+            "OPERATOR", "ROLE", "KIND", "ROWS IN", "ROWS OUT"
+        );
+        for operator in &pipeline.operators {
+            let retained = operator
+                .retained
+                .as_ref()
+                .map(|r| {
+                    format!(
+                        "{} rows, {} of {}, for {}",
+                        r.rows,
+                        human_bytes(r.bytes),
+                        human_bytes(r.max_bytes),
+                        r.duration
+                    )
+                })
+                .unwrap_or_else(|| "-".to_owned());
+            println!(
+                "  {:<20} {:<9} {:<12} {:>12} {:>12}  {retained}",
+                operator.name, operator.role, operator.kind, operator.rows_in, operator.rows_out
+            );
+        }
+    }
+}
+
+fn print_modules(modules: &[weir_modules::ModuleReport]) {
+    if modules.is_empty() {
         println!("no modules are running");
-        return Outcome::Success;
+        return;
     }
     println!(
         "{:<16} {:<16} {:<8} {:<10} {:>8} {:>9}  REASON",
         "PIPELINE", "MODULE", "RUNTIME", "STATE", "RESTARTS", "LAST EXIT"
     );
-    for module in status.modules {
+    for module in modules {
         let last_exit = match (module.last_exit_code, module.last_exit_oom) {
             (_, true) => "oom".to_owned(),
             (Some(code), false) => code.to_string(),
@@ -91,5 +108,9 @@ pub async fn run(args: StatusArgs) -> Outcome {
             module.reason.as_deref().unwrap_or("")
         );
     }
-    Outcome::Success
+}
+
+/// `1.5 MiB`-style sizes.
+fn human_bytes(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
 }

@@ -21,6 +21,8 @@ mod reference;
 #[path = "../support.rs"]
 #[allow(dead_code)]
 mod support;
+#[cfg_attr(test, allow(dead_code, unused_imports))]
+mod tap;
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -67,6 +69,8 @@ struct Options {
     shuffle_ms: u64,
     /// `W1_STRICT`: exit non-zero when a target is missed, not only when outputs differ.
     strict: bool,
+    /// `W1_TAP`: also time W1 with and without a live tap on its source.
+    tap: bool,
     /// True under `cargo bench`; figures are judged only then.
     judged: bool,
 }
@@ -86,6 +90,7 @@ impl Options {
             skip_floor: env_flag("W1_SKIP_FLOOR"),
             shuffle_ms: env_u64("W1_SHUFFLE_MS", 0)?,
             strict: env_flag("W1_STRICT"),
+            tap: env_flag("W1_TAP"),
             judged,
         })
     }
@@ -165,6 +170,19 @@ fn run() -> Result<ExitCode> {
     };
     let (table, targets_met) = report.render();
     print!("{table}");
+    if options.tap {
+        let figures = tap::measure(&weir, &pipeline, &input, &weir_out, options.runs)?;
+        let slower = figures.tapped.as_secs_f64() / figures.plain.as_secs_f64() - 1.0;
+        println!(
+            "{:<22} {:>14.3} s without, {:.3} s with a tap ({:+.1}%, target < +5%); the tap \
+             read {} bytes",
+            "tap overhead",
+            figures.plain.as_secs_f64(),
+            figures.tapped.as_secs_f64(),
+            slower * 100.0,
+            thousands(figures.tap_bytes as u64)
+        );
+    }
 
     if let Check::Failed(mismatch) = &check {
         eprintln!(

@@ -7,9 +7,9 @@
 mod pipelines;
 mod state;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -23,6 +23,7 @@ use weir_hub::{ClientError, Credentials, HubClient};
 use weir_modules::ModuleHost;
 use weir_operators::mqtt::{Backoff, BackoffBounds};
 
+use crate::api::live::LivePipelines;
 use crate::exit::Outcome;
 use pipelines::PipelineSet;
 use state::{Applied, StateDir};
@@ -72,13 +73,8 @@ pub struct AgentArgs {
     #[arg(long, env = "WEIR_AGENT_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
-    /// Where to serve Prometheus metrics (`/metrics`), `/status` and `/healthz`.
-    #[arg(long, env = "WEIR_METRICS_ADDR", default_value = crate::run::DEFAULT_METRICS_ADDR, value_name = "HOST:PORT")]
-    metrics_addr: SocketAddr,
-
-    /// Do not serve metrics at all.
-    #[arg(long, conflicts_with = "metrics_addr")]
-    no_metrics: bool,
+    #[command(flatten)]
+    api: crate::api::ApiArgs,
 
     /// How long each poll for the desired state waits for a change (whole seconds).
     #[arg(long, default_value = "30s", value_parser = crate::run::positive_duration, value_name = "DURATION")]
@@ -211,27 +207,24 @@ pub async fn run(args: AgentArgs) -> Outcome {
     };
     let modules = Arc::new(ModuleHost::new(state.path().join("modules")));
     let stop_background = CancellationToken::new();
-    if !args.no_metrics {
-        match crate::http::serve(
-            args.metrics_addr,
+    let live = Arc::new(LivePipelines::default());
+    let started = Arc::new(AtomicBool::new(false));
+    if let Err(message) = args
+        .api
+        .serve(
             registry.clone(),
             modules.clone(),
+            live.clone(),
+            started.clone(),
             stop_background.clone(),
         )
         .await
-        {
-            Ok((bound, _)) => info!("metrics: listening on http://{bound}/metrics"),
-            Err(error) => {
-                return Outcome::RuntimeFailure(format!(
-                    "cannot serve metrics on {}: {error}; pick another address with \
-                     --metrics-addr or pass --no-metrics",
-                    args.metrics_addr
-                ));
-            }
-        }
+    {
+        return Outcome::RuntimeFailure(message);
     }
 
     let (pipelines, ended) = PipelineSet::new(
+        live.clone(),
         metrics,
         modules.clone(),
         state.path().join("files"),
@@ -262,6 +255,9 @@ pub async fn run(args: AgentArgs) -> Outcome {
             poll_from = Some(etag);
         }
     }
+    // Ready once the stored deployment (if any) has been started: the agent then runs
+    // what it last knew, with or without the hub.
+    started.store(true, Ordering::Relaxed);
 
     let (desired_tx, mut desired_rx) = mpsc::channel::<DesiredState>(1);
     let poller = tokio::spawn(poll_desired(
@@ -272,6 +268,13 @@ pub async fn run(args: AgentArgs) -> Outcome {
         desired_tx,
     ));
     let reporter = tokio::spawn(send_reports(client.clone(), device.clone(), report_rx));
+    let queries = tokio::spawn(answer_queries(
+        client.clone(),
+        device.clone(),
+        live.clone(),
+        args.api.limits(),
+        args.poll_wait,
+    ));
     let heartbeats = tokio::spawn(send_heartbeats(
         client.clone(),
         device.clone(),
@@ -304,6 +307,7 @@ pub async fn run(args: AgentArgs) -> Outcome {
         }
     }
     poller.abort();
+    queries.abort();
     heartbeats.abort();
     agent.pipelines.stop_all().await;
     reporter.abort();
@@ -463,6 +467,58 @@ async fn poll_desired(
             Err(error) => {
                 let delay = backoff.next_delay();
                 log_hub_error("poll for the desired state", &error, delay);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Answers the queries an admin forwards through the hub (`weir-hub query --device`),
+/// each as this runtime's local API would, and sends the answers back.
+async fn answer_queries(
+    client: HubClient,
+    device: String,
+    live: Arc<LivePipelines>,
+    limits: weir_query::Limits,
+    wait: Duration,
+) {
+    let mut backoff = Backoff::for_client(BACKOFF, &device);
+    loop {
+        let asked = tokio::time::Instant::now();
+        match client.forwarded_queries(&device, wait).await {
+            Ok(queries) if queries.is_empty() => {
+                backoff.reset();
+                // A hub that holds polls briefly (or not at all) is not asked in a tight loop.
+                tokio::time::sleep_until(asked + MIN_POLL_INTERVAL).await;
+            }
+            Ok(queries) => {
+                backoff.reset();
+                for query in queries {
+                    let (client, device, live) = (client.clone(), device.clone(), live.clone());
+                    tokio::spawn(async move {
+                        info!(query = %query.id, "answering a query forwarded by the hub");
+                        let encoded =
+                            crate::api::query::answer(&live, &limits, &query.request, None).await;
+                        let mut headers = encoded.row_headers();
+                        headers.push(("content-type", encoded.content_type.to_owned()));
+                        if let Err(error) = client
+                            .answer_query(
+                                &device,
+                                &query.id,
+                                encoded.status,
+                                &headers,
+                                encoded.body,
+                            )
+                            .await
+                        {
+                            warn!(query = %query.id, "cannot send the answer to the hub: {error}");
+                        }
+                    });
+                }
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                log_hub_error("poll for forwarded queries", &error, delay);
                 tokio::time::sleep(delay).await;
             }
         }

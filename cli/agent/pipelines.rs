@@ -11,11 +11,12 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use weir_engine::graph::Pipeline;
 use weir_engine::metrics::EngineMetrics;
 use weir_hub::protocol::PipelineDocument;
 use weir_modules::ModuleHost;
 use weir_pipelines::{PipelineSource, ValidatedPipeline};
+
+use crate::api::live::{LivePipelines, PipelineShape, PipelineState};
 
 /// A pipeline's state, as the agent reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -59,12 +60,13 @@ struct Running {
     start: u64,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
-    health: PipelineHealth,
 }
 
 /// The pipelines the agent runs.
 pub struct PipelineSet {
     running: BTreeMap<String, Running>,
+    /// Their state, operators and streams, as the local API shows them.
+    live: Arc<LivePipelines>,
     metrics: EngineMetrics,
     modules: Arc<ModuleHost>,
     /// Where relative paths in deployed pipelines resolve.
@@ -78,6 +80,7 @@ impl PipelineSet {
     /// An empty set. Pipeline ends are announced on the returned channel; pass each one
     /// to [`PipelineSet::ended`].
     pub fn new(
+        live: Arc<LivePipelines>,
         metrics: EngineMetrics,
         modules: Arc<ModuleHost>,
         base_dir: PathBuf,
@@ -86,6 +89,7 @@ impl PipelineSet {
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         let set = PipelineSet {
             running: BTreeMap::new(),
+            live,
             metrics,
             modules,
             base_dir,
@@ -153,12 +157,9 @@ impl PipelineSet {
         }
         let mut failure = None;
         for (name, source, pipeline) in to_start {
-            match pipeline.build(&self.metrics) {
-                Ok(built) => self.start(name, source, built),
-                Err(e) => {
-                    failure = Some(format!("pipeline '{name}': {e}"));
-                    break;
-                }
+            if let Err(e) = self.start(name, source, pipeline) {
+                failure = Some(e);
+                break;
             }
         }
         let Some(failure) = failure else {
@@ -180,9 +181,13 @@ impl PipelineSet {
     pub async fn restart_failed(&mut self) -> Vec<String> {
         let failed: Vec<String> = self
             .running
-            .iter()
-            .filter(|(_, running)| running.health.state == "failed")
-            .map(|(name, _)| name.clone())
+            .keys()
+            .filter(|name| {
+                self.live
+                    .state(name)
+                    .is_some_and(|(state, ..)| state == PipelineState::Failed)
+            })
+            .cloned()
             .collect();
         let mut sources = Vec::new();
         for name in &failed {
@@ -204,9 +209,8 @@ impl PipelineSet {
         let pipelines = self.validate(sources)?;
         let mut problems = Vec::new();
         for (name, (source, pipeline)) in pipelines {
-            match pipeline.build(&self.metrics) {
-                Ok(built) => self.start(name, source, built),
-                Err(e) => problems.push(format!("pipeline '{name}': {e}")),
+            if let Err(e) = self.start(name, source, pipeline) {
+                problems.push(e);
             }
         }
         if problems.is_empty() {
@@ -237,7 +241,18 @@ impl PipelineSet {
             .collect())
     }
 
-    fn start(&mut self, name: String, source: PipelineSource, pipeline: Pipeline) {
+    /// Builds `pipeline` and starts it; says why when it cannot be built.
+    fn start(
+        &mut self,
+        name: String,
+        source: PipelineSource,
+        pipeline: ValidatedPipeline,
+    ) -> Result<(), String> {
+        let shape = PipelineShape::of(&pipeline, &self.metrics);
+        let pipeline = pipeline
+            .build(&self.metrics)
+            .map_err(|e| format!("pipeline '{name}': {e}"))?;
+        self.live.started(shape, &pipeline);
         self.starts += 1;
         let start = self.starts;
         let cancel = CancellationToken::new();
@@ -256,20 +271,15 @@ impl PipelineSet {
         };
         tracing::info!(pipeline = %name, "pipeline started");
         self.running.insert(
-            name.clone(),
+            name,
             Running {
                 source,
                 start,
                 cancel,
                 task: Some(task),
-                health: PipelineHealth {
-                    name,
-                    state: "running",
-                    error: None,
-                    since_ms: weir_hub::protocol::now_ms(),
-                },
             },
         );
+        Ok(())
     }
 
     /// Drains pipeline `name` and forgets it; past the shutdown timeout it is aborted.
@@ -290,6 +300,7 @@ impl PipelineSet {
             task.abort();
         }
         tracing::info!(pipeline = %name, "pipeline stopped");
+        self.live.remove(name);
         Some(running.source)
     }
 
@@ -311,17 +322,11 @@ impl PipelineSet {
             return false;
         }
         running.task = None;
-        match ended.result {
-            Ok(()) => {
-                tracing::info!(pipeline = %ended.name, "pipeline finished");
-                running.health.state = "finished";
-            }
-            Err(error) => {
-                tracing::error!(pipeline = %ended.name, "pipeline failed: {error}");
-                running.health.state = "failed";
-                running.health.error = Some(error);
-            }
+        match &ended.result {
+            Ok(()) => tracing::info!(pipeline = %ended.name, "pipeline finished"),
+            Err(error) => tracing::error!(pipeline = %ended.name, "pipeline failed: {error}"),
         }
+        self.live.ended(&ended.name, ended.result);
         true
     }
 
@@ -329,13 +334,11 @@ impl PipelineSet {
     pub fn failures<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> Vec<String> {
         names
             .into_iter()
-            .filter_map(|name| {
-                let health = &self.running.get(name)?.health;
-                let error = health
-                    .error
-                    .as_deref()
-                    .filter(|_| health.state == "failed")?;
-                Some(format!("pipeline '{name}': {error}"))
+            .filter_map(|name| match self.live.state(name)? {
+                (PipelineState::Failed, error, _) => {
+                    Some(format!("pipeline '{name}': {}", error.unwrap_or_default()))
+                }
+                _ => None,
             })
             .collect()
     }
@@ -347,6 +350,17 @@ impl PipelineSet {
 
     /// Every pipeline's health.
     pub fn health(&self) -> Vec<PipelineHealth> {
-        self.running.values().map(|r| r.health.clone()).collect()
+        self.running
+            .keys()
+            .filter_map(|name| {
+                let (state, error, since_ms) = self.live.state(name)?;
+                Some(PipelineHealth {
+                    name: name.clone(),
+                    state: state.as_str(),
+                    error,
+                    since_ms,
+                })
+            })
+            .collect()
     }
 }

@@ -6,6 +6,7 @@
 //! rest of the graph drains, and the failure is returned naming pipeline and operator.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -16,6 +17,7 @@ use tracing::{Instrument, debug, error, info_span};
 use crate::error::{OperatorError, PipelineError};
 use crate::message::Watermark;
 use crate::metrics::{EngineMetrics, OperatorMetrics};
+use crate::observe::{RetainSpec, StreamView};
 use crate::operator::{Collector, OperatorInstance, Sink, Source, SourceContext, Transform};
 use crate::ports::{
     InputChannel, InputEvent, InputMerger, OutputPort, OutputPorts, WatermarkGenerator,
@@ -49,6 +51,7 @@ struct NodeDef {
 pub struct PipelineBuilder {
     name: String,
     nodes: Vec<NodeDef>,
+    retained: HashMap<String, RetainSpec>,
     channel_capacity: usize,
 }
 
@@ -58,6 +61,7 @@ impl PipelineBuilder {
         PipelineBuilder {
             name: name.into(),
             nodes: Vec::new(),
+            retained: HashMap::new(),
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
         }
     }
@@ -87,6 +91,11 @@ impl PipelineBuilder {
         });
     }
 
+    /// Keeps the recent batches of `node`'s main output for queries, within `spec`.
+    pub fn retain(&mut self, node: impl Into<String>, spec: RetainSpec) {
+        self.retained.insert(node.into(), spec);
+    }
+
     /// Connects the nodes. Fails when an input names no node or port, or when the graph
     /// has a cycle; the pipeline validator reports those with locations first.
     pub fn build(self, metrics: &EngineMetrics) -> Result<Pipeline, PipelineError> {
@@ -104,16 +113,38 @@ impl PipelineBuilder {
             return Err(graph_error("two operators have the same name".into()));
         }
         check_acyclic(&self.nodes, &index).map_err(&graph_error)?;
+        if let Some(node) = self.retained.keys().find(|node| {
+            index
+                .get(node.as_str())
+                .is_none_or(|&i| self.nodes[i].outputs.is_empty())
+        }) {
+            return Err(graph_error(format!(
+                "'{node}' is retained, but it is not an operator with an output"
+            )));
+        }
 
+        let mut views = Vec::new();
         let mut ports: Vec<Vec<OutputPort>> = self
             .nodes
             .iter()
             .map(|node| {
                 node.outputs
                     .iter()
-                    .map(|spec| OutputPort {
+                    .enumerate()
+                    .map(|(port, spec)| OutputPort {
                         edges: Vec::new(),
                         unwired_drop_reason: spec.unwired_drop_reason,
+                        view: (port == 0).then(|| {
+                            let view = Arc::new(StreamView::new(
+                                &self.name,
+                                &node.name,
+                                spec.stream.schema.clone(),
+                                self.retained.get(&node.name).copied(),
+                                metrics.stream(&self.name, &node.name),
+                            ));
+                            views.push(view.clone());
+                            view
+                        }),
                     })
                     .collect()
             })
@@ -201,6 +232,7 @@ impl PipelineBuilder {
             name: self.name,
             tasks,
             cancel,
+            views,
         })
     }
 }
@@ -258,12 +290,19 @@ pub struct Pipeline {
     tasks: Vec<(String, NodeRunner, OperatorMetrics)>,
     cancel: CancellationToken,
     running: prometheus::IntGauge,
+    views: Vec<Arc<StreamView>>,
 }
 
 impl Pipeline {
     /// The pipeline's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The main output stream of every source and transform, in the order they were
+    /// added: for queries over retained streams and for taps, while the pipeline runs.
+    pub fn streams(&self) -> &[Arc<StreamView>] {
+        &self.views
     }
 
     /// Runs every operator until all sources have ended and the graph has drained.
@@ -277,6 +316,7 @@ impl Pipeline {
             tasks,
             cancel,
             running,
+            views: _,
         } = self;
         running.set(1);
         let forward = {

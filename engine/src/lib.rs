@@ -15,6 +15,7 @@ pub mod error;
 pub mod graph;
 pub mod message;
 pub mod metrics;
+pub mod observe;
 pub mod operator;
 mod ports;
 pub mod registry;

@@ -41,6 +41,10 @@ pub struct EngineMetrics {
     module_oom_kills: IntCounterVec,
     module_retries: IntCounterVec,
     module_dead_letters: IntCounterVec,
+    retained_bytes: IntGaugeVec,
+    retained_rows: IntGaugeVec,
+    retained_evicted: IntCounterVec,
+    tap_dropped: IntCounterVec,
 }
 
 /// The states a module can be in, as `weir_module_state` labels them.
@@ -225,6 +229,32 @@ impl EngineMetrics {
                 "Batches a module rejected or failed on every attempt, sent to dead_letter",
                 op,
             )?,
+            retained_bytes: gauge(
+                registry,
+                "weir_retained_bytes",
+                "Memory the batches a retained stream keeps for queries hold, in bytes",
+                op,
+            )?,
+            retained_rows: gauge(
+                registry,
+                "weir_retained_rows",
+                "Rows a retained stream keeps for queries",
+                op,
+            )?,
+            retained_evicted: counter(
+                registry,
+                "weir_retained_evicted_rows_total",
+                "Rows a retained stream let go, by reason: `age` (older than its duration) \
+                 or `bytes` (over its max_bytes)",
+                &["pipeline", "operator", "reason"],
+            )?,
+            tap_dropped: counter(
+                registry,
+                "weir_tap_dropped_rows_total",
+                "Rows a tap on an operator's output did not show, because the tap's reader \
+                 was slower than the stream or over its rate",
+                op,
+            )?,
         })
     }
 
@@ -264,6 +294,22 @@ impl EngineMetrics {
     pub fn channel_depth(&self, pipeline: &str, operator: &str, input: &str) -> IntGauge {
         self.channel_depth
             .with_label_values(&[pipeline, operator, input])
+    }
+
+    /// The series of the stream an operator emits: retention and taps.
+    pub fn stream(&self, pipeline: &str, operator: &str) -> StreamMetrics {
+        let labels = &[pipeline, operator];
+        let evicted = |reason: &str| {
+            self.retained_evicted
+                .with_label_values(&[pipeline, operator, reason])
+        };
+        StreamMetrics {
+            retained_bytes: self.retained_bytes.with_label_values(labels),
+            retained_rows: self.retained_rows.with_label_values(labels),
+            evicted_for_age: evicted("age"),
+            evicted_for_bytes: evicted("bytes"),
+            tap_dropped: self.tap_dropped.with_label_values(labels),
+        }
     }
 
     /// The running flag of a pipeline.
@@ -338,6 +384,31 @@ impl ModuleMetrics {
         for (name, gauge) in MODULE_STATES.iter().zip(&self.states) {
             gauge.set(i64::from(*name == state));
         }
+    }
+}
+
+/// The series of one operator's output stream: what retention holds and lets go, and
+/// what taps could not show.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    /// Bytes retained for queries.
+    pub retained_bytes: IntGauge,
+    /// Rows retained for queries.
+    pub retained_rows: IntGauge,
+    /// Rows let go for being older than the retention's duration.
+    pub evicted_for_age: IntCounter,
+    /// Rows let go to stay within the retention's max_bytes.
+    pub evicted_for_bytes: IntCounter,
+    /// Rows taps dropped.
+    pub tap_dropped: IntCounter,
+}
+
+impl StreamMetrics {
+    /// Series registered nowhere, for streams observed outside a pipeline in tests.
+    pub fn detached(pipeline: &str, operator: &str) -> Self {
+        EngineMetrics::new(&Registry::new())
+            .expect("fresh registry accepts the engine's metric families")
+            .stream(pipeline, operator)
     }
 }
 

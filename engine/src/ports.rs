@@ -3,6 +3,7 @@
 //! tracks the minimum watermark, and the watermark generator for sources.
 
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arrow::record_batch::RecordBatch;
@@ -12,6 +13,7 @@ use tokio::sync::mpsc;
 use crate::error::OperatorError;
 use crate::message::{Message, Watermark};
 use crate::metrics::OperatorMetrics;
+use crate::observe::StreamView;
 use crate::time::{duration_ms, max_event_time_ms};
 
 /// Rows sent to a main port that nothing consumes are counted under this reason.
@@ -21,6 +23,8 @@ const UNCONSUMED: &str = "unconsumed";
 pub(crate) struct OutputPort {
     pub(crate) edges: Vec<mpsc::Sender<Message>>,
     pub(crate) unwired_drop_reason: Option<&'static str>,
+    /// Retention and taps; on the main port of every node that has one.
+    pub(crate) view: Option<Arc<StreamView>>,
 }
 
 /// All output ports of one operator, main port first.
@@ -53,8 +57,17 @@ impl OutputPorts {
                 "operator emitted on output port {port}, which it did not declare"
             )));
         };
+        let retained = out.view.as_ref().is_some_and(|view| {
+            view.observe(&batch);
+            view.is_retained()
+        });
         if out.edges.is_empty() {
-            metrics.dropped(out.unwired_drop_reason.unwrap_or(UNCONSUMED), rows);
+            if retained {
+                metrics.rows_out.inc_by(rows);
+                metrics.batches_out.inc();
+            } else {
+                metrics.dropped(out.unwired_drop_reason.unwrap_or(UNCONSUMED), rows);
+            }
             return Ok(());
         }
         metrics.rows_out.inc_by(rows);
@@ -86,6 +99,9 @@ impl OutputPorts {
     /// Tells every consumer that nothing follows. Consumers that have gone are ignored.
     pub(crate) async fn send_end(&mut self) {
         let _ = self.broadcast(Message::EndOfStream).await;
+        for view in self.ports.iter().filter_map(|port| port.view.as_ref()) {
+            view.end();
+        }
     }
 
     async fn broadcast(&mut self, message: Message) -> Result<(), OperatorError> {

@@ -427,3 +427,53 @@ async fn wiring_to_a_missing_node_or_a_cycle_is_refused() {
     let error = builder.build(&metrics).err().expect("refused");
     assert!(error.to_string().contains("form a cycle"), "{error}");
 }
+
+#[tokio::test]
+async fn a_retained_stream_keeps_its_batches_even_with_no_consumer() {
+    let mut builder = PipelineBuilder::new("retained");
+    let (src, _) = source(vec![batch(&[1, 2]), batch(&[3])]);
+    builder.add_node("src", src, main_port(), vec![], None);
+    builder.retain("src", weir_engine::observe::RetainSpec::default());
+    let (registry, metrics) = metrics();
+    let pipeline = builder.build(&metrics).unwrap();
+    let view = pipeline.streams()[0].clone();
+    assert_eq!(view.node(), "src");
+    let mut tap = view.tap(8);
+    pipeline.run(CancellationToken::new()).await.unwrap();
+
+    let kept = view.retained_batches().expect("retained");
+    assert_eq!(kept, vec![batch(&[1, 2]), batch(&[3])]);
+    // The tap saw both batches, then the end of the stream.
+    assert_eq!(tap.next().await, Some(batch(&[1, 2])));
+    assert_eq!(tap.next().await, Some(batch(&[3])));
+    assert_eq!(tap.next().await, None);
+    // Retained rows are not "unconsumed": they went to the retention.
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(!text.contains("reason=\"unconsumed\""), "{text}");
+    assert!(
+        text.contains("weir_retained_rows{operator=\"src\",pipeline=\"retained\"} 3"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn retaining_a_sink_or_a_missing_node_is_refused() {
+    for retained in ["out", "nowhere"] {
+        let mut builder = PipelineBuilder::new("p");
+        let (src, _) = source(vec![]);
+        builder.add_node("src", src, main_port(), vec![], None);
+        let (out, _) = sink(Duration::ZERO);
+        builder.add_node("out", out, vec![], vec![input("src")], None);
+        builder.retain(retained, weir_engine::observe::RetainSpec::default());
+        let (_, metrics) = metrics();
+        let error = builder.build(&metrics).err().expect("refused");
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("'{retained}' is retained")),
+            "{error}"
+        );
+    }
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use weir_engine::config::HumanDuration;
+use weir_engine::config::{HumanDuration, HumanSize};
 
 use crate::runtime::Limits;
 use crate::supervisor::{BackoffConfig, HealthConfig, RestartPolicy};
@@ -89,39 +89,11 @@ pub enum TransportKind {
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Memory: `64MiB`, `1.5GB`, or a number of bytes.
-    pub memory: Option<MemorySize>,
+    pub memory: Option<HumanSize>,
     /// CPUs, fractions allowed (containers only).
     pub cpus: Option<f64>,
     /// Processes and threads.
     pub pids: Option<i64>,
-}
-
-/// A memory size written as `64MiB`, `512M`, `1.5GB` or a number of bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemorySize(pub u64);
-
-impl<'de> Deserialize<'de> for MemorySize {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Written {
-            Bytes(u64),
-            Text(String),
-        }
-        match Written::deserialize(deserializer)? {
-            Written::Bytes(bytes) => Ok(MemorySize(bytes)),
-            Written::Text(text) => text
-                .trim()
-                .parse::<bytesize::ByteSize>()
-                .map(|size| MemorySize(size.as_u64()))
-                .map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "invalid memory size '{text}': write a number and a unit, e.g. 64MiB, \
-                         512MB or 2GiB"
-                    ))
-                }),
-        }
-    }
 }
 
 impl ModuleConfig {
@@ -242,7 +214,7 @@ mod tests {
         let config = parse(r#"{"image": "x", "limits": {"memory": 10000000}}"#).unwrap();
         assert_eq!(config.limits().memory_bytes, Some(10_000_000));
         let error = parse(r#"{"image": "x", "limits": {"memory": "lots"}}"#).unwrap_err();
-        assert!(error.contains("invalid memory size 'lots'"), "{error}");
+        assert!(error.contains("invalid size 'lots'"), "{error}");
     }
 
     #[test]

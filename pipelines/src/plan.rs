@@ -17,6 +17,7 @@ use weir_engine::config::{ConfigError, Location, choices_hint};
 use weir_engine::error::{OperatorError, PipelineError};
 use weir_engine::graph::{InputRef, Pipeline, PipelineBuilder};
 use weir_engine::metrics::EngineMetrics;
+use weir_engine::observe::RetainSpec;
 use weir_engine::registry::{
     InputStream, MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator,
     StreamInfo,
@@ -42,6 +43,7 @@ pub struct PlannedNode {
     inputs: Vec<InputRef>,
     outputs: Vec<OutputSpec>,
     event_time: Option<EventTimeSpec>,
+    retain: Option<RetainSpec>,
     operator: Box<dyn PlannedOperator>,
 }
 
@@ -77,6 +79,11 @@ impl PlannedNode {
     pub fn event_time(&self) -> Option<&EventTimeSpec> {
         self.event_time.as_ref()
     }
+
+    /// How much of the node's output is kept for queries, when it is retained.
+    pub fn retain(&self) -> Option<RetainSpec> {
+        self.retain
+    }
 }
 
 impl fmt::Debug for PlannedNode {
@@ -88,6 +95,7 @@ impl fmt::Debug for PlannedNode {
             .field("inputs", &self.inputs)
             .field("outputs", &self.outputs)
             .field("event_time", &self.event_time)
+            .field("retain", &self.retain)
             .finish_non_exhaustive()
     }
 }
@@ -156,6 +164,9 @@ impl ValidatedPipeline {
                     node: node.name.clone(),
                     source,
                 })?;
+            if let Some(spec) = node.retain {
+                builder.retain(&node.name, spec);
+            }
             builder.add_node(
                 node.name,
                 instance,
@@ -698,6 +709,7 @@ fn plan_node(
         inputs: refs,
         outputs,
         event_time,
+        retain: node.retain,
         operator,
     })
 }

@@ -13,8 +13,9 @@ use serde::Deserialize;
 use weir_engine::Role;
 use weir_engine::arrow::datatypes::SchemaRef;
 use weir_engine::config::{
-    ConfigError, ConfigValue, HumanDuration, Key, Location, Value, choices_hint,
+    ConfigError, ConfigValue, HumanDuration, HumanSize, Key, Location, Value, choices_hint,
 };
+use weir_engine::observe::RetainSpec;
 use weir_engine::registry::MAIN_PORT_NAME;
 use weir_engine::time::{EventTimeSpec, WindowSpec, is_event_time_type};
 
@@ -29,8 +30,8 @@ pub(crate) const SCHEMA_HINT: &str = "only sources and `module` transforms decla
 pub const VERSION: u32 = 1;
 
 const TOP_FIELDS: &[&str] = &["version", "name", "sources", "transforms", "sinks"];
-const SOURCE_FIELDS: &[&str] = &["kind", "config", "schema", "event_time"];
-const TRANSFORM_FIELDS: &[&str] = &["kind", "inputs", "window", "schema", "config"];
+const SOURCE_FIELDS: &[&str] = &["kind", "config", "schema", "event_time", "retain"];
+const TRANSFORM_FIELDS: &[&str] = &["kind", "inputs", "window", "schema", "config", "retain"];
 const SINK_FIELDS: &[&str] = &["kind", "inputs", "config"];
 const ROLES: [Role; 3] = [Role::Source, Role::Transform, Role::Sink];
 
@@ -76,6 +77,8 @@ pub struct NodeSpec {
     pub event_time: Option<EventTimeSpec>,
     /// The declared window (transforms only).
     pub window: Option<WindowSpec>,
+    /// How much of the node's output to keep for queries (sources and transforms).
+    pub retain: Option<RetainSpec>,
     /// Where the node's name was written.
     pub location: Location,
     /// Where the kind was written.
@@ -357,6 +360,66 @@ enum WindowYaml {
     Hopping(HoppingYaml),
 }
 
+/// `retain: {duration: 15m, max_bytes: 64MB}`; either may be left out.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetainYaml {
+    #[serde(default)]
+    duration: Option<HumanDuration>,
+    #[serde(default)]
+    max_bytes: Option<HumanSize>,
+}
+
+fn parse_retain(
+    value: &ConfigValue,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<RetainSpec> {
+    if matches!(value.value, Value::Null) {
+        return Some(RetainSpec::default());
+    }
+    let declared = match value.deserialize_into::<RetainYaml>(path) {
+        Ok(declared) => declared,
+        Err(error) => {
+            errors.push(error.with_hint_if_none(
+                "write e.g. retain: {duration: 15m, max_bytes: 64MB}; both are optional",
+            ));
+            return None;
+        }
+    };
+    let defaults = RetainSpec::default();
+    let spec = RetainSpec {
+        duration: declared.duration.map_or(defaults.duration, Duration::from),
+        max_bytes: declared.max_bytes.map_or(defaults.max_bytes, |size| size.0),
+    };
+    let before = errors.len();
+    if spec.duration.is_zero() {
+        let location = value.get("duration").map_or(value.location, |v| v.location);
+        errors.push(
+            ConfigError::new(
+                child(path, "duration"),
+                location,
+                "a retained stream must keep its batches for longer than zero",
+            )
+            .with_hint("e.g. duration: 15m; remove `retain` to keep nothing"),
+        );
+    }
+    if spec.max_bytes == 0 {
+        let location = value
+            .get("max_bytes")
+            .map_or(value.location, |v| v.location);
+        errors.push(
+            ConfigError::new(
+                child(path, "max_bytes"),
+                location,
+                "a retained stream needs room for at least one batch",
+            )
+            .with_hint("e.g. max_bytes: 64MB; remove `retain` to keep nothing"),
+        );
+    }
+    (errors.len() == before).then_some(spec)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HoppingYaml {
@@ -383,6 +446,7 @@ fn parse_node(
         schema_location: key.location,
         event_time: None,
         window: None,
+        retain: None,
         location: key.location,
         kind_location: key.location,
         event_time_location: key.location,
@@ -460,7 +524,10 @@ fn parse_node(
                 }
             }
             ("window", Role::Transform) => node.window = parse_window(&value, &field_path, errors),
-            (name @ ("inputs" | "schema" | "event_time" | "window"), _) => {
+            ("retain", Role::Source | Role::Transform) => {
+                node.retain = parse_retain(&value, &field_path, errors);
+            }
+            (name @ ("inputs" | "schema" | "event_time" | "window" | "retain"), _) => {
                 errors.push(misplaced(role, name, &field_path, field.location));
             }
             (name, _) => errors.push(
@@ -509,6 +576,7 @@ fn misplaced(role: Role, field: &str, path: &str, location: Location) -> ConfigE
         }
         "schema" => SCHEMA_HINT,
         "event_time" => "only sources declare event time; it flows downstream with the data",
+        "retain" => "a sink emits no stream to keep; retain the node it reads from",
         _ => "windows belong on the transform that aggregates",
     };
     ConfigError::new(

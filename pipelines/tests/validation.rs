@@ -601,12 +601,12 @@ fn unknown_field_suggests_the_nearest_name() {
         pos(&text, "windw"),
         "transforms.per_minute.windw",
         "unknown field 'windw'",
-        Some("did you mean 'window'? valid fields: kind, inputs, window, schema, config"),
+        Some("did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain"),
     );
     assert_eq!(
         d.to_string(),
         "pipes/boiler.yaml:13:5: transforms.per_minute.windw: unknown field 'windw'\n  \
-         hint: did you mean 'window'? valid fields: kind, inputs, window, schema, config"
+         hint: did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain"
     );
 
     // Inside an operator's config the factory reports it, through the same deserializer.
@@ -1166,5 +1166,97 @@ sinks:
     assert!(
         d.message.contains("nosuch") && d.message.contains("hot"),
         "{d}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Retained streams
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn retain_takes_a_duration_and_a_size_each_with_a_default() {
+    use weir_engine::observe::RetainSpec;
+    let pipeline = valid(&with(
+        "    event_time: {column: ts, max_out_of_order: 5s}\n",
+        "    event_time: {column: ts, max_out_of_order: 5s}\n    retain: {duration: 5m, max_bytes: 8MiB}\n",
+    ));
+    assert_eq!(
+        pipeline.nodes()[0].retain(),
+        Some(RetainSpec {
+            duration: Duration::from_secs(300),
+            max_bytes: 8 * 1024 * 1024,
+        })
+    );
+    assert_eq!(pipeline.nodes()[1].retain(), None);
+    let defaults = valid(&with(
+        "    window: {tumbling: 1m}\n",
+        "    window: {tumbling: 1m}\n    retain: {}\n",
+    ));
+    assert_eq!(defaults.nodes()[1].retain(), Some(RetainSpec::default()));
+    assert_eq!(
+        RetainSpec::default(),
+        RetainSpec {
+            duration: Duration::from_secs(15 * 60),
+            max_bytes: 64 * 1024 * 1024,
+        }
+    );
+}
+
+#[test]
+fn bad_retention_bounds_are_named_where_they_are_written() {
+    let text = with(
+        "    event_time: {column: ts, max_out_of_order: 5s}\n",
+        "    event_time: {column: ts, max_out_of_order: 5s}\n    retain: {duration: 0s, max_bytes: lots}\n",
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{}", render(&found));
+    assert!(
+        found[0].message.contains("invalid size 'lots'"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[0].path.starts_with("sources.sensors.retain"),
+        "{}",
+        found[0]
+    );
+
+    let text = with(
+        "    event_time: {column: ts, max_out_of_order: 5s}\n",
+        "    event_time: {column: ts, max_out_of_order: 5s}\n    retain: {duration: 0s}\n",
+    );
+    assert_problem(
+        &only(&text),
+        pos(&text, "0s}"),
+        "sources.sensors.retain.duration",
+        "a retained stream must keep its batches for longer than zero",
+        Some("e.g. duration: 15m; remove `retain` to keep nothing"),
+    );
+
+    let text = with(
+        "    event_time: {column: ts, max_out_of_order: 5s}\n",
+        "    event_time: {column: ts, max_out_of_order: 5s}\n    retain: {keep: 5m}\n",
+    );
+    assert_problem(
+        &only(&text),
+        pos(&text, "keep"),
+        "sources.sensors.retain.keep",
+        "unknown field 'keep'",
+        Some("valid fields: duration, max_bytes"),
+    );
+}
+
+#[test]
+fn a_sink_cannot_be_retained() {
+    let text = with(
+        "  out: {kind: print, inputs: [per_minute], config: {format: table}}",
+        "  out: {kind: print, inputs: [per_minute], config: {format: table}, retain: {}}",
+    );
+    assert_problem(
+        &only(&text),
+        pos(&text, "retain"),
+        "sinks.out.retain",
+        "a sink takes no 'retain'",
+        Some("a sink emits no stream to keep; retain the node it reads from"),
     );
 }

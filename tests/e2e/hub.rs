@@ -83,6 +83,22 @@ async fn start_hub(data_dir: &Path, addr: SocketAddr) -> RunningHub {
         .expect("serve the hub")
 }
 
+/// A runtime for the test's own calls, and a hub on a free loopback port keeping its
+/// data in a new temporary directory.
+fn hub_in_a_temp_dir() -> (tokio::runtime::Runtime, tempfile::TempDir, RunningHub) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let hub = runtime.block_on(start_hub(
+        &dir.path().join("hub"),
+        "127.0.0.1:0".parse().expect("address"),
+    ));
+    (runtime, dir, hub)
+}
+
 fn start_agent(url: &str, id: &str, key: &str, state_dir: &Path) -> Running {
     // The sensor's environment makes a pipeline the hub accepted invalid on the device.
     let interval = if id.starts_with("sensor") {
@@ -171,16 +187,7 @@ fn assert_counting(addr: &str, when: &str) {
 
 #[test]
 fn agents_run_what_the_hub_deploys_and_carry_on_without_it() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let hub = runtime.block_on(start_hub(
-        &dir.path().join("hub"),
-        "127.0.0.1:0".parse().expect("address"),
-    ));
+    let (runtime, dir, hub) = hub_in_a_temp_dir();
     let hub_addr = hub.addr;
     let url = hub.url();
     let admin = HubClient::new(&url, Credentials::Admin(ADMIN_TOKEN.to_owned()), None)
@@ -403,4 +410,109 @@ fn agents_run_what_the_hub_deploys_and_carry_on_without_it() {
     drop(restarted);
     drop(agents);
     runtime.block_on(hub.shutdown());
+}
+
+/// A pipeline whose readings the device retains, so the hub can ask about them.
+const RETAINED: &str = r#"version: 1
+name: retained
+sources:
+  readings:
+    kind: generator
+    config:
+      devices: 2
+      interval: 1s
+      count: 120
+      realtime: false
+      start: 2026-01-01T00:00:00Z
+      fields:
+        temperature: {shape: sine, base: 60, amplitude: 5, period: 1m}
+    retain: {}
+sinks:
+  nowhere:
+    kind: blackhole
+    inputs: [readings]
+"#;
+
+#[test]
+fn an_admin_queries_a_connected_device_through_the_hub() {
+    let (runtime, dir, hub) = hub_in_a_temp_dir();
+    let url = hub.url();
+    let admin = HubClient::new(&url, Credentials::Admin(ADMIN_TOKEN.to_owned()), None)
+        .expect("admin client");
+    let mut keys = Vec::new();
+    for id in ["edge-1", "edge-2"] {
+        let created = runtime
+            .block_on(admin.create_device(&NewDevice {
+                id: id.to_owned(),
+                tags: [("fleet".to_owned(), "q".to_owned())].into(),
+            }))
+            .expect("register");
+        keys.push(created.keys.primary);
+    }
+    // Only edge-1 runs an agent; edge-2 stays offline.
+    let mut agent = start_agent(&url, "edge-1", &keys[0], &dir.path().join("edge-1"));
+    agent.metrics_addr();
+    runtime
+        .block_on(admin.put_deployment(
+            "retained",
+            &spec("fleet = 'q'", &[("retained", RETAINED.to_owned())]),
+        ))
+        .expect("deploy");
+    wait_for_devices(&runtime, &admin, &["edge-1"], "applied", |d| {
+        d.report
+            .as_ref()
+            .is_some_and(|r| r.status == ReportStatus::Applied)
+            && pipeline_health(d, "retained")["state"] == "finished"
+    });
+
+    let mut request = weir_query::QueryRequest::new(
+        "SELECT device, count(*) AS n FROM readings GROUP BY device ORDER BY device",
+    );
+    request.format = Some(weir_query::Format::Csv);
+    let answer = runtime
+        .block_on(admin.query_device("edge-1", &request))
+        .expect("the device answers");
+    assert_eq!(answer.content_type, "text/csv; charset=utf-8");
+    assert_eq!(
+        String::from_utf8(answer.body).unwrap(),
+        "device,n\ndev-0000,60\ndev-0001,60\n"
+    );
+
+    // The device's own refusal comes back as it gave it.
+    let bad = weir_query::QueryRequest::new("SELECT nope FROM readings");
+    let error = runtime
+        .block_on(admin.query_device("edge-1", &bad))
+        .expect_err("bad SQL");
+    assert_eq!(error.status(), Some(400), "{error}");
+    assert!(error.to_string().contains("nope"), "{error}");
+
+    // An offline device is refused at once with 504, not left hanging.
+    let started = Instant::now();
+    let error = runtime
+        .block_on(admin.query_device("edge-2", &request))
+        .expect_err("offline");
+    assert_eq!(error.status(), Some(504), "{error}");
+    assert!(
+        error.to_string().contains("'edge-2' is not connected"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Only an admin may forward queries: a device may not, even to itself.
+    let device = admin.with_credentials(Credentials::Device {
+        id: "edge-1".to_owned(),
+        key: weir_hub::identity::DeviceKey::from_base64(&keys[0]).expect("a key"),
+    });
+    let error = runtime
+        .block_on(device.query_device("edge-1", &request))
+        .expect_err("a device is refused");
+    assert_eq!(error.status(), Some(403), "{error}");
+
+    // Once the agent is gone the device stops answering, and the hub says so.
+    drop(agent);
+    std::thread::sleep(weir_hub::relay::CONNECTED_GRACE + Duration::from_secs(1));
+    let error = runtime
+        .block_on(admin.query_device("edge-1", &request))
+        .expect_err("disconnected");
+    assert_eq!(error.status(), Some(504), "{error}");
 }

@@ -1,8 +1,9 @@
 //! End-to-end tests that run the real `weir` binary: exit codes, validation messages,
 //! golden window outputs, a folder of files in and out, the NAB runner, every example
 //! pipeline (the MQTT ones against a test broker), process and container modules, signals,
-//! `/metrics`, and `weir agent` under a hub.
+//! `/metrics`, the local API (queries, status, taps), and `weir agent` under a hub.
 
+mod api;
 mod cli;
 mod container_modules;
 mod examples;

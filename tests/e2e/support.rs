@@ -125,6 +125,41 @@ impl Drop for Running {
     }
 }
 
+/// A plain HTTP/1.0 request on loopback with `headers` (`Name: value`) and `body`;
+/// returns the status code and the body.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connects to the runtime");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("sets a timeout");
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    stream
+        .write_all(request.as_bytes())
+        .expect("sends the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reads the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head}"));
+    (status, body.to_owned())
+}
+
 /// A plain HTTP/1.0 GET on loopback; returns the body.
 pub fn http_get(addr: &str, path: &str) -> String {
     let mut stream = TcpStream::connect(addr).expect("connects to the runtime");

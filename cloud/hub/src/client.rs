@@ -10,8 +10,9 @@ use serde::de::DeserializeOwned;
 
 use crate::identity::{DeviceKey, device_resource, sign_token};
 use crate::protocol::{
-    CreatedDevice, DeploymentDevice, DeploymentSpec, DeploymentView, DesiredState, DeviceKeys,
-    DevicePatch, DeviceView, DiagnosticView, ErrorBody, FleetStatus, NewDevice, Report,
+    ANSWER_STATUS_HEADER, CreatedDevice, DeploymentDevice, DeploymentSpec, DeploymentView,
+    DesiredState, DeviceKeys, DevicePatch, DeviceView, DiagnosticView, ErrorBody, FleetStatus,
+    ForwardedQuery, NewDevice, Report,
 };
 
 /// How long a device token the client signs is valid.
@@ -82,6 +83,46 @@ impl ClientError {
     }
 }
 
+/// An HTTP client that speaks TLS through rustls (ring) with the system's trusted roots,
+/// and `ca_file` (PEM) trusted as well when given; plain HTTP needs no set-up beyond it.
+pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system root rustls cannot use is skipped, as browsers do.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                ClientError::Setup(format!(
+                    "cannot read CA certificates from {}: {e}",
+                    path.display()
+                ))
+            })?;
+        for cert in certs {
+            roots.add(cert).map_err(|e| {
+                ClientError::Setup(format!("bad CA certificate in {}: {e}", path.display()))
+            })?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::Setup(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| ClientError::Setup(format!("cannot set up the HTTP client: {e}")))
+}
+
 /// A client of one hub.
 #[derive(Clone, Debug)]
 pub struct HubClient {
@@ -98,41 +139,7 @@ impl HubClient {
         credentials: Credentials,
         ca_file: Option<&Path>,
     ) -> Result<HubClient, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            // A system root rustls cannot use is skipped, as browsers do.
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = ca_file {
-            use rustls::pki_types::CertificateDer;
-            use rustls::pki_types::pem::PemObject;
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    ClientError::Setup(format!(
-                        "cannot read CA certificates from {}: {e}",
-                        path.display()
-                    ))
-                })?;
-            for cert in certs {
-                roots.add(cert).map_err(|e| {
-                    ClientError::Setup(format!("bad CA certificate in {}: {e}", path.display()))
-                })?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Setup(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| ClientError::Setup(format!("cannot set up the HTTP client: {e}")))?;
+        let http = http_client(ca_file)?;
         Ok(HubClient {
             http,
             base: url.trim_end_matches('/').to_owned(),
@@ -194,8 +201,15 @@ impl HubClient {
             return Ok(response);
         }
         let text = response.text().await.unwrap_or_default();
+        // A device's own error, relayed for a forwarded query, is `{"error": "…"}`.
+        let relayed = || {
+            serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|body| body.get("error")?.as_str().map(str::to_owned))
+        };
         let (message, diagnostics) = match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => (body.error.message, body.error.diagnostics),
+            Err(_) if relayed().is_some() => (relayed().unwrap_or_default(), Vec::new()),
             Err(_) if text.trim().is_empty() => (
                 status.canonical_reason().unwrap_or("error").to_owned(),
                 Vec::new(),
@@ -349,7 +363,108 @@ impl HubClient {
         self.call(Method::GET, "/status", &[], None::<&()>).await
     }
 
+    /// Runs `request` on device `id` through the hub, and returns the device's answer.
+    pub async fn query_device(
+        &self,
+        id: &str,
+        request: &weir_query::QueryRequest,
+    ) -> Result<QueryAnswer, ClientError> {
+        let query_timeout = request
+            .timeout
+            .as_deref()
+            .and_then(|text| humantime::parse_duration(text.trim()).ok())
+            .unwrap_or(weir_query::Limits::DEFAULT_TIMEOUT);
+        let response = self
+            .send(
+                Method::POST,
+                &format!("/devices/{id}/query"),
+                &[],
+                Some(request),
+                REQUEST_TIMEOUT + query_timeout,
+            )
+            .await?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let content_type = header(reqwest::header::CONTENT_TYPE.as_str()).unwrap_or_default();
+        let truncated = header(weir_query::TRUNCATED_HEADER).as_deref() == Some("true");
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::BadAnswer(error_chain(&e)))?;
+        Ok(QueryAnswer {
+            content_type,
+            truncated,
+            body: body.to_vec(),
+        })
+    }
+
     // --- device -----------------------------------------------------------------------
+
+    /// The queries forwarded to device `id`, waiting up to `wait` for one; empty when
+    /// none came.
+    pub async fn forwarded_queries(
+        &self,
+        id: &str,
+        wait: Duration,
+    ) -> Result<Vec<ForwardedQuery>, ClientError> {
+        let response = self
+            .send(
+                Method::GET,
+                &format!("/devices/{id}/queries"),
+                &[("wait", wait.as_secs().to_string())],
+                None::<&()>,
+                REQUEST_TIMEOUT + wait,
+            )
+            .await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(Vec::new());
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| ClientError::BadAnswer(error_chain(&e)))
+    }
+
+    /// Sends device `id`'s answer to forwarded query `query`: the HTTP status, media
+    /// type and body its local API answered with.
+    pub async fn answer_query(
+        &self,
+        id: &str,
+        query: &str,
+        status: u16,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let url = format!("{}/api/v1/devices/{id}/queries/{query}/answer", self.base);
+        let mut request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::AUTHORIZATION, self.authorization())
+            .header(ANSWER_STATUS_HEADER, status.to_string())
+            .timeout(REQUEST_TIMEOUT)
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: error_chain(&e),
+        })?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(ClientError::Refused {
+                status: response.status().as_u16(),
+                message: response.text().await.unwrap_or_default(),
+                diagnostics: Vec::new(),
+            })
+        }
+    }
 
     /// Device `id`'s desired state. With the `etag` it has, waits up to `wait` for a
     /// change, and answers `None` when there was none.
@@ -399,8 +514,19 @@ impl HubClient {
     }
 }
 
+/// A device's answer to a forwarded query.
+#[derive(Clone, Debug)]
+pub struct QueryAnswer {
+    /// Its media type: JSON, CSV or Arrow IPC, as asked.
+    pub content_type: String,
+    /// Whether the rows were cut at the device's row limit.
+    pub truncated: bool,
+    /// The answer.
+    pub body: Vec<u8>,
+}
+
 /// An error with its causes, `a: b: c`: reqwest's own message alone says little.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -17,6 +17,7 @@ use crate::fleet::{Fleet, FleetChange};
 use crate::identity::{self, DeviceKey, HubSecret, KeySlot};
 use crate::metrics::HubMetrics;
 use crate::protocol::{Connection, PipelineDocument};
+use crate::relay::QueryRelay;
 use crate::store::{Database, DeviceCredentials, Store};
 
 /// The setting that holds the SHA-256 of a generated admin token.
@@ -83,6 +84,7 @@ pub struct Hub {
     heartbeats: Mutex<HashMap<String, i64>>,
     registry: Registry,
     metrics: HubMetrics,
+    relay: QueryRelay,
 }
 
 /// A hub that has just been opened.
@@ -136,6 +138,7 @@ impl Hub {
             heartbeats: Mutex::default(),
             registry,
             metrics: HubMetrics::new(),
+            relay: QueryRelay::default(),
         });
         hub.reload().await?;
         Ok(Opened {
@@ -183,6 +186,11 @@ impl Hub {
     /// The hub's configuration.
     pub fn config(&self) -> &HubConfig {
         &self.config
+    }
+
+    /// The queries forwarded to devices, waiting for their answers.
+    pub fn relay(&self) -> &QueryRelay {
+        &self.relay
     }
 
     /// The hub's metrics.

@@ -39,6 +39,12 @@ enum Command {
     Deployments(DeploymentsCommand),
     /// Shows the fleet at a glance: devices by connection, deployments by rollout.
     Status(AdminArgs),
+    /// Runs read-only SQL on a connected device's retained streams, through the hub.
+    ///
+    /// The device's agent runs the query on its local API and the answer comes back as
+    /// a table, or as JSON, CSV or Arrow IPC with --format. A device that is not
+    /// connected, or does not answer within the query's timeout, is an error.
+    Query(QueryArgs),
     /// Prints a device token for a device id and key (for curl, or a device of your own).
     Token {
         /// The device id.
@@ -105,6 +111,27 @@ struct AdminArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The device to ask.
+    #[arg(long, required = true, value_name = "ID")]
+    device: String,
+    /// One SELECT over the device's retained streams (tables named after their nodes).
+    #[arg(value_name = "SQL")]
+    sql: String,
+    /// How to print the answer: table, json, csv or arrow.
+    #[arg(long, default_value = "table")]
+    format: String,
+    /// Answer with at most this many rows (at most the device's own limit).
+    #[arg(long, value_name = "ROWS")]
+    max_rows: Option<usize>,
+    /// Give up after this long, e.g. 5s (at most the device's own limit).
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +262,45 @@ enum DeploymentsCommand {
     },
 }
 
+async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    let table = args.format == "table" && !args.admin.json;
+    let format = if table {
+        weir_query::Format::Arrow
+    } else if args.admin.json {
+        weir_query::Format::Json
+    } else {
+        args.format
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?
+    };
+    let request = weir_query::QueryRequest {
+        sql: args.sql,
+        format: Some(format),
+        max_rows: args.max_rows,
+        timeout: args.timeout,
+    };
+    let answer = client(&args.admin)?
+        .query_device(&args.device, &request)
+        .await?;
+    if table {
+        let (table, rows) = weir_query::arrow_to_table(&answer.body).map_err(anyhow::Error::msg)?;
+        println!(
+            "{table}\n({rows} {})",
+            if rows == 1 { "row" } else { "rows" }
+        );
+    } else {
+        use std::io::Write;
+        std::io::stdout().write_all(&answer.body)?;
+    }
+    if answer.truncated {
+        eprintln!(
+            "weir-hub query: the answer was cut at the device's row limit; narrow the query \
+             or raise --max-rows"
+        );
+    }
+    Ok(())
+}
+
 /// A duration that must not be zero (an interval, a wait, a lifetime).
 fn positive_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
@@ -290,6 +356,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Devices(command) => devices(command).await,
         Command::Deployments(command) => deployments(command).await,
+        Command::Query(args) => query(args).await,
         Command::Status(admin) => {
             let status = client(&admin)?.status().await?;
             if admin.json {

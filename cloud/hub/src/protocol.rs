@@ -7,6 +7,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+/// The header a device's answer to a forwarded query carries its HTTP status in.
+pub const ANSWER_STATUS_HEADER: &str = "weir-answer-status";
+
+/// A query an admin forwarded to a device, as the device's query poll receives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct ForwardedQuery {
+    /// The query's id, to post the answer to.
+    pub id: String,
+    /// The query: `{"sql": …, "format": …, "max_rows": …, "timeout": …}`.
+    #[cfg_attr(feature = "server", schema(value_type = Object))]
+    pub request: weir_query::QueryRequest,
+}
+
 /// The etag of the desired state "no deployment".
 pub const NO_DEPLOYMENT_ETAG: &str = "none";
 

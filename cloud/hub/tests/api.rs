@@ -171,7 +171,30 @@ async fn devices_act_only_as_themselves_with_valid_tokens(db: Db) {
     assert_eq!(refusal_status(as_a.desired("dev-b", None, wait).await), 403);
     assert_eq!(refusal_status(as_a.report("dev-b", &report).await), 403);
     assert_eq!(refusal_status(as_a.heartbeat("dev-b").await), 403);
-    // The admin API: 403 for a device.
+    let short = std::time::Duration::from_secs(1);
+    assert_eq!(
+        refusal_status(as_a.forwarded_queries("dev-b", short).await),
+        403
+    );
+    assert_eq!(
+        refusal_status(as_a.answer_query("dev-b", "q0", 200, &[], Vec::new()).await),
+        403
+    );
+    // Its own forwarded queries: none yet.
+    assert!(
+        as_a.forwarded_queries("dev-a", short)
+            .await
+            .expect("own queries")
+            .is_empty()
+    );
+    // The admin API: 403 for a device, forwarding queries included.
+    assert_eq!(
+        refusal_status(
+            as_a.query_device("dev-a", &weir_query::QueryRequest::new("SELECT 1"))
+                .await
+        ),
+        403
+    );
     assert_eq!(refusal_status(as_a.devices(None, None).await), 403);
     assert_eq!(refusal_status(as_a.device_keys("dev-a").await), 403);
 
@@ -917,12 +940,15 @@ async fn the_openapi_document_describes_every_route() {
             "GET /api/v1/devices/{id}",
             "GET /api/v1/devices/{id}/desired",
             "GET /api/v1/devices/{id}/keys",
+            "GET /api/v1/devices/{id}/queries",
             "GET /api/v1/status",
             "PATCH /api/v1/devices/{id}",
             "POST /api/v1/deployments",
             "POST /api/v1/devices",
             "POST /api/v1/devices/{id}/heartbeat",
             "POST /api/v1/devices/{id}/keys/{slot}/rotate",
+            "POST /api/v1/devices/{id}/queries/{query}/answer",
+            "POST /api/v1/devices/{id}/query",
             "POST /api/v1/devices/{id}/report",
             "PUT /api/v1/deployments/{name}",
             "PUT /api/v1/devices/{id}/tags",

@@ -136,6 +136,34 @@ impl From<HumanDuration> for std::time::Duration {
     }
 }
 
+/// A size in bytes written as `64MiB`, `512MB`, `1.5GB` or a plain number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HumanSize(pub u64);
+
+impl<'de> serde::Deserialize<'de> for HumanSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Bytes(u64),
+            Text(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Bytes(bytes) => Ok(HumanSize(bytes)),
+            Written::Text(text) => text
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|size| HumanSize(size.as_u64()))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "invalid size '{text}': write a number and a unit, e.g. 64MiB, 512MB \
+                         or 2GiB"
+                    ))
+                }),
+        }
+    }
+}
+
 /// Constructors for building trees by hand, mostly in tests.
 impl ConfigValue {
     /// A value at an unknown location.

@@ -601,7 +601,7 @@ fn keys_of(hub: &Hub, device: &DeviceRecord) -> DeviceKeys {
     }
 }
 
-async fn find_device(hub: &Hub, id: &str) -> Result<DeviceRecord, ApiError> {
+pub(super) async fn find_device(hub: &Hub, id: &str) -> Result<DeviceRecord, ApiError> {
     hub.store().device(id).await?.ok_or_else(|| no_device(id))
 }
 

@@ -7,7 +7,7 @@
 //! | caller | credentials | may |
 //! | --- | --- | --- |
 //! | admin | `Authorization: Bearer ADMIN_TOKEN` | everything |
-//! | device | `Authorization: SharedAccessSignature sr=devices/ID&se=…&sig=…` | read its own desired state, write its own reports and heartbeats |
+//! | device | `Authorization: SharedAccessSignature sr=devices/ID&se=…&sig=…` | read its own desired state and forwarded queries, write its own reports, heartbeats and query answers |
 //! | anyone | none | `/api/v1/openapi.json`, `/metrics`, `/healthz`, the dashboard's files |
 //!
 //! A request without valid credentials (missing, malformed, expired, tampered, or
@@ -17,6 +17,7 @@
 
 mod admin;
 mod device;
+mod queries;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,6 +42,9 @@ const MAX_BODY_BYTES: usize = 8 << 20;
 
 /// The largest device report: a device may not fill the hub's database.
 const MAX_REPORT_BYTES: usize = 256 << 10;
+
+/// The largest answer a device sends to a forwarded query.
+const MAX_QUERY_ANSWER_BYTES: usize = 64 << 20;
 
 /// The API's OpenAPI document.
 #[derive(OpenApi)]
@@ -68,6 +72,9 @@ const MAX_REPORT_BYTES: usize = 256 << 10;
         device::desired,
         device::report,
         device::heartbeat,
+        queries::query_device,
+        queries::poll_queries,
+        queries::answer_query,
     ),
     modifiers(&SecuritySchemes)
 )]
@@ -124,6 +131,13 @@ pub fn router(hub: Arc<Hub>) -> Router {
             post(device::report).layer(axum::extract::DefaultBodyLimit::max(MAX_REPORT_BYTES)),
         )
         .route("/devices/{id}/heartbeat", post(device::heartbeat))
+        .route("/devices/{id}/query", post(queries::query_device))
+        .route("/devices/{id}/queries", get(queries::poll_queries))
+        .route(
+            "/devices/{id}/queries/{query}/answer",
+            post(queries::answer_query)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_QUERY_ANSWER_BYTES)),
+        )
         .route(
             "/deployments",
             get(admin::list_deployments).post(admin::create_deployment),

@@ -1,0 +1,285 @@
+//! The runtime's local HTTP API, on the metrics address (loopback by default):
+//!
+//! - `GET /metrics`: Prometheus text format.
+//! - `GET /healthz`: the process serves (liveness). `GET /readyz`: every pipeline has
+//!   started and none has failed (readiness).
+//! - `GET /api/v1/pipelines`: pipelines, operators, schemas, state and modules.
+//! - `POST /api/v1/query`: read-only SQL over the retained streams.
+//! - `GET /api/v1/tap/{node}`: a rate-bounded live sample of a node's output.
+//!
+//! With a token set (`--api-token`), everything but the two probes needs
+//! `Authorization: Bearer TOKEN`.
+
+pub mod client;
+pub mod live;
+pub mod query;
+mod tap;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use weir_modules::ModuleHost;
+
+use live::{LivePipelines, StatusBody};
+
+/// How often retained streams that went quiet let go of what aged out.
+const EVICTION_SWEEP: Duration = Duration::from_secs(1);
+
+/// What the API serves from.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The runtime's metrics.
+    pub registry: Registry,
+    /// The running modules.
+    pub modules: Arc<ModuleHost>,
+    /// The running pipelines.
+    pub pipelines: Arc<LivePipelines>,
+    /// The SHA-256 of the bearer token, when one is required.
+    pub token_digest: Option<Arc<str>>,
+    /// The bounds on every query.
+    pub limits: weir_query::Limits,
+    /// False until every pipeline given at start has been started.
+    pub started: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The local API's settings, shared by `weir run` and `weir agent`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Where to serve the local API: /metrics, /healthz, /readyz and /api/v1 (queries,
+    /// pipelines, taps). Port 0 picks a free port. Beyond loopback, set --api-token.
+    #[arg(long, env = "WEIR_METRICS_ADDR", default_value = DEFAULT_API_ADDR, value_name = "HOST:PORT")]
+    pub metrics_addr: SocketAddr,
+
+    /// Do not serve the local API at all.
+    #[arg(long, conflicts_with = "metrics_addr")]
+    pub no_metrics: bool,
+
+    /// A bearer token every request but /healthz and /readyz must carry
+    /// (`Authorization: Bearer TOKEN`). Without it the API is open to whoever reaches
+    /// its address.
+    #[arg(
+        long,
+        env = "WEIR_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+
+    /// The longest a query may run.
+    #[arg(long, default_value = "30s", value_parser = crate::run::positive_duration, value_name = "DURATION")]
+    pub query_timeout: Duration,
+
+    /// The most rows a query answers with; the answer says when it was cut.
+    #[arg(long, default_value_t = weir_query::Limits::DEFAULT_MAX_ROWS, value_name = "ROWS")]
+    pub query_max_rows: usize,
+}
+
+/// The address the local API listens on unless told otherwise: loopback only.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:9898";
+
+impl ApiArgs {
+    /// The bounds on every query.
+    pub fn limits(&self) -> weir_query::Limits {
+        weir_query::Limits {
+            timeout: self.query_timeout,
+            max_rows: self.query_max_rows.max(1),
+            ..weir_query::Limits::default()
+        }
+    }
+
+    /// Serves the API as these arguments say, unless `--no-metrics`. Returns the bound
+    /// address, or a message for the user.
+    pub async fn serve(
+        &self,
+        registry: Registry,
+        modules: Arc<ModuleHost>,
+        pipelines: Arc<LivePipelines>,
+        started: Arc<std::sync::atomic::AtomicBool>,
+        stop: CancellationToken,
+    ) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>, String> {
+        if self.no_metrics {
+            return Ok(None);
+        }
+        if self.query_max_rows == 0 {
+            return Err("--query-max-rows must be at least 1".to_owned());
+        }
+        let token_digest = match self.api_token.as_deref().map(str::trim) {
+            Some("") => return Err("--api-token is empty; give a token or leave it out".into()),
+            Some(token) => Some(Arc::from(weir_hub::identity::admin_token_digest(token))),
+            None => {
+                if !self.metrics_addr.ip().is_loopback() {
+                    tracing::warn!(
+                        "the local API listens on {} without a token: anyone who reaches \
+                         it can query the streams; set --api-token",
+                        self.metrics_addr
+                    );
+                }
+                None
+            }
+        };
+        let state = ApiState {
+            registry,
+            modules,
+            pipelines,
+            token_digest,
+            limits: self.limits(),
+            started,
+        };
+        let served = serve(self.metrics_addr, state, stop)
+            .await
+            .map_err(|error| {
+                format!(
+                    "cannot serve the local API on {}: {error}; pick another address with \
+                 --metrics-addr or pass --no-metrics",
+                    self.metrics_addr
+                )
+            })?;
+        tracing::info!(
+            "metrics: listening on http://{0}/metrics; local API on http://{0}/api/v1",
+            served.0
+        );
+        Ok(Some(served))
+    }
+}
+
+/// Binds `addr` and serves until `stop` is cancelled. Returns the bound address, which
+/// differs from `addr` when its port is 0.
+pub async fn serve(
+    addr: SocketAddr,
+    state: ApiState,
+    stop: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/pipelines", get(pipelines))
+        .route("/api/v1/query", post(query::query))
+        .route("/api/v1/tap/{node}", get(tap::tap))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .merge(protected)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .with_state(state.clone());
+    let sweep = {
+        let (pipelines, stop) = (state.pipelines.clone(), stop.clone());
+        async move {
+            let mut every = tokio::time::interval(EVICTION_SWEEP);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => pipelines.evict_expired(),
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+    };
+    let handle = tokio::spawn(async move {
+        tokio::spawn(sweep);
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!("local API stopped: {error}");
+        }
+    });
+    Ok((bound, handle))
+}
+
+/// A JSON error answer: `{"error": MESSAGE, "code": CODE}`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({"error": message.into(), "code": code});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn authorize(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let Some(digest) = &state.token_digest else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if weir_hub::identity::admin_token_matches(token, digest) => {
+            next.run(request).await
+        }
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is not this runtime's API token",
+        ),
+        None => {
+            let mut answer = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this API needs a bearer token: send `Authorization: Bearer TOKEN` \
+                 (weir query/status/tap take --token or WEIR_API_TOKEN)",
+            );
+            answer
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
+            answer
+        }
+    }
+}
+
+async fn ready(State(state): State<ApiState>) -> Response {
+    if !state.started.load(std::sync::atomic::Ordering::Relaxed) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting",
+            "the pipelines are still starting",
+        );
+    }
+    let failed = state.pipelines.failed();
+    if failed.is_empty() {
+        "ready\n".into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failed",
+            format!("pipelines failed: {}", failed.join("; ")),
+        )
+    }
+}
+
+async fn pipelines(State(state): State<ApiState>) -> Response {
+    axum::Json(StatusBody {
+        pipelines: state.pipelines.reports(),
+        modules: state.modules.reports(),
+    })
+    .into_response()
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let mut body = Vec::new();
+    match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot encode metrics: {e}"),
+        ),
+    }
+}
