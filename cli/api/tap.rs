@@ -13,6 +13,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -42,8 +43,21 @@ pub(super) struct TapParams {
 pub(super) async fn tap(
     State(state): State<ApiState>,
     Path(node): Path<String>,
-    Query(params): Query<TapParams>,
+    params: Result<Query<TapParams>, QueryRejection>,
 ) -> Response {
+    let params = match params {
+        Ok(Query(params)) => params,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!(
+                    "{}; the tap takes ?rate=ROWS (1 to {MAX_RATE}) and ?pipeline=NAME",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
     let rate = params.rate.unwrap_or(DEFAULT_RATE);
     if !(1..=MAX_RATE).contains(&rate) {
         return error(

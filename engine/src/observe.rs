@@ -260,7 +260,8 @@ impl StreamView {
         self.tap_count.store(taps.len(), Ordering::Relaxed);
     }
 
-    /// Called by the output port after the node's end of stream: every tap ends.
+    /// Called when the node's output ports go (after its end of stream, or when it
+    /// failed or was aborted): every tap ends.
     pub(crate) fn end(&self) {
         let mut taps = lock(&self.taps);
         self.ended.store(true, Ordering::Relaxed);
@@ -277,6 +278,16 @@ impl StreamView {
         let mut taps = lock(&self.taps);
         taps.retain(|tap| !Arc::ptr_eq(&tap.dropped, closing));
         self.tap_count.store(taps.len(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for StreamView {
+    /// A stream that is gone holds nothing: its pipeline was stopped or replaced.
+    fn drop(&mut self) {
+        if self.retention.is_some() {
+            self.metrics.retained_rows.set(0);
+            self.metrics.retained_bytes.set(0);
+        }
     }
 }
 

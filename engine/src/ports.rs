@@ -99,9 +99,6 @@ impl OutputPorts {
     /// Tells every consumer that nothing follows. Consumers that have gone are ignored.
     pub(crate) async fn send_end(&mut self) {
         let _ = self.broadcast(Message::EndOfStream).await;
-        for view in self.ports.iter().filter_map(|port| port.view.as_ref()) {
-            view.end();
-        }
     }
 
     async fn broadcast(&mut self, message: Message) -> Result<(), OperatorError> {
@@ -122,6 +119,16 @@ impl OutputPorts {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for OutputPorts {
+    /// However the node stops (its end of stream, a failure, a panic, an abort), its taps
+    /// end with it rather than wait for batches that will never come.
+    fn drop(&mut self) {
+        for view in self.ports.iter().filter_map(|port| port.view.as_ref()) {
+            view.end();
+        }
     }
 }
 

@@ -477,3 +477,58 @@ async fn retaining_a_sink_or_a_missing_node_is_refused() {
         );
     }
 }
+
+/// Passes its first batch on, then panics.
+struct PanicsAfterOne {
+    passed: bool,
+}
+
+#[async_trait]
+impl Transform for PanicsAfterOne {
+    async fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        if self.passed {
+            panic!("a test transform gives up");
+        }
+        self.passed = true;
+        out.emit(batch);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_tap_ends_when_its_node_panics() {
+    let mut builder = PipelineBuilder::new("panics");
+    let (src, _) = source(vec![batch(&[1]), batch(&[2]), batch(&[3])]);
+    builder.add_node("src", src, main_port(), vec![], None);
+    builder.add_node(
+        "flaky",
+        OperatorInstance::Transform(Box::new(PanicsAfterOne { passed: false })),
+        main_port(),
+        vec![input("src")],
+        None,
+    );
+    let (out, _) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("flaky")], None);
+    let (_, metrics) = metrics();
+    let pipeline = builder.build(&metrics).unwrap();
+    let view = pipeline
+        .streams()
+        .iter()
+        .find(|view| view.node() == "flaky")
+        .unwrap()
+        .clone();
+    let mut tap = view.tap(8);
+    pipeline
+        .run(CancellationToken::new())
+        .await
+        .expect_err("the transform panics");
+    assert_eq!(tap.next().await, Some(batch(&[1])));
+    // No end of stream was sent, yet the tap ends rather than wait forever.
+    assert_eq!(tap.next().await, None);
+    assert!(view.has_ended());
+}

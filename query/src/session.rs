@@ -312,12 +312,16 @@ pub fn register_streams(
     for view in streams {
         match view.retained_batches() {
             Some(batches) => {
-                session.register_batches(
-                    Some(view.pipeline()),
-                    view.node(),
-                    view.schema().clone(),
-                    batches.clone(),
-                )?;
+                // A pipeline named like a built-in schema is reachable by node name only.
+                let qualified = !matches!(view.pipeline(), DEFAULT_SCHEMA | "information_schema");
+                if qualified {
+                    session.register_batches(
+                        Some(view.pipeline()),
+                        view.node(),
+                        view.schema().clone(),
+                        batches.clone(),
+                    )?;
+                }
                 if by_node.get(view.node()) == Some(&1) {
                     session.register_batches(None, view.node(), view.schema().clone(), batches)?;
                 }

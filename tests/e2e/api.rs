@@ -481,6 +481,14 @@ sinks:
         stderr.contains("404") && stderr.contains("nodes with output: hot, readings"),
         "{stderr}"
     );
+    // Bad parameters are answered in JSON like every other error.
+    for query in ["rate=abc", "rate=0", "every=1s"] {
+        let (status, body) =
+            http_request(&addr, "GET", &format!("/api/v1/tap/hot?{query}"), &[], "");
+        assert_eq!(status, 400, "{query}: {body}");
+        let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+        assert_eq!(error["code"], "bad_request", "{query}: {body}");
+    }
     weir.signal("TERM");
     assert_eq!(weir.wait_exit(Duration::from_secs(30)), Some(0));
 }

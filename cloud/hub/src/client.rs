@@ -373,14 +373,15 @@ impl HubClient {
             .timeout
             .as_deref()
             .and_then(|text| humantime::parse_duration(text.trim()).ok())
-            .unwrap_or(weir_query::Limits::DEFAULT_TIMEOUT);
+            // With none named the hub waits up to 5 minutes for the device.
+            .unwrap_or(Duration::from_secs(300));
         let response = self
             .send(
                 Method::POST,
                 &format!("/devices/{id}/query"),
                 &[],
                 Some(request),
-                REQUEST_TIMEOUT + query_timeout,
+                REQUEST_TIMEOUT.saturating_add(query_timeout),
             )
             .await?;
         let header = |name: &str| {

@@ -109,24 +109,25 @@ impl QueryRelay {
             queue.open_polls += 1;
             queue.wake.clone()
         });
-        let taken = loop {
+        // Counted out however the poll ends: answered, timed out, or dropped because the
+        // device's connection went away.
+        let _open = OpenPoll {
+            relay: self,
+            device,
+        };
+        loop {
             let taken: Vec<ForwardedQuery> =
                 self.with(device, |queue| queue.pending.drain(..).collect());
             if !taken.is_empty() {
-                break taken;
+                return taken;
             }
             if tokio::time::timeout_at(deadline, wake.notified())
                 .await
                 .is_err()
             {
-                break Vec::new();
+                return Vec::new();
             }
-        };
-        self.with(device, |queue| {
-            queue.open_polls -= 1;
-            queue.last_poll_end = Some(Instant::now());
-        });
-        taken
+        }
     }
 
     /// Hands `answer` to whoever waits for query `id` of `device`. False when nobody
@@ -134,6 +135,21 @@ impl QueryRelay {
     pub fn answer(&self, device: &str, id: &str, answer: DeviceAnswer) -> bool {
         self.with(device, |queue| queue.answers.remove(id))
             .is_some_and(|sender| sender.send(answer).is_ok())
+    }
+}
+
+/// One open query poll of a device, counted out when it ends.
+struct OpenPoll<'a> {
+    relay: &'a QueryRelay,
+    device: &'a str,
+}
+
+impl Drop for OpenPoll<'_> {
+    fn drop(&mut self) {
+        self.relay.with(self.device, |queue| {
+            queue.open_polls = queue.open_polls.saturating_sub(1);
+            queue.last_poll_end = Some(Instant::now());
+        });
     }
 }
 
@@ -195,6 +211,23 @@ mod tests {
         poll.await.unwrap();
         tokio::time::advance(CONNECTED_GRACE + Duration::from_secs(1)).await;
         assert!(!relay.is_connected("d1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_dropped_midway_still_counts_out() {
+        let relay = Arc::new(QueryRelay::default());
+        let poll = {
+            let relay = relay.clone();
+            tokio::spawn(async move { relay.take("d1", Duration::from_secs(30)).await })
+        };
+        tokio::task::yield_now().await;
+        poll.abort();
+        let _ = poll.await;
+        tokio::time::advance(CONNECTED_GRACE + Duration::from_secs(1)).await;
+        assert!(
+            !relay.is_connected("d1"),
+            "the aborted poll is not open any more"
+        );
     }
 
     #[tokio::test]

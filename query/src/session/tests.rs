@@ -266,6 +266,8 @@ async fn retained_streams_are_tables_and_unretained_ones_say_how_to_retain() {
         ))
     };
     let streams = vec![
+        view("public", "totals", true),
+        view("information_schema", "odd", true),
         view("plant", "readings", true),
         view("plant", "raw", false),
         view("boiler-room", "alerts", true),
@@ -277,8 +279,10 @@ async fn retained_streams_are_tables_and_unretained_ones_say_how_to_retain() {
         session.table_names(),
         [
             "boiler-room.alerts",
+            "odd",
             "plant.readings",
             "readings",
+            "totals",
             "yard.alerts"
         ]
     );

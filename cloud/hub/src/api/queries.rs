@@ -23,12 +23,27 @@ use crate::relay::DeviceAnswer;
 /// device must first take the query, and send its answer back.
 const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 
+/// The longest the hub waits for an answer to a query that names no timeout (the
+/// device's own `--query-timeout` then bounds it, which the hub does not know).
+const UNBOUNDED_QUERY_WAIT: Duration = Duration::from_secs(300);
+
+/// How often a waiting admin request checks that the device is still connected.
+const CONNECTION_CHECK: Duration = Duration::from_secs(1);
+
+/// The media types a device may answer with: the query formats and its JSON errors.
+const ANSWER_TYPES: [&str; 3] = [
+    "application/json",
+    "text/csv; charset=utf-8",
+    "application/vnd.apache.arrow.stream",
+];
+
 /// The longest a query poll waits when the device does not say.
 const DEFAULT_QUERY_POLL_WAIT: Duration = Duration::from_secs(30);
 
 /// Forwards a read-only SQL query to a connected device and answers with what the
 /// device's local API answered: JSON, CSV or Arrow as asked, or the device's error.
-/// A device that is not connected to this hub, or does not answer in time, gets 504.
+/// A device that is not connected to this hub, disconnects before answering, or does not
+/// answer within the query's timeout (plus 5 s; 5 min when it names none) gets 504.
 #[utoipa::path(post, params(("id" = String, Path, description = "The device id")),
     path = "/api/v1/devices/{id}/query", request_body(content = Object, description = "A query: {\"sql\": \"SELECT …\", \"format\": \"json|csv|arrow\", \"max_rows\": N, \"timeout\": \"10s\"}"),
     security(("admin" = [])),
@@ -44,14 +59,17 @@ pub async fn query_device(
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let last_seen = super::admin::find_device(&hub, &id).await?.last_seen_ms;
-    let timeout = match request.timeout.as_deref() {
-        Some(text) => humantime::parse_duration(text.trim()).map_err(|_| {
-            ApiError::BadRequest(format!(
-                "invalid timeout '{text}': write a number and a unit, e.g. 500ms or 10s"
-            ))
-        })?,
-        None => weir_query::Limits::DEFAULT_TIMEOUT,
-    };
+    let wait = match request.timeout.as_deref() {
+        Some(text) => humantime::parse_duration(text.trim())
+            .map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "invalid timeout '{text}': write a number and a unit, e.g. 500ms or 10s"
+                ))
+            })?
+            .min(UNBOUNDED_QUERY_WAIT),
+        None => UNBOUNDED_QUERY_WAIT,
+    }
+    .saturating_add(ANSWER_MARGIN);
     if !hub.relay().is_connected(&id) {
         let seen = match last_seen {
             Some(ms) => format!(
@@ -68,20 +86,57 @@ pub async fn query_device(
             ),
         });
     }
-    let (query, answered) = hub.relay().forward(&id, request);
-    let wait = timeout + ANSWER_MARGIN;
-    match tokio::time::timeout(wait, answered).await {
-        Ok(Ok(answer)) => Ok(relayed(answer)),
-        Ok(Err(_)) | Err(_) => {
-            hub.relay().cancel(&id, &query);
-            Err(ApiError::Rejected {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                message: format!(
-                    "device '{id}' did not answer within {}",
+    let (query, mut answered) = hub.relay().forward(&id, request);
+    // However this request ends (answered, timed out, or dropped by the admin's client),
+    // the query does not stay queued for the device.
+    let _queued = Queued {
+        hub: &hub,
+        device: &id,
+        query: &query,
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut checks = tokio::time::interval(CONNECTION_CHECK);
+    loop {
+        tokio::select! {
+            answer = &mut answered => {
+                return match answer {
+                    Ok(answer) => Ok(relayed(answer)),
+                    Err(_) => Err(gone(&id, "stopped waiting for its answer")),
+                };
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(gone(&id, &format!(
+                    "did not answer within {}",
                     humantime::format_duration(wait)
-                ),
-            })
+                )));
+            }
+            _ = checks.tick() => {
+                if !hub.relay().is_connected(&id) {
+                    return Err(gone(&id, "disconnected before it answered"));
+                }
+            }
         }
+    }
+}
+
+/// 504 for device `id`, with why.
+fn gone(id: &str, why: &str) -> ApiError {
+    ApiError::Rejected {
+        status: StatusCode::GATEWAY_TIMEOUT,
+        message: format!("device '{id}' {why}"),
+    }
+}
+
+/// A forwarded query, taken off the device's queue when its asker stops waiting.
+struct Queued<'a> {
+    hub: &'a Hub,
+    device: &'a str,
+    query: &'a str,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.hub.relay().cancel(self.device, self.query);
     }
 }
 
@@ -90,9 +145,13 @@ fn relayed(answer: DeviceAnswer) -> Response {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = (status, answer.body).into_response();
     let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&answer.content_type) {
-        headers.insert(header::CONTENT_TYPE, value);
-    }
+    // Only the media types of query answers pass: a device cannot make the hub serve
+    // HTML or a script to the admin's browser.
+    let content_type = ANSWER_TYPES
+        .into_iter()
+        .find(|known| *known == answer.content_type)
+        .unwrap_or("application/octet-stream");
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     for (name, value) in [
         (weir_query::ROW_COUNT_HEADER, answer.row_count),
         (weir_query::TRUNCATED_HEADER, answer.truncated),
