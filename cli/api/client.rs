@@ -61,7 +61,7 @@ impl LocalClient {
                 "cannot reach weir at {}: {} (is `weir run` or `weir agent` running there? \
                  see its --metrics-addr)",
                 self.addr,
-                without_url(&e)
+                weir_hub::client::error_chain(&e)
             )
         })?;
         if response.status().is_success() {
@@ -89,18 +89,4 @@ impl LocalClient {
             )
         })
     }
-}
-
-/// A reqwest error's message without the URL it repeats.
-fn without_url(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    if let Some(url) = error.url() {
-        text = text.replace(&format!(" ({url})"), "");
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(inner) = source {
-        text = format!("{text}: {inner}");
-        source = inner.source();
-    }
-    text
 }
