@@ -6,6 +6,7 @@ mod agent;
 mod api;
 mod exit;
 mod logging;
+mod outbox;
 mod progress;
 mod query;
 mod run;
@@ -63,6 +64,9 @@ enum Command {
     /// Show a live sample of what a node of a running pipeline emits, one JSON row per
     /// line, at most --rate rows per second; rows left out are counted on standard error.
     Tap(tap::TapArgs),
+    /// Look into a hub sink's outbox file.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCommand),
     /// Run the pipelines a hub deploys to this device, and report on them.
     ///
     /// Long-polls the hub for this device's desired state, validates it, swaps the running
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let outcome = match cli.command {
         Command::Validate { files } => validate::run(&files),
+        Command::Outbox(command) => outbox::run(command),
         Command::Run(args) => match runtime(cli.threads) {
             Ok(runtime) => runtime.block_on(run::run(args)),
             Err(error) => {

@@ -14,5 +14,6 @@ mod metrics;
 mod modules;
 mod mqtt;
 mod nab;
+mod outbox;
 mod signals;
 mod support;

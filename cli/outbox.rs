@@ -1,0 +1,64 @@
+//! `weir outbox check`: what an outbox file holds, or what recovery would keep of a
+//! damaged one, without changing it.
+
+use std::path::PathBuf;
+
+use weir_outbox::{Check, Outbox};
+
+use crate::exit::Outcome;
+
+/// `weir outbox` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum OutboxCommand {
+    /// Report the batches an outbox holds per stream (or, for a damaged file, how many
+    /// intact batches recovery would keep and how many are lost). Changes nothing.
+    Check {
+        /// The outbox file.
+        #[arg(value_name = "FILE")]
+        path: PathBuf,
+    },
+}
+
+/// Runs a `weir outbox` subcommand.
+pub fn run(command: OutboxCommand) -> Outcome {
+    let OutboxCommand::Check { path } = command;
+    match Outbox::check(&path) {
+        Ok(Check::Sound(stats)) => {
+            println!(
+                "{}: sound; {} batches, {} rows, {} bytes waiting",
+                path.display(),
+                stats.batches,
+                stats.rows,
+                stats.bytes
+            );
+            if !stats.streams.is_empty() {
+                println!(
+                    "{:<32} {:>8} {:>10} {:>12} {:>12}  OLDEST",
+                    "STREAM", "PRIORITY", "BATCHES", "ROWS", "BYTES"
+                );
+            }
+            for stream in stats.streams {
+                let oldest = stream
+                    .oldest_ms
+                    .map(|ms| format!("{} ms since the epoch", ms))
+                    .unwrap_or_else(|| "-".to_owned());
+                println!(
+                    "{:<32} {:>8} {:>10} {:>12} {:>12}  {oldest}",
+                    stream.stream, stream.priority, stream.batches, stream.rows, stream.bytes
+                );
+            }
+            Outcome::Success
+        }
+        Ok(Check::Damaged {
+            reason,
+            batches,
+            rows,
+            broken,
+        }) => Outcome::RuntimeFailure(format!(
+            "{}: damaged ({reason}); opening it would keep {batches} intact batches \
+             ({rows} rows) and lose {broken} damaged ones",
+            path.display()
+        )),
+        Err(error) => Outcome::RuntimeFailure(error.to_string()),
+    }
+}

@@ -1,0 +1,738 @@
+//! The outbox over redb: appending in fsynced commit groups, reading for shipping,
+//! acknowledging, the limits, and recovering a damaged file.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use arrow::record_batch::RecordBatch;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::OutboxError;
+use crate::frame::{Frame, encode_batch, salvage_file};
+
+/// (stream, seq) → the batch's frame.
+const BATCHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("batches");
+/// (stream, seq) → (frame bytes, rows, appended_ms): read at start instead of the batches.
+const INDEX: TableDefinition<(&str, u64), (u64, u64, i64)> = TableDefinition::new("index");
+/// stream → (next seq, priority).
+const STREAMS: TableDefinition<&str, (u64, i32)> = TableDefinition::new("streams");
+/// Settings of the file itself: `seq_floor`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The first sequence number of a stream the file has not seen. A recovered file sets it
+/// past every number used before (the time of recovery, in µs), so a batch of a stream
+/// whose last batches were lost can never reuse a number the hub has already stored.
+const SEQ_FLOOR: &str = "seq_floor";
+
+/// How much the outbox may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The most bytes of stored batches (compressed, as stored); past it the oldest
+    /// batch of the lowest-priority stream goes first. The file itself can be larger:
+    /// the database keeps free pages for reuse.
+    pub max_bytes: u64,
+    /// Batches older than this are dropped; `None` keeps them until shipped.
+    pub max_age: Option<Duration>,
+}
+
+impl Limits {
+    /// The byte limit when none is configured: 512 MiB.
+    pub const DEFAULT_MAX_BYTES: u64 = 512 * 1024 * 1024;
+    /// The age limit when none is configured: 7 days.
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: Limits::DEFAULT_MAX_BYTES,
+            max_age: Some(Limits::DEFAULT_MAX_AGE),
+        }
+    }
+}
+
+/// What opening a damaged outbox did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Why the file could not be used as it was.
+    pub reason: String,
+    /// Where the damaged file was moved.
+    pub moved_to: PathBuf,
+    /// Intact batches carried into the new file.
+    pub salvaged_batches: u64,
+    /// Their rows.
+    pub salvaged_rows: u64,
+    /// Batches found but cut off or damaged: lost.
+    pub broken_batches: u64,
+}
+
+/// A stored batch, read for shipping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// `pipeline/sink`.
+    pub stream: String,
+    /// Its place in its stream.
+    pub seq: u64,
+    /// Rows in it.
+    pub rows: u64,
+    /// When it was stored, ms since the Unix epoch.
+    pub appended_ms: i64,
+    /// The batch as zstd-compressed Arrow IPC ([`crate::frame::decode_batches`]).
+    pub payload: Vec<u8>,
+}
+
+/// One stream's share of the outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamStats {
+    /// `pipeline/sink`.
+    pub stream: String,
+    /// Higher ships first and is dropped last.
+    pub priority: i32,
+    /// Batches waiting.
+    pub batches: u64,
+    /// Their rows.
+    pub rows: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// When the oldest was stored.
+    pub oldest_ms: Option<i64>,
+    /// The sequence number the next batch gets.
+    pub next_seq: u64,
+}
+
+/// The outbox at a glance, for metrics and reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Batches waiting.
+    pub batches: u64,
+    /// Their rows.
+    pub rows: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// When the oldest was stored.
+    pub oldest_ms: Option<i64>,
+    /// Rows stored since the outbox was opened.
+    pub appended_rows: u64,
+    /// Rows acknowledged since the outbox was opened.
+    pub acked_rows: u64,
+    /// Rows dropped to stay within `max_bytes`.
+    pub dropped_rows_bytes: u64,
+    /// Rows dropped for being older than `max_age`.
+    pub dropped_rows_age: u64,
+    /// Each stream.
+    pub streams: Vec<StreamStats>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    seq: u64,
+    bytes: u64,
+    rows: u64,
+    appended_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct StreamState {
+    priority: i32,
+    next_seq: u64,
+    entries: VecDeque<Entry>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    streams: BTreeMap<String, StreamState>,
+    seq_floor: u64,
+    bytes: u64,
+    appended_rows: u64,
+    acked_rows: u64,
+    dropped_rows_bytes: u64,
+    dropped_rows_age: u64,
+}
+
+/// Why an entry goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Drop {
+    Bytes,
+    Age,
+    Acked,
+}
+
+/// The durable outbox; see the crate's documentation. Its calls block on disk (every
+/// append is fsynced): call them from a blocking thread in async code.
+pub struct Outbox {
+    db: Database,
+    path: PathBuf,
+    limits: Limits,
+    state: Mutex<State>,
+}
+
+fn storage(path: &Path, error: impl std::fmt::Display) -> OutboxError {
+    OutboxError::Storage {
+        path: path.to_owned(),
+        message: error.to_string(),
+    }
+}
+
+impl Outbox {
+    /// Opens the outbox at `path`, creating it (and its directory) when missing.
+    ///
+    /// A file the database cannot read is moved aside to `PATH.damaged-MS` and its intact
+    /// batches are salvaged into a new file at `path`; the returned [`Recovery`] says how
+    /// many were kept and how many were lost.
+    pub fn open(path: &Path, limits: Limits) -> Result<(Outbox, Option<Recovery>), OutboxError> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| storage(path, e))?;
+        }
+        match load(path) {
+            Ok((db, state)) => Ok((Outbox::with(db, path, limits, state), None)),
+            Err(reason) if path.exists() => {
+                let recovery = recover(path, &reason)?;
+                let (db, state) = load(path).map_err(|e| storage(path, e))?;
+                Ok((Outbox::with(db, path, limits, state), Some(recovery)))
+            }
+            Err(reason) => Err(storage(path, reason)),
+        }
+    }
+
+    fn with(db: Database, path: &Path, limits: Limits, state: State) -> Outbox {
+        Outbox {
+            db,
+            path: path.to_owned(),
+            limits,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Declares `stream` with its `priority` (higher ships first and is dropped last).
+    pub fn register(&self, stream: &str, priority: i32) -> Result<(), OutboxError> {
+        let mut state = self.state();
+        let txn = self.db.begin_write().map_err(|e| storage(&self.path, e))?;
+        let next_seq = state
+            .streams
+            .get(stream)
+            .map_or(state.seq_floor, |s| s.next_seq);
+        {
+            let mut streams = txn
+                .open_table(STREAMS)
+                .map_err(|e| storage(&self.path, e))?;
+            streams
+                .insert(stream, (next_seq, priority))
+                .map_err(|e| storage(&self.path, e))?;
+        }
+        txn.commit().map_err(|e| storage(&self.path, e))?;
+        let entry = state.streams.entry(stream.to_owned()).or_default();
+        entry.priority = priority;
+        entry.next_seq = next_seq;
+        Ok(())
+    }
+
+    /// Stores `batches` of `stream` as one commit group, fsynced before it returns: once
+    /// it has, they are accepted. Returns their sequence numbers. Past `max_bytes`, the
+    /// oldest batches of the lowest-priority streams are dropped in the same commit.
+    pub fn append(
+        &self,
+        stream: &str,
+        batches: &[RecordBatch],
+        now_ms: i64,
+    ) -> Result<Vec<u64>, OutboxError> {
+        let encoded = batches
+            .iter()
+            .filter(|batch| batch.num_rows() > 0)
+            .map(|batch| Ok((encode_batch(batch)?, batch.num_rows() as u64)))
+            .collect::<Result<Vec<_>, OutboxError>>()?;
+        let mut state = self.state();
+        let first_seq = state
+            .streams
+            .get(stream)
+            .map_or(state.seq_floor, |s| s.next_seq);
+        let priority = state.streams.get(stream).map_or(0, |s| s.priority);
+        let mut added = Vec::with_capacity(encoded.len());
+        let txn = self.db.begin_write().map_err(|e| storage(&self.path, e))?;
+        {
+            let mut frames = txn
+                .open_table(BATCHES)
+                .map_err(|e| storage(&self.path, e))?;
+            let mut index = txn.open_table(INDEX).map_err(|e| storage(&self.path, e))?;
+            for (i, (payload, rows)) in encoded.into_iter().enumerate() {
+                let seq = first_seq + i as u64;
+                let frame = Frame {
+                    stream: stream.to_owned(),
+                    seq,
+                    appended_ms: now_ms,
+                    rows: rows as u32,
+                    payload,
+                }
+                .to_bytes();
+                let bytes = frame.len() as u64;
+                frames
+                    .insert((stream, seq), frame.as_slice())
+                    .map_err(|e| storage(&self.path, e))?;
+                index
+                    .insert((stream, seq), (bytes, rows, now_ms))
+                    .map_err(|e| storage(&self.path, e))?;
+                added.push(Entry {
+                    seq,
+                    bytes,
+                    rows,
+                    appended_ms: now_ms,
+                });
+            }
+            let mut streams = txn
+                .open_table(STREAMS)
+                .map_err(|e| storage(&self.path, e))?;
+            streams
+                .insert(stream, (first_seq + added.len() as u64, priority))
+                .map_err(|e| storage(&self.path, e))?;
+        }
+        // What the byte limit drops goes in the same commit, so the file never holds more.
+        let added_bytes: u64 = added.iter().map(|entry| entry.bytes).sum();
+        let victims = over_limit(&state, stream, &added, self.limits.max_bytes, added_bytes);
+        delete(&txn, &victims).map_err(|e| storage(&self.path, e))?;
+        txn.commit().map_err(|e| storage(&self.path, e))?;
+
+        let seqs: Vec<u64> = added.iter().map(|entry| entry.seq).collect();
+        let stream_state = state.streams.entry(stream.to_owned()).or_default();
+        stream_state.next_seq = first_seq + added.len() as u64;
+        state.appended_rows += added.iter().map(|entry| entry.rows).sum::<u64>();
+        state.bytes += added_bytes;
+        state
+            .streams
+            .get_mut(stream)
+            .map(|s| s.entries.extend(added))
+            .unwrap_or_default();
+        forget(&mut state, &victims, Drop::Bytes);
+        if !victims.is_empty() {
+            tracing::warn!(
+                outbox = %self.path.display(),
+                "the outbox is full ({} bytes): dropped the {} oldest batches ({} rows) of its \
+                 lowest-priority streams",
+                self.limits.max_bytes,
+                victims.len(),
+                victims.iter().map(|(_, entry)| entry.rows).sum::<u64>()
+            );
+        }
+        Ok(seqs)
+    }
+
+    /// Drops the batches older than `max_age` at `now_ms`; returns the rows dropped.
+    pub fn expire(&self, now_ms: i64) -> Result<u64, OutboxError> {
+        let Some(max_age) = self.limits.max_age else {
+            return Ok(0);
+        };
+        let cutoff = now_ms.saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+        let mut state = self.state();
+        let victims: Vec<(String, Entry)> = state
+            .streams
+            .iter()
+            .flat_map(|(name, stream)| {
+                stream
+                    .entries
+                    .iter()
+                    .take_while(|entry| entry.appended_ms < cutoff)
+                    .map(|entry| (name.clone(), *entry))
+            })
+            .collect();
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let txn = self.db.begin_write().map_err(|e| storage(&self.path, e))?;
+        delete(&txn, &victims).map_err(|e| storage(&self.path, e))?;
+        txn.commit().map_err(|e| storage(&self.path, e))?;
+        forget(&mut state, &victims, Drop::Age);
+        let rows = victims.iter().map(|(_, entry)| entry.rows).sum();
+        tracing::warn!(
+            outbox = %self.path.display(),
+            "dropped {} batches ({rows} rows) older than {} s",
+            victims.len(),
+            max_age.as_secs()
+        );
+        Ok(rows)
+    }
+
+    /// Up to `max` batches to ship next, oldest first, all of one stream: the stream of
+    /// highest priority that has any, the one with the oldest batch among equals.
+    pub fn next(&self, max: usize) -> Result<Vec<Stored>, OutboxError> {
+        let chosen: Option<(String, Vec<Entry>)> = {
+            let state = self.state();
+            state
+                .streams
+                .iter()
+                .filter_map(|(name, stream)| Some((name, stream, stream.entries.front()?)))
+                .max_by(|(_, a, a_front), (_, b, b_front)| {
+                    a.priority
+                        .cmp(&b.priority)
+                        .then(b_front.appended_ms.cmp(&a_front.appended_ms))
+                        .then(b_front.seq.cmp(&a_front.seq))
+                })
+                .map(|(name, stream, _)| {
+                    (
+                        name.clone(),
+                        stream.entries.iter().take(max).copied().collect(),
+                    )
+                })
+        };
+        let Some((stream, entries)) = chosen else {
+            return Ok(Vec::new());
+        };
+        let txn = self.db.begin_read().map_err(|e| storage(&self.path, e))?;
+        let frames = txn
+            .open_table(BATCHES)
+            .map_err(|e| storage(&self.path, e))?;
+        let mut stored = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Some(bytes) = frames
+                .get((stream.as_str(), entry.seq))
+                .map_err(|e| storage(&self.path, e))?
+            else {
+                continue;
+            };
+            match Frame::parse(bytes.value()) {
+                Ok((frame, _)) => stored.push(Stored {
+                    stream: frame.stream,
+                    seq: frame.seq,
+                    rows: u64::from(frame.rows),
+                    appended_ms: frame.appended_ms,
+                    payload: frame.payload,
+                }),
+                Err(why) => {
+                    return Err(storage(
+                        &self.path,
+                        format!("batch {} of {stream}: {why}", entry.seq),
+                    ));
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Deletes what the hub acknowledged: `seqs` of `stream`.
+    pub fn ack(&self, stream: &str, seqs: &[u64]) -> Result<(), OutboxError> {
+        let mut state = self.state();
+        let victims: Vec<(String, Entry)> = state
+            .streams
+            .get(stream)
+            .map(|s| {
+                s.entries
+                    .iter()
+                    .filter(|entry| seqs.contains(&entry.seq))
+                    .map(|entry| (stream.to_owned(), *entry))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if victims.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| storage(&self.path, e))?;
+        delete(&txn, &victims).map_err(|e| storage(&self.path, e))?;
+        txn.commit().map_err(|e| storage(&self.path, e))?;
+        forget(&mut state, &victims, Drop::Acked);
+        Ok(())
+    }
+
+    /// The outbox at a glance.
+    pub fn stats(&self) -> Stats {
+        let state = self.state();
+        let streams: Vec<StreamStats> = state
+            .streams
+            .iter()
+            .map(|(name, stream)| StreamStats {
+                stream: name.clone(),
+                priority: stream.priority,
+                batches: stream.entries.len() as u64,
+                rows: stream.entries.iter().map(|e| e.rows).sum(),
+                bytes: stream.entries.iter().map(|e| e.bytes).sum(),
+                oldest_ms: stream.entries.front().map(|e| e.appended_ms),
+                next_seq: stream.next_seq,
+            })
+            .collect();
+        Stats {
+            batches: streams.iter().map(|s| s.batches).sum(),
+            rows: streams.iter().map(|s| s.rows).sum(),
+            bytes: state.bytes,
+            oldest_ms: streams.iter().filter_map(|s| s.oldest_ms).min(),
+            appended_rows: state.appended_rows,
+            acked_rows: state.acked_rows,
+            dropped_rows_bytes: state.dropped_rows_bytes,
+            dropped_rows_age: state.dropped_rows_age,
+            streams,
+        }
+    }
+}
+
+/// The entries to drop so that `added_bytes` more fit in `max_bytes`: oldest first from
+/// the lowest-priority streams, the batches just added included.
+fn over_limit(
+    state: &State,
+    stream: &str,
+    added: &[Entry],
+    max_bytes: u64,
+    added_bytes: u64,
+) -> Vec<(String, Entry)> {
+    let mut total = state.bytes + added_bytes;
+    if total <= max_bytes {
+        return Vec::new();
+    }
+    // Candidates per stream, oldest first, as if the new entries were already there.
+    let mut queues: Vec<(i32, String, VecDeque<Entry>)> = state
+        .streams
+        .iter()
+        .map(|(name, s)| {
+            let mut entries = s.entries.clone();
+            if name == stream {
+                entries.extend(added.iter().copied());
+            }
+            (s.priority, name.clone(), entries)
+        })
+        .collect();
+    if !state.streams.contains_key(stream) {
+        queues.push((0, stream.to_owned(), added.iter().copied().collect()));
+    }
+    let mut victims = Vec::new();
+    while total > max_bytes {
+        let Some((_, name, entries)) = queues
+            .iter_mut()
+            .filter(|(_, _, entries)| !entries.is_empty())
+            .min_by(|(pa, _, a), (pb, _, b)| {
+                pa.cmp(pb)
+                    .then(a[0].appended_ms.cmp(&b[0].appended_ms))
+                    .then(a[0].seq.cmp(&b[0].seq))
+            })
+        else {
+            break;
+        };
+        let Some(entry) = entries.pop_front() else {
+            break;
+        };
+        total -= entry.bytes;
+        victims.push((name.clone(), entry));
+    }
+    victims
+}
+
+fn delete(txn: &redb::WriteTransaction, victims: &[(String, Entry)]) -> Result<(), redb::Error> {
+    if victims.is_empty() {
+        return Ok(());
+    }
+    let mut frames = txn.open_table(BATCHES)?;
+    let mut index = txn.open_table(INDEX)?;
+    for (stream, entry) in victims {
+        frames.remove((stream.as_str(), entry.seq))?;
+        index.remove((stream.as_str(), entry.seq))?;
+    }
+    Ok(())
+}
+
+/// Takes `victims` out of the in-memory state, counting them under `why`.
+fn forget(state: &mut State, victims: &[(String, Entry)], why: Drop) {
+    for (stream, victim) in victims {
+        if let Some(s) = state.streams.get_mut(stream) {
+            s.entries.retain(|entry| entry.seq != victim.seq);
+        }
+        state.bytes = state.bytes.saturating_sub(victim.bytes);
+        match why {
+            Drop::Bytes => state.dropped_rows_bytes += victim.rows,
+            Drop::Age => state.dropped_rows_age += victim.rows,
+            Drop::Acked => state.acked_rows += victim.rows,
+        }
+    }
+}
+
+/// The page size redb writes in: a file of another length was cut short.
+const PAGE: u64 = 4096;
+
+/// Opens the database and reads its index; any failure (or panic) is a damaged file.
+fn load(path: &Path) -> Result<(Database, State), String> {
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.len() % PAGE != 0
+    {
+        return Err(format!(
+            "its size ({} bytes) is not a whole number of {PAGE}-byte pages: it was cut short",
+            meta.len()
+        ));
+    }
+    let path = path.to_owned();
+    std::panic::catch_unwind(move || {
+        let db = Database::create(&path).map_err(|e| e.to_string())?;
+        let mut state = State::default();
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            // Created on first use, so a fresh file has them.
+            txn.open_table(BATCHES).map_err(|e| e.to_string())?;
+            let meta = txn.open_table(META).map_err(|e| e.to_string())?;
+            state.seq_floor = meta
+                .get(SEQ_FLOOR)
+                .map_err(|e| e.to_string())?
+                .map_or(0, |floor| floor.value());
+            let index = txn.open_table(INDEX).map_err(|e| e.to_string())?;
+            let streams = txn.open_table(STREAMS).map_err(|e| e.to_string())?;
+            for row in streams.iter().map_err(|e| e.to_string())? {
+                let (name, value) = row.map_err(|e| e.to_string())?;
+                let (next_seq, priority) = value.value();
+                state.streams.insert(
+                    name.value().to_owned(),
+                    StreamState {
+                        priority,
+                        next_seq,
+                        entries: VecDeque::new(),
+                    },
+                );
+            }
+            for row in index.iter().map_err(|e| e.to_string())? {
+                let (key, value) = row.map_err(|e| e.to_string())?;
+                let (stream, seq) = key.value();
+                let (bytes, rows, appended_ms) = value.value();
+                state.bytes += bytes;
+                state
+                    .streams
+                    .entry(stream.to_owned())
+                    .or_default()
+                    .entries
+                    .push_back(Entry {
+                        seq,
+                        bytes,
+                        rows,
+                        appended_ms,
+                    });
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok((db, state))
+    })
+    .unwrap_or_else(|_| Err("the database could not read it".to_owned()))
+}
+
+/// What `weir outbox check` reports: the outbox as it is, or what recovery would keep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The file is sound.
+    Sound(Stats),
+    /// The file is damaged; opening it would keep `batches` intact batches and lose
+    /// `broken` damaged ones.
+    Damaged {
+        /// What is wrong with it.
+        reason: String,
+        /// Intact batches found.
+        batches: u64,
+        /// Their rows.
+        rows: u64,
+        /// Damaged batches found.
+        broken: u64,
+    },
+}
+
+impl Outbox {
+    /// Looks at the outbox at `path` without changing it (nothing is moved or repaired).
+    pub fn check(path: &Path) -> Result<Check, OutboxError> {
+        if !path.exists() {
+            return Err(storage(path, "no such file"));
+        }
+        let copy = tempfile_next_to(path).map_err(|e| storage(path, e))?;
+        // The database may repair a file it opens: it opens a copy.
+        std::fs::copy(path, &copy).map_err(|e| storage(path, e))?;
+        let checked = match load(&copy) {
+            Ok((db, state)) => {
+                let outbox = Outbox::with(db, path, Limits::default(), state);
+                Ok(Check::Sound(outbox.stats()))
+            }
+            Err(reason) => {
+                let found = salvage_file(path).map_err(|e| storage(path, e))?;
+                Ok(Check::Damaged {
+                    reason,
+                    batches: found.frames.len() as u64,
+                    rows: found.frames.iter().map(|f| u64::from(f.rows)).sum(),
+                    broken: found.broken_frames,
+                })
+            }
+        };
+        let _ = std::fs::remove_file(&copy);
+        checked
+    }
+}
+
+/// A path beside `path` for a scratch copy.
+fn tempfile_next_to(path: &Path) -> std::io::Result<PathBuf> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".check-{}", std::process::id()));
+    Ok(PathBuf::from(name))
+}
+
+/// Moves the damaged file at `path` aside and writes its intact batches to a new one.
+fn recover(path: &Path, reason: &str) -> Result<Recovery, OutboxError> {
+    let found = salvage_file(path).map_err(|e| storage(path, e))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut moved_to = path.as_os_str().to_owned();
+    moved_to.push(format!(".damaged-{stamp}"));
+    let moved_to = PathBuf::from(moved_to);
+    std::fs::rename(path, &moved_to).map_err(|e| storage(path, e))?;
+    let db = Database::create(path).map_err(|e| storage(path, e))?;
+    let txn = db.begin_write().map_err(|e| storage(path, e))?;
+    let mut rows = 0;
+    let floor = u64::try_from(stamp)
+        .unwrap_or(u64::MAX / 2)
+        .saturating_mul(1000);
+    {
+        txn.open_table(META)
+            .map_err(|e| storage(path, e))?
+            .insert(SEQ_FLOOR, floor)
+            .map_err(|e| storage(path, e))?;
+        let mut frames = txn.open_table(BATCHES).map_err(|e| storage(path, e))?;
+        let mut index = txn.open_table(INDEX).map_err(|e| storage(path, e))?;
+        let mut streams = txn.open_table(STREAMS).map_err(|e| storage(path, e))?;
+        let mut next: BTreeMap<&str, u64> = BTreeMap::new();
+        for frame in &found.frames {
+            let bytes = frame.to_bytes();
+            let key = (frame.stream.as_str(), frame.seq);
+            frames
+                .insert(key, bytes.as_slice())
+                .map_err(|e| storage(path, e))?;
+            index
+                .insert(
+                    key,
+                    (bytes.len() as u64, u64::from(frame.rows), frame.appended_ms),
+                )
+                .map_err(|e| storage(path, e))?;
+            rows += u64::from(frame.rows);
+            let after = next.entry(&frame.stream).or_insert(floor);
+            *after = (*after).max(frame.seq + 1);
+        }
+        for (stream, next_seq) in next {
+            streams
+                .insert(stream, (next_seq, 0))
+                .map_err(|e| storage(path, e))?;
+        }
+    }
+    txn.commit().map_err(|e| storage(path, e))?;
+    drop(db);
+    let recovery = Recovery {
+        reason: reason.to_owned(),
+        moved_to,
+        salvaged_batches: found.frames.len() as u64,
+        salvaged_rows: rows,
+        broken_batches: found.broken_frames,
+    };
+    tracing::error!(
+        outbox = %path.display(),
+        "the outbox was damaged ({reason}); kept {} intact batches ({} rows), lost {} \
+         damaged ones; the damaged file is at {}",
+        recovery.salvaged_batches,
+        recovery.salvaged_rows,
+        recovery.broken_batches,
+        recovery.moved_to.display()
+    );
+    Ok(recovery)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,307 @@
+//! The outbox on real files: durability across reopening, order, acknowledgement, the
+//! byte and age limits with priorities, and recovery from a damaged file.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, Int64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::frame::decode_batches;
+
+const T0: i64 = 1_800_000_000_000;
+
+/// A batch whose `n` column runs from `from`, with incompressible values so sizes are
+/// realistic.
+fn batch(from: i64, rows: i64) -> RecordBatch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(from as u64);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("n", DataType::Int64, false),
+        Field::new("value", DataType::Float64, false),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from_iter_values(from..from + rows)),
+            Arc::new(Float64Array::from_iter_values(
+                (0..rows).map(|_| rng.random::<f64>()),
+            )),
+        ],
+    )
+    .unwrap()
+}
+
+fn numbers(stored: &[Stored]) -> Vec<i64> {
+    stored
+        .iter()
+        .flat_map(|s| {
+            let (_, batches) = decode_batches(&s.payload).unwrap();
+            batches
+                .into_iter()
+                .flat_map(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn open(path: &Path, limits: Limits) -> Outbox {
+    let (outbox, recovery) = Outbox::open(path, limits).unwrap();
+    assert_eq!(recovery, None);
+    outbox
+}
+
+fn unlimited() -> Limits {
+    Limits {
+        max_bytes: u64::MAX,
+        max_age: None,
+    }
+}
+
+#[test]
+fn batches_survive_reopening_in_order_until_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    {
+        let outbox = open(&path, unlimited());
+        let seqs = outbox
+            .append("p/hub", &[batch(0, 10), batch(10, 10)], T0)
+            .unwrap();
+        assert_eq!(seqs, [0, 1]);
+        assert_eq!(
+            outbox.append("p/hub", &[batch(20, 5)], T0 + 1).unwrap(),
+            [2]
+        );
+    }
+    let outbox = open(&path, unlimited());
+    let stats = outbox.stats();
+    assert_eq!(
+        (stats.batches, stats.rows, stats.oldest_ms),
+        (3, 25, Some(T0))
+    );
+    let next = outbox.next(2).unwrap();
+    assert_eq!(next.iter().map(|s| s.seq).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(numbers(&next), (0..20).collect::<Vec<_>>());
+    outbox.ack("p/hub", &[0, 1]).unwrap();
+    drop(outbox);
+
+    let outbox = open(&path, unlimited());
+    let next = outbox.next(10).unwrap();
+    assert_eq!(next.iter().map(|s| s.seq).collect::<Vec<_>>(), [2]);
+    // Numbers are never reused, even once everything before was acknowledged.
+    outbox.ack("p/hub", &[2]).unwrap();
+    assert_eq!(
+        outbox.append("p/hub", &[batch(25, 1)], T0 + 2).unwrap(),
+        [3]
+    );
+    assert_eq!(outbox.stats().acked_rows, 5);
+}
+
+#[test]
+fn past_max_bytes_the_oldest_batches_go_first_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    let probe = open(&dir.path().join("probe.redb"), unlimited());
+    probe.append("p/hub", &[batch(0, 100)], T0).unwrap();
+    let one = probe.stats().bytes;
+    let outbox = open(
+        &path,
+        Limits {
+            max_bytes: one * 3 + one / 2,
+            max_age: None,
+        },
+    );
+    for i in 0..10 {
+        outbox
+            .append("p/hub", &[batch(i * 100, 100)], T0 + i)
+            .unwrap();
+        assert!(outbox.stats().bytes <= one * 3 + one / 2);
+    }
+    let stats = outbox.stats();
+    assert_eq!((stats.batches, stats.rows), (3, 300));
+    assert_eq!(stats.dropped_rows_bytes, 700);
+    assert_eq!(stats.appended_rows, 1000);
+    // Exactly the oldest went: what is left is the newest 3, in order.
+    assert_eq!(
+        numbers(&outbox.next(10).unwrap()),
+        (700..1000).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn the_lowest_priority_stream_is_dropped_first_and_the_highest_ships_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = open(&dir.path().join("probe.redb"), unlimited());
+    probe.append("p/x", &[batch(0, 100)], T0).unwrap();
+    let one = probe.stats().bytes;
+    let outbox = open(
+        &dir.path().join("outbox.redb"),
+        Limits {
+            max_bytes: one * 4 + one / 2,
+            max_age: None,
+        },
+    );
+    outbox.register("p/alerts", 10).unwrap();
+    outbox.register("p/bulk", 0).unwrap();
+    outbox.append("p/alerts", &[batch(0, 100)], T0).unwrap();
+    for i in 0..4 {
+        outbox
+            .append("p/bulk", &[batch(1000 + i * 100, 100)], T0 + 1 + i)
+            .unwrap();
+    }
+    // Full: the next alert pushes out bulk's oldest, not the older alert.
+    outbox
+        .append("p/alerts", &[batch(100, 100)], T0 + 9)
+        .unwrap();
+    let stats = outbox.stats();
+    let rows: Vec<(String, u64)> = stats
+        .streams
+        .iter()
+        .map(|s| (s.stream.clone(), s.rows))
+        .collect();
+    assert_eq!(
+        rows,
+        [("p/alerts".to_owned(), 200), ("p/bulk".to_owned(), 200)]
+    );
+    assert_eq!(stats.dropped_rows_bytes, 200);
+    // The alerts ship first although bulk's batches are older.
+    let next = outbox.next(10).unwrap();
+    assert_eq!(next[0].stream, "p/alerts");
+    assert_eq!(numbers(&next), (0..200).collect::<Vec<_>>());
+}
+
+#[test]
+fn batches_older_than_max_age_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(
+        &dir.path().join("outbox.redb"),
+        Limits {
+            max_bytes: u64::MAX,
+            max_age: Some(Duration::from_secs(60)),
+        },
+    );
+    outbox.append("p/hub", &[batch(0, 10)], T0).unwrap();
+    outbox
+        .append("p/hub", &[batch(10, 10)], T0 + 30_000)
+        .unwrap();
+    assert_eq!(outbox.expire(T0 + 59_000).unwrap(), 0);
+    assert_eq!(outbox.expire(T0 + 61_000).unwrap(), 10);
+    let stats = outbox.stats();
+    assert_eq!((stats.rows, stats.dropped_rows_age), (10, 10));
+    assert_eq!(
+        numbers(&outbox.next(10).unwrap()),
+        (10..20).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn an_outbox_cut_at_any_byte_still_opens_and_keeps_what_is_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("original.redb");
+    {
+        let outbox = open(&original, unlimited());
+        for i in 0..40 {
+            outbox
+                .append("p/hub", &[batch(i * 50, 50)], T0 + i)
+                .unwrap();
+        }
+        outbox.ack("p/hub", &[0, 1, 2]).unwrap();
+    }
+    let bytes = std::fs::read(&original).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut cuts: Vec<usize> = (0..12).map(|_| rng.random_range(1..bytes.len())).collect();
+    cuts.extend([bytes.len() / 2, bytes.len() - 1, 4096 * 3]);
+    let mut recovered = 0;
+    for cut in cuts {
+        let path = dir.path().join(format!("cut-{cut}.redb"));
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let (outbox, recovery) =
+            Outbox::open(&path, unlimited()).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        let stored = outbox.next(usize::MAX).unwrap();
+        let kept = numbers(&stored);
+        // Whatever was kept is exactly what was written, each row once.
+        let mut sorted = kept.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), kept.len(), "cut at {cut}: a row twice");
+        assert!(kept.iter().all(|n| (0..2000).contains(n)), "cut at {cut}");
+        if cut >= bytes.len() / 2 {
+            // Every batch lies before the cut: every batch not acknowledged is kept.
+            assert!(
+                (150..2000).all(|n| sorted.binary_search(&n).is_ok()),
+                "cut at {cut}"
+            );
+        }
+        if let Some(recovery) = recovery {
+            recovered += 1;
+            assert!(recovery.moved_to.exists());
+            assert_eq!(recovery.salvaged_rows, outbox.stats().rows, "cut at {cut}");
+            // Writing goes on with numbers past anything used before.
+            let seq = outbox.append("p/hub", &[batch(9000, 1)], T0).unwrap()[0];
+            assert!(seq > 39, "cut at {cut}: seq {seq} may be reused");
+        }
+    }
+    assert!(recovered >= 12, "{recovered}");
+}
+
+#[test]
+fn check_reports_a_sound_outbox_and_what_a_damaged_one_would_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    {
+        let outbox = open(&path, unlimited());
+        for i in 0..5 {
+            outbox
+                .append("p/hub", &[batch(i * 10, 10)], T0 + i)
+                .unwrap();
+        }
+    }
+    match Outbox::check(&path).unwrap() {
+        Check::Sound(stats) => assert_eq!((stats.batches, stats.rows), (5, 50)),
+        other => panic!("{other:?}"),
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    match Outbox::check(&path).unwrap() {
+        Check::Damaged {
+            batches,
+            rows,
+            reason,
+            ..
+        } => {
+            assert_eq!((batches, rows), (5, 50));
+            assert!(reason.contains("cut short"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "check changes nothing"
+    );
+}
+
+#[test]
+fn garbage_where_the_outbox_should_be_is_moved_aside_and_a_new_one_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    std::fs::write(&path, b"this is not a database at all").unwrap();
+    let (outbox, recovery) = Outbox::open(&path, unlimited()).unwrap();
+    let recovery = recovery.expect("recovered");
+    assert_eq!((recovery.salvaged_batches, recovery.broken_batches), (0, 0));
+    assert_eq!(
+        std::fs::read(&recovery.moved_to).unwrap(),
+        b"this is not a database at all"
+    );
+    outbox.append("p/hub", &[batch(0, 1)], T0).unwrap();
+    assert_eq!(outbox.stats().rows, 1);
+}
