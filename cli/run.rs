@@ -25,6 +25,29 @@ pub struct RunArgs {
     #[command(flatten)]
     api: ApiArgs,
 
+    /// Ship what `hub` sinks store to this directory instead of a hub (each batch a file
+    /// `PIPELINE/SINK/SEQ.arrows`, written once however often it is sent).
+    #[arg(long, value_name = "DIR")]
+    ship_dir: Option<PathBuf>,
+
+    /// The `hub` sinks' outbox file.
+    #[arg(
+        long,
+        env = "WEIR_OUTBOX",
+        default_value = "weir-outbox.redb",
+        value_name = "FILE"
+    )]
+    outbox: PathBuf,
+
+    /// The most the outbox may hold, e.g. 512MiB; past it the oldest batches of the
+    /// lowest-priority sinks are dropped and counted.
+    #[arg(long, default_value = "512MiB", value_parser = byte_size, value_name = "SIZE")]
+    outbox_max_bytes: u64,
+
+    /// Batches older than this are dropped from the outbox and counted.
+    #[arg(long, default_value = "7d", value_parser = positive_duration, value_name = "DURATION")]
+    outbox_max_age: Duration,
+
     /// Once every pipeline has ended, keep serving the local API until SIGINT or SIGTERM,
     /// so retained streams can still be queried.
     #[arg(long, conflicts_with = "no_metrics")]
@@ -43,6 +66,14 @@ pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e}; write e.g. 500ms, 10s or 1m"))
 }
 
+/// A size written as `512MiB`, `1GB` or a number of bytes.
+pub(crate) fn byte_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| format!("invalid size '{text}': write e.g. 512MiB or 2GB"))
+}
+
 /// A duration that must not be zero (an interval, a wait).
 pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
     match humantime_duration(text)? {
@@ -54,15 +85,25 @@ pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
 /// Runs the pipelines in `args` to completion.
 pub async fn run(args: RunArgs) -> Outcome {
     let modules = Arc::new(ModuleHost::new(ModuleHost::default_root()));
-    let validated = match crate::validate::load(&args.files, &modules) {
-        Ok(pipelines) => pipelines,
-        Err(outcome) => return outcome,
-    };
-
     let registry = prometheus::Registry::new();
     let metrics = match EngineMetrics::new(&registry) {
         Ok(metrics) => metrics,
         Err(error) => return Outcome::RuntimeFailure(format!("cannot register metrics: {error}")),
+    };
+    let shipping = args.ship_dir.as_ref().map(|dir| {
+        Arc::new(weir_outbox::Shipping::new(
+            args.outbox.clone(),
+            weir_outbox::Limits {
+                max_bytes: args.outbox_max_bytes,
+                max_age: Some(args.outbox_max_age),
+            },
+            Arc::new(weir_outbox::DirectoryUplink::new(dir)),
+            metrics.outbox(),
+        ))
+    });
+    let validated = match crate::validate::load(&args.files, &modules, shipping.clone()) {
+        Ok(pipelines) => pipelines,
+        Err(outcome) => return outcome,
     };
     let stop_background = CancellationToken::new();
     let live = Arc::new(LivePipelines::default());
@@ -127,6 +168,17 @@ pub async fn run(args: RunArgs) -> Outcome {
         &live,
     )
     .await;
+    if let Some(shipping) = &shipping {
+        // What the hub sinks accepted is safe in the outbox either way; this only
+        // saves waiting for the next start to ship it.
+        let left = shipping.drain(args.shutdown_timeout).await;
+        if left > 0 {
+            warn!(
+                "{left} batches are still in the outbox {}; they ship on the next start",
+                shipping.path().display()
+            );
+        }
+    }
     if args.keep_serving && http.is_some() && !matches!(outcome, Outcome::Interrupted) {
         info!(
             "every pipeline has ended; the local API keeps serving their retained streams \

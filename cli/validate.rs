@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use weir_engine::Registry;
 use weir_modules::{ModuleFactory, ModuleHost};
+use weir_outbox::{HubSinkFactory, Shipping};
 
 use crate::exit::Outcome;
 
 /// Loads and validates `files` against the built-in operators and prints the result.
 pub fn run(files: &[PathBuf]) -> Outcome {
     let modules = Arc::new(ModuleHost::new(ModuleHost::default_root()));
-    match load(files, &modules) {
+    match load(files, &modules, None) {
         Ok(pipelines) => {
             for pipeline in &pipelines {
                 println!(
@@ -31,8 +32,9 @@ pub fn run(files: &[PathBuf]) -> Outcome {
 pub fn load(
     files: &[PathBuf],
     modules: &Arc<ModuleHost>,
+    shipping: Option<Arc<Shipping>>,
 ) -> Result<Vec<weir_pipelines::ValidatedPipeline>, Outcome> {
-    let registry = registry(modules);
+    let registry = registry(modules, shipping);
     let env = |name: &str| std::env::var(name).ok();
     let (pipelines, diagnostics) = weir_pipelines::load_and_validate(files, &registry, &env);
     if diagnostics.is_empty() {
@@ -50,8 +52,10 @@ pub fn load(
 }
 
 /// Every operator kind the binary knows: the built-in ones, and modules run on `modules`.
-pub fn registry(modules: &Arc<ModuleHost>) -> Registry {
+/// `hub` sinks ship through `shipping`; without it they validate but cannot start.
+pub fn registry(modules: &Arc<ModuleHost>, shipping: Option<Arc<Shipping>>) -> Registry {
     let mut registry = weir_operators::registry::builtin();
     registry.register(Arc::new(ModuleFactory::new(modules.clone())));
+    registry.register(Arc::new(HubSinkFactory::new(shipping)));
     registry
 }

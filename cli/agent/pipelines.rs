@@ -226,7 +226,9 @@ impl PipelineSet {
         &self,
         sources: &[PipelineSource],
     ) -> Result<BTreeMap<String, (PipelineSource, ValidatedPipeline)>, String> {
-        let registry = crate::validate::registry(&self.modules);
+        // Shipping to the hub from the agent comes with the hub's ingest endpoint; until
+        // then a deployment with a `hub` sink validates but fails to start, and says so.
+        let registry = crate::validate::registry(&self.modules, None);
         let (validated, diagnostics) =
             weir_pipelines::validate_sources(sources, &registry, &weir_pipelines::process_env);
         if !diagnostics.is_empty() {

@@ -45,6 +45,7 @@ pub struct EngineMetrics {
     retained_rows: IntGaugeVec,
     retained_evicted: IntCounterVec,
     tap_dropped: IntCounterVec,
+    outbox: OutboxMetrics,
 }
 
 /// The states a module can be in, as `weir_module_state` labels them.
@@ -248,6 +249,7 @@ impl EngineMetrics {
                  or `bytes` (over its max_bytes)",
                 &["pipeline", "operator", "reason"],
             )?,
+            outbox: OutboxMetrics::new(registry)?,
             tap_dropped: counter(
                 registry,
                 "weir_tap_dropped_rows_total",
@@ -310,6 +312,11 @@ impl EngineMetrics {
             evicted_for_bytes: evicted("bytes"),
             tap_dropped: self.tap_dropped.with_label_values(labels),
         }
+    }
+
+    /// The series of the process's outbox (the `hub` sinks').
+    pub fn outbox(&self) -> OutboxMetrics {
+        self.outbox.clone()
     }
 
     /// The running flag of a pipeline.
@@ -409,6 +416,92 @@ impl StreamMetrics {
         EngineMetrics::new(&Registry::new())
             .expect("fresh registry accepts the engine's metric families")
             .stream(pipeline, operator)
+    }
+}
+
+/// The outbox of the `hub` sinks: what waits, what went, and what its limits dropped.
+/// Streams (`pipeline/sink`) are bounded by the configuration.
+#[derive(Clone)]
+pub struct OutboxMetrics {
+    /// Batches waiting, per stream.
+    pub batches: IntGaugeVec,
+    /// Rows waiting, per stream.
+    pub rows: IntGaugeVec,
+    /// Bytes waiting, per stream (as stored: compressed).
+    pub bytes: IntGaugeVec,
+    /// Age of the oldest batch waiting, per stream, in seconds.
+    pub oldest_age_seconds: IntGaugeVec,
+    /// Rows stored, per stream.
+    pub appended_rows: IntCounterVec,
+    /// Rows shipped and acknowledged, per stream.
+    pub shipped_rows: IntCounterVec,
+    /// Sends that failed and will be tried again, per stream.
+    pub retries: IntCounterVec,
+    /// Rows the limits dropped, by reason: `bytes` (the outbox was full) or `age`.
+    pub dropped_rows: IntCounterVec,
+    /// Batches found when a damaged outbox was recovered: `kept` or `lost`.
+    pub recovered_batches: IntCounterVec,
+}
+
+impl OutboxMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let stream = &["stream"];
+        Ok(OutboxMetrics {
+            batches: gauge(
+                registry,
+                "weir_outbox_batches",
+                "Batches waiting in the outbox",
+                stream,
+            )?,
+            rows: gauge(
+                registry,
+                "weir_outbox_rows",
+                "Rows waiting in the outbox",
+                stream,
+            )?,
+            bytes: gauge(
+                registry,
+                "weir_outbox_bytes",
+                "Bytes waiting in the outbox, as stored (compressed Arrow IPC)",
+                stream,
+            )?,
+            oldest_age_seconds: gauge(
+                registry,
+                "weir_outbox_oldest_age_seconds",
+                "Age of the oldest batch waiting in the outbox",
+                stream,
+            )?,
+            appended_rows: counter(
+                registry,
+                "weir_outbox_appended_rows_total",
+                "Rows stored in the outbox (fsynced)",
+                stream,
+            )?,
+            shipped_rows: counter(
+                registry,
+                "weir_outbox_shipped_rows_total",
+                "Rows shipped and acknowledged",
+                stream,
+            )?,
+            retries: counter(
+                registry,
+                "weir_outbox_retries_total",
+                "Sends that failed and will be tried again",
+                stream,
+            )?,
+            dropped_rows: counter(
+                registry,
+                "weir_outbox_dropped_rows_total",
+                "Rows the outbox's limits dropped, by reason: bytes (full) or age",
+                &["reason"],
+            )?,
+            recovered_batches: counter(
+                registry,
+                "weir_outbox_recovered_batches_total",
+                "Batches found when a damaged outbox was recovered, kept or lost",
+                &["outcome"],
+            )?,
+        })
     }
 }
 

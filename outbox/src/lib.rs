@@ -1,4 +1,4 @@
-//! The durable outbox behind the `hub` sink: every batch is stored, fsynced, before it
+//! The `hub` sink ([`HubSinkFactory`]) and the durable outbox behind it: every batch is stored, fsynced, before it
 //! counts as accepted; batches are read back in order for shipping and deleted only once
 //! acknowledged; explicit limits of bytes and age drop the oldest data first, lowest
 //! priority first, and count what they drop.
@@ -11,8 +11,10 @@
 //! broken frames are counted, and the runtime still starts. See [`Outbox::open`].
 
 pub mod frame;
+mod sink;
 mod store;
 
+pub use sink::{DirectoryUplink, HubSinkConfig, HubSinkFactory, Shipping, Uplink};
 pub use store::{Check, Limits, Outbox, Recovery, Stats, Stored, StreamStats};
 
 use std::path::PathBuf;

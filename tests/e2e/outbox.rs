@@ -57,3 +57,134 @@ fn outbox_check_reports_what_is_there_and_what_a_damaged_file_would_keep() {
         bytes.len() - 1000
     );
 }
+
+/// Every window of a generated hour, shipped through a `hub` sink to a directory.
+fn windows_pipeline(dir: &std::path::Path) -> std::path::PathBuf {
+    let file = dir.join("ship.yaml");
+    std::fs::write(
+        &file,
+        r#"version: 1
+name: plant
+sources:
+  readings:
+    kind: generator
+    config:
+      devices: 5
+      interval: 1s
+      count: 18000
+      realtime: false
+      start: 2026-01-01T00:00:00Z
+      batch_rows: 500
+      fields:
+        temperature: {shape: sine, base: 60, amplitude: 5, period: 10m}
+    event_time: {column: ts}
+transforms:
+  per_minute:
+    kind: sql
+    inputs: [readings]
+    window: {tumbling: 1m}
+    config:
+      query: SELECT device, count(*) AS n, avg(temperature) AS avg_t FROM readings GROUP BY device
+sinks:
+  uplink:
+    kind: hub
+    inputs: [per_minute]
+    config: {priority: 1}
+"#,
+    )
+    .expect("writes the pipeline");
+    file
+}
+
+/// The (device, window start) of every row shipped to `dir`, with each row's count.
+fn shipped_windows(dir: &std::path::Path) -> Vec<(String, i64, i64)> {
+    use weir_engine::arrow::array::{AsArray, TimestampMillisecondArray};
+    use weir_engine::arrow::datatypes::Int64Type;
+    let mut rows = Vec::new();
+    let stream = dir.join("plant/uplink");
+    let mut files: Vec<_> = std::fs::read_dir(&stream)
+        .expect("the stream's directory")
+        .map(|entry| entry.expect("an entry").path())
+        .collect();
+    files.sort();
+    for file in files {
+        let bytes = std::fs::read(&file).expect("reads a batch");
+        let (_, batches) = weir_outbox::frame::decode_batches(&bytes).expect("Arrow IPC");
+        for batch in batches {
+            let starts = batch
+                .column_by_name("window_start")
+                .expect("window_start")
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .expect("ms timestamps");
+            let devices = batch
+                .column_by_name("device")
+                .expect("device")
+                .as_string::<i32>();
+            let counts = batch
+                .column_by_name("n")
+                .expect("n")
+                .as_primitive::<Int64Type>();
+            for i in 0..batch.num_rows() {
+                rows.push((
+                    devices.value(i).to_owned(),
+                    starts.value(i),
+                    counts.value(i),
+                ));
+            }
+        }
+    }
+    rows
+}
+
+#[test]
+fn a_hub_sink_ships_every_window_exactly_once_through_its_outbox() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = windows_pipeline(dir.path());
+    let ship = dir.path().join("shipped");
+    let outbox = dir.path().join("outbox.redb");
+    let output = run(&[
+        "run",
+        file.to_str().unwrap(),
+        "--no-metrics",
+        "--ship-dir",
+        ship.to_str().unwrap(),
+        "--outbox",
+        outbox.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let mut windows = shipped_windows(&ship);
+    windows.sort();
+    // 18,000 readings of 5 devices: an hour each, 60 one-minute windows of 60 readings.
+    assert_eq!(windows.len(), 300);
+    let expected: Vec<(String, i64, i64)> = (0..5)
+        .flat_map(|device| {
+            (0..60).map(move |minute| {
+                (
+                    format!("dev-{device:04}"),
+                    1_767_225_600_000 + minute * 60_000,
+                    60,
+                )
+            })
+        })
+        .collect();
+    assert_eq!(windows, expected);
+    // Shipped and acknowledged: the outbox is empty.
+    let output = run(&["outbox", "check", outbox.to_str().unwrap()]);
+    let (stdout, _) = text(&output);
+    assert!(stdout.contains("sound; 0 batches, 0 rows"), "{stdout}");
+}
+
+#[test]
+fn a_hub_sink_with_nowhere_to_ship_says_how_to_give_it_somewhere() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = windows_pipeline(dir.path());
+    let output = run(&["run", file.to_str().unwrap(), "--no-metrics"]);
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the hub sink has nowhere to ship") && stderr.contains("--ship-dir"),
+        "{stderr}"
+    );
+}

@@ -126,6 +126,8 @@ impl Hub {
         let modules = Arc::new(ModuleHost::new(config.data_dir.join("modules")));
         let mut registry = weir_operators::registry::builtin();
         registry.register(Arc::new(ModuleFactory::new(modules)));
+        // Deployments may ship to the hub; the hub itself never runs them.
+        registry.register(Arc::new(weir_outbox::HubSinkFactory::new(None)));
         let (changes, _) = watch::channel(-1);
         let hub = Arc::new(Hub {
             store,

@@ -1,0 +1,424 @@
+//! The `hub` sink and the shipper behind it.
+//!
+//! Every batch a `hub` sink receives is appended to the process's one outbox and fsynced
+//! before `write` returns: from then on it is accepted, and survives a crash or a power
+//! cut. One shipper per process sends the outbox's batches over an [`Uplink`] in order,
+//! highest-priority stream first, retrying with jittered exponential backoff, and deletes
+//! each only once the uplink has acknowledged it. Batches carry (pipeline, sink,
+//! sequence), so the receiver can store each once however often it is sent.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::sync::Notify;
+use weir_engine::config::ConfigErrors;
+use weir_engine::metrics::{OperatorMetrics, OutboxMetrics};
+use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
+use weir_engine::{OperatorError, OperatorInstance, Sink};
+
+use rand::{Rng, SeedableRng};
+
+use crate::{Limits, Outbox, OutboxError, Stats, Stored};
+
+/// Batches shipped per round; one stream at a time.
+const SHIP_BATCHES: usize = 32;
+/// The wait after a failed send: doubling from this…
+const RETRY_INITIAL: Duration = Duration::from_millis(500);
+/// …to this.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often the shipper looks at the limits and refreshes metrics while idle.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Where shipped batches go: the hub, or a local directory.
+#[async_trait]
+pub trait Uplink: Send + Sync {
+    /// Sends one stored batch. `Ok` means the receiver has it durably (or already had
+    /// it); only then is it deleted from the outbox.
+    async fn ship(&self, batch: &Stored) -> Result<(), String>;
+
+    /// Where batches go, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Ships to a directory: each batch becomes `DIR/PIPELINE/SINK/SEQ.arrows` (Arrow IPC,
+/// zstd), written to a temporary name, fsynced and renamed. A batch sent twice lands on
+/// the same name, so the directory holds each batch once. For trying pipelines, and for
+/// tests, without a hub.
+pub struct DirectoryUplink {
+    dir: PathBuf,
+}
+
+impl DirectoryUplink {
+    /// An uplink into `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DirectoryUplink { dir: dir.into() }
+    }
+}
+
+#[async_trait]
+impl Uplink for DirectoryUplink {
+    async fn ship(&self, batch: &Stored) -> Result<(), String> {
+        let dir = self.dir.join(&batch.stream);
+        let name = format!("{:020}.arrows", batch.seq);
+        let payload = batch.payload.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            std::fs::create_dir_all(&dir)?;
+            let partial = dir.join(format!(".{name}.partial"));
+            let mut file = std::fs::File::create(&partial)?;
+            file.write_all(&payload)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, dir.join(&name))?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot write into {}: {e}", self.dir.display()))
+    }
+
+    fn describe(&self) -> String {
+        format!("the directory {}", self.dir.display())
+    }
+}
+
+/// The process's outbox and its shipper, shared by every `hub` sink.
+pub struct Shipping {
+    path: PathBuf,
+    limits: Limits,
+    uplink: Arc<dyn Uplink>,
+    metrics: OutboxMetrics,
+    opened: OnceLock<Result<Arc<Outbox>, String>>,
+    appended: Arc<Notify>,
+}
+
+impl Shipping {
+    /// Shipping through `uplink` from the outbox at `path` (opened when the first `hub`
+    /// sink starts).
+    pub fn new(
+        path: PathBuf,
+        limits: Limits,
+        uplink: Arc<dyn Uplink>,
+        metrics: OutboxMetrics,
+    ) -> Self {
+        Shipping {
+            path,
+            limits,
+            uplink,
+            metrics,
+            opened: OnceLock::new(),
+            appended: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The outbox, opened (or recovered) on first use, with the shipper started.
+    fn outbox(&self) -> Result<Arc<Outbox>, String> {
+        self.opened
+            .get_or_init(|| {
+                let (outbox, recovery) =
+                    Outbox::open(&self.path, self.limits).map_err(|e| e.to_string())?;
+                if let Some(recovery) = recovery {
+                    self.metrics
+                        .recovered(recovery.salvaged_batches, recovery.broken_batches);
+                }
+                let outbox = Arc::new(outbox);
+                tokio::spawn(ship(
+                    outbox.clone(),
+                    self.uplink.clone(),
+                    self.metrics.clone(),
+                    self.appended.clone(),
+                ));
+                tracing::info!(
+                    outbox = %self.path.display(),
+                    "shipping to {}",
+                    self.uplink.describe()
+                );
+                Ok(outbox)
+            })
+            .clone()
+    }
+
+    /// Waits until the outbox is empty, or `timeout` passes; returns the batches left.
+    pub async fn drain(&self, timeout: Duration) -> u64 {
+        let Some(Ok(outbox)) = self.opened.get() else {
+            return 0;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = outbox.stats().batches;
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The outbox file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The outbox's figures in `/metrics`.
+trait Publish {
+    fn recovered(&self, kept: u64, lost: u64);
+    fn update(&self, stats: &Stats, now_ms: i64);
+    fn shipped(&self, stream: &str, rows: u64);
+    fn retried(&self, stream: &str);
+    fn appended(&self, stream: &str, rows: u64);
+}
+
+impl Publish for OutboxMetrics {
+    fn recovered(&self, kept: u64, lost: u64) {
+        self.recovered_batches
+            .with_label_values(&["kept"])
+            .inc_by(kept);
+        self.recovered_batches
+            .with_label_values(&["lost"])
+            .inc_by(lost);
+    }
+
+    fn update(&self, stats: &Stats, now_ms: i64) {
+        for stream in &stats.streams {
+            let labels = &[stream.stream.as_str()];
+            let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.batches
+                .with_label_values(labels)
+                .set(as_i64(stream.batches));
+            self.rows.with_label_values(labels).set(as_i64(stream.rows));
+            self.bytes
+                .with_label_values(labels)
+                .set(as_i64(stream.bytes));
+            self.oldest_age_seconds.with_label_values(labels).set(
+                stream
+                    .oldest_ms
+                    .map_or(0, |oldest| (now_ms - oldest).max(0) / 1000),
+            );
+        }
+        // The outbox counts its drops since it opened; the counters catch up to it.
+        for (reason, total) in [
+            ("bytes", stats.dropped_rows_bytes),
+            ("age", stats.dropped_rows_age),
+        ] {
+            let counter = self.dropped_rows.with_label_values(&[reason]);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+    }
+
+    fn shipped(&self, stream: &str, rows: u64) {
+        self.shipped_rows.with_label_values(&[stream]).inc_by(rows);
+    }
+
+    fn retried(&self, stream: &str) {
+        self.retries.with_label_values(&[stream]).inc();
+    }
+
+    fn appended(&self, stream: &str, rows: u64) {
+        self.appended_rows.with_label_values(&[stream]).inc_by(rows);
+    }
+}
+
+/// Sends what the outbox holds, in order, until the process ends.
+async fn ship(
+    outbox: Arc<Outbox>,
+    uplink: Arc<dyn Uplink>,
+    metrics: OutboxMetrics,
+    appended: Arc<Notify>,
+) {
+    let mut failures = 0u32;
+    let mut jitter = rand_chacha::ChaCha8Rng::seed_from_u64(now_ms() as u64);
+    loop {
+        let expired = {
+            let outbox = outbox.clone();
+            tokio::task::spawn_blocking(move || outbox.expire(now_ms())).await
+        };
+        if let Ok(Err(error)) = expired {
+            tracing::error!("cannot apply the outbox's age limit: {error}");
+        }
+        metrics.update(&outbox.stats(), now_ms());
+        let next = {
+            let outbox = outbox.clone();
+            tokio::task::spawn_blocking(move || outbox.next(SHIP_BATCHES)).await
+        };
+        let batches = match next {
+            Ok(Ok(batches)) => batches,
+            Ok(Err(error)) => {
+                tracing::error!("cannot read the outbox: {error}");
+                tokio::time::sleep(IDLE_TICK).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        if batches.is_empty() {
+            let _ = tokio::time::timeout(IDLE_TICK, appended.notified()).await;
+            continue;
+        }
+        for batch in batches {
+            match uplink.ship(&batch).await {
+                Ok(()) => {
+                    failures = 0;
+                    metrics.shipped(&batch.stream, batch.rows);
+                    let acked = {
+                        let outbox = outbox.clone();
+                        let (stream, seq) = (batch.stream.clone(), batch.seq);
+                        tokio::task::spawn_blocking(move || outbox.ack(&stream, &[seq])).await
+                    };
+                    if let Ok(Err(error)) = acked {
+                        tracing::error!("cannot delete a shipped batch from the outbox: {error}");
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    metrics.retried(&batch.stream);
+                    let delay = backoff(failures, &mut jitter);
+                    tracing::warn!(
+                        stream = %batch.stream,
+                        "cannot ship to {}: {error}; trying again in {delay:.1?}",
+                        uplink.describe()
+                    );
+                    tokio::time::sleep(delay).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The wait after `failures` failed sends in a row: doubling, capped, with full jitter
+/// over its upper half so devices that lost the hub together do not return together.
+fn backoff(failures: u32, jitter: &mut impl Rng) -> Duration {
+    let ceiling = RETRY_INITIAL
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX);
+    let half = ceiling / 2;
+    half + half.mul_f64(jitter.random::<f64>())
+}
+
+/// Builds `hub` sinks; every one in the process shares one [`Shipping`].
+pub struct HubSinkFactory {
+    shipping: Option<Arc<Shipping>>,
+}
+
+impl HubSinkFactory {
+    /// A factory whose sinks ship through `shipping`; with `None` (the hub validating a
+    /// deployment, `weir validate`) sinks plan but cannot start.
+    pub fn new(shipping: Option<Arc<Shipping>>) -> Self {
+        HubSinkFactory { shipping }
+    }
+}
+
+/// The `config` of a `hub` sink.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubSinkConfig {
+    /// Where several sinks share the uplink, a higher priority ships first and is
+    /// dropped last when the outbox is full. Default 0.
+    pub priority: i32,
+}
+
+impl OperatorFactory for HubSinkFactory {
+    fn kind(&self) -> &'static str {
+        "hub"
+    }
+
+    fn roles(&self) -> &'static [Role] {
+        &[Role::Sink]
+    }
+
+    fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
+        let config: HubSinkConfig = node.config()?;
+        Ok(Box::new(Plan {
+            stream: format!("{}/{}", node.pipeline, node.name),
+            priority: config.priority,
+            shipping: self.shipping.clone(),
+        }))
+    }
+}
+
+struct Plan {
+    stream: String,
+    priority: i32,
+    shipping: Option<Arc<Shipping>>,
+}
+
+impl PlannedOperator for Plan {
+    fn outputs(&self) -> Vec<OutputSpec> {
+        Vec::new()
+    }
+
+    fn instantiate(
+        self: Box<Self>,
+        _metrics: &OperatorMetrics,
+    ) -> Result<OperatorInstance, OperatorError> {
+        let shipping = self.shipping.ok_or_else(|| {
+            OperatorError::User(
+                "the hub sink has nowhere to ship: run the pipeline under `weir agent`, or \
+                 pass --ship-dir DIR to `weir run` to ship to a local directory"
+                    .to_owned(),
+            )
+        })?;
+        let outbox = shipping.outbox().map_err(OperatorError::User)?;
+        outbox
+            .register(&self.stream, self.priority)
+            .map_err(|e| OperatorError::User(e.to_string()))?;
+        Ok(OperatorInstance::Sink(Box::new(HubSink {
+            stream: self.stream,
+            outbox,
+            appended: shipping.appended.clone(),
+            metrics: shipping.metrics.clone(),
+        })))
+    }
+}
+
+struct HubSink {
+    stream: String,
+    outbox: Arc<Outbox>,
+    appended: Arc<Notify>,
+    metrics: OutboxMetrics,
+}
+
+#[async_trait]
+impl Sink for HubSink {
+    async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
+        let rows = batch.num_rows() as u64;
+        let (outbox, stream) = (self.outbox.clone(), self.stream.clone());
+        // Accepted only once stored and fsynced.
+        tokio::task::spawn_blocking(move || outbox.append(&stream, &[batch], now_ms()))
+            .await
+            .map_err(|e| OperatorError::Internal(e.to_string()))?
+            .map_err(|e: OutboxError| OperatorError::User(e.to_string()))?;
+        self.metrics.appended(&self.stream, rows);
+        self.appended.notify_one();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_in_the_upper_half() {
+        let mut jitter = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for failures in 1..20 {
+            let ceiling = RETRY_INITIAL
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(RETRY_MAX);
+            let delay = backoff(failures, &mut jitter);
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "{failures}: {delay:?}"
+            );
+        }
+        assert!(backoff(30, &mut jitter) <= RETRY_MAX);
+    }
+}
