@@ -7,6 +7,29 @@ use weir_outbox::{Check, Outbox};
 
 use crate::exit::Outcome;
 
+/// The outbox's limits, shared by `weir run` and `weir agent`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OutboxLimits {
+    /// The most the `hub` sinks' outbox may hold, e.g. 512MiB; past it the oldest batches
+    /// of the lowest-priority sinks are dropped and counted.
+    #[arg(long, default_value = "512MiB", value_parser = crate::run::byte_size, value_name = "SIZE")]
+    pub outbox_max_bytes: u64,
+
+    /// Batches older than this are dropped from the outbox and counted.
+    #[arg(long, default_value = "7d", value_parser = crate::run::positive_duration, value_name = "DURATION")]
+    pub outbox_max_age: std::time::Duration,
+}
+
+impl OutboxLimits {
+    /// As the outbox takes them.
+    pub fn limits(&self) -> weir_outbox::Limits {
+        weir_outbox::Limits {
+            max_bytes: self.outbox_max_bytes,
+            max_age: Some(self.outbox_max_age),
+        }
+    }
+}
+
 /// `weir outbox` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum OutboxCommand {

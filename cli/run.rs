@@ -39,14 +39,8 @@ pub struct RunArgs {
     )]
     outbox: PathBuf,
 
-    /// The most the outbox may hold, e.g. 512MiB; past it the oldest batches of the
-    /// lowest-priority sinks are dropped and counted.
-    #[arg(long, default_value = "512MiB", value_parser = byte_size, value_name = "SIZE")]
-    outbox_max_bytes: u64,
-
-    /// Batches older than this are dropped from the outbox and counted.
-    #[arg(long, default_value = "7d", value_parser = positive_duration, value_name = "DURATION")]
-    outbox_max_age: Duration,
+    #[command(flatten)]
+    outbox_limits: crate::outbox::OutboxLimits,
 
     /// Once every pipeline has ended, keep serving the local API until SIGINT or SIGTERM,
     /// so retained streams can still be queried.
@@ -93,10 +87,7 @@ pub async fn run(args: RunArgs) -> Outcome {
     let shipping = args.ship_dir.as_ref().map(|dir| {
         Arc::new(weir_outbox::Shipping::new(
             args.outbox.clone(),
-            weir_outbox::Limits {
-                max_bytes: args.outbox_max_bytes,
-                max_age: Some(args.outbox_max_age),
-            },
+            args.outbox_limits.limits(),
             Arc::new(weir_outbox::DirectoryUplink::new(dir)),
             metrics.outbox(),
         ))

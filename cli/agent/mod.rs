@@ -6,6 +6,7 @@
 
 mod pipelines;
 mod state;
+mod uplink;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -75,6 +76,9 @@ pub struct AgentArgs {
 
     #[command(flatten)]
     api: crate::api::ApiArgs,
+
+    #[command(flatten)]
+    outbox_limits: crate::outbox::OutboxLimits,
 
     /// How long each poll for the desired state waits for a change (whole seconds).
     #[arg(long, default_value = "30s", value_parser = crate::run::positive_duration, value_name = "DURATION")]
@@ -223,7 +227,18 @@ pub async fn run(args: AgentArgs) -> Outcome {
         return Outcome::RuntimeFailure(message);
     }
 
+    // The hub sinks' outbox lives with the agent's state, so it survives restarts.
+    let shipping = Arc::new(weir_outbox::Shipping::new(
+        state.path().join("outbox.redb"),
+        args.outbox_limits.limits(),
+        Arc::new(uplink::HubUplink::new(
+            client.clone(),
+            settings.device.clone(),
+        )),
+        metrics.outbox(),
+    ));
     let (pipelines, ended) = PipelineSet::new(
+        shipping,
         live.clone(),
         metrics,
         modules.clone(),

@@ -65,6 +65,8 @@ struct Running {
 /// The pipelines the agent runs.
 pub struct PipelineSet {
     running: BTreeMap<String, Running>,
+    /// Where `hub` sinks ship.
+    shipping: Arc<weir_outbox::Shipping>,
     /// Their state, operators and streams, as the local API shows them.
     live: Arc<LivePipelines>,
     metrics: EngineMetrics,
@@ -80,6 +82,7 @@ impl PipelineSet {
     /// An empty set. Pipeline ends are announced on the returned channel; pass each one
     /// to [`PipelineSet::ended`].
     pub fn new(
+        shipping: Arc<weir_outbox::Shipping>,
         live: Arc<LivePipelines>,
         metrics: EngineMetrics,
         modules: Arc<ModuleHost>,
@@ -89,6 +92,7 @@ impl PipelineSet {
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         let set = PipelineSet {
             running: BTreeMap::new(),
+            shipping,
             live,
             metrics,
             modules,
@@ -226,9 +230,7 @@ impl PipelineSet {
         &self,
         sources: &[PipelineSource],
     ) -> Result<BTreeMap<String, (PipelineSource, ValidatedPipeline)>, String> {
-        // Shipping to the hub from the agent comes with the hub's ingest endpoint; until
-        // then a deployment with a `hub` sink validates but fails to start, and says so.
-        let registry = crate::validate::registry(&self.modules, None);
+        let registry = crate::validate::registry(&self.modules, Some(self.shipping.clone()));
         let (validated, diagnostics) =
             weir_pipelines::validate_sources(sources, &registry, &weir_pipelines::process_env);
         if !diagnostics.is_empty() {

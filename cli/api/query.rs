@@ -9,45 +9,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use weir_query::{Format, Limits, QueryError, QueryRequest, Session};
+use weir_query::{Encoded, Format, Limits, QueryError, QueryRequest, Session};
 
 use super::ApiState;
 use super::live::LivePipelines;
-
-/// A query's answer, ready to send.
-pub struct Encoded {
-    /// The HTTP status.
-    pub status: u16,
-    /// The media type of `body`.
-    pub content_type: &'static str,
-    /// How many rows the answer holds, and whether they were cut at the limit.
-    pub rows: Option<(usize, bool)>,
-    /// The rows in the asked format, or the error as `{"error": …, "code": …}`.
-    pub body: Vec<u8>,
-}
-
-impl Encoded {
-    fn refusal(error: &QueryError) -> Self {
-        let body = serde_json::json!({"error": error.to_string(), "code": error.code()});
-        Encoded {
-            status: error.status(),
-            content_type: "application/json",
-            rows: None,
-            body: body.to_string().into_bytes(),
-        }
-    }
-
-    /// The headers that go with the body, beside its media type.
-    pub fn row_headers(&self) -> Vec<(&'static str, String)> {
-        match self.rows {
-            Some((count, truncated)) => vec![
-                (weir_query::ROW_COUNT_HEADER, count.to_string()),
-                (weir_query::TRUNCATED_HEADER, truncated.to_string()),
-            ],
-            None => Vec::new(),
-        }
-    }
-}
 
 /// Runs `request` over the retained streams of `pipelines` within `server` limits, and
 /// writes the answer in the request's format, else `accepted`, else JSON.
@@ -62,16 +27,12 @@ pub async fn answer(
         let limits = request.limits(server)?;
         let mut session = Session::new(&limits)?;
         weir_query::register_streams(&mut session, &pipelines.streams())?;
-        let answer = session.run(&request.sql, &limits).await?;
-        let body = answer.encode(format)?;
-        Ok::<_, QueryError>(Encoded {
-            status: 200,
-            content_type: format.content_type(),
-            rows: Some((answer.row_count, answer.truncated)),
-            body,
-        })
+        session.run(&request.sql, &limits).await
     };
-    run.await.unwrap_or_else(|error| Encoded::refusal(&error))
+    match run.await {
+        Ok(answer) => Encoded::answer(&answer, format),
+        Err(error) => Encoded::refusal(&error),
+    }
 }
 
 pub(super) async fn query(

@@ -20,9 +20,10 @@ const INDEX: TableDefinition<(&str, u64), (u64, u64, i64)> = TableDefinition::ne
 const STREAMS: TableDefinition<&str, (u64, i32)> = TableDefinition::new("streams");
 /// Settings of the file itself: `seq_floor`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// The first sequence number of a stream the file has not seen. A recovered file sets it
-/// past every number used before (the time of recovery, in µs), so a batch of a stream
-/// whose last batches were lost can never reuse a number the hub has already stored.
+/// The first sequence number of a stream the file has not seen: the time the file was
+/// created (or recovered), in µs. So a new or recovered file never reuses a number an
+/// earlier one gave a batch the hub may have stored already (it would take the new batch
+/// for a copy of the old and keep only the old).
 const SEQ_FLOOR: &str = "seq_floor";
 
 /// How much the outbox may hold.
@@ -547,6 +548,13 @@ fn forget(state: &mut State, victims: &[(String, Entry)], why: Drop) {
     }
 }
 
+/// Microseconds since the Unix epoch: where a new file's sequence numbers start.
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+}
+
 /// The page size redb writes in: a file of another length was cut short.
 const PAGE: u64 = 4096;
 
@@ -568,11 +576,21 @@ fn load(path: &Path) -> Result<(Database, State), String> {
         {
             // Created on first use, so a fresh file has them.
             txn.open_table(BATCHES).map_err(|e| e.to_string())?;
-            let meta = txn.open_table(META).map_err(|e| e.to_string())?;
-            state.seq_floor = meta
+            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+            let floor = meta
                 .get(SEQ_FLOOR)
                 .map_err(|e| e.to_string())?
-                .map_or(0, |floor| floor.value());
+                .map(|floor| floor.value());
+            state.seq_floor = match floor {
+                Some(floor) => floor,
+                None => {
+                    // A new file: its numbers start past any an earlier file (deleted,
+                    // or lost with its disk) can have used.
+                    let floor = now_micros();
+                    meta.insert(SEQ_FLOOR, floor).map_err(|e| e.to_string())?;
+                    floor
+                }
+            };
             let index = txn.open_table(INDEX).map_err(|e| e.to_string())?;
             let streams = txn.open_table(STREAMS).map_err(|e| e.to_string())?;
             for row in streams.iter().map_err(|e| e.to_string())? {
@@ -679,9 +697,7 @@ fn recover(path: &Path, reason: &str) -> Result<Recovery, OutboxError> {
     let db = Database::create(path).map_err(|e| storage(path, e))?;
     let txn = db.begin_write().map_err(|e| storage(path, e))?;
     let mut rows = 0;
-    let floor = u64::try_from(stamp)
-        .unwrap_or(u64::MAX / 2)
-        .saturating_mul(1000);
+    let floor = now_micros();
     {
         txn.open_table(META)
             .map_err(|e| storage(path, e))?

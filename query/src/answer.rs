@@ -138,3 +138,53 @@ pub fn arrow_to_table(arrow: &[u8]) -> Result<(String, usize), String> {
     .map_err(|e| format!("cannot print the answer: {e}"))?;
     Ok((table.to_string(), rows))
 }
+
+/// A query's answer ready to send over HTTP: the rows in the asked format, or the error.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    /// The HTTP status.
+    pub status: u16,
+    /// The media type of `body`.
+    pub content_type: &'static str,
+    /// How many rows the answer holds, and whether they were cut at the limit.
+    pub rows: Option<(usize, bool)>,
+    /// The rows in the asked format, or the error as `{"error": …, "code": …}`.
+    pub body: Vec<u8>,
+}
+
+impl Encoded {
+    /// `error` as a JSON answer.
+    pub fn refusal(error: &QueryError) -> Self {
+        let body = serde_json::json!({"error": error.to_string(), "code": error.code()});
+        Encoded {
+            status: error.status(),
+            content_type: "application/json",
+            rows: None,
+            body: body.to_string().into_bytes(),
+        }
+    }
+
+    /// `answer` written as `format`.
+    pub fn answer(answer: &Answer, format: Format) -> Self {
+        match answer.encode(format) {
+            Ok(body) => Encoded {
+                status: 200,
+                content_type: format.content_type(),
+                rows: Some((answer.row_count, answer.truncated)),
+                body,
+            },
+            Err(error) => Encoded::refusal(&error),
+        }
+    }
+
+    /// The headers that go with the body, beside its media type.
+    pub fn row_headers(&self) -> Vec<(&'static str, String)> {
+        match self.rows {
+            Some((count, truncated)) => vec![
+                (crate::ROW_COUNT_HEADER, count.to_string()),
+                (crate::TRUNCATED_HEADER, truncated.to_string()),
+            ],
+            None => Vec::new(),
+        }
+    }
+}

@@ -17,7 +17,7 @@ mod request;
 mod session;
 
 #[cfg(feature = "engine")]
-pub use answer::{Answer, Column, JsonAnswer, arrow_to_table};
+pub use answer::{Answer, Column, Encoded, JsonAnswer, arrow_to_table};
 pub use error::QueryError;
 pub use request::{Format, Limits, QueryRequest};
 #[cfg(feature = "engine")]

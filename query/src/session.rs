@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use datafusion::catalog::MemorySchemaProvider;
+use datafusion::catalog::{MemorySchemaProvider, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
@@ -74,6 +74,17 @@ impl Session {
     ) -> Result<(), QueryError> {
         let table = MemTable::try_new(schema, vec![batches])
             .map_err(|e| QueryError::Internal(format!("cannot register table '{name}': {e}")))?;
+        self.register_table(namespace, name, Arc::new(table))
+    }
+
+    /// Registers `table` as `name`, in schema `namespace` when given (created on first
+    /// use) and otherwise unqualified.
+    pub fn register_table(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        table: Arc<dyn TableProvider>,
+    ) -> Result<(), QueryError> {
         let catalog = self
             .context
             .catalog(CATALOG)
@@ -92,7 +103,7 @@ impl Session {
             }
         };
         schema
-            .register_table(name.to_owned(), Arc::new(table))
+            .register_table(name.to_owned(), table)
             .map_err(|e| QueryError::Internal(format!("cannot register table '{name}': {e}")))?;
         Ok(())
     }

@@ -516,3 +516,134 @@ fn an_admin_queries_a_connected_device_through_the_hub() {
         .expect_err("disconnected");
     assert_eq!(error.status(), Some(504), "{error}");
 }
+
+/// Paced readings aggregated per second and shipped to the hub: 3 devices every 100 ms
+/// for 4 s.
+const SHIPPED: &str = r#"version: 1
+name: plant
+sources:
+  readings:
+    kind: generator
+    config:
+      devices: 3
+      interval: 100ms
+      count: 120
+      realtime: true
+      fields:
+        temperature: {shape: sine, base: 60, amplitude: 5, period: 1m}
+    event_time: {column: ts}
+transforms:
+  per_second:
+    kind: sql
+    inputs: [readings]
+    window: {tumbling: 1s}
+    config:
+      query: SELECT device, count(*) AS n FROM readings GROUP BY device
+sinks:
+  uplink:
+    kind: hub
+    inputs: [per_second]
+"#;
+
+/// The hub's answer to `sql` over the fleet's data, as CSV lines (header first).
+fn fleet_csv(runtime: &tokio::runtime::Runtime, admin: &HubClient, sql: &str) -> Vec<String> {
+    let mut request = weir_query::QueryRequest::new(sql);
+    request.format = Some(weir_query::Format::Csv);
+    let answer = runtime
+        .block_on(admin.query(&request))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    String::from_utf8(answer.body)
+        .expect("utf-8")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn what_a_hub_sink_ships_through_a_hub_outage_is_stored_once_and_queryable() {
+    let (runtime, dir, mut hub) = hub_in_a_temp_dir();
+    let hub_addr = hub.addr;
+    let url = hub.url();
+    let admin = HubClient::new(&url, Credentials::Admin(ADMIN_TOKEN.to_owned()), None)
+        .expect("admin client");
+    let created = runtime
+        .block_on(admin.create_device(&NewDevice {
+            id: "edge-1".to_owned(),
+            tags: [("fleet".to_owned(), "ship".to_owned())].into(),
+        }))
+        .expect("register");
+    let mut agent = start_agent(
+        &url,
+        "edge-1",
+        &created.keys.primary,
+        &dir.path().join("edge-1"),
+    );
+    let agent_addr = agent.metrics_addr();
+    runtime
+        .block_on(admin.put_deployment(
+            "plant",
+            &spec("fleet = 'ship'", &[("plant", SHIPPED.to_owned())]),
+        ))
+        .expect("deploy");
+    wait_for_devices(&runtime, &admin, &["edge-1"], "applied", |d| {
+        d.report
+            .as_ref()
+            .is_some_and(|r| r.status == ReportStatus::Applied)
+    });
+
+    // The hub goes away while the pipeline runs: its windows wait in the outbox.
+    runtime.block_on(hub.shutdown());
+    let retried = |addr: &str| {
+        metric_value(
+            &http_get(addr, "/metrics"),
+            "weir_outbox_retries_total",
+            &[("stream", "plant/uplink")],
+        )
+        .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while retried(&agent_addr) < 1.0 {
+        assert!(Instant::now() < deadline, "the agent never tried to ship");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    hub = runtime.block_on(start_hub(&dir.path().join("hub"), hub_addr));
+
+    // Back: everything arrives, each window once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let totals = loop {
+        let lines = fleet_csv(
+            &runtime,
+            &admin,
+            "SELECT count(*) AS windows, sum(n) AS rows, \
+             count(DISTINCT device || CAST(window_start AS VARCHAR)) AS distinct_windows, \
+             min(hub_device) AS shipper FROM plant.uplink",
+        );
+        if lines
+            .get(1)
+            .is_some_and(|line| line.split(',').nth(1) == Some("120"))
+        {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not everything arrived: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let fields: Vec<&str> = totals[1].split(',').collect();
+    assert_eq!(fields[0], fields[2], "a window stored twice: {totals:?}");
+    assert_eq!(fields[3], "edge-1");
+    // 4 s of readings in 1 s windows, per device: 4 or 5 windows each.
+    let windows: usize = fields[0].parse().expect("a count");
+    assert!((12..=15).contains(&windows), "{totals:?}");
+    // Shipped and acknowledged: nothing waits any more.
+    let body = http_get(&agent_addr, "/metrics");
+    assert_eq!(
+        metric_value(&body, "weir_outbox_batches", &[("stream", "plant/uplink")]),
+        Some(0.0),
+        "{body}"
+    );
+    drop(agent);
+    runtime.block_on(hub.shutdown());
+}

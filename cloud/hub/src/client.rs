@@ -10,9 +10,9 @@ use serde::de::DeserializeOwned;
 
 use crate::identity::{DeviceKey, device_resource, sign_token};
 use crate::protocol::{
-    ANSWER_STATUS_HEADER, CreatedDevice, DeploymentDevice, DeploymentSpec, DeploymentView,
-    DesiredState, DeviceKeys, DevicePatch, DeviceView, DiagnosticView, ErrorBody, FleetStatus,
-    ForwardedQuery, NewDevice, Report,
+    ANSWER_STATUS_HEADER, APPENDED_MS_HEADER, CreatedDevice, DeploymentDevice, DeploymentSpec,
+    DeploymentView, DesiredState, DeviceKeys, DevicePatch, DeviceView, DiagnosticView, ErrorBody,
+    FleetStatus, ForwardedQuery, IngestAnswer, NewDevice, Report,
 };
 
 /// How long a device token the client signs is valid.
@@ -384,27 +384,71 @@ impl HubClient {
                 REQUEST_TIMEOUT.saturating_add(query_timeout),
             )
             .await?;
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_owned)
-        };
-        let content_type = header(reqwest::header::CONTENT_TYPE.as_str()).unwrap_or_default();
-        let truncated = header(weir_query::TRUNCATED_HEADER).as_deref() == Some("true");
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| ClientError::BadAnswer(error_chain(&e)))?;
-        Ok(QueryAnswer {
-            content_type,
-            truncated,
-            body: body.to_vec(),
-        })
+        query_answer(response).await
+    }
+
+    /// Runs read-only SQL over the data the fleet shipped.
+    pub async fn query(
+        &self,
+        request: &weir_query::QueryRequest,
+    ) -> Result<QueryAnswer, ClientError> {
+        let query_timeout = request
+            .timeout
+            .as_deref()
+            .and_then(|text| humantime::parse_duration(text.trim()).ok())
+            .unwrap_or(weir_query::Limits::DEFAULT_TIMEOUT);
+        let response = self
+            .send(
+                Method::POST,
+                "/query",
+                &[],
+                Some(request),
+                REQUEST_TIMEOUT.saturating_add(query_timeout),
+            )
+            .await?;
+        query_answer(response).await
     }
 
     // --- device -----------------------------------------------------------------------
+
+    /// Ships one stored batch of device `id` (zstd Arrow IPC as its outbox holds it).
+    pub async fn ship(
+        &self,
+        id: &str,
+        (pipeline, sink, seq): (&str, &str, u64),
+        appended_ms: i64,
+        payload: Vec<u8>,
+    ) -> Result<IngestAnswer, ClientError> {
+        let url = format!(
+            "{}/api/v1/devices/{id}/data/{pipeline}/{sink}/{seq}",
+            self.base
+        );
+        let response = self
+            .http
+            .post(&url)
+            .header(reqwest::header::AUTHORIZATION, self.authorization())
+            .header(APPENDED_MS_HEADER, appended_ms.to_string())
+            .timeout(REQUEST_TIMEOUT)
+            .body(payload)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                message: error_chain(&e),
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                message: response.text().await.unwrap_or_default(),
+                diagnostics: Vec::new(),
+            });
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| ClientError::BadAnswer(error_chain(&e)))
+    }
 
     /// The queries forwarded to device `id`, waiting up to `wait` for one; empty when
     /// none came.
@@ -515,7 +559,29 @@ impl HubClient {
     }
 }
 
-/// A device's answer to a forwarded query.
+/// A query's answer as the hub sent it.
+async fn query_answer(response: reqwest::Response) -> Result<QueryAnswer, ClientError> {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header(reqwest::header::CONTENT_TYPE.as_str()).unwrap_or_default();
+    let truncated = header(weir_query::TRUNCATED_HEADER).as_deref() == Some("true");
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| ClientError::BadAnswer(error_chain(&e)))?;
+    Ok(QueryAnswer {
+        content_type,
+        truncated,
+        body: body.to_vec(),
+    })
+}
+
+/// A query's answer: the fleet's, or a device's to a forwarded query.
 #[derive(Clone, Debug)]
 pub struct QueryAnswer {
     /// Its media type: JSON, CSV or Arrow IPC, as asked.

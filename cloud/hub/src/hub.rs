@@ -12,6 +12,7 @@ use weir_engine::Registry;
 use weir_modules::{ModuleFactory, ModuleHost};
 use weir_pipelines::{Diagnostic, PipelineSource};
 
+use crate::data::FleetData;
 use crate::error::{StartError, StoreError};
 use crate::fleet::{Fleet, FleetChange};
 use crate::identity::{self, DeviceKey, HubSecret, KeySlot};
@@ -85,6 +86,7 @@ pub struct Hub {
     registry: Registry,
     metrics: HubMetrics,
     relay: QueryRelay,
+    data: FleetData,
 }
 
 /// A hub that has just been opened.
@@ -128,6 +130,11 @@ impl Hub {
         registry.register(Arc::new(ModuleFactory::new(modules)));
         // Deployments may ship to the hub; the hub itself never runs them.
         registry.register(Arc::new(weir_outbox::HubSinkFactory::new(None)));
+        let data =
+            FleetData::local(&config.data_dir.join("fleet")).map_err(|e| StoreError::Io {
+                path: config.data_dir.join("fleet"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         let (changes, _) = watch::channel(-1);
         let hub = Arc::new(Hub {
             store,
@@ -141,6 +148,7 @@ impl Hub {
             registry,
             metrics: HubMetrics::new(),
             relay: QueryRelay::default(),
+            data,
         });
         hub.reload().await?;
         Ok(Opened {
@@ -188,6 +196,11 @@ impl Hub {
     /// The hub's configuration.
     pub fn config(&self) -> &HubConfig {
         &self.config
+    }
+
+    /// The data the devices ship.
+    pub fn data(&self) -> &FleetData {
+        &self.data
     }
 
     /// The queries forwarded to devices, waiting for their answers.

@@ -29,6 +29,8 @@ pub mod condition;
 #[cfg(feature = "server")]
 mod dashboard;
 #[cfg(feature = "server")]
+pub mod data;
+#[cfg(feature = "server")]
 pub mod error;
 #[cfg(feature = "server")]
 pub mod fleet;

@@ -39,11 +39,14 @@ enum Command {
     Deployments(DeploymentsCommand),
     /// Shows the fleet at a glance: devices by connection, deployments by rollout.
     Status(AdminArgs),
-    /// Runs read-only SQL on a connected device's retained streams, through the hub.
+    /// Runs read-only SQL over the data the fleet shipped, or with --device on a connected
+    /// device's retained streams.
     ///
-    /// The device's agent runs the query on its local API and the answer comes back as
-    /// a table, or as JSON, CSV or Arrow IPC with --format. A device that is not
-    /// connected, or does not answer within the query's timeout, is an error.
+    /// Each shipping (pipeline, sink) is a table "pipeline"."sink" (and sink when unique)
+    /// with hub_device and hub_arrived_at columns. With --device the device's agent runs
+    /// the query on its local API; a device that is not connected, or does not answer
+    /// within the query's timeout, is an error. The answer prints as a table, or as JSON,
+    /// CSV or Arrow IPC with --format.
     Query(QueryArgs),
     /// Prints a device token for a device id and key (for curl, or a device of your own).
     Token {
@@ -117,10 +120,10 @@ struct AdminArgs {
 struct QueryArgs {
     #[command(flatten)]
     admin: AdminArgs,
-    /// The device to ask.
-    #[arg(long, required = true, value_name = "ID")]
-    device: String,
-    /// One SELECT over the device's retained streams (tables named after their nodes).
+    /// Ask this device about its retained streams instead of the fleet's stored data.
+    #[arg(long, value_name = "ID")]
+    device: Option<String>,
+    /// One SELECT.
     #[arg(value_name = "SQL")]
     sql: String,
     /// How to print the answer: table, json, csv or arrow.
@@ -279,9 +282,11 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         max_rows: args.max_rows,
         timeout: args.timeout,
     };
-    let answer = client(&args.admin)?
-        .query_device(&args.device, &request)
-        .await?;
+    let client = client(&args.admin)?;
+    let answer = match &args.device {
+        Some(device) => client.query_device(device, &request).await?,
+        None => client.query(&request).await?,
+    };
     if table {
         let (table, rows) = weir_query::arrow_to_table(&answer.body).map_err(anyhow::Error::msg)?;
         println!(

@@ -1,5 +1,5 @@
-//! The hub's Prometheus metrics: requests by route, devices by connection, and
-//! deployments by rollout status.
+//! The hub's Prometheus metrics: requests by route, devices by connection, deployments
+//! by rollout status, and the data the devices ship.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -20,6 +20,7 @@ pub struct HubMetrics {
     devices: IntGaugeVec,
     deployments: IntGaugeVec,
     rollout: IntGaugeVec,
+    ingested: IntCounterVec,
 }
 
 impl Default for HubMetrics {
@@ -77,8 +78,17 @@ impl HubMetrics {
             &["deployment", "count"],
         )
         .expect("valid metric");
+        let ingested = IntCounterVec::new(
+            Opts::new(
+                "weir_hub_ingested_total",
+                "What the devices shipped and the hub stored: rows, and bytes as shipped.",
+            ),
+            &["unit"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ingested.clone()),
             Box::new(latency.clone()),
             Box::new(devices.clone()),
             Box::new(deployments.clone()),
@@ -96,7 +106,16 @@ impl HubMetrics {
             devices,
             deployments,
             rollout,
+            ingested,
         }
+    }
+
+    /// Counts one stored batch.
+    pub fn ingested(&self, rows: u64, bytes: usize) {
+        self.ingested.with_label_values(&["rows"]).inc_by(rows);
+        self.ingested
+            .with_label_values(&["bytes"])
+            .inc_by(bytes as u64);
     }
 
     /// Counts one answered request.

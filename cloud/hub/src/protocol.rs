@@ -7,6 +7,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+/// The header a shipped batch carries the time the device stored it in (ms).
+pub const APPENDED_MS_HEADER: &str = "weir-appended-ms";
+
+/// What the hub made of a shipped batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct IngestAnswer {
+    /// False when the hub had it already (sent again): acknowledged, not stored twice.
+    pub stored: bool,
+    /// Rows stored now.
+    pub rows: u64,
+}
+
 /// The header a device's answer to a forwarded query carries its HTTP status in.
 pub const ANSWER_STATUS_HEADER: &str = "weir-answer-status";
 

@@ -36,11 +36,18 @@ macro_rules! deployment_columns {
 }
 
 /// The migrations, in order. Each is plain SQL that both databases accept.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "registry",
-    include_str!("../migrations/0001_registry.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "registry",
+        include_str!("../migrations/0001_registry.sql"),
+    ),
+    (
+        2,
+        "fleet data",
+        include_str!("../migrations/0002_fleet_data.sql"),
+    ),
+];
 
 /// How long a SQLite connection waits for another writer before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -735,6 +742,64 @@ impl Store {
                 what: format!("setting '{name}'"),
                 message: "it was written and then not found".to_owned(),
             })
+    }
+
+    /// Whether batch `seq` of `device`'s `pipeline/sink` was stored already.
+    pub async fn ingested(
+        &self,
+        device: &str,
+        pipeline: &str,
+        sink: &str,
+        seq: i64,
+    ) -> Result<bool, StoreError> {
+        let row = sqlx::query(
+            "SELECT 1 FROM hub_ingested WHERE device = $1 AND pipeline = $2 AND sink = $3 AND seq = $4",
+        )
+        .bind(device)
+        .bind(pipeline)
+        .bind(sink)
+        .bind(seq)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Records that batch `seq` of `device`'s `pipeline/sink` is stored as `object`.
+    /// Recording it twice keeps the first record.
+    pub async fn record_ingested(
+        &self,
+        device: &str,
+        (pipeline, sink, seq): (&str, &str, i64),
+        rows: i64,
+        object: &str,
+        arrived_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO hub_ingested (device, pipeline, sink, seq, rows, object, arrived_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (device, pipeline, sink, seq) DO NOTHING",
+        )
+        .bind(device)
+        .bind(pipeline)
+        .bind(sink)
+        .bind(seq)
+        .bind(rows)
+        .bind(object)
+        .bind(arrived_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Every (pipeline, sink) devices have shipped data for.
+    pub async fn shipped_streams(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT DISTINCT pipeline, sink FROM hub_ingested ORDER BY pipeline, sink")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
     }
 
     /// Closes every connection (waiting for those in use).

@@ -23,6 +23,7 @@ on_both_databases!(
     a_long_poll_answers_when_the_desired_state_changes,
     a_generated_admin_token_is_printed_once_and_kept_hashed,
     silent_devices_go_offline_and_metrics_count_them,
+    shipped_batches_are_stored_once_per_device_and_queryable,
 );
 
 fn refusal_status(result: Result<impl std::fmt::Debug, ClientError>) -> u16 {
@@ -945,11 +946,13 @@ async fn the_openapi_document_describes_every_route() {
             "PATCH /api/v1/devices/{id}",
             "POST /api/v1/deployments",
             "POST /api/v1/devices",
+            "POST /api/v1/devices/{id}/data/{pipeline}/{sink}/{seq}",
             "POST /api/v1/devices/{id}/heartbeat",
             "POST /api/v1/devices/{id}/keys/{slot}/rotate",
             "POST /api/v1/devices/{id}/queries/{query}/answer",
             "POST /api/v1/devices/{id}/query",
             "POST /api/v1/devices/{id}/report",
+            "POST /api/v1/query",
             "PUT /api/v1/deployments/{name}",
             "PUT /api/v1/devices/{id}/tags",
         ]
@@ -992,5 +995,111 @@ async fn the_openapi_document_describes_every_route() {
     assert_eq!(missing.status(), 404);
     let body = missing.text().await.expect("body");
     assert!(body.contains("/api/v1/nothing-here"), "{body}");
+    hub.stop().await;
+}
+
+/// A batch as a device's outbox holds it: zstd Arrow IPC of `rows` readings from `from`.
+fn shipped_batch(from: i64, rows: i64) -> Vec<u8> {
+    use std::sync::Arc;
+    use weir_engine::arrow::array::Int64Array;
+    use weir_engine::arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let batch = weir_engine::arrow::record_batch::RecordBatch::try_new(
+        schema,
+        vec![Arc::new(Int64Array::from_iter_values(from..from + rows))],
+    )
+    .expect("a batch");
+    weir_outbox::frame::encode_batch(&batch).expect("encodes")
+}
+
+async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(db, dir.path()).await;
+    let hub = TestHub::start(dir.path(), &database.database).await;
+    let a = hub.register("edge-a", &[]).await;
+    let b = hub.register("edge-b", &[]).await;
+    let as_a = hub.device("edge-a", &a.keys.primary);
+    let as_b = hub.device("edge-b", &b.keys.primary);
+    let day = 1_767_225_600_000;
+
+    let first = as_a
+        .ship("edge-a", ("plant", "uplink", 0), day, shipped_batch(0, 3))
+        .await
+        .expect("stored");
+    assert_eq!((first.stored, first.rows), (true, 3));
+    // The same batch again (a lost acknowledgement): acknowledged, not stored twice.
+    let again = as_a
+        .ship("edge-a", ("plant", "uplink", 0), day, shipped_batch(0, 3))
+        .await
+        .expect("acknowledged");
+    assert_eq!((again.stored, again.rows), (false, 0));
+    as_a.ship("edge-a", ("plant", "uplink", 1), day, shipped_batch(3, 2))
+        .await
+        .expect("stored");
+    // Another device's sequence numbers are its own.
+    as_b.ship(
+        "edge-b",
+        ("plant", "uplink", 0),
+        day + 86_400_000,
+        shipped_batch(100, 4),
+    )
+    .await
+    .expect("stored");
+    // A device ships only as itself, and only Arrow.
+    assert_eq!(
+        refusal_status(
+            as_a.ship("edge-b", ("plant", "uplink", 9), day, shipped_batch(0, 1))
+                .await
+        ),
+        403
+    );
+    assert_eq!(
+        refusal_status(
+            as_a.ship("edge-a", ("plant", "uplink", 9), day, b"not arrow".to_vec())
+                .await
+        ),
+        400
+    );
+    assert_eq!(
+        refusal_status(
+            as_a.ship(
+                "edge-a",
+                ("pipe;line", "uplink", 9),
+                day,
+                shipped_batch(0, 1)
+            )
+            .await
+        ),
+        400
+    );
+
+    let mut request = weir_query::QueryRequest::new(
+        "SELECT hub_device, count(*) AS rows, sum(n) AS total FROM plant.uplink \
+         GROUP BY hub_device ORDER BY hub_device",
+    );
+    request.format = Some(weir_query::Format::Csv);
+    let answer = hub.admin.query(&request).await.expect("the fleet answers");
+    assert_eq!(
+        String::from_utf8(answer.body).unwrap(),
+        "hub_device,rows,total\nedge-a,5,10\nedge-b,4,406\n"
+    );
+    // The files are laid out by pipeline, sink, day and device.
+    let file = dir
+        .path()
+        .join("fleet/pipeline=plant/sink=uplink/date=2026-01-02/device=edge-b");
+    assert!(
+        file.join("00000000000000000000.parquet").exists(),
+        "{}",
+        file.display()
+    );
+    // Only the admin may query, and a bad query says what is wrong.
+    assert_eq!(refusal_status(as_a.query(&request).await), 403);
+    let error = hub
+        .admin
+        .query(&weir_query::QueryRequest::new("SELECT nope FROM uplink"))
+        .await
+        .expect_err("bad SQL");
+    assert_eq!(error.status(), Some(400));
+    assert!(error.to_string().contains("nope"), "{error}");
     hub.stop().await;
 }

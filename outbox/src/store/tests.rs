@@ -70,17 +70,20 @@ fn unlimited() -> Limits {
 fn batches_survive_reopening_in_order_until_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox.redb");
-    {
+    let base = {
         let outbox = open(&path, unlimited());
         let seqs = outbox
             .append("p/hub", &[batch(0, 10), batch(10, 10)], T0)
             .unwrap();
-        assert_eq!(seqs, [0, 1]);
+        // A new file numbers from the time it was made, never from 0 again.
+        assert!(seqs[0] > 1_700_000_000_000_000, "{seqs:?}");
+        assert_eq!(seqs[1], seqs[0] + 1);
         assert_eq!(
             outbox.append("p/hub", &[batch(20, 5)], T0 + 1).unwrap(),
-            [2]
+            [seqs[0] + 2]
         );
-    }
+        seqs[0]
+    };
     let outbox = open(&path, unlimited());
     let stats = outbox.stats();
     assert_eq!(
@@ -88,19 +91,22 @@ fn batches_survive_reopening_in_order_until_acknowledged() {
         (3, 25, Some(T0))
     );
     let next = outbox.next(2).unwrap();
-    assert_eq!(next.iter().map(|s| s.seq).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(
+        next.iter().map(|s| s.seq).collect::<Vec<_>>(),
+        [base, base + 1]
+    );
     assert_eq!(numbers(&next), (0..20).collect::<Vec<_>>());
-    outbox.ack("p/hub", &[0, 1]).unwrap();
+    outbox.ack("p/hub", &[base, base + 1]).unwrap();
     drop(outbox);
 
     let outbox = open(&path, unlimited());
     let next = outbox.next(10).unwrap();
-    assert_eq!(next.iter().map(|s| s.seq).collect::<Vec<_>>(), [2]);
+    assert_eq!(next.iter().map(|s| s.seq).collect::<Vec<_>>(), [base + 2]);
     // Numbers are never reused, even once everything before was acknowledged.
-    outbox.ack("p/hub", &[2]).unwrap();
+    outbox.ack("p/hub", &[base + 2]).unwrap();
     assert_eq!(
         outbox.append("p/hub", &[batch(25, 1)], T0 + 2).unwrap(),
-        [3]
+        [base + 3]
     );
     assert_eq!(outbox.stats().acked_rows, 5);
 }
@@ -213,8 +219,10 @@ fn an_outbox_cut_at_any_byte_still_opens_and_keeps_what_is_intact() {
                 .append("p/hub", &[batch(i * 50, 50)], T0 + i)
                 .unwrap();
         }
-        outbox.ack("p/hub", &[0, 1, 2]).unwrap();
+        let first = outbox.stats().streams[0].next_seq - 40;
+        outbox.ack("p/hub", &[first, first + 1, first + 2]).unwrap();
     }
+    let first_seq_written = open(&original, unlimited()).stats().streams[0].next_seq - 40;
     let bytes = std::fs::read(&original).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut cuts: Vec<usize> = (0..12).map(|_| rng.random_range(1..bytes.len())).collect();
@@ -246,7 +254,10 @@ fn an_outbox_cut_at_any_byte_still_opens_and_keeps_what_is_intact() {
             assert_eq!(recovery.salvaged_rows, outbox.stats().rows, "cut at {cut}");
             // Writing goes on with numbers past anything used before.
             let seq = outbox.append("p/hub", &[batch(9000, 1)], T0).unwrap()[0];
-            assert!(seq > 39, "cut at {cut}: seq {seq} may be reused");
+            assert!(
+                seq > first_seq_written + 39,
+                "cut at {cut}: seq {seq} may be reused"
+            );
         }
     }
     assert!(recovered >= 12, "{recovered}");

@@ -16,6 +16,7 @@
 //! device on the admin API) get 403.
 
 mod admin;
+mod data;
 mod device;
 mod queries;
 
@@ -42,6 +43,9 @@ const MAX_BODY_BYTES: usize = 8 << 20;
 
 /// The largest device report: a device may not fill the hub's database.
 const MAX_REPORT_BYTES: usize = 256 << 10;
+
+/// The largest batch a device ships.
+const MAX_BATCH_BYTES: usize = 64 << 20;
 
 /// The largest answer a device sends to a forwarded query.
 const MAX_QUERY_ANSWER_BYTES: usize = 64 << 20;
@@ -75,6 +79,8 @@ const MAX_QUERY_ANSWER_BYTES: usize = 64 << 20;
         queries::query_device,
         queries::poll_queries,
         queries::answer_query,
+        data::ingest,
+        data::query,
     ),
     modifiers(&SecuritySchemes)
 )]
@@ -132,6 +138,11 @@ pub fn router(hub: Arc<Hub>) -> Router {
         )
         .route("/devices/{id}/heartbeat", post(device::heartbeat))
         .route("/devices/{id}/query", post(queries::query_device))
+        .route(
+            "/devices/{id}/data/{pipeline}/{sink}/{seq}",
+            post(data::ingest).layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BYTES)),
+        )
+        .route("/query", post(data::query))
         .route("/devices/{id}/queries", get(queries::poll_queries))
         .route(
             "/devices/{id}/queries/{query}/answer",

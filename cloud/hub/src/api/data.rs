@@ -1,0 +1,134 @@
+//! The fleet's data over the API: devices ship their `hub` sinks' batches in, each
+//! stored once; the admin runs read-only SQL over all of it.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use weir_query::{Encoded, Format, QueryError, QueryRequest};
+
+use super::{ApiError, Caller, PathParams};
+use crate::data::{BatchId, DataError, Ingested};
+use crate::hub::Hub;
+use crate::protocol::{APPENDED_MS_HEADER, IngestAnswer, now_ms};
+
+/// Stores one batch a device's `hub` sink shipped: the zstd Arrow IPC its outbox holds,
+/// with the time the device stored it in `weir-appended-ms`. A batch sent again (same
+/// device, pipeline, sink and sequence number) is acknowledged and not stored twice.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/data/{pipeline}/{sink}/{seq}",
+    params(("id" = String, Path, description = "The device id"),
+        ("pipeline" = String, Path, description = "The shipping pipeline"),
+        ("sink" = String, Path, description = "The shipping sink"),
+        ("seq" = u64, Path, description = "The batch's sequence number in its sink's stream")),
+    request_body(content = Vec<u8>, description = "Arrow IPC stream (zstd), as the outbox stores it"),
+    security(("device" = [])),
+    responses((status = 200, body = IngestAnswer), (status = 400, body = crate::protocol::ErrorBody),
+        (status = 401, body = crate::protocol::ErrorBody), (status = 403, body = crate::protocol::ErrorBody)))]
+pub async fn ingest(
+    caller: Caller,
+    State(hub): State<Arc<Hub>>,
+    PathParams((id, pipeline, sink, seq)): PathParams<(String, String, String, u64)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<IngestAnswer>, ApiError> {
+    caller.require_device(&id)?;
+    for (what, name) in [("pipeline", &pipeline), ("sink", &sink)] {
+        let fits = !name.is_empty()
+            && name.len() <= 128
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !fits {
+            return Err(ApiError::BadRequest(format!(
+                "'{name}' is not a {what} name: letters, digits, '_' and '-'"
+            )));
+        }
+    }
+    let appended_ms = headers
+        .get(APPENDED_MS_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i64>().ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "a batch needs a {APPENDED_MS_HEADER} header: when the device stored it, ms \
+                 since the Unix epoch"
+            ))
+        })?;
+    let id = BatchId {
+        device: &id,
+        pipeline: &pipeline,
+        sink: &sink,
+        seq,
+        appended_ms,
+    };
+    match hub.data().ingest(hub.store(), id, &body, now_ms()).await {
+        Ok(Ingested::Stored(rows)) => {
+            hub.metrics().ingested(rows, body.len());
+            Ok(Json(IngestAnswer { stored: true, rows }))
+        }
+        Ok(Ingested::Duplicate) => Ok(Json(IngestAnswer {
+            stored: false,
+            rows: 0,
+        })),
+        Err(DataError::BadBatch(message)) => Err(ApiError::BadRequest(message)),
+        Err(DataError::Store(error)) => Err(error.into()),
+        Err(other) => {
+            tracing::error!("{other}");
+            Err(ApiError::Internal(other.to_string()))
+        }
+    }
+}
+
+/// Read-only SQL over the data the fleet shipped: each (pipeline, sink) is a table
+/// `"pipeline"."sink"` (and `sink` when unique), with `hub_device` and `hub_arrived_at`
+/// columns. The body and the answers are those of a device's own `/api/v1/query`.
+#[utoipa::path(post, path = "/api/v1/query",
+    request_body(content = Object, description = "A query: {\"sql\": \"SELECT …\", \"format\": \"json|csv|arrow\", \"max_rows\": N, \"timeout\": \"10s\"}"),
+    security(("admin" = [])),
+    responses((status = 200, description = "The rows, in the format asked"),
+        (status = 400, description = "Bad SQL, not read-only, or a bad request"),
+        (status = 504, description = "The query did not finish within its timeout")))]
+pub async fn query(
+    caller: Caller,
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let accepted = headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .and_then(Format::from_accept);
+    let run = async {
+        let request: QueryRequest = serde_json::from_slice(&body).map_err(|e| {
+            QueryError::BadRequest(format!(
+                "the body is not a query: {e}; send {{\"sql\": \"SELECT …\"}}"
+            ))
+        })?;
+        let format = request.format.or(accepted).unwrap_or_default();
+        let limits = request.limits(&weir_query::Limits::default())?;
+        let session = hub.data().session(hub.store(), &limits).await?;
+        let answer = session.run(&request.sql, &limits).await?;
+        Ok::<_, QueryError>(Encoded::answer(&answer, format))
+    };
+    let encoded = run.await.unwrap_or_else(|error| Encoded::refusal(&error));
+    let mut response = (
+        StatusCode::from_u16(encoded.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        encoded.body.clone(),
+    )
+        .into_response();
+    let answer_headers = response.headers_mut();
+    answer_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(encoded.content_type),
+    );
+    for (name, value) in encoded.row_headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            answer_headers.insert(name, value);
+        }
+    }
+    Ok(response)
+}
