@@ -7,8 +7,8 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use weir_query::{Encoded, Format, Limits, QueryError, QueryRequest, Session};
 
 use super::ApiState;
@@ -48,22 +48,8 @@ pub(super) async fn query(
         Ok(request) => answer(&state.pipelines, &state.limits, &request, accepted).await,
         Err(error) => Encoded::refusal(&error),
     };
-    let mut response = (
-        StatusCode::from_u16(encoded.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        encoded.body.clone(),
-    )
-        .into_response();
-    let answer_headers = response.headers_mut();
-    answer_headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(encoded.content_type),
-    );
-    for (name, value) in encoded.row_headers() {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            answer_headers.insert(name, value);
-        }
-    }
-    response
+    let status = StatusCode::from_u16(encoded.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, AppendHeaders(encoded.headers()), encoded.body).into_response()
 }
 
 fn read_request(headers: &HeaderMap, body: &[u8]) -> Result<QueryRequest, QueryError> {

@@ -177,6 +177,14 @@ impl Encoded {
         }
     }
 
+    /// Every header that goes with the body: its media type and, for rows, their count
+    /// and whether they were cut.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = vec![("content-type", self.content_type.to_owned())];
+        headers.extend(self.row_headers());
+        headers
+    }
+
     /// The headers that go with the body, beside its media type.
     pub fn row_headers(&self) -> Vec<(&'static str, String)> {
         match self.rows {

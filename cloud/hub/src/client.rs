@@ -419,32 +419,10 @@ impl HubClient {
         appended_ms: i64,
         payload: Vec<u8>,
     ) -> Result<IngestAnswer, ClientError> {
-        let url = format!(
-            "{}/api/v1/devices/{id}/data/{pipeline}/{sink}/{seq}",
-            self.base
-        );
-        let response = self
-            .http
-            .post(&url)
-            .header(reqwest::header::AUTHORIZATION, self.authorization())
-            .header(APPENDED_MS_HEADER, appended_ms.to_string())
-            .timeout(REQUEST_TIMEOUT)
-            .body(payload)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                message: error_chain(&e),
-            })?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(ClientError::Refused {
-                status: status.as_u16(),
-                message: response.text().await.unwrap_or_default(),
-                diagnostics: Vec::new(),
-            });
-        }
-        response
+        let path = format!("/devices/{id}/data/{pipeline}/{sink}/{seq}");
+        let headers = [(APPENDED_MS_HEADER, appended_ms.to_string())];
+        self.post_bytes(&path, &headers, payload)
+            .await?
             .json()
             .await
             .map_err(|e| ClientError::BadAnswer(error_chain(&e)))
@@ -485,12 +463,24 @@ impl HubClient {
         headers: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<(), ClientError> {
-        let url = format!("{}/api/v1/devices/{id}/queries/{query}/answer", self.base);
+        let mut all: Vec<(&str, String)> = vec![(ANSWER_STATUS_HEADER, status.to_string())];
+        all.extend(headers.iter().map(|(name, value)| (*name, value.clone())));
+        let path = format!("/devices/{id}/queries/{query}/answer");
+        self.post_bytes(&path, &all, body).await.map(drop)
+    }
+
+    /// POSTs `body` as it is to `path` under `/api/v1` with `headers`; a refusal is an
+    /// error with the hub's text.
+    async fn post_bytes(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, ClientError> {
         let mut request = self
             .http
-            .post(&url)
+            .post(format!("{}/api/v1{path}", self.base))
             .header(reqwest::header::AUTHORIZATION, self.authorization())
-            .header(ANSWER_STATUS_HEADER, status.to_string())
             .timeout(REQUEST_TIMEOUT)
             .body(body);
         for (name, value) in headers {
@@ -500,15 +490,15 @@ impl HubClient {
             url: self.base.clone(),
             message: error_chain(&e),
         })?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(ClientError::Refused {
-                status: response.status().as_u16(),
-                message: response.text().await.unwrap_or_default(),
-                diagnostics: Vec::new(),
-            })
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
         }
+        Err(ClientError::Refused {
+            status: status.as_u16(),
+            message: response.text().await.unwrap_or_default(),
+            diagnostics: Vec::new(),
+        })
     }
 
     /// Device `id`'s desired state. With the `etag` it has, waits up to `wait` for a

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use weir_query::{Encoded, Format, QueryError, QueryRequest};
 
 use super::{ApiError, Caller, PathParams};
@@ -115,20 +115,6 @@ pub async fn query(
         Ok::<_, QueryError>(Encoded::answer(&answer, format))
     };
     let encoded = run.await.unwrap_or_else(|error| Encoded::refusal(&error));
-    let mut response = (
-        StatusCode::from_u16(encoded.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        encoded.body.clone(),
-    )
-        .into_response();
-    let answer_headers = response.headers_mut();
-    answer_headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(encoded.content_type),
-    );
-    for (name, value) in encoded.row_headers() {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            answer_headers.insert(name, value);
-        }
-    }
-    Ok(response)
+    let status = StatusCode::from_u16(encoded.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok((status, AppendHeaders(encoded.headers()), encoded.body).into_response())
 }
