@@ -188,3 +188,92 @@ fn a_hub_sink_with_nowhere_to_ship_says_how_to_give_it_somewhere() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_full_outbox_drops_exactly_its_oldest_windows_and_ships_the_rest_later() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = windows_pipeline(dir.path());
+    let outbox = dir.path().join("outbox.redb");
+    // The uplink is down: a "directory" under a plain file cannot be created.
+    let blocked = dir.path().join("not-a-dir");
+    std::fs::write(&blocked, b"").expect("writes");
+    let output = run(&[
+        "run",
+        file.to_str().unwrap(),
+        "--no-metrics",
+        "--ship-dir",
+        blocked.join("shipped").to_str().unwrap(),
+        "--outbox",
+        outbox.to_str().unwrap(),
+        "--outbox-max-bytes",
+        "16KiB",
+        "--shutdown-timeout",
+        "1s",
+    ]);
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("the outbox is full"), "{stderr}");
+    assert!(stderr.contains("still in the outbox"), "{stderr}");
+    let check = run(&["outbox", "check", outbox.to_str().unwrap()]);
+    let (stdout, _) = text(&check);
+    let kept_rows: usize = stdout
+        .split(" rows")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|rows| rows.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    // Each window is one row per device; some went, some stayed.
+    assert!(
+        kept_rows > 0 && kept_rows < 300 && kept_rows.is_multiple_of(5),
+        "{stdout}"
+    );
+
+    // The uplink comes back; a pipeline of the same name and sink that produces nothing
+    // new lets the shipper drain what was kept.
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, b"").expect("writes");
+    let drain = dir.path().join("drain.yaml");
+    std::fs::write(
+        &drain,
+        format!(
+            r#"version: 1
+name: plant
+sources:
+  nothing:
+    kind: file
+    schema: {{device: utf8}}
+    config: {{path: "{}", format: json}}
+sinks:
+  uplink:
+    kind: hub
+    inputs: [nothing]
+"#,
+            empty.display()
+        ),
+    )
+    .expect("writes");
+    let ship = dir.path().join("shipped");
+    let output = run(&[
+        "run",
+        drain.to_str().unwrap(),
+        "--no-metrics",
+        "--ship-dir",
+        ship.to_str().unwrap(),
+        "--outbox",
+        outbox.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let mut windows = shipped_windows(&ship);
+    windows.sort_by_key(|(device, start, _)| (*start, device.clone()));
+    assert_eq!(windows.len(), kept_rows, "exactly what the outbox kept");
+    // Oldest first: what is missing is the earliest windows, and nothing after them.
+    let last = 1_767_225_600_000 + 59 * 60_000;
+    let first_kept = last - (kept_rows as i64 / 5 - 1) * 60_000;
+    let expected: Vec<(String, i64, i64)> = (0..kept_rows as i64 / 5)
+        .flat_map(|minute| {
+            (0..5).map(move |device| (format!("dev-{device:04}"), first_kept + minute * 60_000, 60))
+        })
+        .collect();
+    assert_eq!(windows, expected);
+}
