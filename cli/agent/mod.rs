@@ -6,7 +6,6 @@
 
 mod pipelines;
 mod state;
-mod uplink;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -231,7 +230,7 @@ pub async fn run(args: AgentArgs) -> Outcome {
     let shipping = Arc::new(weir_outbox::Shipping::new(
         state.path().join("outbox.redb"),
         args.outbox_limits.limits(),
-        Arc::new(uplink::HubUplink::new(
+        Arc::new(weir_hub::HubUplink::new(
             client.clone(),
             settings.device.clone(),
         )),

@@ -141,6 +141,12 @@ impl Shipping {
             .clone()
     }
 
+    /// Opens the outbox and starts the shipper now, rather than when the first `hub`
+    /// sink starts (to ship what an earlier run left, say).
+    pub fn start(&self) -> Result<Arc<Outbox>, String> {
+        self.outbox()
+    }
+
     /// Waits until the outbox is empty, or `timeout` passes; returns the batches left.
     pub async fn drain(&self, timeout: Duration) -> u64 {
         let Some(Ok(outbox)) = self.opened.get() else {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -69,6 +69,21 @@ pub struct BatchId<'a> {
     pub seq: u64,
     /// When the device stored it, ms since the Unix epoch (which day's directory).
     pub appended_ms: i64,
+}
+
+/// A day's directory of one device's batches is compacted once it holds this many files.
+pub const COMPACT_MIN_FILES: usize = 16;
+
+/// Files at least this large are left as they are.
+const COMPACT_MAX_FILE_BYTES: u64 = 8 << 20;
+
+/// What one compaction pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// Directories compacted.
+    pub directories: usize,
+    /// Files merged (and deleted).
+    pub merged: usize,
 }
 
 /// The fleet's stored data.
@@ -136,6 +151,90 @@ impl FleetData {
         Ok(Ingested::Stored(rows as u64))
     }
 
+    /// Merges the small files of each directory holding [`COMPACT_MIN_FILES`] or more
+    /// into one, so queries open few files. The merged file is written before the small
+    /// ones are deleted, and a batch sent again later is still known by its record, so
+    /// compaction never loses a row nor lets one in twice. (A query running at the very
+    /// moment between the write and the deletes can see those rows twice.)
+    pub async fn compact(&self) -> Result<Compacted, DataError> {
+        use futures::TryStreamExt;
+        let objects: Vec<object_store::ObjectMeta> = self
+            .objects
+            .list(None)
+            .try_collect()
+            .await
+            .map_err(|e| DataError::Storage(e.to_string()))?;
+        let mut by_directory: std::collections::BTreeMap<String, Vec<object_store::ObjectMeta>> =
+            std::collections::BTreeMap::new();
+        for object in objects {
+            let name = object.location.as_ref().to_owned();
+            let small = object.size < COMPACT_MAX_FILE_BYTES;
+            if name.ends_with(".parquet") && small {
+                let directory = name.rsplit_once('/').map_or("", |(dir, _)| dir).to_owned();
+                by_directory.entry(directory).or_default().push(object);
+            }
+        }
+        let mut done = Compacted::default();
+        for (directory, mut files) in by_directory {
+            if files.len() < COMPACT_MIN_FILES {
+                continue;
+            }
+            files.sort_by(|a, b| a.location.cmp(&b.location));
+            let mut batches = Vec::new();
+            for file in &files {
+                let bytes = self
+                    .objects
+                    .get(&file.location)
+                    .await
+                    .map_err(|e| DataError::Storage(e.to_string()))?
+                    .bytes()
+                    .await
+                    .map_err(|e| DataError::Storage(e.to_string()))?;
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                        .and_then(|builder| builder.build())
+                        .map_err(|e| DataError::Storage(e.to_string()))?;
+                for batch in reader {
+                    batches.push(batch.map_err(|e| DataError::Storage(e.to_string()))?);
+                }
+            }
+            let Some(schema) = batches.first().map(RecordBatch::schema) else {
+                continue;
+            };
+            if batches.iter().any(|batch| batch.schema() != schema) {
+                // A pipeline whose output changed shape mid-day: left as it is.
+                continue;
+            }
+            let merged = write_parquet(&schema, &batches)?;
+            let first = files[0]
+                .location
+                .filename()
+                .unwrap_or("0")
+                .trim_end_matches(".parquet");
+            let last = files[files.len() - 1]
+                .location
+                .filename()
+                .unwrap_or("0")
+                .trim_end_matches(".parquet");
+            let target = ObjectPath::from(format!("{directory}/{first}-{last}.parquet"));
+            self.objects
+                .put(&target, merged.into())
+                .await
+                .map_err(|e| DataError::Storage(e.to_string()))?;
+            for file in &files {
+                if file.location != target {
+                    self.objects
+                        .delete(&file.location)
+                        .await
+                        .map_err(|e| DataError::Storage(e.to_string()))?;
+                }
+            }
+            done.directories += 1;
+            done.merged += files.len();
+        }
+        Ok(done)
+    }
+
     /// A query session with every shipped (pipeline, sink) registered as a table.
     pub async fn session(
         &self,
@@ -200,12 +299,7 @@ fn to_parquet(
         false,
     ));
     let schema = Arc::new(Schema::new(fields));
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, schema.clone(), Some(properties))
-        .map_err(|e| DataError::Storage(e.to_string()))?;
+    let mut with_hub_columns = Vec::with_capacity(batches.len());
     for batch in batches {
         let rows = batch.num_rows();
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
@@ -217,8 +311,22 @@ fn to_parquet(
         )));
         let batch = RecordBatch::try_new(schema.clone(), columns)
             .map_err(|e| DataError::BadBatch(e.to_string()))?;
+        with_hub_columns.push(batch);
+    }
+    write_parquet(&schema, &with_hub_columns)
+}
+
+/// `batches` as one Parquet file, zstd-compressed.
+fn write_parquet(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, DataError> {
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, schema.clone(), Some(properties))
+        .map_err(|e| DataError::Storage(e.to_string()))?;
+    for batch in batches {
         writer
-            .write(&batch)
+            .write(batch)
             .map_err(|e| DataError::Storage(e.to_string()))?;
     }
     writer

@@ -99,6 +99,9 @@ pub struct Opened {
     pub created_secret: bool,
 }
 
+/// How often the shipped data's small files are looked at for compaction.
+const COMPACT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Hub {
     /// Opens the store (migrating it), loads or creates the secret and the admin token,
     /// and loads the fleet.
@@ -185,7 +188,26 @@ impl Hub {
                 }
             })
         };
-        vec![sync, heartbeats]
+        let compaction = {
+            let hub = Arc::clone(self);
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(COMPACT_INTERVAL);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    match hub.data.compact().await {
+                        Ok(done) if done.merged > 0 => tracing::info!(
+                            "compacted {} files of shipped data in {} directories",
+                            done.merged,
+                            done.directories
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("cannot compact the shipped data: {e}"),
+                    }
+                }
+            })
+        };
+        vec![sync, heartbeats, compaction]
     }
 
     /// The store.

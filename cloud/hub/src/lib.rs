@@ -12,15 +12,18 @@
 //! - deployments target devices by a [`condition`] over their tags, and their pipelines
 //!   are validated by the same code as `weir validate`;
 //! - [`client::HubClient`] is the API's client, for the CLI and `weir agent`, speaking
-//!   the [`protocol`].
+//!   the [`protocol`]; [`uplink::HubUplink`] ships a device's `hub` sinks through it;
+//! - the devices' shipped batches are kept by [`data`] as Parquet, with SQL over them,
+//!   and queries forwarded to devices wait in the [`relay`].
 //!
 //! The service is the `server` feature (on by default). Without it the crate is what a
-//! device needs: the [`protocol`], the [`client`] and the [`identity`] tokens, with none
+//! device needs: the [`protocol`], the [`client`], the [`uplink`] and the [`identity`] tokens, with none
 //! of the database, the HTTP server or the pipeline validator.
 
 pub mod client;
 pub mod identity;
 pub mod protocol;
+pub mod uplink;
 
 #[cfg(feature = "server")]
 pub mod api;
@@ -50,6 +53,7 @@ pub use client::{ClientError, Credentials, HubClient};
 pub use hub::{Hub, HubConfig, SecretSource};
 #[cfg(feature = "server")]
 pub use server::{RunningHub, TlsFiles, serve};
+pub use uplink::HubUplink;
 
 /// The port the hub listens on by default.
 pub const DEFAULT_PORT: u16 = 8700;

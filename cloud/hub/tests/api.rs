@@ -1092,6 +1092,38 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db) {
         "{}",
         file.display()
     );
+    // Many small files of one device and day are compacted into one; nothing changes
+    // for queries, and a batch sent again is still known.
+    for seq in 2..20 {
+        as_a.ship(
+            "edge-a",
+            ("plant", "uplink", seq),
+            day,
+            shipped_batch(seq as i64 * 10, 1),
+        )
+        .await
+        .expect("stored");
+    }
+    let day_dir = dir
+        .path()
+        .join("fleet/pipeline=plant/sink=uplink/date=2026-01-01/device=edge-a");
+    let files = |dir: &Path| std::fs::read_dir(dir).expect("the directory").count();
+    assert_eq!(files(&day_dir), 20);
+    let compacted = hub.hub.data().compact().await.expect("compacts");
+    assert_eq!((compacted.directories, compacted.merged), (1, 20));
+    assert_eq!(files(&day_dir), 1);
+    let again = as_a
+        .ship("edge-a", ("plant", "uplink", 5), day, shipped_batch(50, 1))
+        .await
+        .expect("acknowledged");
+    assert!(!again.stored);
+    let mut count = weir_query::QueryRequest::new(
+        "SELECT count(*) AS rows FROM plant.uplink WHERE hub_device = 'edge-a'",
+    );
+    count.format = Some(weir_query::Format::Csv);
+    let answer = hub.admin.query(&count).await.expect("the fleet answers");
+    assert_eq!(String::from_utf8(answer.body).unwrap(), "rows\n23\n");
+
     // Only the admin may query, and a bad query says what is wrong.
     assert_eq!(refusal_status(as_a.query(&request).await), 403);
     let error = hub

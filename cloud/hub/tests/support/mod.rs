@@ -123,6 +123,8 @@ pub fn unique() -> String {
 
 /// A hub serving on a free loopback port, with its admin client.
 pub struct TestHub {
+    /// The hub itself, for what the API does not reach (compaction).
+    pub hub: std::sync::Arc<Hub>,
     pub running: RunningHub,
     pub admin: HubClient,
     pub url: String,
@@ -162,6 +164,7 @@ impl<'a> Setup<'a> {
         config.offline_after = self.offline_after;
         config.sync_interval = self.sync_interval;
         let opened = Hub::open(config).await.expect("open the hub");
+        let hub = opened.hub.clone();
         let running = weir_hub::serve(
             opened.hub,
             "127.0.0.1:0".parse().expect("address"),
@@ -179,6 +182,7 @@ impl<'a> Setup<'a> {
             .expect("admin client");
         (
             TestHub {
+                hub,
                 running,
                 admin,
                 url,

@@ -1,8 +1,9 @@
 //! Shipping the `hub` sinks' batches to the hub the agent answers to.
 
 use async_trait::async_trait;
-use weir_hub::HubClient;
 use weir_outbox::{Stored, Uplink};
+
+use crate::HubClient;
 
 /// Ships each batch to `POST /api/v1/devices/{device}/data/{pipeline}/{sink}/{seq}`,
 /// as this device.
