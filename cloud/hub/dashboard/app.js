@@ -1,5 +1,6 @@
 // The Weir hub dashboard: reads the admin API and renders the overview, the devices, the
-// deployments with their rollout counts, and one device's status and errors.
+// deployments with their rollout counts, and one device's status, errors and shipped data
+// (its recent aggregates and a chart of one series with its anomalies marked).
 "use strict";
 
 const view = document.getElementById("view");
@@ -20,6 +21,29 @@ async function api(path) {
   if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
   return body;
 }
+
+// Read-only SQL over the fleet's shipped data; the answer's rows are objects.
+async function sql(query) {
+  const response = await fetch("/api/v1/query", {
+    method: "POST",
+    headers: { Authorization: "Bearer " + token(), "Content-Type": "application/json" },
+    body: JSON.stringify({ sql: query, format: "json", max_rows: 500 }),
+  });
+  if (response.status === 401) {
+    sessionStorage.removeItem("weir-hub-token");
+    throw new Error("unauthorized");
+  }
+  const body = await response.json();
+  if (!response.ok) {
+    throw new Error(typeof body.error === "string" ? body.error
+      : (body.error && body.error.message) || response.statusText);
+  }
+  return body;
+}
+
+// SQL names and texts built from what the API returned, quoted so they stay names and texts.
+function ident(name) { return '"' + String(name).replace(/"/g, '""') + '"'; }
+function text(value) { return "'" + String(value).replace(/'/g, "''") + "'"; }
 
 // Everything shown comes from the API; escape it before it goes into markup.
 function esc(value) {
@@ -83,7 +107,74 @@ async function deployments() {
       <th>Pipelines</th></tr>${rows}</table>`;
 }
 
-async function device(id) {
+// Arrow writes timestamps without a zone; they are UTC.
+function millis(value) {
+  if (typeof value === "number") return value;
+  const parsed = Date.parse(/[zZ]|[+-]\d\d:?\d\d$/.test(value) ? value : value + "Z");
+  return Number.isNaN(parsed) ? null : parsed;
+}
+
+// One series as an SVG line, its anomalies as red dots.
+function chart(points, series) {
+  const shown = points.filter((p) => p.t !== null && typeof p.v === "number");
+  if (shown.length < 2) return `<p class="muted">Too few points of ${esc(series)} to draw.</p>`;
+  const [w, h, pad] = [900, 220, 30];
+  const ts = shown.map((p) => p.t), vs = shown.map((p) => p.v);
+  const [t0, t1] = [Math.min(...ts), Math.max(...ts)];
+  const [v0, v1] = [Math.min(...vs), Math.max(...vs)];
+  const x = (t) => pad + (t1 === t0 ? 0 : (t - t0) / (t1 - t0)) * (w - 2 * pad);
+  const y = (v) => h - pad - (v1 === v0 ? 0.5 : (v - v0) / (v1 - v0)) * (h - 2 * pad);
+  const line = shown.map((p) => `${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join(" ");
+  const dots = shown.filter((p) => p.a === true).map((p) =>
+    `<circle class="anomaly" cx="${x(p.t).toFixed(1)}" cy="${y(p.v).toFixed(1)}" r="5">` +
+    `<title>anomaly at ${esc(when(p.t))}: ${esc(p.v)}</title></circle>`).join("");
+  return `<svg id="chart" viewBox="0 0 ${w} ${h}" width="100%" role="img"
+      aria-label="${esc(series)} over time">
+    <text x="${pad}" y="16" class="axis">${esc(series)}: ${esc(v0.toFixed(2))} to ${esc(v1.toFixed(2))},
+      ${esc(when(t0))} to ${esc(when(t1))}</text>
+    <polyline class="series" points="${line}"/>${dots}</svg>`;
+}
+
+// What a device shipped: pick a table, see its last rows, chart one numeric column.
+async function shipped(id, params) {
+  const tables = await sql("SELECT table_schema, table_name FROM information_schema.tables " +
+    "WHERE table_schema NOT IN ('information_schema', 'public') ORDER BY 1, 2");
+  const names = tables.rows.map((r) => r.table_schema + "." + r.table_name);
+  if (!names.length) return `<h2>Shipped data</h2><p class="muted">Nothing shipped yet.</p>`;
+  const chosen = names.includes(params.get("table")) ? params.get("table") : names[0];
+  const [schema, table] = chosen.split(".");
+  const from = `${ident(schema)}.${ident(table)} WHERE hub_device = ${text(id)}`;
+  const recent = await sql(`SELECT * FROM ${from} ORDER BY hub_arrived_at DESC LIMIT 20`);
+  const has = (name) => recent.columns.some((c) => c.name === name);
+  const numeric = recent.columns.map((c) => c.name).filter((name) => !name.startsWith("hub_") &&
+    /^(U?Int|Float|Decimal)/.test(recent.columns.find((c) => c.name === name).type));
+  const series = numeric.includes(params.get("column")) ? params.get("column") : numeric[0];
+  const time = ["window_start", "ts", "time"].find(has) || "hub_arrived_at";
+  const anomaly = ["is_anomaly", "anomaly"].find(has);
+  const link = (t, c) => `#/devices/${encodeURIComponent(id)}?table=${encodeURIComponent(t)}` +
+    (c ? `&column=${encodeURIComponent(c)}` : "");
+  let drawn = `<p class="muted">No numeric column to chart.</p>`;
+  if (series) {
+    const points = await sql(`SELECT ${ident(time)} AS t, ${ident(series)} AS v` +
+      (anomaly ? `, ${ident(anomaly)} AS a` : "") + ` FROM ${from} ORDER BY t DESC LIMIT 500`);
+    drawn = chart(points.rows.reverse().map((r) => ({ t: millis(r.t), v: r.v, a: r.a })), series);
+  }
+  const head = recent.columns.map((c) => `<th>${esc(c.name)}</th>`).join("");
+  const rows = recent.rows.map((r) => "<tr>" + recent.columns.map((c) =>
+    `<td>${esc(typeof r[c.name] === "number" ? +r[c.name].toFixed(4) : r[c.name])}</td>`)
+    .join("") + "</tr>").join("");
+  return `<h2 id="shipped">Shipped data</h2>
+    <p>${names.map((n) => n === chosen ? `<b>${esc(n)}</b>`
+      : `<a href="${link(n)}">${esc(n)}</a>`).join(" · ")}</p>
+    <p>Chart: ${numeric.map((c) => c === series ? `<b>${esc(c)}</b>`
+      : `<a href="${link(chosen, c)}">${esc(c)}</a>`).join(" · ")}
+      <span class="muted">by ${esc(time)}${anomaly ? ", anomalies from " + esc(anomaly) : ""}</span></p>
+    ${drawn}
+    <h3>Last ${recent.rows.length} rows</h3>
+    <table id="recent"><tr>${head}</tr>${rows}</table>`;
+}
+
+async function device(id, params) {
   const d = await api("/devices/" + encodeURIComponent(id));
   const report = d.report;
   return `<h2>Device ${esc(d.id)}</h2>
@@ -100,7 +191,8 @@ async function device(id) {
       <tr><th>Error</th><td class="error" id="device-error">${esc(report && report.error)}</td></tr>
       <tr><th>In sync</th><td>${d.in_sync ? "yes" : "no"}</td></tr>
     </table>
-    <h2>Health</h2><pre>${esc(JSON.stringify(report ? report.health ?? {} : {}, null, 2))}</pre>`;
+    <h2>Health</h2><pre>${esc(JSON.stringify(report ? report.health ?? {} : {}, null, 2))}</pre>
+    ${await shipped(d.id, params)}`;
 }
 
 async function render() {
@@ -110,13 +202,15 @@ async function render() {
     return;
   }
   login.hidden = true;
-  const route = location.hash.replace(/^#/, "") || "/";
+  const [path, query] = location.hash.replace(/^#/, "").split("?");
+  const route = path || "/";
+  const params = new URLSearchParams(query || "");
   for (const link of document.querySelectorAll("nav a")) {
     link.classList.toggle("active", link.getAttribute("href") === "#" + route);
   }
   try {
     if (route.startsWith("/devices/")) {
-      view.innerHTML = await device(decodeURIComponent(route.slice("/devices/".length)));
+      view.innerHTML = await device(decodeURIComponent(route.slice("/devices/".length)), params);
     } else if (route === "/devices") {
       view.innerHTML = await devices();
     } else if (route === "/deployments") {

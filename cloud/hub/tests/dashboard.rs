@@ -1,6 +1,6 @@
 //! The dashboard in a real browser: headless Chromium renders each page of a hub with
-//! devices and a deployment, and the rendered page must show them; a screenshot is
-//! taken too. Chromium comes from `apt-get install chromium` (as `.ci/run` does).
+//! devices, a deployment and shipped data, and the rendered page must show them (a
+//! device's aggregates and its chart with anomalies marked); screenshots are taken too. Chromium comes from `apt-get install chromium` (as `.ci/run` does).
 
 mod support;
 
@@ -93,6 +93,17 @@ async fn the_dashboard_shows_devices_deployments_and_a_device_in_trouble() {
         .await
         .expect("report");
 
+    // press-7 shipped per-minute aggregates, two of them flagged as anomalies.
+    hub.device("press-7", &good.keys.primary)
+        .ship(
+            "press-7",
+            ("plant", "per_minute", 0),
+            1_767_225_600_000,
+            aggregates(),
+        )
+        .await
+        .expect("ship");
+
     let url = hub.url.clone();
     let profile = dir.path().join("chromium");
     let pages = tokio::task::spawn_blocking(move || {
@@ -101,13 +112,16 @@ async fn the_dashboard_shows_devices_deployments_and_a_device_in_trouble() {
         let devices = render(&page("/devices"), &profile, None);
         let deployments = render(&page("/deployments"), &profile, None);
         let device = render(&page("/devices/oven-2"), &profile, None);
+        let shipped = render(&page("/devices/press-7"), &profile, None);
+        let shipped_png = profile.with_file_name("shipped.png");
+        render(&page("/devices/press-7"), &profile, Some(&shipped_png));
         let png = profile.with_file_name("dashboard.png");
         render(&page("/deployments"), &profile, Some(&png));
-        (overview, devices, deployments, device, png)
+        (overview, devices, deployments, device, shipped, png)
     })
     .await
     .expect("render");
-    let (overview, devices, deployments, device, png) = pages;
+    let (overview, devices, deployments, device, shipped, png) = pages;
 
     // The overview: device counts, and the deployment with its rollout.
     assert!(overview.contains(r#"id="count-devices">3<"#), "{overview}");
@@ -144,6 +158,28 @@ async fn the_dashboard_shows_devices_deployments_and_a_device_in_trouble() {
         "the token leaked into the page"
     );
 
+    // A device's shipped data: the table, its last rows, and a chart with the anomalies.
+    assert!(shipped.contains(r#"id="shipped""#), "{shipped}");
+    assert!(shipped.contains("<b>plant.per_minute</b>"), "{shipped}");
+    assert!(shipped.contains("<b>avg_t</b>"), "{shipped}");
+    assert!(shipped.contains("anomalies from is_anomaly"), "{shipped}");
+    assert!(shipped.contains(r#"<svg id="chart""#), "{shipped}");
+    assert_eq!(
+        shipped.matches(r#"class="anomaly""#).count(),
+        2,
+        "{shipped}"
+    );
+    let recent = shipped
+        .split(r#"id="recent""#)
+        .nth(1)
+        .expect("the recent rows");
+    assert_eq!(
+        recent.matches("<tr>").count(),
+        11,
+        "a header and 10 rows: {recent}"
+    );
+    assert!(recent.contains("<td>63.5</td>"), "{recent}");
+
     let image = std::fs::read(&png).expect("the screenshot was written");
     assert!(image.starts_with(b"\x89PNG"), "not a PNG");
     assert!(
@@ -152,4 +188,45 @@ async fn the_dashboard_shows_devices_deployments_and_a_device_in_trouble() {
         image.len()
     );
     hub.stop().await;
+}
+
+/// Ten per-minute aggregates of one sensor as the hub sink ships them, with the
+/// anomaly flag set on the 4th and 8th.
+fn aggregates() -> Vec<u8> {
+    use std::sync::Arc;
+    use weir_engine::arrow::array::{
+        BooleanArray, Float64Array, StringArray, TimestampMillisecondArray,
+    };
+    use weir_engine::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "window_start",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("device", DataType::Utf8, false),
+        Field::new("avg_t", DataType::Float64, false),
+        Field::new("is_anomaly", DataType::Boolean, false),
+    ]));
+    let batch = weir_engine::arrow::record_batch::RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                (0..10).map(|i| 1_767_225_600_000 + i * 60_000),
+            )),
+            Arc::new(StringArray::from_iter_values((0..10).map(|_| "sensor-1"))),
+            Arc::new(Float64Array::from_iter_values((0..10).map(|i| {
+                if i == 3 || i == 7 {
+                    63.5
+                } else {
+                    60.0 + i as f64 * 0.1
+                }
+            }))),
+            Arc::new(BooleanArray::from_iter(
+                (0..10).map(|i| Some(i == 3 || i == 7)),
+            )),
+        ],
+    )
+    .expect("a batch");
+    weir_outbox::frame::encode_batch(&batch).expect("encodes")
 }
