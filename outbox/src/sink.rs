@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -329,6 +330,11 @@ pub struct HubSinkConfig {
     /// Where several sinks share the uplink, a higher priority ships first and is
     /// dropped last when the outbox is full. Default 0.
     pub priority: i32,
+    /// Number each batch by the smallest value of this timestamp or integer column (ms),
+    /// e.g. `window_start` for windowed aggregates, instead of counting. A window
+    /// produced again after a restart then gets the number it had, and the hub stores it
+    /// once. Each batch must then hold a different value (one window per batch).
+    pub sequence_by: Option<String>,
 }
 
 impl OperatorFactory for HubSinkFactory {
@@ -342,9 +348,40 @@ impl OperatorFactory for HubSinkFactory {
 
     fn plan(&self, node: &NodeContext<'_>) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
         let config: HubSinkConfig = node.config()?;
+        let sequence_by = match config.sequence_by {
+            None => None,
+            Some(column) => {
+                let found = node
+                    .inputs
+                    .iter()
+                    .map(|input| {
+                        input
+                            .stream
+                            .schema
+                            .index_of(&column)
+                            .ok()
+                            .map(|i| input.stream.schema.field(i).data_type().clone())
+                    })
+                    .collect::<Vec<_>>();
+                let usable = |t: &Option<DataType>| {
+                    matches!(t, Some(DataType::Timestamp(..) | DataType::Int64))
+                };
+                if node.inputs_known && !found.iter().all(usable) {
+                    return Err(vec![node.field_error(
+                        &["sequence_by"],
+                        format!(
+                            "every input needs a timestamp or int64 column '{column}' to number \
+                             batches by"
+                        ),
+                    )]);
+                }
+                Some(column)
+            }
+        };
         Ok(Box::new(Plan {
             stream: format!("{}/{}", node.pipeline, node.name),
             priority: config.priority,
+            sequence_by,
             shipping: self.shipping.clone(),
         }))
     }
@@ -353,6 +390,7 @@ impl OperatorFactory for HubSinkFactory {
 struct Plan {
     stream: String,
     priority: i32,
+    sequence_by: Option<String>,
     shipping: Option<Arc<Shipping>>,
 }
 
@@ -378,6 +416,7 @@ impl PlannedOperator for Plan {
             .map_err(|e| OperatorError::User(e.to_string()))?;
         Ok(OperatorInstance::Sink(Box::new(HubSink {
             stream: self.stream,
+            sequence_by: self.sequence_by,
             outbox,
             appended: shipping.appended.clone(),
             metrics: shipping.metrics.clone(),
@@ -387,6 +426,7 @@ impl PlannedOperator for Plan {
 
 struct HubSink {
     stream: String,
+    sequence_by: Option<String>,
     outbox: Arc<Outbox>,
     appended: Arc<Notify>,
     metrics: OutboxMetrics,
@@ -396,16 +436,56 @@ struct HubSink {
 impl Sink for HubSink {
     async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
         let rows = batch.num_rows() as u64;
+        if rows == 0 {
+            return Ok(());
+        }
+        let number = match &self.sequence_by {
+            Some(column) => Some(first_millis(&batch, column)?),
+            None => None,
+        };
         let (outbox, stream) = (self.outbox.clone(), self.stream.clone());
         // Accepted only once stored and fsynced.
-        tokio::task::spawn_blocking(move || outbox.append(&stream, &[batch], now_ms()))
-            .await
-            .map_err(|e| OperatorError::Internal(e.to_string()))?
-            .map_err(|e: OutboxError| OperatorError::User(e.to_string()))?;
+        tokio::task::spawn_blocking(move || match number {
+            Some(seq) => outbox.append_numbered(&stream, &[(seq, batch)], now_ms()),
+            None => outbox.append(&stream, &[batch], now_ms()),
+        })
+        .await
+        .map_err(|e| OperatorError::Internal(e.to_string()))?
+        .map_err(|e: OutboxError| OperatorError::User(e.to_string()))?;
         self.metrics.appended(&self.stream, rows);
         self.appended.notify_one();
         Ok(())
     }
+}
+
+/// The smallest value of `column` in `batch`, in ms (timestamps) or as it is (int64).
+fn first_millis(batch: &RecordBatch, column: &str) -> Result<u64, OperatorError> {
+    let values = batch.column_by_name(column).ok_or_else(|| {
+        OperatorError::User(format!(
+            "the batch has no column '{column}' to number it by"
+        ))
+    })?;
+    let as_ms = match values.data_type() {
+        DataType::Timestamp(..) => arrow::compute::cast(
+            values,
+            &DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+        )
+        .and_then(|ms| arrow::compute::cast(&ms, &DataType::Int64)),
+        _ => arrow::compute::cast(values, &DataType::Int64),
+    }
+    .map_err(|e| OperatorError::User(format!("cannot number the batch by '{column}': {e}")))?;
+    let smallest = arrow::compute::min(
+        as_ms
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .ok_or_else(|| OperatorError::Internal("a cast to int64 gave no int64".into()))?,
+    )
+    .ok_or_else(|| OperatorError::User(format!("'{column}' holds only nulls")))?;
+    u64::try_from(smallest).map_err(|_| {
+        OperatorError::User(format!(
+            "'{column}' is negative ({smallest}); cannot number by it"
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -246,26 +246,64 @@ impl Outbox {
         batches: &[RecordBatch],
         now_ms: i64,
     ) -> Result<Vec<u64>, OutboxError> {
-        let encoded = batches
-            .iter()
-            .filter(|batch| batch.num_rows() > 0)
-            .map(|batch| Ok((encode_batch(batch)?, batch.num_rows() as u64)))
-            .collect::<Result<Vec<_>, OutboxError>>()?;
+        let encoded = encode_all(batches.iter().map(|batch| (None, batch)))?;
+        self.store(stream, encoded, now_ms)
+    }
+
+    /// Like [`Outbox::append`], with each batch's sequence number given: the number of
+    /// what it holds (its window, say), so a batch produced again after a restart gets
+    /// the number it had and the receiver stores it once. A number still waiting here is
+    /// not stored again.
+    pub fn append_numbered(
+        &self,
+        stream: &str,
+        batches: &[(u64, RecordBatch)],
+        now_ms: i64,
+    ) -> Result<Vec<u64>, OutboxError> {
+        let encoded = encode_all(batches.iter().map(|(seq, batch)| (Some(*seq), batch)))?;
+        self.store(stream, encoded, now_ms)
+    }
+
+    fn store(
+        &self,
+        stream: &str,
+        encoded: Vec<Encoded>,
+        now_ms: i64,
+    ) -> Result<Vec<u64>, OutboxError> {
         let mut state = self.state();
-        let first_seq = state
+        let mut next_seq = state
             .streams
             .get(stream)
             .map_or(state.seq_floor, |s| s.next_seq);
         let priority = state.streams.get(stream).map_or(0, |s| s.priority);
-        let mut added = Vec::with_capacity(encoded.len());
+        let waiting = |seq: u64| {
+            state
+                .streams
+                .get(stream)
+                .is_some_and(|s| s.entries.iter().any(|entry| entry.seq == seq))
+        };
+        let numbered: Vec<(u64, Vec<u8>, u64)> = encoded
+            .into_iter()
+            .filter_map(|(given, payload, rows)| match given {
+                Some(seq) if waiting(seq) => None,
+                Some(seq) => {
+                    next_seq = next_seq.max(seq.saturating_add(1));
+                    Some((seq, payload, rows))
+                }
+                None => {
+                    next_seq += 1;
+                    Some((next_seq - 1, payload, rows))
+                }
+            })
+            .collect();
+        let mut added = Vec::with_capacity(numbered.len());
         let txn = self.db.begin_write().map_err(|e| storage(&self.path, e))?;
         {
             let mut frames = txn
                 .open_table(BATCHES)
                 .map_err(|e| storage(&self.path, e))?;
             let mut index = txn.open_table(INDEX).map_err(|e| storage(&self.path, e))?;
-            for (i, (payload, rows)) in encoded.into_iter().enumerate() {
-                let seq = first_seq + i as u64;
+            for (seq, payload, rows) in numbered {
                 let frame = Frame {
                     stream: stream.to_owned(),
                     seq,
@@ -292,7 +330,7 @@ impl Outbox {
                 .open_table(STREAMS)
                 .map_err(|e| storage(&self.path, e))?;
             streams
-                .insert(stream, (first_seq + added.len() as u64, priority))
+                .insert(stream, (next_seq, priority))
                 .map_err(|e| storage(&self.path, e))?;
         }
         // What the byte limit drops goes in the same commit, so the file never holds more.
@@ -303,7 +341,7 @@ impl Outbox {
 
         let seqs: Vec<u64> = added.iter().map(|entry| entry.seq).collect();
         let stream_state = state.streams.entry(stream.to_owned()).or_default();
-        stream_state.next_seq = first_seq + added.len() as u64;
+        stream_state.next_seq = next_seq;
         state.appended_rows += added.iter().map(|entry| entry.rows).sum::<u64>();
         state.bytes += added_bytes;
         state
@@ -468,6 +506,19 @@ impl Outbox {
             streams,
         }
     }
+}
+
+/// A batch ready to store: its given number (if any), zstd Arrow IPC, and its rows.
+type Encoded = (Option<u64>, Vec<u8>, u64);
+
+/// Each non-empty batch, encoded.
+fn encode_all<'a>(
+    batches: impl Iterator<Item = (Option<u64>, &'a RecordBatch)>,
+) -> Result<Vec<Encoded>, OutboxError> {
+    batches
+        .filter(|(_, batch)| batch.num_rows() > 0)
+        .map(|(seq, batch)| Ok((seq, encode_batch(batch)?, batch.num_rows() as u64)))
+        .collect()
 }
 
 /// The entries to drop so that `added_bytes` more fit in `max_bytes`: oldest first from

@@ -647,3 +647,97 @@ fn what_a_hub_sink_ships_through_a_hub_outage_is_stored_once_and_queryable() {
     drop(agent);
     runtime.block_on(hub.shutdown());
 }
+
+/// Paced readings from a fixed start, aggregated per second, each window's batch
+/// numbered by its window: 3 devices every 100 ms for 6 s of event time.
+const WINDOWED: &str = r#"version: 1
+name: line
+sources:
+  readings:
+    kind: generator
+    config:
+      devices: 3
+      interval: 100ms
+      count: 180
+      realtime: true
+      start: 2026-01-01T00:00:00Z
+      fields:
+        temperature: {shape: sine, base: 60, amplitude: 5, period: 1m}
+    event_time: {column: ts}
+transforms:
+  per_second:
+    kind: sql
+    inputs: [readings]
+    window: {tumbling: 1s}
+    config:
+      query: SELECT device, count(*) AS n FROM readings GROUP BY device
+sinks:
+  uplink:
+    kind: hub
+    inputs: [per_second]
+    config: {sequence_by: window_start}
+"#;
+
+#[test]
+fn windows_numbered_by_window_are_stored_once_however_often_the_agent_is_killed() {
+    use rand::{Rng, SeedableRng};
+    let (runtime, dir, hub) = hub_in_a_temp_dir();
+    let url = hub.url();
+    let admin = HubClient::new(&url, Credentials::Admin(ADMIN_TOKEN.to_owned()), None)
+        .expect("admin client");
+    let created = runtime
+        .block_on(admin.create_device(&NewDevice {
+            id: "edge-k".to_owned(),
+            tags: [("fleet".to_owned(), "kill".to_owned())].into(),
+        }))
+        .expect("register");
+    let state = dir.path().join("edge-k");
+    let mut agent = start_agent(&url, "edge-k", &created.keys.primary, &state);
+    agent.metrics_addr();
+    runtime
+        .block_on(admin.put_deployment(
+            "line",
+            &spec("fleet = 'kill'", &[("line", WINDOWED.to_owned())]),
+        ))
+        .expect("deploy");
+    wait_for_devices(&runtime, &admin, &["edge-k"], "applied", |d| {
+        d.report
+            .as_ref()
+            .is_some_and(|r| r.status == ReportStatus::Applied)
+    });
+    // SIGKILL at random moments; each restart boots from the stored deployment and
+    // produces the windows from the start again.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(800..3000)));
+        agent.signal("KILL");
+        agent.wait_exit(Duration::from_secs(10));
+        agent = start_agent(&url, "edge-k", &created.keys.primary, &state);
+        agent.metrics_addr();
+    }
+    // The last run goes to the end: every window, each once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let lines = loop {
+        let lines = fleet_csv(
+            &runtime,
+            &admin,
+            "SELECT count(*) AS windows, sum(n) AS rows, \
+             count(DISTINCT device || CAST(window_start AS VARCHAR)) AS distinct_windows, \
+             min(n) AS least, max(n) AS most FROM line.uplink",
+        );
+        if lines
+            .get(1)
+            .is_some_and(|line| line.split(',').nth(1) == Some("180"))
+        {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every window arrived: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(lines[1], "18,180,18,10,10", "{lines:?}");
+    drop(agent);
+    runtime.block_on(hub.shutdown());
+}

@@ -316,3 +316,30 @@ fn garbage_where_the_outbox_should_be_is_moved_aside_and_a_new_one_starts() {
     outbox.append("p/hub", &[batch(0, 1)], T0).unwrap();
     assert_eq!(outbox.stats().rows, 1);
 }
+
+#[test]
+fn numbered_batches_keep_their_numbers_and_one_still_waiting_is_not_stored_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir.path().join("outbox.redb"), unlimited());
+    let window = 1_767_225_600_000u64;
+    let seqs = outbox
+        .append_numbered(
+            "p/hub",
+            &[(window, batch(0, 5)), (window + 60_000, batch(5, 5))],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(seqs, [window, window + 60_000]);
+    // The same window again (a restart produced it anew) while it still waits: skipped.
+    let again = outbox
+        .append_numbered(
+            "p/hub",
+            &[(window, batch(0, 5)), (window + 120_000, batch(10, 5))],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(again, [window + 120_000]);
+    let stored = outbox.next(10).unwrap();
+    assert_eq!(numbers(&stored), (0..15).collect::<Vec<_>>());
+    assert_eq!(outbox.stats().rows, 15);
+}
