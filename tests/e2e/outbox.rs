@@ -96,6 +96,34 @@ sinks:
     file
 }
 
+/// A pipeline of the same name and sink as [`windows_pipeline`] that produces nothing:
+/// running it lets the shipper drain what an earlier run left in the outbox.
+fn drain_pipeline(dir: &std::path::Path) -> std::path::PathBuf {
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, b"").expect("writes");
+    let drain = dir.join("drain.yaml");
+    std::fs::write(
+        &drain,
+        format!(
+            r#"version: 1
+name: plant
+sources:
+  nothing:
+    kind: file
+    schema: {{device: utf8}}
+    config: {{path: "{}", format: json}}
+sinks:
+  uplink:
+    kind: hub
+    inputs: [nothing]
+"#,
+            empty.display()
+        ),
+    )
+    .expect("writes");
+    drain
+}
+
 /// The (device, window start) of every row shipped to `dir`, with each row's count.
 fn shipped_windows(dir: &std::path::Path) -> Vec<(String, i64, i64)> {
     use weir_engine::arrow::array::{AsArray, TimestampMillisecondArray};
@@ -230,28 +258,7 @@ fn a_full_outbox_drops_exactly_its_oldest_windows_and_ships_the_rest_later() {
 
     // The uplink comes back; a pipeline of the same name and sink that produces nothing
     // new lets the shipper drain what was kept.
-    let empty = dir.path().join("empty.jsonl");
-    std::fs::write(&empty, b"").expect("writes");
-    let drain = dir.path().join("drain.yaml");
-    std::fs::write(
-        &drain,
-        format!(
-            r#"version: 1
-name: plant
-sources:
-  nothing:
-    kind: file
-    schema: {{device: utf8}}
-    config: {{path: "{}", format: json}}
-sinks:
-  uplink:
-    kind: hub
-    inputs: [nothing]
-"#,
-            empty.display()
-        ),
-    )
-    .expect("writes");
+    let drain = drain_pipeline(dir.path());
     let ship = dir.path().join("shipped");
     let output = run(&[
         "run",
@@ -276,4 +283,63 @@ sinks:
         })
         .collect();
     assert_eq!(windows, expected);
+}
+
+#[test]
+fn an_outbox_cut_at_a_random_byte_still_starts_and_ships_what_is_intact() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = windows_pipeline(dir.path());
+    let outbox = dir.path().join("outbox.redb");
+    let blocked = dir.path().join("not-a-dir");
+    std::fs::write(&blocked, b"").expect("writes");
+    let output = run(&[
+        "run",
+        file.to_str().unwrap(),
+        "--no-metrics",
+        "--ship-dir",
+        blocked.join("shipped").to_str().unwrap(),
+        "--outbox",
+        outbox.to_str().unwrap(),
+        "--shutdown-timeout",
+        "1s",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    // A power cut tore the file: it ends at a random byte.
+    let bytes = std::fs::read(&outbox).expect("reads");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let cut = rng.random_range(bytes.len() / 4..bytes.len() - 1);
+    std::fs::write(&outbox, &bytes[..cut]).expect("cuts");
+
+    let ship = dir.path().join("shipped");
+    let output = run(&[
+        "run",
+        drain_pipeline(dir.path()).to_str().unwrap(),
+        "--no-metrics",
+        "--ship-dir",
+        ship.to_str().unwrap(),
+        "--outbox",
+        outbox.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("the outbox was damaged"), "{stderr}");
+    // It starts, and ships exactly what was intact: rows of the hour, each once, as
+    // many as the recovery said it kept.
+    let kept: usize = stderr
+        .split("intact batches (")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|rows| rows.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let windows = shipped_windows(&ship);
+    let mut distinct = windows.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), windows.len(), "a window shipped twice");
+    assert_eq!(windows.len(), kept, "{stderr}");
+    assert!(kept > 0, "{stderr}");
+    assert!(windows.iter().all(|(_, start, n)| {
+        *n == 60 && (1_767_225_600_000..1_767_225_600_000 + 3_600_000).contains(start)
+    }));
 }
