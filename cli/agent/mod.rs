@@ -255,6 +255,7 @@ pub async fn run(args: AgentArgs) -> Outcome {
         reports: report_tx,
         target: None,
         apply_error: None,
+        outbox_reported: serde_json::Value::Null,
     };
 
     // Boot into the last applied deployment, before the hub is even asked. If it no
@@ -313,7 +314,11 @@ pub async fn run(args: AgentArgs) -> Outcome {
                     agent.report();
                 }
             }
-            _ = retries.tick() => agent.retry().await,
+            _ = retries.tick() => {
+                agent.retry().await;
+                // The outbox moves on its own: the hub hears of it at this pace.
+                agent.report_if_outbox_moved();
+            }
             signal = signals.next() => {
                 info!("received {signal}: stopping the pipelines");
                 break;
@@ -340,6 +345,8 @@ struct Agent {
     target: Option<DesiredState>,
     /// Why applying `target` failed; the previous pipelines still run.
     apply_error: Option<String>,
+    /// The outbox's figures as last reported.
+    outbox_reported: serde_json::Value,
 }
 
 impl Agent {
@@ -426,6 +433,15 @@ impl Agent {
         }
     }
 
+    /// Reports again when the outbox's figures changed since the last report.
+    fn report_if_outbox_moved(&mut self) {
+        let now = self.pipelines.outbox();
+        if now != self.outbox_reported {
+            self.outbox_reported = now;
+            self.report();
+        }
+    }
+
     fn send(&self, status: ReportStatus, error: Option<String>) {
         let revision = self
             .target
@@ -440,6 +456,7 @@ impl Agent {
                 "agent_version": env!("CARGO_PKG_VERSION"),
                 "pipelines": self.pipelines.health(),
                 "modules": self.modules.reports(),
+                "outbox": self.pipelines.outbox(),
             }),
         }));
     }

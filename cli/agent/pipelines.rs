@@ -347,6 +347,23 @@ impl PipelineSet {
             .collect()
     }
 
+    /// The `hub` sinks' outbox at a glance, for the report: what waits, and what the
+    /// limits dropped.
+    pub fn outbox(&self) -> serde_json::Value {
+        match self.shipping.stats() {
+            None => serde_json::Value::Null,
+            Some(stats) => serde_json::json!({
+                "batches": stats.batches,
+                "rows": stats.rows,
+                "bytes": stats.bytes,
+                "oldest_ms": stats.oldest_ms,
+                "appended_rows": stats.appended_rows,
+                "shipped_rows": stats.acked_rows,
+                "dropped_rows": {"bytes": stats.dropped_rows_bytes, "age": stats.dropped_rows_age},
+            }),
+        }
+    }
+
     /// The pipelines' names.
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.running.keys()

@@ -163,6 +163,14 @@ impl Shipping {
         }
     }
 
+    /// The outbox at a glance, once a `hub` sink has opened it.
+    pub fn stats(&self) -> Option<Stats> {
+        match self.opened.get() {
+            Some(Ok(outbox)) => Some(outbox.stats()),
+            _ => None,
+        }
+    }
+
     /// The outbox file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -637,6 +637,10 @@ fn what_a_hub_sink_ships_through_a_hub_outage_is_stored_once_and_queryable() {
     // 4 s of readings in 1 s windows, per device: 4 or 5 windows each.
     let windows: usize = fields[0].parse().expect("a count");
     assert!((12..=15).contains(&windows), "{totals:?}");
+    // The device's report to the hub carries its outbox's figures.
+    let device = runtime.block_on(admin.device("edge-1")).expect("device");
+    let outbox = &device.report.as_ref().expect("a report").health["outbox"];
+    assert!(outbox["appended_rows"].as_u64().is_some(), "{outbox}");
     // Shipped and acknowledged: nothing waits any more.
     let body = http_get(&agent_addr, "/metrics");
     assert_eq!(
