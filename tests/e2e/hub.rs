@@ -683,7 +683,7 @@ sinks:
 "#;
 
 #[test]
-fn windows_numbered_by_window_are_stored_once_however_often_the_agent_is_killed() {
+fn windows_are_stored_once_through_agent_kills_and_a_hub_outage() {
     use rand::{Rng, SeedableRng};
     let (runtime, dir, hub) = hub_in_a_temp_dir();
     let url = hub.url();
@@ -710,10 +710,22 @@ fn windows_numbered_by_window_are_stored_once_however_often_the_agent_is_killed(
             .is_some_and(|r| r.status == ReportStatus::Applied)
     });
     // SIGKILL at random moments; each restart boots from the stored deployment and
-    // produces the windows from the start again.
+    // produces the windows from the start again. Meanwhile the hub goes away for a while
+    // (two kills long) and comes back on the same address.
+    let hub_addr = hub.addr;
+    let mut hub = Some(hub);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
-    for _ in 0..3 {
+    for round in 0..4 {
         std::thread::sleep(Duration::from_millis(rng.random_range(800..3000)));
+        match round {
+            1 => {
+                if let Some(running) = hub.take() {
+                    runtime.block_on(running.shutdown());
+                }
+            }
+            3 => hub = Some(runtime.block_on(start_hub(&dir.path().join("hub"), hub_addr))),
+            _ => {}
+        }
         agent.signal("KILL");
         agent.wait_exit(Duration::from_secs(10));
         agent = start_agent(&url, "edge-k", &created.keys.primary, &state);
@@ -743,5 +755,7 @@ fn windows_numbered_by_window_are_stored_once_however_often_the_agent_is_killed(
     };
     assert_eq!(lines[1], "18,180,18,10,10", "{lines:?}");
     drop(agent);
-    runtime.block_on(hub.shutdown());
+    if let Some(running) = hub {
+        runtime.block_on(running.shutdown());
+    }
 }
