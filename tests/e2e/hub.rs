@@ -517,33 +517,41 @@ fn an_admin_queries_a_connected_device_through_the_hub() {
     assert_eq!(error.status(), Some(504), "{error}");
 }
 
-/// Paced readings aggregated per second and shipped to the hub: 3 devices every 100 ms
-/// for 4 s.
-const SHIPPED: &str = r#"version: 1
-name: plant
+/// Paced readings of 3 devices every 100 ms, `count` of them (from `start` when given),
+/// aggregated per second and shipped to the hub by a `hub` sink with `sink_config`.
+fn paced_windows(name: &str, count: u32, start: Option<&str>, sink_config: &str) -> String {
+    let start = start
+        .map(|at| format!("\n      start: {at}"))
+        .unwrap_or_default();
+    format!(
+        r#"version: 1
+name: {name}
 sources:
   readings:
     kind: generator
     config:
       devices: 3
       interval: 100ms
-      count: 120
-      realtime: true
+      count: {count}
+      realtime: true{start}
       fields:
-        temperature: {shape: sine, base: 60, amplitude: 5, period: 1m}
-    event_time: {column: ts}
+        temperature: {{shape: sine, base: 60, amplitude: 5, period: 1m}}
+    event_time: {{column: ts}}
 transforms:
   per_second:
     kind: sql
     inputs: [readings]
-    window: {tumbling: 1s}
+    window: {{tumbling: 1s}}
     config:
       query: SELECT device, count(*) AS n FROM readings GROUP BY device
 sinks:
   uplink:
     kind: hub
     inputs: [per_second]
-"#;
+    config: {sink_config}
+"#
+    )
+}
 
 /// The hub's answer to `sql` over the fleet's data, as CSV lines (header first).
 fn fleet_csv(runtime: &tokio::runtime::Runtime, admin: &HubClient, sql: &str) -> Vec<String> {
@@ -582,7 +590,10 @@ fn what_a_hub_sink_ships_through_a_hub_outage_is_stored_once_and_queryable() {
     runtime
         .block_on(admin.put_deployment(
             "plant",
-            &spec("fleet = 'ship'", &[("plant", SHIPPED.to_owned())]),
+            &spec(
+                "fleet = 'ship'",
+                &[("plant", paced_windows("plant", 120, None, "{}"))],
+            ),
         ))
         .expect("deploy");
     wait_for_devices(&runtime, &admin, &["edge-1"], "applied", |d| {
@@ -652,36 +663,6 @@ fn what_a_hub_sink_ships_through_a_hub_outage_is_stored_once_and_queryable() {
     runtime.block_on(hub.shutdown());
 }
 
-/// Paced readings from a fixed start, aggregated per second, each window's batch
-/// numbered by its window: 3 devices every 100 ms for 6 s of event time.
-const WINDOWED: &str = r#"version: 1
-name: line
-sources:
-  readings:
-    kind: generator
-    config:
-      devices: 3
-      interval: 100ms
-      count: 180
-      realtime: true
-      start: 2026-01-01T00:00:00Z
-      fields:
-        temperature: {shape: sine, base: 60, amplitude: 5, period: 1m}
-    event_time: {column: ts}
-transforms:
-  per_second:
-    kind: sql
-    inputs: [readings]
-    window: {tumbling: 1s}
-    config:
-      query: SELECT device, count(*) AS n FROM readings GROUP BY device
-sinks:
-  uplink:
-    kind: hub
-    inputs: [per_second]
-    config: {sequence_by: window_start}
-"#;
-
 #[test]
 fn windows_are_stored_once_through_agent_kills_and_a_hub_outage() {
     use rand::{Rng, SeedableRng};
@@ -701,7 +682,19 @@ fn windows_are_stored_once_through_agent_kills_and_a_hub_outage() {
     runtime
         .block_on(admin.put_deployment(
             "line",
-            &spec("fleet = 'kill'", &[("line", WINDOWED.to_owned())]),
+            &spec(
+                "fleet = 'kill'",
+                // Each window's batch numbered by its window, from a fixed start.
+                &[(
+                    "line",
+                    paced_windows(
+                        "line",
+                        180,
+                        Some("2026-01-01T00:00:00Z"),
+                        "{sequence_by: window_start}",
+                    ),
+                )],
+            ),
         ))
         .expect("deploy");
     wait_for_devices(&runtime, &admin, &["edge-k"], "applied", |d| {

@@ -96,6 +96,32 @@ sinks:
     file
 }
 
+/// Runs [`windows_pipeline`] with `extra` flags while its uplink is down (a "directory"
+/// under a plain file cannot be created), so everything stays in `outbox`.
+fn run_with_the_uplink_down(
+    dir: &std::path::Path,
+    outbox: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let file = windows_pipeline(dir);
+    let blocked = dir.join("not-a-dir");
+    std::fs::write(&blocked, b"").expect("writes");
+    let mut args = vec![
+        "run".to_owned(),
+        file.display().to_string(),
+        "--no-metrics".to_owned(),
+        "--ship-dir".to_owned(),
+        blocked.join("shipped").display().to_string(),
+        "--outbox".to_owned(),
+        outbox.display().to_string(),
+        "--shutdown-timeout".to_owned(),
+        "1s".to_owned(),
+    ];
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&args)
+}
+
 /// A pipeline of the same name and sink as [`windows_pipeline`] that produces nothing:
 /// running it lets the shipper drain what an earlier run left in the outbox.
 fn drain_pipeline(dir: &std::path::Path) -> std::path::PathBuf {
@@ -220,24 +246,8 @@ fn a_hub_sink_with_nowhere_to_ship_says_how_to_give_it_somewhere() {
 #[test]
 fn a_full_outbox_drops_exactly_its_oldest_windows_and_ships_the_rest_later() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let file = windows_pipeline(dir.path());
     let outbox = dir.path().join("outbox.redb");
-    // The uplink is down: a "directory" under a plain file cannot be created.
-    let blocked = dir.path().join("not-a-dir");
-    std::fs::write(&blocked, b"").expect("writes");
-    let output = run(&[
-        "run",
-        file.to_str().unwrap(),
-        "--no-metrics",
-        "--ship-dir",
-        blocked.join("shipped").to_str().unwrap(),
-        "--outbox",
-        outbox.to_str().unwrap(),
-        "--outbox-max-bytes",
-        "16KiB",
-        "--shutdown-timeout",
-        "1s",
-    ]);
+    let output = run_with_the_uplink_down(dir.path(), &outbox, &["--outbox-max-bytes", "16KiB"]);
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("the outbox is full"), "{stderr}");
@@ -289,21 +299,8 @@ fn a_full_outbox_drops_exactly_its_oldest_windows_and_ships_the_rest_later() {
 fn an_outbox_cut_at_a_random_byte_still_starts_and_ships_what_is_intact() {
     use rand::{Rng, SeedableRng};
     let dir = tempfile::tempdir().expect("a temp dir");
-    let file = windows_pipeline(dir.path());
     let outbox = dir.path().join("outbox.redb");
-    let blocked = dir.path().join("not-a-dir");
-    std::fs::write(&blocked, b"").expect("writes");
-    let output = run(&[
-        "run",
-        file.to_str().unwrap(),
-        "--no-metrics",
-        "--ship-dir",
-        blocked.join("shipped").to_str().unwrap(),
-        "--outbox",
-        outbox.to_str().unwrap(),
-        "--shutdown-timeout",
-        "1s",
-    ]);
+    let output = run_with_the_uplink_down(dir.path(), &outbox, &[]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
     // A power cut tore the file: it ends at a random byte.
     let bytes = std::fs::read(&outbox).expect("reads");
