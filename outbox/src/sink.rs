@@ -27,6 +27,8 @@ use crate::{Limits, Outbox, OutboxError, Stats, Stored};
 
 /// Batches shipped per round; one stream at a time.
 const SHIP_BATCHES: usize = 32;
+/// Sends in flight at once.
+const IN_FLIGHT: usize = 4;
 /// The wait after a failed send: doubling from this…
 const RETRY_INITIAL: Duration = Duration::from_millis(500);
 /// …to this.
@@ -277,33 +279,47 @@ async fn ship(
             let _ = tokio::time::timeout(IDLE_TICK, appended.notified()).await;
             continue;
         }
-        for batch in batches {
-            match uplink.ship(&batch).await {
-                Ok(()) => {
-                    failures = 0;
-                    metrics.shipped(&batch.stream, batch.rows);
-                    let acked = {
-                        let outbox = outbox.clone();
-                        let (stream, seq) = (batch.stream.clone(), batch.seq);
-                        tokio::task::spawn_blocking(move || outbox.ack(&stream, &[seq])).await
-                    };
-                    if let Ok(Err(error)) = acked {
-                        tracing::error!("cannot delete a shipped batch from the outbox: {error}");
+        // A few sends in flight at once: the receiver's work on one overlaps the
+        // transfer of the next. Each batch is acknowledged on its own, so the order they
+        // land in does not matter (the receiver keys them by sequence number).
+        for wave in batches.chunks(IN_FLIGHT) {
+            let sent = futures::future::join_all(wave.iter().map(|batch| uplink.ship(batch))).await;
+            let mut shipped = Vec::new();
+            let mut failed = None;
+            for (batch, outcome) in wave.iter().zip(sent) {
+                match outcome {
+                    Ok(()) => {
+                        metrics.shipped(&batch.stream, batch.rows);
+                        shipped.push(batch.seq);
+                    }
+                    Err(error) => {
+                        metrics.retried(&batch.stream);
+                        failed.get_or_insert(error);
                     }
                 }
-                Err(error) => {
-                    failures += 1;
-                    metrics.retried(&batch.stream);
-                    let delay = backoff(failures, &mut jitter);
-                    tracing::warn!(
-                        stream = %batch.stream,
-                        "cannot ship to {}: {error}; trying again in {delay:.1?}",
-                        uplink.describe()
-                    );
-                    tokio::time::sleep(delay).await;
-                    break;
+            }
+            if !shipped.is_empty() {
+                let acked = {
+                    let outbox = outbox.clone();
+                    let stream = wave[0].stream.clone();
+                    tokio::task::spawn_blocking(move || outbox.ack(&stream, &shipped)).await
+                };
+                if let Ok(Err(error)) = acked {
+                    tracing::error!("cannot delete shipped batches from the outbox: {error}");
                 }
             }
+            if let Some(error) = failed {
+                failures += 1;
+                let delay = backoff(failures, &mut jitter);
+                tracing::warn!(
+                    stream = %wave[0].stream,
+                    "cannot ship to {}: {error}; trying again in {delay:.1?}",
+                    uplink.describe()
+                );
+                tokio::time::sleep(delay).await;
+                break;
+            }
+            failures = 0;
         }
     }
 }
