@@ -267,7 +267,7 @@ impl LivePipelines {
         }
     }
 
-    /// Whether every pipeline runs or finished cleanly; the failed ones otherwise.
+    /// The pipelines that failed, each as `NAME: ERROR`; empty when none did.
     pub fn failed(&self) -> Vec<String> {
         read(&self.pipelines)
             .iter()

@@ -141,35 +141,21 @@ pub struct Salvaged {
 /// Finds every intact frame in `bytes`, whatever surrounds them. A frame found twice
 /// (databases keep old copies of pages) is kept once.
 pub fn salvage(bytes: &[u8]) -> Salvaged {
-    let mut found = Salvaged::default();
-    let mut seen = std::collections::HashSet::new();
-    let mut at = 0;
-    while let Some(offset) = find(&bytes[at..], MAGIC) {
-        let start = at + offset;
-        match Frame::parse(&bytes[start..]) {
-            Ok((frame, len)) => {
-                if seen.insert((frame.stream.clone(), frame.seq)) {
-                    found.frames.push(frame);
-                }
-                at = start + len;
-            }
-            Err(_) => {
-                found.broken_frames += 1;
-                at = start + 1;
-            }
-        }
-    }
-    found
+    // Reading from memory cannot fail.
+    salvage_from(bytes).unwrap_or_default()
+}
+
+/// [`salvage`] over a file, read in pieces so a large file is never held whole.
+pub fn salvage_file(path: &std::path::Path) -> std::io::Result<Salvaged> {
+    salvage_from(std::fs::File::open(path)?)
 }
 
 /// The largest frame salvage believes: a length past it is damage, not a batch.
 const MAX_FRAME: usize = 1 << 30;
 
-/// [`salvage`] over a file, read in pieces so a large file is never held whole.
-pub fn salvage_file(path: &std::path::Path) -> std::io::Result<Salvaged> {
-    use std::io::Read;
+/// Every intact frame in what `file` reads, read in pieces of 8 MiB.
+fn salvage_from(mut file: impl std::io::Read) -> std::io::Result<Salvaged> {
     const CHUNK: usize = 8 << 20;
-    let mut file = std::fs::File::open(path)?;
     let mut found = Salvaged::default();
     let mut seen = std::collections::HashSet::new();
     let mut buf: Vec<u8> = Vec::new();

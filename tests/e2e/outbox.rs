@@ -96,6 +96,23 @@ sinks:
     file
 }
 
+/// Runs `pipeline` shipping to the directory `ship` from `outbox`.
+fn run_shipping(
+    pipeline: &std::path::Path,
+    ship: &std::path::Path,
+    outbox: &std::path::Path,
+) -> std::process::Output {
+    run(&[
+        "run",
+        pipeline.to_str().unwrap(),
+        "--no-metrics",
+        "--ship-dir",
+        ship.to_str().unwrap(),
+        "--outbox",
+        outbox.to_str().unwrap(),
+    ])
+}
+
 /// Runs [`windows_pipeline`] with `extra` flags while its uplink is down (a "directory"
 /// under a plain file cannot be created), so everything stays in `outbox`.
 fn run_with_the_uplink_down(
@@ -197,15 +214,7 @@ fn a_hub_sink_ships_every_window_exactly_once_through_its_outbox() {
     let file = windows_pipeline(dir.path());
     let ship = dir.path().join("shipped");
     let outbox = dir.path().join("outbox.redb");
-    let output = run(&[
-        "run",
-        file.to_str().unwrap(),
-        "--no-metrics",
-        "--ship-dir",
-        ship.to_str().unwrap(),
-        "--outbox",
-        outbox.to_str().unwrap(),
-    ]);
+    let output = run_shipping(&file, &ship, &outbox);
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     let mut windows = shipped_windows(&ship);
@@ -270,15 +279,7 @@ fn a_full_outbox_drops_exactly_its_oldest_windows_and_ships_the_rest_later() {
     // new lets the shipper drain what was kept.
     let drain = drain_pipeline(dir.path());
     let ship = dir.path().join("shipped");
-    let output = run(&[
-        "run",
-        drain.to_str().unwrap(),
-        "--no-metrics",
-        "--ship-dir",
-        ship.to_str().unwrap(),
-        "--outbox",
-        outbox.to_str().unwrap(),
-    ]);
+    let output = run_shipping(&drain, &ship, &outbox);
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     let mut windows = shipped_windows(&ship);
@@ -309,15 +310,7 @@ fn an_outbox_cut_at_a_random_byte_still_starts_and_ships_what_is_intact() {
     std::fs::write(&outbox, &bytes[..cut]).expect("cuts");
 
     let ship = dir.path().join("shipped");
-    let output = run(&[
-        "run",
-        drain_pipeline(dir.path()).to_str().unwrap(),
-        "--no-metrics",
-        "--ship-dir",
-        ship.to_str().unwrap(),
-        "--outbox",
-        outbox.to_str().unwrap(),
-    ]);
+    let output = run_shipping(&drain_pipeline(dir.path()), &ship, &outbox);
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("the outbox was damaged"), "{stderr}");

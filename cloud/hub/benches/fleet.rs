@@ -28,18 +28,14 @@ use weir_hub::identity::DeviceKey;
 use weir_hub::protocol::{DeploymentSpec, NewDevice, PipelineDocument, Report, ReportStatus};
 use weir_hub::{Credentials, HubClient};
 
+mod support;
+use support::{env_or, rss_mib};
+
 const ADMIN_TOKEN: &str = "weir_admin_fleet-bench";
 
 /// Calls other than polls in flight at once, across the fleet: bounds the extra
 /// connections beside the one poll each agent holds.
 const CONCURRENT_CALLS: usize = 256;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `HUB_BIN`, or the `weir-hub` cargo built beside this bench.
 fn hub_binary() -> PathBuf {
@@ -64,16 +60,8 @@ fn usage(pid: u32) -> (f64, f64, f64) {
     };
     // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the name.
     let cpu = (ticks(11) + ticks(12)) / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (cpu, kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+    let (rss, peak) = rss_mib(&pid.to_string());
+    (cpu, rss, peak)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

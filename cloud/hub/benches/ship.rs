@@ -25,30 +25,12 @@ use weir_hub::protocol::NewDevice;
 use weir_hub::{Credentials, HubClient, HubUplink};
 use weir_outbox::{Limits, Outbox, Shipping};
 
+mod support;
+use support::{env_or, rss_mib};
+
 const ADMIN_TOKEN: &str = "weir_admin_ship-bench";
 /// Rows per batch: a few seconds of readings from a gateway's devices.
 const ROWS: i64 = 8192;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// This process's current and peak RSS, MiB.
-fn rss() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
-}
 
 /// A batch of readings whose values compress as real readings do (not at all, nearly).
 fn batch(n: i64) -> RecordBatch {
@@ -169,7 +151,7 @@ fn main() {
         );
 
         // The hub is back: drain.
-        let (rss_before, _) = rss();
+        let (rss_before, _) = rss_mib("self");
         let shipping = Shipping::new(
             path,
             limits,
@@ -183,7 +165,7 @@ fn main() {
         let mut peak_rss: f64 = 0.0;
         loop {
             let left = shipping.drain(Duration::from_millis(200)).await;
-            peak_rss = peak_rss.max(rss().0);
+            peak_rss = peak_rss.max(rss_mib("self").0);
             if left == 0 {
                 break;
             }

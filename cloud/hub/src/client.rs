@@ -364,27 +364,15 @@ impl HubClient {
     }
 
     /// Runs `request` on device `id` through the hub, and returns the device's answer.
+    /// With no timeout named, the hub waits up to 5 minutes for the device.
     pub async fn query_device(
         &self,
         id: &str,
         request: &weir_query::QueryRequest,
     ) -> Result<QueryAnswer, ClientError> {
-        let query_timeout = request
-            .timeout
-            .as_deref()
-            .and_then(|text| humantime::parse_duration(text.trim()).ok())
-            // With none named the hub waits up to 5 minutes for the device.
-            .unwrap_or(Duration::from_secs(300));
-        let response = self
-            .send(
-                Method::POST,
-                &format!("/devices/{id}/query"),
-                &[],
-                Some(request),
-                REQUEST_TIMEOUT.saturating_add(query_timeout),
-            )
-            .await?;
-        query_answer(response).await
+        let path = format!("/devices/{id}/query");
+        self.post_query(&path, request, Duration::from_secs(300))
+            .await
     }
 
     /// Runs read-only SQL over the data the fleet shipped.
@@ -392,15 +380,27 @@ impl HubClient {
         &self,
         request: &weir_query::QueryRequest,
     ) -> Result<QueryAnswer, ClientError> {
+        self.post_query("/query", request, weir_query::Limits::DEFAULT_TIMEOUT)
+            .await
+    }
+
+    /// POSTs `request` to `path`, waiting for its timeout (or `unnamed` without one) on
+    /// top of the usual request timeout.
+    async fn post_query(
+        &self,
+        path: &str,
+        request: &weir_query::QueryRequest,
+        unnamed: Duration,
+    ) -> Result<QueryAnswer, ClientError> {
         let query_timeout = request
             .timeout
             .as_deref()
             .and_then(|text| humantime::parse_duration(text.trim()).ok())
-            .unwrap_or(weir_query::Limits::DEFAULT_TIMEOUT);
+            .unwrap_or(unnamed);
         let response = self
             .send(
                 Method::POST,
-                "/query",
+                path,
                 &[],
                 Some(request),
                 REQUEST_TIMEOUT.saturating_add(query_timeout),
