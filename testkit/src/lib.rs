@@ -6,17 +6,21 @@
 //! - [`Pki`]: a certificate authority with a broker and a client certificate, generated
 //!   for one test and written as PEM files.
 //!
+//! - [`S3Server`]: a real S3-compatible server (moto's) on a free loopback port.
+//!
 //! - [`noise`]: reproducible pseudo-random values for synthetic series.
 //!
 //! Every wait is bounded by [`WAIT`], so a broken peer fails a test instead of hanging it.
-//! The broker fixtures panic when Mosquitto is not installed: `.ci/run` installs it, and
+//! The broker and S3 fixtures panic when Mosquitto or moto is not installed: `.ci/run` installs it, and
 //! a silently skipped broker test would hide exactly the regressions it exists for.
 
 mod mosquitto;
 mod pki;
+mod s3;
 
 pub use mosquitto::{Broker, Subscriber, require_mosquitto};
 pub use pki::Pki;
+pub use s3::{S3Server, require_moto};
 
 use std::time::Duration;
 

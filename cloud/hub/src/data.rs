@@ -1,6 +1,6 @@
 //! The fleet's data: batches the devices' `hub` sinks ship, each stored once as a
-//! Parquet file in an object store (a local directory by default), and read-only SQL
-//! over all of them on DataFusion.
+//! Parquet file in an object store (a local directory by default, or an S3-compatible
+//! bucket), and read-only SQL over all of them on DataFusion.
 //!
 //! A batch is identified by (device, pipeline, sink, sequence). The hub records each
 //! batch it has stored; one sent again is acknowledged without being stored twice. Its
@@ -12,8 +12,10 @@
 //! and `hub_arrived_at` (when the hub first stored it). Each (pipeline, sink) is a table
 //! `"pipeline"."sink"`, and plain `sink` when no other pipeline has a sink of that name.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -22,9 +24,11 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -36,6 +40,17 @@ use crate::store::Store;
 /// Why a shipped batch could not be stored.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// Where the data is to be kept is not a location the hub can use.
+    #[error("{0}")]
+    Location(String),
+    /// The store cannot be reached, or refuses the hub.
+    #[error("cannot use the fleet's data store {location}: {message}")]
+    Unreachable {
+        /// The location, as configured.
+        location: String,
+        /// Why.
+        message: String,
+    },
     /// The batch is not Arrow IPC.
     #[error("the batch is not Arrow IPC: {0}")]
     BadBatch(String),
@@ -86,26 +101,174 @@ pub struct Compacted {
     pub merged: usize,
 }
 
+/// Where the fleet's data is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetLocation {
+    /// A directory on the hub's file system.
+    Directory(PathBuf),
+    /// An S3-compatible bucket.
+    S3(S3Location),
+}
+
+/// An S3-compatible bucket and the prefix the fleet's data goes under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Location {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix, without slashes at either end (empty: the whole bucket).
+    pub prefix: String,
+    /// Settings on top of the `AWS_*` environment, by their `object_store` names
+    /// (`aws_endpoint`, `aws_allow_http`, `aws_access_key_id`, …).
+    pub settings: Vec<(String, String)>,
+}
+
+impl std::str::FromStr for FleetLocation {
+    type Err = DataError;
+
+    /// `s3://bucket[/prefix]`, `file:///directory`, or a plain directory path.
+    fn from_str(text: &str) -> Result<FleetLocation, DataError> {
+        let Some((scheme, rest)) = text.split_once("://") else {
+            if text.trim().is_empty() {
+                return Err(DataError::Location(
+                    "the fleet's data location is empty: give a directory or s3://bucket/prefix"
+                        .into(),
+                ));
+            }
+            return Ok(FleetLocation::Directory(PathBuf::from(text)));
+        };
+        match scheme {
+            "file" if rest.starts_with('/') => Ok(FleetLocation::Directory(PathBuf::from(rest))),
+            "file" => Err(DataError::Location(format!(
+                "{text}: a file URL needs an absolute path (file:///var/lib/weir-hub/fleet)"
+            ))),
+            "s3" | "s3a" => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(DataError::Location(format!(
+                        "{text}: name the bucket (s3://bucket/prefix)"
+                    )));
+                }
+                Ok(FleetLocation::S3(S3Location {
+                    bucket: bucket.to_owned(),
+                    prefix: prefix.trim_matches('/').to_owned(),
+                    settings: Vec::new(),
+                }))
+            }
+            other => Err(DataError::Location(format!(
+                "{text}: the hub keeps fleet data in a directory or an S3-compatible bucket \
+                 (s3://bucket/prefix), not in a `{other}` store"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for FleetLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FleetLocation::Directory(dir) => write!(f, "{}", dir.display()),
+            FleetLocation::S3(s3) if s3.prefix.is_empty() => write!(f, "s3://{}", s3.bucket),
+            FleetLocation::S3(s3) => write!(f, "s3://{}/{}", s3.bucket, s3.prefix),
+        }
+    }
+}
+
+/// How long an object store request is retried before an ingest or a query gives up:
+/// well inside a device's 30-second request timeout, so it hears a clear 503 (and keeps
+/// the batch to send again) rather than timing out. object_store's default is 3 minutes.
+const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a table's schema is trusted before the files are read again: what another
+/// hub sharing the store ingested in a new shape shows within this.
+const SCHEMA_TTL: Duration = Duration::from_secs(60);
+
 /// The fleet's stored data.
 pub struct FleetData {
+    /// The store, rooted at the location: ingest and compaction write here.
     objects: Arc<dyn ObjectStore>,
-    root: PathBuf,
+    /// The store as queries read it, and the location's URL in it, ending in `/`.
+    reader: Arc<dyn ObjectStore>,
+    table_root: String,
+    /// Each table's schema, so a query does not read every file's footer.
+    schemas: Mutex<HashMap<(String, String), (SchemaRef, Instant)>>,
 }
 
 impl FleetData {
     /// Data kept under `dir` on the local file system.
     pub fn local(dir: &Path) -> Result<FleetData, DataError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| DataError::Storage(format!("cannot create {}: {e}", dir.display())))?;
-        let root = dir
-            .canonicalize()
-            .map_err(|e| DataError::Storage(format!("{}: {e}", dir.display())))?;
-        let objects = LocalFileSystem::new_with_prefix(&root)
-            .map_err(|e| DataError::Storage(e.to_string()))?;
-        Ok(FleetData {
-            objects: Arc::new(objects),
-            root,
-        })
+        let unreachable = |message: String| DataError::Unreachable {
+            location: dir.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| unreachable(format!("cannot create it: {e}")))?;
+        let root = dir.canonicalize().map_err(|e| unreachable(e.to_string()))?;
+        let objects =
+            LocalFileSystem::new_with_prefix(&root).map_err(|e| unreachable(e.to_string()))?;
+        Ok(FleetData::new(
+            Arc::new(objects),
+            Arc::new(LocalFileSystem::new()),
+            format!("{}/", root.display()),
+        ))
+    }
+
+    /// Opens the data at `location`, checking that the hub can list it: a bucket that
+    /// does not exist, or credentials it refuses, stop the hub at start, not at the
+    /// first batch.
+    pub async fn open(location: &FleetLocation) -> Result<FleetData, DataError> {
+        let s3 = match location {
+            FleetLocation::Directory(dir) => return FleetData::local(dir),
+            FleetLocation::S3(s3) => s3,
+        };
+        let unreachable = |message: String| DataError::Unreachable {
+            location: location.to_string(),
+            message,
+        };
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&s3.bucket)
+            .with_retry(RetryConfig {
+                retry_timeout: STORE_RETRY_TIMEOUT,
+                ..RetryConfig::default()
+            });
+        for (key, value) in &s3.settings {
+            let key: AmazonS3ConfigKey = key
+                .parse()
+                .map_err(|_| DataError::Location(format!("`{key}` is not an S3 setting")))?;
+            builder = builder.with_config(key, value);
+        }
+        let bucket: Arc<dyn ObjectStore> =
+            Arc::new(builder.build().map_err(|e| unreachable(e.to_string()))?);
+        let objects: Arc<dyn ObjectStore> = if s3.prefix.is_empty() {
+            bucket.clone()
+        } else {
+            Arc::new(PrefixStore::new(bucket.clone(), s3.prefix.as_str()))
+        };
+        objects
+            .list_with_delimiter(None)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let table_root = if s3.prefix.is_empty() {
+            format!("s3://{}/", s3.bucket)
+        } else {
+            format!("s3://{}/{}/", s3.bucket, s3.prefix)
+        };
+        Ok(FleetData::new(objects, bucket, table_root))
+    }
+
+    fn new(
+        objects: Arc<dyn ObjectStore>,
+        reader: Arc<dyn ObjectStore>,
+        table_root: String,
+    ) -> FleetData {
+        FleetData {
+            objects,
+            reader,
+            table_root,
+            schemas: Mutex::default(),
+        }
+    }
+
+    /// Where the data is, as queries name its files.
+    pub fn location(&self) -> &str {
+        &self.table_root
     }
 
     /// Stores a shipped batch (zstd Arrow IPC, as the device's outbox holds it) once.
@@ -123,7 +286,7 @@ impl FleetData {
         let (_, batches) = weir_outbox::frame::decode_batches(payload)
             .map_err(|e| DataError::BadBatch(e.to_string()))?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let parquet = to_parquet(&batches, id.device, now_ms)?;
+        let (parquet, schema) = to_parquet(&batches, id.device, now_ms)?;
         let date = chrono::DateTime::from_timestamp_millis(id.appended_ms)
             .unwrap_or_default()
             .format("%Y-%m-%d")
@@ -139,6 +302,7 @@ impl FleetData {
             .put(&object, parquet.into())
             .await
             .map_err(|e| DataError::Storage(e.to_string()))?;
+        self.forget_schema_unless_it_holds((id.pipeline, id.sink), &schema);
         store
             .record_ingested(
                 id.device,
@@ -246,20 +410,42 @@ impl FleetData {
             .shipped_streams()
             .await
             .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let root = ListingTableUrl::parse(&self.table_root)
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        session
+            .context()
+            .register_object_store(root.as_ref(), self.reader.clone());
         let state = session.context().state();
         for (pipeline, sink) in &streams {
-            let dir = self
-                .root
-                .join(format!("pipeline={pipeline}"))
-                .join(format!("sink={sink}"));
-            let url = ListingTableUrl::parse(format!("{}/", dir.display()))
-                .map_err(|e| QueryError::Internal(e.to_string()))?;
+            let url = ListingTableUrl::parse(format!(
+                "{}pipeline={pipeline}/sink={sink}/",
+                self.table_root
+            ))
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
             let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
                 .with_file_extension(".parquet");
-            let schema = options
-                .infer_schema(&state, &url)
-                .await
-                .map_err(|e| QueryError::Internal(format!("cannot read {pipeline}.{sink}: {e}")))?;
+            let key = (pipeline.clone(), sink.clone());
+            let schema = match self.cached_schema(&key) {
+                Some(schema) => schema,
+                None => {
+                    let schema = options.infer_schema(&state, &url).await.map_err(|e| {
+                        QueryError::Internal(format!("cannot read {pipeline}.{sink}: {e}"))
+                    })?;
+                    // A file written before a column was added lacks it: its rows read
+                    // it as null, so no column of the table can promise otherwise.
+                    let schema = Arc::new(Schema::new_with_metadata(
+                        schema
+                            .fields()
+                            .iter()
+                            .map(|field| field.as_ref().clone().with_nullable(true))
+                            .collect::<Vec<_>>(),
+                        schema.metadata().clone(),
+                    ));
+                    self.lock_schemas()
+                        .insert(key, (schema.clone(), Instant::now()));
+                    schema
+                }
+            };
             let config = ListingTableConfig::new(url)
                 .with_listing_options(options)
                 .with_schema(schema);
@@ -273,14 +459,45 @@ impl FleetData {
         }
         Ok(session)
     }
+
+    fn lock_schemas(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (SchemaRef, Instant)>> {
+        self.schemas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A table's schema, read from its files less than [`SCHEMA_TTL`] ago.
+    fn cached_schema(&self, key: &(String, String)) -> Option<SchemaRef> {
+        self.lock_schemas()
+            .get(key)
+            .filter(|(_, read)| read.elapsed() < SCHEMA_TTL)
+            .map(|(schema, _)| schema.clone())
+    }
+
+    /// After a file of `schema` was stored: a table whose known schema lacks one of its
+    /// columns is read again at the next query.
+    fn forget_schema_unless_it_holds(&self, (pipeline, sink): (&str, &str), schema: &Schema) {
+        let mut schemas = self.lock_schemas();
+        let key = (pipeline.to_owned(), sink.to_owned());
+        if let Some((known, _)) = schemas.get(&key)
+            && !schema.fields().iter().all(|field| {
+                known.field_with_name(field.name()).is_ok_and(|known| {
+                    known.data_type() == field.data_type() && known.metadata() == field.metadata()
+                })
+            })
+        {
+            schemas.remove(&key);
+        }
+    }
 }
 
-/// `batches` as one Parquet file (zstd), with the hub's two columns appended.
+/// `batches` as one Parquet file (zstd), with the hub's two columns appended, and its
+/// schema.
 fn to_parquet(
     batches: &[RecordBatch],
     device: &str,
     arrived_ms: i64,
-) -> Result<Vec<u8>, DataError> {
+) -> Result<(Vec<u8>, SchemaRef), DataError> {
     let Some(first) = batches.first() else {
         return Err(DataError::BadBatch(
             "the batch holds no record batch".into(),
@@ -313,7 +530,7 @@ fn to_parquet(
             .map_err(|e| DataError::BadBatch(e.to_string()))?;
         with_hub_columns.push(batch);
     }
-    write_parquet(&schema, &with_hub_columns)
+    Ok((write_parquet(&schema, &with_hub_columns)?, schema))
 }
 
 /// `batches` as one Parquet file, zstd-compressed.
@@ -333,4 +550,92 @@ fn write_parquet(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>,
         .close()
         .map_err(|e| DataError::Storage(e.to_string()))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3(bucket: &str, prefix: &str) -> FleetLocation {
+        FleetLocation::S3(S3Location {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            settings: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn locations_are_directories_or_s3_buckets() {
+        let parse = |text: &str| text.parse::<FleetLocation>();
+        assert_eq!(
+            parse("weir-hub-data/fleet").unwrap(),
+            FleetLocation::Directory("weir-hub-data/fleet".into())
+        );
+        assert_eq!(
+            parse("file:///var/lib/weir/fleet").unwrap(),
+            FleetLocation::Directory("/var/lib/weir/fleet".into())
+        );
+        assert_eq!(parse("s3://plant-data").unwrap(), s3("plant-data", ""));
+        assert_eq!(
+            parse("s3://plant-data/hub/fleet/").unwrap(),
+            s3("plant-data", "hub/fleet")
+        );
+        assert_eq!(parse("s3a://b/p").unwrap(), s3("b", "p"));
+        assert_eq!(
+            parse("s3://plant-data/hub/fleet/").unwrap().to_string(),
+            "s3://plant-data/hub/fleet"
+        );
+        assert_eq!(
+            parse("s3://plant-data").unwrap().to_string(),
+            "s3://plant-data"
+        );
+
+        let refused = |text: &str| parse(text).unwrap_err().to_string();
+        assert!(
+            refused("s3://").contains("name the bucket"),
+            "{}",
+            refused("s3://")
+        );
+        assert!(refused("s3:///prefix").contains("name the bucket"));
+        assert!(refused("gs://bucket/fleet").contains("not in a `gs` store"));
+        assert!(refused("file://relative/dir").contains("absolute path"));
+        assert!(refused(" ").contains("empty"));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_s3_setting_is_named() {
+        let mut location = s3("bucket", "");
+        if let FleetLocation::S3(s3) = &mut location {
+            s3.settings
+                .push(("aws_endpoit".into(), "http://127.0.0.1:1".into()));
+        }
+        let Err(error) = FleetData::open(&location).await else {
+            panic!("a misspelled setting opened");
+        };
+        assert_eq!(error.to_string(), "`aws_endpoit` is not an S3 setting");
+    }
+
+    #[test]
+    fn a_schema_is_read_again_only_when_a_file_brings_a_new_column() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = FleetData::local(dir.path()).expect("opens");
+        let key = ("plant".to_owned(), "uplink".to_owned());
+        let field = |name: &str| Field::new(name, DataType::Int64, false);
+        let known = Arc::new(Schema::new(vec![field("a"), field("b")]));
+        data.lock_schemas()
+            .insert(key.clone(), (known, Instant::now()));
+        data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![field("b")]));
+        assert!(data.cached_schema(&key).is_some());
+        // Another table's files do not touch it.
+        data.forget_schema_unless_it_holds(("plant", "other"), &Schema::new(vec![field("c")]));
+        assert!(data.cached_schema(&key).is_some());
+        // Nullability aside (every column of a table is nullable), a column of another
+        // type changes the table.
+        let nullable_b = Field::new("b", DataType::Int64, true);
+        data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![nullable_b]));
+        assert!(data.cached_schema(&key).is_some());
+        let b_as_text = Field::new("b", DataType::Utf8, false);
+        data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![b_as_text]));
+        assert!(data.cached_schema(&key).is_none());
+    }
 }

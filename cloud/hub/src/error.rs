@@ -49,6 +49,9 @@ pub enum StartError {
     /// The hub's secret or admin token.
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    /// Where the fleet's shipped data is kept.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     /// The TLS certificate or key.
     #[error("TLS: {0}")]
     Tls(String),

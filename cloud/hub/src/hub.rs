@@ -12,7 +12,7 @@ use weir_engine::Registry;
 use weir_modules::{ModuleFactory, ModuleHost};
 use weir_pipelines::{Diagnostic, PipelineSource};
 
-use crate::data::FleetData;
+use crate::data::{FleetData, FleetLocation};
 use crate::error::{StartError, StoreError};
 use crate::fleet::{Fleet, FleetChange};
 use crate::identity::{self, DeviceKey, HubSecret, KeySlot};
@@ -53,6 +53,10 @@ pub struct HubConfig {
     pub offline_after: Duration,
     /// The longest a device's poll for its desired state is held open.
     pub max_poll_wait: Duration,
+    /// Where the data devices ship is stored (`data_dir/fleet` by default).
+    pub fleet_data: FleetLocation,
+    /// The bounds on a query over the fleet's data; a request may ask for less.
+    pub query_limits: weir_query::Limits,
 }
 
 impl HubConfig {
@@ -62,6 +66,8 @@ impl HubConfig {
         HubConfig {
             database: Database::Sqlite(data_dir.join("hub.db")),
             secret: SecretSource::File(data_dir.join("hub.secret")),
+            fleet_data: FleetLocation::Directory(data_dir.join("fleet")),
+            query_limits: weir_query::Limits::default(),
             data_dir,
             admin_token: None,
             sync_interval: Duration::from_secs(1),
@@ -133,11 +139,7 @@ impl Hub {
         registry.register(Arc::new(ModuleFactory::new(modules)));
         // Deployments may ship to the hub; the hub itself never runs them.
         registry.register(Arc::new(weir_outbox::HubSinkFactory::new(None)));
-        let data =
-            FleetData::local(&config.data_dir.join("fleet")).map_err(|e| StoreError::Io {
-                path: config.data_dir.join("fleet"),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let data = FleetData::open(&config.fleet_data).await?;
         let (changes, _) = watch::channel(-1);
         let hub = Arc::new(Hub {
             store,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use weir_hub::data::FleetLocation;
 use weir_hub::identity::{DeviceKey, device_resource, sign_token};
 use weir_hub::protocol::{DeploymentSpec, DevicePatch, NewDevice, PipelineDocument, Rollout};
 use weir_hub::store::Database;
@@ -98,6 +99,20 @@ struct ServeArgs {
     /// The longest a device's poll for its desired state is held.
     #[arg(long, default_value = "60s", value_parser = positive_duration)]
     max_poll_wait: Duration,
+    /// Where the data devices ship is stored: a directory (default DATA_DIR/fleet) or an
+    /// S3-compatible bucket, s3://BUCKET/PREFIX. S3 credentials, region and endpoint come
+    /// from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ENDPOINT_URL
+    /// (AWS_ALLOW_HTTP=true for a plain-HTTP endpoint).
+    #[arg(long, env = "WEIR_HUB_FLEET_DATA", value_name = "LOCATION")]
+    fleet_data: Option<FleetLocation>,
+    /// The longest a query over the fleet's data may run.
+    #[arg(long, default_value = "30s", value_parser = positive_duration, value_name = "DURATION")]
+    query_timeout: Duration,
+    /// The most rows a query over the fleet's data answers with; the answer says when
+    /// it was cut.
+    #[arg(long, default_value_t = weir_query::Limits::DEFAULT_MAX_ROWS, value_name = "ROWS",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    query_max_rows: usize,
 }
 
 #[derive(Args, Clone)]
@@ -401,7 +416,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.sync_interval = args.sync_interval;
     config.offline_after = args.offline_after;
     config.max_poll_wait = args.max_poll_wait;
+    if let Some(location) = args.fleet_data {
+        config.fleet_data = location;
+    }
+    config.query_limits = weir_query::Limits {
+        timeout: args.query_timeout,
+        max_rows: args.query_max_rows,
+        ..weir_query::Limits::default()
+    };
     let database = config.database.describe();
+    let fleet_data = config.fleet_data.to_string();
     let opened = Hub::open(config).await?;
     if opened.created_secret {
         tracing::info!("created the hub's secret in {}", args.data_dir.display());
@@ -418,7 +442,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let mut running = weir_hub::serve(opened.hub, args.listen, tls.as_ref()).await?;
-    tracing::info!(url = %running.url(), %database, "weir-hub is serving");
+    tracing::info!(url = %running.url(), %database, fleet_data = %fleet_data, "weir-hub is serving");
     tokio::select! {
         result = running.wait() => result.context("the server stopped")?,
         _ = shutdown_signal() => tracing::info!("stopping"),

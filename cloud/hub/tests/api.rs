@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::{ADMIN_TOKEN, Db, Setup, TestDatabase, TestHub, deployment, pipeline};
+use support::{
+    ADMIN_TOKEN, Db, Setup, TestDatabase, TestHub, deployment, pipeline, refusal_status,
+};
 use weir_hub::identity::{DeviceKey, device_resource, sign_token};
 use weir_hub::protocol::DevicePatch;
 use weir_hub::protocol::{Report, ReportStatus};
@@ -23,17 +25,7 @@ on_both_databases!(
     a_long_poll_answers_when_the_desired_state_changes,
     a_generated_admin_token_is_printed_once_and_kept_hashed,
     silent_devices_go_offline_and_metrics_count_them,
-    shipped_batches_are_stored_once_per_device_and_queryable,
 );
-
-fn refusal_status(result: Result<impl std::fmt::Debug, ClientError>) -> u16 {
-    match result {
-        Err(error) => error
-            .status()
-            .unwrap_or_else(|| panic!("not a refusal: {error}")),
-        Ok(value) => panic!("expected a refusal, got {value:?}"),
-    }
-}
 
 fn refusal_message(result: Result<impl std::fmt::Debug, ClientError>) -> String {
     match result {
@@ -995,143 +987,5 @@ async fn the_openapi_document_describes_every_route() {
     assert_eq!(missing.status(), 404);
     let body = missing.text().await.expect("body");
     assert!(body.contains("/api/v1/nothing-here"), "{body}");
-    hub.stop().await;
-}
-
-/// A batch as a device's outbox holds it: zstd Arrow IPC of `rows` readings from `from`.
-fn shipped_batch(from: i64, rows: i64) -> Vec<u8> {
-    use std::sync::Arc;
-    use weir_engine::arrow::array::Int64Array;
-    use weir_engine::arrow::datatypes::{DataType, Field, Schema};
-    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-    let batch = weir_engine::arrow::record_batch::RecordBatch::try_new(
-        schema,
-        vec![Arc::new(Int64Array::from_iter_values(from..from + rows))],
-    )
-    .expect("a batch");
-    weir_outbox::frame::encode_batch(&batch).expect("encodes")
-}
-
-async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let database = TestDatabase::new(db, dir.path()).await;
-    let hub = TestHub::start(dir.path(), &database.database).await;
-    let a = hub.register("edge-a", &[]).await;
-    let b = hub.register("edge-b", &[]).await;
-    let as_a = hub.device("edge-a", &a.keys.primary);
-    let as_b = hub.device("edge-b", &b.keys.primary);
-    let day = 1_767_225_600_000;
-
-    let first = as_a
-        .ship("edge-a", ("plant", "uplink", 0), day, shipped_batch(0, 3))
-        .await
-        .expect("stored");
-    assert_eq!((first.stored, first.rows), (true, 3));
-    // The same batch again (a lost acknowledgement): acknowledged, not stored twice.
-    let again = as_a
-        .ship("edge-a", ("plant", "uplink", 0), day, shipped_batch(0, 3))
-        .await
-        .expect("acknowledged");
-    assert_eq!((again.stored, again.rows), (false, 0));
-    as_a.ship("edge-a", ("plant", "uplink", 1), day, shipped_batch(3, 2))
-        .await
-        .expect("stored");
-    // Another device's sequence numbers are its own.
-    as_b.ship(
-        "edge-b",
-        ("plant", "uplink", 0),
-        day + 86_400_000,
-        shipped_batch(100, 4),
-    )
-    .await
-    .expect("stored");
-    // A device ships only as itself, and only Arrow.
-    assert_eq!(
-        refusal_status(
-            as_a.ship("edge-b", ("plant", "uplink", 9), day, shipped_batch(0, 1))
-                .await
-        ),
-        403
-    );
-    assert_eq!(
-        refusal_status(
-            as_a.ship("edge-a", ("plant", "uplink", 9), day, b"not arrow".to_vec())
-                .await
-        ),
-        400
-    );
-    assert_eq!(
-        refusal_status(
-            as_a.ship(
-                "edge-a",
-                ("pipe;line", "uplink", 9),
-                day,
-                shipped_batch(0, 1)
-            )
-            .await
-        ),
-        400
-    );
-
-    let mut request = weir_query::QueryRequest::new(
-        "SELECT hub_device, count(*) AS rows, sum(n) AS total FROM plant.uplink \
-         GROUP BY hub_device ORDER BY hub_device",
-    );
-    request.format = Some(weir_query::Format::Csv);
-    let answer = hub.admin.query(&request).await.expect("the fleet answers");
-    assert_eq!(
-        String::from_utf8(answer.body).unwrap(),
-        "hub_device,rows,total\nedge-a,5,10\nedge-b,4,406\n"
-    );
-    // The files are laid out by pipeline, sink, day and device.
-    let file = dir
-        .path()
-        .join("fleet/pipeline=plant/sink=uplink/date=2026-01-02/device=edge-b");
-    assert!(
-        file.join("00000000000000000000.parquet").exists(),
-        "{}",
-        file.display()
-    );
-    // Many small files of one device and day are compacted into one; nothing changes
-    // for queries, and a batch sent again is still known.
-    for seq in 2..20 {
-        as_a.ship(
-            "edge-a",
-            ("plant", "uplink", seq),
-            day,
-            shipped_batch(seq as i64 * 10, 1),
-        )
-        .await
-        .expect("stored");
-    }
-    let day_dir = dir
-        .path()
-        .join("fleet/pipeline=plant/sink=uplink/date=2026-01-01/device=edge-a");
-    let files = |dir: &Path| std::fs::read_dir(dir).expect("the directory").count();
-    assert_eq!(files(&day_dir), 20);
-    let compacted = hub.hub.data().compact().await.expect("compacts");
-    assert_eq!((compacted.directories, compacted.merged), (1, 20));
-    assert_eq!(files(&day_dir), 1);
-    let again = as_a
-        .ship("edge-a", ("plant", "uplink", 5), day, shipped_batch(50, 1))
-        .await
-        .expect("acknowledged");
-    assert!(!again.stored);
-    let mut count = weir_query::QueryRequest::new(
-        "SELECT count(*) AS rows FROM plant.uplink WHERE hub_device = 'edge-a'",
-    );
-    count.format = Some(weir_query::Format::Csv);
-    let answer = hub.admin.query(&count).await.expect("the fleet answers");
-    assert_eq!(String::from_utf8(answer.body).unwrap(), "rows\n23\n");
-
-    // Only the admin may query, and a bad query says what is wrong.
-    assert_eq!(refusal_status(as_a.query(&request).await), 403);
-    let error = hub
-        .admin
-        .query(&weir_query::QueryRequest::new("SELECT nope FROM uplink"))
-        .await
-        .expect_err("bad SQL");
-    assert_eq!(error.status(), Some(400));
-    assert!(error.to_string().contains("nope"), "{error}");
     hub.stop().await;
 }

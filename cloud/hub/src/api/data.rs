@@ -76,8 +76,13 @@ pub async fn ingest(
         Err(DataError::BadBatch(message)) => Err(ApiError::BadRequest(message)),
         Err(DataError::Store(error)) => Err(error.into()),
         Err(other) => {
+            // The object store is away (an S3 outage): the device keeps the batch in its
+            // outbox and sends it again.
             tracing::error!("{other}");
-            Err(ApiError::Internal(other.to_string()))
+            Err(ApiError::Rejected {
+                status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                message: "the hub cannot store data right now; send the batch again later".into(),
+            })
         }
     }
 }
@@ -109,9 +114,15 @@ pub async fn query(
             ))
         })?;
         let format = request.format.or(accepted).unwrap_or_default();
-        let limits = request.limits(&weir_query::Limits::default())?;
-        let session = hub.data().session(hub.store(), &limits).await?;
-        let answer = session.run(&request.sql, &limits).await?;
+        let limits = request.limits(&hub.config().query_limits)?;
+        // Reading the tables' schemas (from a slow store, say) counts against the
+        // query's time too.
+        let answer = tokio::time::timeout(limits.timeout, async {
+            let session = hub.data().session(hub.store(), &limits).await?;
+            session.run(&request.sql, &limits).await
+        })
+        .await
+        .map_err(|_| QueryError::Timeout(limits.timeout))??;
         Ok::<_, QueryError>(Encoded::answer(&answer, format))
     };
     let encoded = run.await.unwrap_or_else(|error| Encoded::refusal(&error));

@@ -11,11 +11,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sqlx::Connection;
+use weir_hub::data::FleetLocation;
 use weir_hub::identity::DeviceKey;
 use weir_hub::protocol::PipelineDocument;
 use weir_hub::protocol::{CreatedDevice, DeploymentSpec, NewDevice};
 use weir_hub::store::Database;
-use weir_hub::{Credentials, Hub, HubClient, HubConfig, RunningHub, SecretSource, TlsFiles};
+use weir_hub::{
+    ClientError, Credentials, Hub, HubClient, HubConfig, RunningHub, SecretSource, TlsFiles,
+};
 
 /// The admin token the test hubs run with.
 pub const ADMIN_TOKEN: &str = "weir_admin_test-token";
@@ -139,6 +142,10 @@ pub struct Setup<'a> {
     pub ca_file: Option<PathBuf>,
     pub offline_after: Duration,
     pub sync_interval: Duration,
+    /// Where the fleet's data goes (the default: `dir/fleet`).
+    pub fleet_data: Option<FleetLocation>,
+    /// The bounds on fleet queries.
+    pub query_limits: weir_query::Limits,
 }
 
 impl<'a> Setup<'a> {
@@ -152,6 +159,8 @@ impl<'a> Setup<'a> {
             ca_file: None,
             offline_after: Duration::from_secs(90),
             sync_interval: Duration::from_millis(200),
+            fleet_data: None,
+            query_limits: weir_query::Limits::default(),
         }
     }
 
@@ -163,6 +172,10 @@ impl<'a> Setup<'a> {
         config.admin_token = self.admin_token.map(str::to_owned);
         config.offline_after = self.offline_after;
         config.sync_interval = self.sync_interval;
+        if let Some(location) = self.fleet_data {
+            config.fleet_data = location;
+        }
+        config.query_limits = self.query_limits;
         let opened = Hub::open(config).await.expect("open the hub");
         let hub = opened.hub.clone();
         let running = weir_hub::serve(
@@ -244,6 +257,16 @@ impl TestHub {
     /// Stops the hub.
     pub async fn stop(self) {
         self.running.shutdown().await;
+    }
+}
+
+/// The status a refused request got.
+pub fn refusal_status(result: Result<impl std::fmt::Debug, ClientError>) -> u16 {
+    match result {
+        Err(error) => error
+            .status()
+            .unwrap_or_else(|| panic!("not a refusal: {error}")),
+        Ok(value) => panic!("expected a refusal, got {value:?}"),
     }
 }
 
