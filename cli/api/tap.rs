@@ -190,7 +190,8 @@ impl Sampler {
         }
     }
 
-    /// Writes the rows of `batch` the rate allows as a `{"rows": …}` line; counts the rest.
+    /// Writes the rows of `batch` the rate allows, spread over the batch, as a
+    /// `{"rows": …}` line; counts the rest.
     fn sample(&mut self, batch: &RecordBatch, out: &mut Vec<u8>) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
@@ -205,18 +206,23 @@ impl Sampler {
         if shown == 0 {
             return;
         }
-        let mut rows = Vec::new();
+        let mut json = Vec::new();
         let mut writer = weir_engine::arrow::json::WriterBuilder::new()
             .with_explicit_nulls(true)
-            .build::<_, weir_engine::arrow::json::writer::JsonArray>(&mut rows);
-        let written = writer
-            .write(&batch.slice(0, shown))
+            .build::<_, weir_engine::arrow::json::writer::JsonArray>(&mut json);
+        let sample = if shown == rows {
+            Ok(batch.clone())
+        } else {
+            weir_engine::arrow::compute::take_record_batch(batch, &spread(rows, shown))
+        };
+        let written = sample
+            .and_then(|sample| writer.write(&sample))
             .and_then(|()| writer.finish());
         drop(writer);
         match written {
             Ok(()) => {
                 out.extend_from_slice(b"{\"rows\":");
-                out.extend_from_slice(&rows);
+                out.extend_from_slice(&json);
                 out.extend_from_slice(b"}\n");
             }
             Err(e) => {
@@ -225,5 +231,27 @@ impl Sampler {
                 out.push(b'\n');
             }
         }
+    }
+}
+
+/// `shown` of `rows` row indices, evenly spread from the first row: a sample of a large
+/// batch spans all of it (every device of a tick, say) rather than showing its head.
+fn spread(rows: usize, shown: usize) -> weir_engine::arrow::array::UInt32Array {
+    (0..shown)
+        .map(|i| (i as u64 * rows as u64 / shown as u64) as u32)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn a_sample_spans_the_whole_batch() {
+        assert_eq!(spread(10, 5).values().to_vec(), [0, 2, 4, 6, 8]);
+        assert_eq!(spread(8192, 3).values().to_vec(), [0, 2730, 5461]);
+        assert_eq!(spread(7, 7).values().to_vec(), [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(spread(5, 1).values().to_vec(), [0]);
+        assert!(spread(5, 0).is_empty());
     }
 }
