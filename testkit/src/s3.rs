@@ -1,9 +1,12 @@
-//! A real S3-compatible server per test: moto's standalone server (PyPI `moto[server]`),
-//! on a free loopback port, holding its buckets in memory until it is dropped.
+//! A real S3-compatible server per test: moto's standalone server (PyPI `moto[server]`)
+//! on a free loopback port, holding its buckets in memory until it is dropped, behind a
+//! proxy that a test can cut to make the store unreachable without losing what it holds.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{WAIT, free_port};
@@ -28,56 +31,73 @@ pub fn require_moto() {
 
 /// An S3-compatible server, killed when dropped.
 pub struct S3Server {
-    child: Child,
-    port: u16,
+    moto: Child,
+    /// moto's own port; clients go through the proxy.
+    moto_port: u16,
+    proxy: Proxy,
 }
 
 impl S3Server {
     /// Starts a server and waits until it answers.
     pub fn start() -> S3Server {
         require_moto();
-        let port = free_port();
-        let mut server = S3Server {
-            child: spawn(port),
-            port,
-        };
-        server.wait_until_it_answers();
-        server
-    }
-
-    /// Starts the server again on the same port, empty, after [`S3Server::stop`].
-    pub fn restart(&mut self) {
-        self.stop();
-        self.child = spawn(self.port);
-        self.wait_until_it_answers();
-    }
-
-    fn wait_until_it_answers(&mut self) {
+        let moto_port = free_port();
+        let mut moto = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(moto_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto's S3 server");
         let deadline = Instant::now() + WAIT;
-        while self.request("GET", "/").is_err() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("moto's S3 server exited ({status}) on port {}", self.port);
+        while request(moto_port, "GET", "/").is_err() {
+            if let Ok(Some(status)) = moto.try_wait() {
+                panic!("moto's S3 server exited ({status}) on port {moto_port}");
             }
             assert!(
                 Instant::now() < deadline,
-                "moto's S3 server did not answer on port {} within {WAIT:?}",
-                self.port
+                "moto's S3 server did not answer on port {moto_port} within {WAIT:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+        S3Server {
+            moto,
+            moto_port,
+            proxy: Proxy::start(moto_port),
         }
     }
 
     /// The server's URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://127.0.0.1:{}", self.proxy.port)
     }
 
     /// Creates a bucket.
     pub fn create_bucket(&self, bucket: &str) {
-        let status = self
-            .request("PUT", &format!("/{bucket}"))
-            .expect("the S3 server answers");
+        let status =
+            request(self.moto_port, "PUT", &format!("/{bucket}")).expect("the S3 server answers");
         assert_eq!(status, 200, "creating bucket {bucket}");
+    }
+
+    /// Makes the server unreachable: connections open now are cut, new ones are closed
+    /// at once. What it holds is kept.
+    pub fn cut(&self) {
+        self.proxy.cut.store(true, Ordering::SeqCst);
+        for stream in self
+            .proxy
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Makes the server reachable again after [`S3Server::cut`].
+    pub fn restore(&self) {
+        self.proxy.cut.store(false, Ordering::SeqCst);
     }
 
     /// What an `object_store` S3 client needs to reach this server, by setting name.
@@ -107,47 +127,93 @@ impl S3Server {
             })
             .collect()
     }
-
-    /// Stops the server: requests to it fail from now on.
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// One unsigned request (moto does not check signatures): its status code.
-    fn request(&self, method: &str, path: &str) -> std::io::Result<u16> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(WAIT))?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\
-             Connection: close\r\n\r\n",
-            self.port
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        response
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {response:.80}")))
-    }
-}
-
-/// moto's server on `port`.
-fn spawn(port: u16) -> Child {
-    Command::new("python3")
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
-        .arg(port.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto's S3 server")
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        self.stop();
+        self.cut();
+        self.proxy.closed.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees `closed`.
+        let _ = TcpStream::connect(("127.0.0.1", self.proxy.port));
+        let _ = self.moto.kill();
+        let _ = self.moto.wait();
     }
+}
+
+/// A TCP proxy to moto that keeps its listening port while it is cut, so no other test
+/// can take that port meanwhile.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    closed: Arc<AtomicBool>,
+    /// Both ends of every proxied connection, to cut them.
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port for the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let proxy = Proxy {
+            port,
+            cut: Arc::default(),
+            closed: Arc::default(),
+            open: Arc::default(),
+        };
+        let (cut, closed, open) = (proxy.cut.clone(), proxy.closed.clone(), proxy.open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if cut.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let ends = [client.try_clone(), server.try_clone()];
+                if let [Ok(a), Ok(b)] = ends {
+                    open.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend([a, b]);
+                }
+                pipe(&client, &server);
+                pipe(&server, &client);
+            }
+        });
+        proxy
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own, closing both when either ends.
+fn pipe(from: &TcpStream, to: &TcpStream) {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    });
+}
+
+/// One unsigned request to moto (it does not check signatures): its status code.
+fn request(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(WAIT))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {response:.80}")))
 }

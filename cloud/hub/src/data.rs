@@ -57,6 +57,9 @@ pub enum DataError {
     /// The object store refused it.
     #[error("cannot store the batch: {0}")]
     Storage(String),
+    /// The rows cannot be written as Parquet (a type Parquet has no place for).
+    #[error("cannot write the batch as Parquet: {0}")]
+    Encode(String),
     /// The database refused the record.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -148,9 +151,28 @@ impl std::str::FromStr for FleetLocation {
                         "{text}: name the bucket (s3://bucket/prefix)"
                     )));
                 }
+                let plain = |part: &str| {
+                    part.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '='))
+                };
+                if !plain(bucket) {
+                    return Err(DataError::Location(format!(
+                        "{text}: a bucket name is letters, digits, '.', '_' and '-'"
+                    )));
+                }
+                let parts: Vec<&str> = prefix.split('/').filter(|part| !part.is_empty()).collect();
+                if let Some(part) = parts
+                    .iter()
+                    .find(|part| !plain(part) || **part == "." || **part == "..")
+                {
+                    return Err(DataError::Location(format!(
+                        "{text}: `{part}` cannot be part of the prefix; use letters, digits, \
+                         '.', '_', '-' and '=' between slashes"
+                    )));
+                }
                 Ok(FleetLocation::S3(S3Location {
                     bucket: bucket.to_owned(),
-                    prefix: prefix.trim_matches('/').to_owned(),
+                    prefix: parts.join("/"),
                     settings: Vec::new(),
                 }))
             }
@@ -172,24 +194,42 @@ impl std::fmt::Display for FleetLocation {
     }
 }
 
-/// How long an object store request is retried before an ingest or a query gives up:
-/// well inside a device's 30-second request timeout, so it hears a clear 503 (and keeps
-/// the batch to send again) rather than timing out. object_store's default is 3 minutes.
+/// How long an object store request is retried before it fails (object_store's default
+/// is 3 minutes).
 const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest storing a batch may take, retries included: well inside a device's
+/// 30-second request timeout, so it hears a clear 503 (and keeps the batch to send
+/// again) rather than timing out.
+const STORE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a table's schema is trusted before the files are read again: what another
 /// hub sharing the store ingested in a new shape shows within this.
 const SCHEMA_TTL: Duration = Duration::from_secs(60);
 
+/// The URL queries know the fleet's store by: the store is registered under it in every
+/// session, rooted at the configured location, so reads and writes name objects alike.
+const QUERY_ROOT: &str = "weir-fleet://data/";
+
+/// An object written and deleted at start, to learn that the hub may write there.
+const WRITE_CHECK: &str = "weir-hub-write-check";
+
 /// The fleet's stored data.
 pub struct FleetData {
-    /// The store, rooted at the location: ingest and compaction write here.
+    /// The store, rooted at the location.
     objects: Arc<dyn ObjectStore>,
-    /// The store as queries read it, and the location's URL in it, ending in `/`.
-    reader: Arc<dyn ObjectStore>,
-    table_root: String,
-    /// Each table's schema, so a query does not read every file's footer.
-    schemas: Mutex<HashMap<(String, String), (SchemaRef, Instant)>>,
+    /// What is known of each table's schema, so a query does not read every file's footer.
+    schemas: Mutex<HashMap<(String, String), KnownSchema>>,
+}
+
+/// A table's schema as last read from its files.
+#[derive(Default)]
+struct KnownSchema {
+    /// The schema, and when it was read.
+    read: Option<(SchemaRef, Instant)>,
+    /// Bumped when a stored file brings a column the schema lacks; a schema read while
+    /// it moved is not kept.
+    generation: u64,
 }
 
 impl FleetData {
@@ -203,21 +243,45 @@ impl FleetData {
         let root = dir.canonicalize().map_err(|e| unreachable(e.to_string()))?;
         let objects =
             LocalFileSystem::new_with_prefix(&root).map_err(|e| unreachable(e.to_string()))?;
-        Ok(FleetData::new(
-            Arc::new(objects),
-            Arc::new(LocalFileSystem::new()),
-            format!("{}/", root.display()),
-        ))
+        Ok(FleetData::new(Arc::new(objects)))
     }
 
-    /// Opens the data at `location`, checking that the hub can list it: a bucket that
-    /// does not exist, or credentials it refuses, stop the hub at start, not at the
-    /// first batch.
+    /// Opens the data at `location`, checking that the hub can list it and write to it:
+    /// a bucket that does not exist, or credentials that do not allow both, stop the
+    /// hub at start, not at the first batch.
     pub async fn open(location: &FleetLocation) -> Result<FleetData, DataError> {
-        let s3 = match location {
-            FleetLocation::Directory(dir) => return FleetData::local(dir),
-            FleetLocation::S3(s3) => s3,
+        let unreachable = |message: String| DataError::Unreachable {
+            location: location.to_string(),
+            message,
         };
+        let data = match location {
+            FleetLocation::Directory(dir) => FleetData::local(dir)?,
+            FleetLocation::S3(s3) => FleetData::new(FleetData::bucket(s3, location)?),
+        };
+        let check = ObjectPath::from(WRITE_CHECK);
+        data.objects
+            .list_with_delimiter(None)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        data.objects
+            .put(
+                &check,
+                "the hub checks at start that it may write here".into(),
+            )
+            .await
+            .map_err(|e| unreachable(format!("cannot write: {e}")))?;
+        data.objects
+            .delete(&check)
+            .await
+            .map_err(|e| unreachable(format!("cannot delete: {e}")))?;
+        Ok(data)
+    }
+
+    /// The bucket `s3` names, rooted at its prefix.
+    fn bucket(
+        s3: &S3Location,
+        location: &FleetLocation,
+    ) -> Result<Arc<dyn ObjectStore>, DataError> {
         let unreachable = |message: String| DataError::Unreachable {
             location: location.to_string(),
             message,
@@ -234,41 +298,19 @@ impl FleetData {
                 .map_err(|_| DataError::Location(format!("`{key}` is not an S3 setting")))?;
             builder = builder.with_config(key, value);
         }
-        let bucket: Arc<dyn ObjectStore> =
-            Arc::new(builder.build().map_err(|e| unreachable(e.to_string()))?);
-        let objects: Arc<dyn ObjectStore> = if s3.prefix.is_empty() {
-            bucket.clone()
+        let bucket = builder.build().map_err(|e| unreachable(e.to_string()))?;
+        Ok(if s3.prefix.is_empty() {
+            Arc::new(bucket)
         } else {
-            Arc::new(PrefixStore::new(bucket.clone(), s3.prefix.as_str()))
-        };
-        objects
-            .list_with_delimiter(None)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let table_root = if s3.prefix.is_empty() {
-            format!("s3://{}/", s3.bucket)
-        } else {
-            format!("s3://{}/{}/", s3.bucket, s3.prefix)
-        };
-        Ok(FleetData::new(objects, bucket, table_root))
+            Arc::new(PrefixStore::new(bucket, s3.prefix.as_str()))
+        })
     }
 
-    fn new(
-        objects: Arc<dyn ObjectStore>,
-        reader: Arc<dyn ObjectStore>,
-        table_root: String,
-    ) -> FleetData {
+    fn new(objects: Arc<dyn ObjectStore>) -> FleetData {
         FleetData {
             objects,
-            reader,
-            table_root,
             schemas: Mutex::default(),
         }
-    }
-
-    /// Where the data is, as queries name its files.
-    pub fn location(&self) -> &str {
-        &self.table_root
     }
 
     /// Stores a shipped batch (zstd Arrow IPC, as the device's outbox holds it) once.
@@ -298,9 +340,13 @@ impl FleetData {
             format!("device={}", id.device),
             format!("{:020}.parquet", id.seq),
         ]);
-        self.objects
-            .put(&object, parquet.into())
+        tokio::time::timeout(STORE_TIMEOUT, self.objects.put(&object, parquet.into()))
             .await
+            .map_err(|_| {
+                DataError::Storage(format!(
+                    "the store did not take it within {STORE_TIMEOUT:?}"
+                ))
+            })?
             .map_err(|e| DataError::Storage(e.to_string()))?;
         self.forget_schema_unless_it_holds((id.pipeline, id.sink), &schema);
         store
@@ -315,31 +361,45 @@ impl FleetData {
         Ok(Ingested::Stored(rows as u64))
     }
 
-    /// Merges the small files of each directory holding [`COMPACT_MIN_FILES`] or more
-    /// into one, so queries open few files. The merged file is written before the small
-    /// ones are deleted, and a batch sent again later is still known by its record, so
-    /// compaction never loses a row nor lets one in twice. (A query running at the very
-    /// moment between the write and the deletes can see those rows twice.)
-    pub async fn compact(&self) -> Result<Compacted, DataError> {
+    /// Merges the small files of each directory that received a batch at or after
+    /// `since_ms` and now holds [`COMPACT_MIN_FILES`] or more, so queries open few
+    /// files. Only directories the hub wrote to are looked at, never the whole store.
+    /// The merged file is written before the small ones are deleted, and a batch sent
+    /// again later is still known by its record, so compaction never loses a row nor
+    /// lets one in twice. (A query running at the very moment between the write and the
+    /// deletes can see those rows twice.) One hub at a time may compact: see
+    /// [`Store::try_lease`].
+    pub async fn compact(&self, store: &Store, since_ms: i64) -> Result<Compacted, DataError> {
         use futures::TryStreamExt;
-        let objects: Vec<object_store::ObjectMeta> = self
-            .objects
-            .list(None)
-            .try_collect()
-            .await
-            .map_err(|e| DataError::Storage(e.to_string()))?;
-        let mut by_directory: std::collections::BTreeMap<String, Vec<object_store::ObjectMeta>> =
-            std::collections::BTreeMap::new();
-        for object in objects {
-            let name = object.location.as_ref().to_owned();
-            let small = object.size < COMPACT_MAX_FILE_BYTES;
-            if name.ends_with(".parquet") && small {
-                let directory = name.rsplit_once('/').map_or("", |(dir, _)| dir).to_owned();
-                by_directory.entry(directory).or_default().push(object);
-            }
-        }
+        let directories: std::collections::BTreeSet<String> = store
+            .objects_ingested_since(since_ms)
+            .await?
+            .into_iter()
+            .filter_map(|object| object.rsplit_once('/').map(|(dir, _)| dir.to_owned()))
+            .collect();
         let mut done = Compacted::default();
-        for (directory, mut files) in by_directory {
+        for directory in directories {
+            let prefix = ObjectPath::from(directory.as_str());
+            let listed: Vec<object_store::ObjectMeta> = self
+                .objects
+                .list(Some(&prefix))
+                .try_collect()
+                .await
+                .map_err(|e| DataError::Storage(e.to_string()))?;
+            let mut files: Vec<object_store::ObjectMeta> = listed
+                .into_iter()
+                .filter(|object| {
+                    object
+                        .location
+                        .prefix_match(&prefix)
+                        .is_some_and(|mut rest| {
+                            rest.next()
+                                .is_some_and(|name| name.as_ref().ends_with(".parquet"))
+                                && rest.next().is_none()
+                        })
+                        && object.size < COMPACT_MAX_FILE_BYTES
+                })
+                .collect();
             if files.len() < COMPACT_MIN_FILES {
                 continue;
             }
@@ -370,16 +430,17 @@ impl FleetData {
                 continue;
             }
             let merged = write_parquet(&schema, &batches)?;
+            // Named after the first and last batch it holds (merged files included).
             let first = files[0]
                 .location
                 .filename()
-                .unwrap_or("0")
-                .trim_end_matches(".parquet");
+                .and_then(|name| name.trim_end_matches(".parquet").split('-').next())
+                .unwrap_or("0");
             let last = files[files.len() - 1]
                 .location
                 .filename()
-                .unwrap_or("0")
-                .trim_end_matches(".parquet");
+                .and_then(|name| name.trim_end_matches(".parquet").rsplit('-').next())
+                .unwrap_or("0");
             let target = ObjectPath::from(format!("{directory}/{first}-{last}.parquet"));
             self.objects
                 .put(&target, merged.into())
@@ -410,24 +471,22 @@ impl FleetData {
             .shipped_streams()
             .await
             .map_err(|e| QueryError::Internal(e.to_string()))?;
-        let root = ListingTableUrl::parse(&self.table_root)
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let root =
+            ListingTableUrl::parse(QUERY_ROOT).map_err(|e| QueryError::Internal(e.to_string()))?;
         session
             .context()
-            .register_object_store(root.as_ref(), self.reader.clone());
+            .register_object_store(root.as_ref(), self.objects.clone());
         let state = session.context().state();
         for (pipeline, sink) in &streams {
-            let url = ListingTableUrl::parse(format!(
-                "{}pipeline={pipeline}/sink={sink}/",
-                self.table_root
-            ))
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
+            let url =
+                ListingTableUrl::parse(format!("{QUERY_ROOT}pipeline={pipeline}/sink={sink}/"))
+                    .map_err(|e| QueryError::Internal(e.to_string()))?;
             let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
                 .with_file_extension(".parquet");
             let key = (pipeline.clone(), sink.clone());
             let schema = match self.cached_schema(&key) {
-                Some(schema) => schema,
-                None => {
+                Ok(schema) => schema,
+                Err(generation) => {
                     let schema = options.infer_schema(&state, &url).await.map_err(|e| {
                         QueryError::Internal(format!("cannot read {pipeline}.{sink}: {e}"))
                     })?;
@@ -441,8 +500,11 @@ impl FleetData {
                             .collect::<Vec<_>>(),
                         schema.metadata().clone(),
                     ));
-                    self.lock_schemas()
-                        .insert(key, (schema.clone(), Instant::now()));
+                    let mut schemas = self.lock_schemas();
+                    let known = schemas.entry(key).or_default();
+                    if known.generation == generation {
+                        known.read = Some((schema.clone(), Instant::now()));
+                    }
                     schema
                 }
             };
@@ -460,33 +522,42 @@ impl FleetData {
         Ok(session)
     }
 
-    fn lock_schemas(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (SchemaRef, Instant)>> {
+    fn lock_schemas(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), KnownSchema>> {
         self.schemas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A table's schema, read from its files less than [`SCHEMA_TTL`] ago.
-    fn cached_schema(&self, key: &(String, String)) -> Option<SchemaRef> {
-        self.lock_schemas()
-            .get(key)
-            .filter(|(_, read)| read.elapsed() < SCHEMA_TTL)
-            .map(|(schema, _)| schema.clone())
+    /// A table's schema, read from its files less than [`SCHEMA_TTL`] ago; or, to read
+    /// it again, the generation to keep what is read under.
+    fn cached_schema(&self, key: &(String, String)) -> Result<SchemaRef, u64> {
+        let schemas = self.lock_schemas();
+        let Some(known) = schemas.get(key) else {
+            return Err(0);
+        };
+        match &known.read {
+            Some((schema, read)) if read.elapsed() < SCHEMA_TTL => Ok(schema.clone()),
+            _ => Err(known.generation),
+        }
     }
 
     /// After a file of `schema` was stored: a table whose known schema lacks one of its
     /// columns is read again at the next query.
     fn forget_schema_unless_it_holds(&self, (pipeline, sink): (&str, &str), schema: &Schema) {
         let mut schemas = self.lock_schemas();
-        let key = (pipeline.to_owned(), sink.to_owned());
-        if let Some((known, _)) = schemas.get(&key)
-            && !schema.fields().iter().all(|field| {
+        let known = schemas
+            .entry((pipeline.to_owned(), sink.to_owned()))
+            .or_default();
+        let holds = |known: &SchemaRef| {
+            schema.fields().iter().all(|field| {
                 known.field_with_name(field.name()).is_ok_and(|known| {
                     known.data_type() == field.data_type() && known.metadata() == field.metadata()
                 })
             })
-        {
-            schemas.remove(&key);
+        };
+        if !known.read.as_ref().is_some_and(|(known, _)| holds(known)) {
+            // Also when nothing is known yet: a query reading the files right now may
+            // have missed this one.
+            known.read = None;
+            known.generation += 1;
         }
     }
 }
@@ -540,15 +611,15 @@ fn write_parquet(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>,
         .build();
     let mut out = Vec::new();
     let mut writer = ArrowWriter::try_new(&mut out, schema.clone(), Some(properties))
-        .map_err(|e| DataError::Storage(e.to_string()))?;
+        .map_err(|e| DataError::Encode(e.to_string()))?;
     for batch in batches {
         writer
             .write(batch)
-            .map_err(|e| DataError::Storage(e.to_string()))?;
+            .map_err(|e| DataError::Encode(e.to_string()))?;
     }
     writer
         .close()
-        .map_err(|e| DataError::Storage(e.to_string()))?;
+        .map_err(|e| DataError::Encode(e.to_string()))?;
     Ok(out)
 }
 
@@ -600,6 +671,12 @@ mod tests {
         assert!(refused("gs://bucket/fleet").contains("not in a `gs` store"));
         assert!(refused("file://relative/dir").contains("absolute path"));
         assert!(refused(" ").contains("empty"));
+        // A prefix is plain parts between single slashes, as object keys take them.
+        assert_eq!(parse("s3://b//a//c/").unwrap(), s3("b", "a/c"));
+        assert!(refused("s3://b/~hub").contains("`~hub` cannot be part of the prefix"));
+        assert!(refused("s3://b/a/../c").contains("`..` cannot be part of the prefix"));
+        assert!(refused("s3://b/a?x=1").contains("`a?x=1` cannot be part"));
+        assert!(refused("s3://b#x/a").contains("a bucket name is"));
     }
 
     #[tokio::test]
@@ -621,21 +698,34 @@ mod tests {
         let data = FleetData::local(dir.path()).expect("opens");
         let key = ("plant".to_owned(), "uplink".to_owned());
         let field = |name: &str| Field::new(name, DataType::Int64, false);
-        let known = Arc::new(Schema::new(vec![field("a"), field("b")]));
-        data.lock_schemas()
-            .insert(key.clone(), (known, Instant::now()));
+        let keep = |generation: u64, schema: Schema| {
+            let mut schemas = data.lock_schemas();
+            let known = schemas.entry(key.clone()).or_default();
+            if known.generation == generation {
+                known.read = Some((Arc::new(schema), Instant::now()));
+            }
+        };
+        assert_eq!(data.cached_schema(&key).err(), Some(0));
+        keep(0, Schema::new(vec![field("a"), field("b")]));
         data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![field("b")]));
-        assert!(data.cached_schema(&key).is_some());
+        assert!(data.cached_schema(&key).is_ok());
         // Another table's files do not touch it.
         data.forget_schema_unless_it_holds(("plant", "other"), &Schema::new(vec![field("c")]));
-        assert!(data.cached_schema(&key).is_some());
+        assert!(data.cached_schema(&key).is_ok());
         // Nullability aside (every column of a table is nullable), a column of another
         // type changes the table.
         let nullable_b = Field::new("b", DataType::Int64, true);
         data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![nullable_b]));
-        assert!(data.cached_schema(&key).is_some());
+        assert!(data.cached_schema(&key).is_ok());
         let b_as_text = Field::new("b", DataType::Utf8, false);
         data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![b_as_text]));
-        assert!(data.cached_schema(&key).is_none());
+        let generation = data.cached_schema(&key).expect_err("read again");
+        assert_eq!(generation, 1);
+
+        // A query that began reading before a file with a new column was stored keeps
+        // nothing: the next query reads the files again.
+        data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![field("d")]));
+        keep(generation, Schema::new(vec![field("a"), field("b")]));
+        assert_eq!(data.cached_schema(&key).err(), Some(2));
     }
 }

@@ -93,6 +93,8 @@ pub struct Hub {
     metrics: HubMetrics,
     relay: QueryRelay,
     data: FleetData,
+    /// This hub among those sharing the database (random, per start).
+    instance: String,
 }
 
 /// A hub that has just been opened.
@@ -107,6 +109,17 @@ pub struct Opened {
 
 /// How often the shipped data's small files are looked at for compaction.
 const COMPACT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The lease that lets one hub at a time compact, and how long a holder keeps it
+/// without renewing: a hub that stops holds it this long at most.
+const COMPACT_LEASE: &str = "compaction_lease";
+const COMPACT_LEASE_MS: i64 = 5 * 60 * 1000;
+
+/// How far back a hub's first pass looks (and the most a later one does).
+const COMPACT_LOOKBACK_MS: i64 = 2 * 24 * 3600 * 1000;
+
+/// The overlap between passes, covering batches being stored while a pass began.
+const COMPACT_MARGIN_MS: i64 = 60 * 1000;
 
 impl Hub {
     /// Opens the store (migrating it), loads or creates the secret and the admin token,
@@ -154,6 +167,7 @@ impl Hub {
             metrics: HubMetrics::new(),
             relay: QueryRelay::default(),
             data,
+            instance: identity::instance_id()?,
         });
         hub.reload().await?;
         Ok(Opened {
@@ -195,21 +209,60 @@ impl Hub {
             tokio::spawn(async move {
                 let mut ticks = tokio::time::interval(COMPACT_INTERVAL);
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut since = crate::protocol::now_ms() - COMPACT_LOOKBACK_MS;
                 loop {
                     ticks.tick().await;
-                    match hub.data.compact().await {
-                        Ok(done) if done.merged > 0 => tracing::info!(
-                            "compacted {} files of shipped data in {} directories",
-                            done.merged,
-                            done.directories
-                        ),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!("cannot compact the shipped data: {e}"),
+                    since = since.max(crate::protocol::now_ms() - COMPACT_LOOKBACK_MS);
+                    if let Some(started) = hub.compact_once(since).await {
+                        // Batches whose record was written after the pass read them
+                        // arrived at most a store timeout before it began.
+                        since = started - COMPACT_MARGIN_MS;
                     }
                 }
             })
         };
         vec![sync, heartbeats, compaction]
+    }
+
+    /// One compaction pass over the directories that received batches since `since_ms`,
+    /// if this hub holds the compaction lease (hubs sharing a database compact one at a
+    /// time, so two never merge the same files). Returns when the pass began, if it ran
+    /// to the end.
+    pub async fn compact_once(&self, since_ms: i64) -> Option<i64> {
+        let started = crate::protocol::now_ms();
+        match self
+            .store
+            .try_lease(
+                COMPACT_LEASE,
+                &self.instance,
+                started,
+                started + COMPACT_LEASE_MS,
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::warn!("cannot take the compaction lease: {e}");
+                return None;
+            }
+        }
+        match self.data.compact(&self.store, since_ms).await {
+            Ok(done) => {
+                if done.merged > 0 {
+                    tracing::info!(
+                        "compacted {} files of shipped data in {} directories",
+                        done.merged,
+                        done.directories
+                    );
+                }
+                Some(started)
+            }
+            Err(e) => {
+                tracing::warn!("cannot compact the shipped data: {e}");
+                None
+            }
+        }
     }
 
     /// The store.

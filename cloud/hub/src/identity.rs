@@ -767,6 +767,11 @@ pub fn admin_token_matches(token: &str, digest_hex: &str) -> bool {
     hmac::verify(&key, actual.as_bytes(), expected_tag.as_ref()).is_ok()
 }
 
+/// A random id for one run of a hub, telling it from others sharing its database.
+pub fn instance_id() -> Result<String, IdentityError> {
+    Ok(hex(&random_bytes::<8>()?))
+}
+
 fn random_bytes<const N: usize>() -> Result<[u8; N], IdentityError> {
     let mut bytes = [0u8; N];
     SystemRandom::new()

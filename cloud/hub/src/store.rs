@@ -47,6 +47,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "fleet data",
         include_str!("../migrations/0002_fleet_data.sql"),
     ),
+    (
+        3,
+        "compaction",
+        include_str!("../migrations/0003_compaction.sql"),
+    ),
 ];
 
 /// How long a SQLite connection waits for another writer before giving up.
@@ -789,6 +794,46 @@ impl Store {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    /// The objects of the batches that arrived at or after `since_ms`.
+    pub async fn objects_ingested_since(&self, since_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT object FROM hub_ingested WHERE arrived_ms >= $1")
+            .bind(since_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
+    }
+
+    /// Takes or renews lease `name` for `holder` until `until_ms`, unless another holder
+    /// has it past `now_ms`. Hubs sharing a database use it to do a job one at a time.
+    ///
+    /// The lease is a setting whose value is the expiry, zero-padded, then `:holder`, so
+    /// "expired" is a string comparison both databases do alike.
+    pub async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        sqlx::query(
+            "INSERT INTO hub_settings (name, value) VALUES ($1, '') ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .execute(&self.writer)
+        .await?;
+        let taken = sqlx::query(
+            "UPDATE hub_settings SET value = $2 \
+             WHERE name = $1 AND (value < $3 OR substr(value, 22) = $4)",
+        )
+        .bind(name)
+        .bind(format!("{until_ms:020}:{holder}"))
+        .bind(format!("{now_ms:020}"))
+        .bind(holder)
+        .execute(&self.writer)
+        .await?;
+        Ok(taken.rows_affected() == 1)
     }
 
     /// Every (pipeline, sink) devices have shipped data for.

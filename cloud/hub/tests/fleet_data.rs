@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
@@ -101,13 +101,7 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
         Storage::Directory => Arc::new(
             LocalFileSystem::new_with_prefix(dir.path().join("fleet")).expect("the directory"),
         ),
-        Storage::S3(server) => {
-            assert!(
-                !dir.path().join("fleet").exists(),
-                "S3 data went to the disk"
-            );
-            bucket_seen_from_outside(server, "fleet", "plant-hub")
-        }
+        Storage::S3(server) => bucket_seen_from_outside(server, "fleet", "plant-hub"),
     };
     let a = hub.register("edge-a", &[]).await;
     let b = hub.register("edge-b", &[]).await;
@@ -198,8 +192,24 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
     }
     let day_dir = "pipeline=plant/sink=uplink/date=2026-01-01/device=edge-a";
     assert_eq!(objects_under(files.as_ref(), day_dir).await.len(), 20);
-    let compacted = hub.hub.data().compact().await.expect("compacts");
+    // Files the hub did not write are never touched, however many and small.
+    for n in 0..20 {
+        files
+            .put(
+                &ObjectPath::from(format!("exports/part-{n}.parquet")),
+                vec![0u8; 8].into(),
+            )
+            .await
+            .expect("a foreign file");
+    }
+    let compacted = hub
+        .hub
+        .data()
+        .compact(hub.hub.store(), 0)
+        .await
+        .expect("compacts");
     assert_eq!((compacted.directories, compacted.merged), (1, 20));
+    assert_eq!(objects_under(files.as_ref(), "exports").await.len(), 20);
     assert_eq!(
         objects_under(files.as_ref(), day_dir).await,
         [format!(
@@ -258,7 +268,82 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
         .expect_err("bad SQL");
     assert_eq!(error.status(), Some(400));
     assert!(error.to_string().contains("nope"), "{error}");
+    if let Storage::S3(_) = storage {
+        assert!(
+            !dir.path().join("fleet").exists(),
+            "S3 data went to the disk"
+        );
+    }
     hub.stop().await;
+    database.drop_database().await;
+}
+
+on_both_databases!(hubs_sharing_a_database_compact_one_at_a_time);
+
+async fn hubs_sharing_a_database_compact_one_at_a_time(db: Db) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(db, dir.path()).await;
+    let first = Setup::new(dir.path(), &database.database).start().await.0;
+    let second = Setup::new(dir.path(), &database.database).start().await.0;
+    let store = first.hub.store();
+
+    // The lease itself: held until it expires, renewed by its holder only.
+    assert!(
+        store
+            .try_lease("job", "a", 1_000, 2_000)
+            .await
+            .expect("leases")
+    );
+    assert!(
+        !store
+            .try_lease("job", "b", 1_500, 2_500)
+            .await
+            .expect("leases")
+    );
+    assert!(
+        store
+            .try_lease("job", "a", 1_800, 2_800)
+            .await
+            .expect("renews")
+    );
+    assert!(
+        !store
+            .try_lease("job", "b", 2_799, 3_799)
+            .await
+            .expect("leases")
+    );
+    assert!(
+        store
+            .try_lease("job", "b", 2_801, 3_801)
+            .await
+            .expect("takes over")
+    );
+    assert!(
+        !store
+            .try_lease("job", "a", 2_900, 3_900)
+            .await
+            .expect("leases")
+    );
+    // Another lease is another job.
+    assert!(
+        store
+            .try_lease("other", "a", 2_900, 3_900)
+            .await
+            .expect("leases")
+    );
+
+    // The hubs: one compacts, the other leaves it.
+    let ran = [
+        first.hub.compact_once(0).await.is_some(),
+        second.hub.compact_once(0).await.is_some(),
+    ];
+    assert_eq!(ran, [true, false]);
+    assert!(
+        first.hub.compact_once(0).await.is_some(),
+        "the holder renews"
+    );
+    first.stop().await;
+    second.stop().await;
     database.drop_database().await;
 }
 
@@ -320,7 +405,7 @@ async fn a_hub_whose_bucket_is_missing_does_not_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_the_store_cannot_take_is_refused_with_503_to_be_sent_again() {
-    let mut server = S3Server::start();
+    let server = S3Server::start();
     server.create_bucket("fleet");
     let dir = tempfile::tempdir().expect("temp dir");
     let database = TestDatabase::new(Db::Sqlite, dir.path()).await;
@@ -334,7 +419,7 @@ async fn a_batch_the_store_cannot_take_is_refused_with_503_to_be_sent_again() {
         .await
         .expect("stored");
 
-    server.stop();
+    server.cut();
     let refused = device
         .ship("edge-a", ("plant", "uplink", 1), DAY, shipped_batch(3, 3))
         .await
@@ -345,14 +430,21 @@ async fn a_batch_the_store_cannot_take_is_refused_with_503_to_be_sent_again() {
         "{refused}"
     );
     // Not recorded as stored: sent again once the store is back, it is stored, not taken
-    // for a duplicate. (moto keeps its buckets in memory: the restarted server is empty.)
-    server.restart();
-    server.create_bucket("fleet");
+    // for a duplicate.
+    server.restore();
     let resent = device
         .ship("edge-a", ("plant", "uplink", 1), DAY, shipped_batch(3, 3))
         .await
         .expect("stored");
     assert_eq!((resent.stored, resent.rows), (true, 3));
+    let mut request =
+        weir_query::QueryRequest::new("SELECT count(*) AS rows, sum(n) AS total FROM uplink");
+    request.format = Some(weir_query::Format::Csv);
+    let answer = hub.admin.query(&request).await.expect("the fleet answers");
+    assert_eq!(
+        String::from_utf8(answer.body).unwrap(),
+        "rows,total\n6,15\n"
+    );
     hub.stop().await;
 }
 

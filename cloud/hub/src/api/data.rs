@@ -26,7 +26,9 @@ use crate::protocol::{APPENDED_MS_HEADER, IngestAnswer, now_ms};
     request_body(content = Vec<u8>, description = "Arrow IPC stream (zstd), as the outbox stores it"),
     security(("device" = [])),
     responses((status = 200, body = IngestAnswer), (status = 400, body = crate::protocol::ErrorBody),
-        (status = 401, body = crate::protocol::ErrorBody), (status = 403, body = crate::protocol::ErrorBody)))]
+        (status = 401, body = crate::protocol::ErrorBody), (status = 403, body = crate::protocol::ErrorBody),
+        (status = 422, description = "The rows cannot be stored as Parquet", body = crate::protocol::ErrorBody),
+        (status = 503, description = "The fleet's data store is unavailable: send the batch again later", body = crate::protocol::ErrorBody)))]
 pub async fn ingest(
     caller: Caller,
     State(hub): State<Arc<Hub>>,
@@ -74,6 +76,10 @@ pub async fn ingest(
             rows: 0,
         })),
         Err(DataError::BadBatch(message)) => Err(ApiError::BadRequest(message)),
+        Err(error @ DataError::Encode(_)) => Err(ApiError::Rejected {
+            status: axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            message: error.to_string(),
+        }),
         Err(DataError::Store(error)) => Err(error.into()),
         Err(other) => {
             // The object store is away (an S3 outage): the device keeps the batch in its
