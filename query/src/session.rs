@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use datafusion::catalog::{MemorySchemaProvider, TableProvider};
+use datafusion::catalog::{MemorySchemaProvider, SchemaProvider, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
@@ -27,7 +27,7 @@ use crate::{Answer, Limits, QueryError};
 
 /// The catalog tables are registered in; its default schema holds unqualified names.
 const CATALOG: &str = "datafusion";
-const DEFAULT_SCHEMA: &str = "public";
+const DEFAULT_SCHEMA: &str = Session::DEFAULT_NAMESPACE;
 
 /// A context to run one query in; see the crate's documentation.
 pub struct Session {
@@ -38,6 +38,9 @@ pub struct Session {
 }
 
 impl Session {
+    /// The namespace of unqualified table names.
+    pub const DEFAULT_NAMESPACE: &str = "public";
+
     /// A context whose joins, sorts and aggregations may hold `limits.memory_bytes`.
     pub fn new(limits: &Limits) -> Result<Self, QueryError> {
         // Nothing spills to disk: on a device an ad-hoc query must not wear its flash or
@@ -105,6 +108,23 @@ impl Session {
         schema
             .register_table(name.to_owned(), table)
             .map_err(|e| QueryError::Internal(format!("cannot register table '{name}': {e}")))?;
+        Ok(())
+    }
+
+    /// Makes `provider` namespace `namespace` (replacing what was there): for tables
+    /// built only when a query names them.
+    pub fn register_schema(
+        &self,
+        namespace: &str,
+        provider: Arc<dyn SchemaProvider>,
+    ) -> Result<(), QueryError> {
+        let catalog = self
+            .context
+            .catalog(CATALOG)
+            .ok_or_else(|| QueryError::Internal("the query catalog is missing".to_owned()))?;
+        catalog.register_schema(namespace, provider).map_err(|e| {
+            QueryError::Internal(format!("cannot register schema '{namespace}': {e}"))
+        })?;
         Ok(())
     }
 
@@ -228,6 +248,13 @@ impl Session {
             | DataFusionError::NotImplemented(_) => QueryError::Sql(message),
             DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => {
                 QueryError::Execution(message)
+            }
+            // Stored data that cannot be read (a damaged file, a store that fails): said
+            // with what was being read when it happened.
+            DataFusionError::ParquetError(_)
+            | DataFusionError::ObjectStore(_)
+            | DataFusionError::IoError(_) => {
+                QueryError::Execution(one_line(&error.strip_backtrace()))
             }
             _ => QueryError::Internal(message),
         }

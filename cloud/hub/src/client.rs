@@ -375,12 +375,14 @@ impl HubClient {
             .await
     }
 
-    /// Runs read-only SQL over the data the fleet shipped.
+    /// Runs read-only SQL over the data the fleet shipped. With no timeout named, the
+    /// hub's own `--query-timeout` bounds it, and the client waits up to an hour for it
+    /// rather than give up first.
     pub async fn query(
         &self,
         request: &weir_query::QueryRequest,
     ) -> Result<QueryAnswer, ClientError> {
-        self.post_query("/query", request, weir_query::Limits::DEFAULT_TIMEOUT)
+        self.post_query("/query", request, Duration::from_secs(3600))
             .await
     }
 

@@ -12,7 +12,7 @@
 //! and `hub_arrived_at` (when the hub first stored it). Each (pipeline, sink) is a table
 //! `"pipeline"."sink"`, and plain `sink` when no other pipeline has a sink of that name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
+use datafusion::catalog::{SchemaProvider, TableProvider};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -219,11 +220,15 @@ pub struct FleetData {
     /// The store, rooted at the location.
     objects: Arc<dyn ObjectStore>,
     /// What is known of each table's schema, so a query does not read every file's footer.
-    schemas: Mutex<HashMap<(String, String), KnownSchema>>,
+    schemas: Arc<SchemaCache>,
 }
 
+/// Each table's schema as last read from its files, by (pipeline, sink).
+#[derive(Debug, Default)]
+struct SchemaCache(Mutex<HashMap<(String, String), KnownSchema>>);
+
 /// A table's schema as last read from its files.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct KnownSchema {
     /// The schema, and when it was read.
     read: Option<(SchemaRef, Instant)>,
@@ -309,7 +314,7 @@ impl FleetData {
     fn new(objects: Arc<dyn ObjectStore>) -> FleetData {
         FleetData {
             objects,
-            schemas: Mutex::default(),
+            schemas: Arc::default(),
         }
     }
 
@@ -348,7 +353,8 @@ impl FleetData {
                 ))
             })?
             .map_err(|e| DataError::Storage(e.to_string()))?;
-        self.forget_schema_unless_it_holds((id.pipeline, id.sink), &schema);
+        self.schemas
+            .forget_unless_it_holds((id.pipeline, id.sink), &schema);
         store
             .record_ingested(
                 id.device,
@@ -460,7 +466,9 @@ impl FleetData {
         Ok(done)
     }
 
-    /// A query session with every shipped (pipeline, sink) registered as a table.
+    /// A query session with every shipped (pipeline, sink) as a table
+    /// `"pipeline"."sink"`, and `sink` where no other pipeline has one of that name.
+    /// A table is built, and its schema read, only when a query names it.
     pub async fn session(
         &self,
         store: &Store,
@@ -476,60 +484,42 @@ impl FleetData {
         session
             .context()
             .register_object_store(root.as_ref(), self.objects.clone());
-        let state = session.context().state();
+        let mut namespaces: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
         for (pipeline, sink) in &streams {
-            let url =
-                ListingTableUrl::parse(format!("{QUERY_ROOT}pipeline={pipeline}/sink={sink}/"))
-                    .map_err(|e| QueryError::Internal(e.to_string()))?;
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet");
-            let key = (pipeline.clone(), sink.clone());
-            let schema = match self.cached_schema(&key) {
-                Ok(schema) => schema,
-                Err(generation) => {
-                    let schema = options.infer_schema(&state, &url).await.map_err(|e| {
-                        QueryError::Internal(format!("cannot read {pipeline}.{sink}: {e}"))
-                    })?;
-                    // A file written before a column was added lacks it: its rows read
-                    // it as null, so no column of the table can promise otherwise.
-                    let schema = Arc::new(Schema::new_with_metadata(
-                        schema
-                            .fields()
-                            .iter()
-                            .map(|field| field.as_ref().clone().with_nullable(true))
-                            .collect::<Vec<_>>(),
-                        schema.metadata().clone(),
-                    ));
-                    let mut schemas = self.lock_schemas();
-                    let known = schemas.entry(key).or_default();
-                    if known.generation == generation {
-                        known.read = Some((schema.clone(), Instant::now()));
-                    }
-                    schema
-                }
-            };
-            let config = ListingTableConfig::new(url)
-                .with_listing_options(options)
-                .with_schema(schema);
-            let table = Arc::new(
-                ListingTable::try_new(config).map_err(|e| QueryError::Internal(e.to_string()))?,
-            );
-            session.register_table(Some(pipeline), sink, table.clone())?;
+            let stream = (pipeline.clone(), sink.clone());
+            namespaces
+                .entry(pipeline.clone())
+                .or_default()
+                .insert(sink.clone(), stream.clone());
             if streams.iter().filter(|(_, other)| other == sink).count() == 1 {
-                session.register_table(None, sink, table)?;
+                namespaces
+                    .entry(Session::DEFAULT_NAMESPACE.to_owned())
+                    .or_default()
+                    .insert(sink.clone(), stream);
             }
+        }
+        let state = session.context().state();
+        for (namespace, tables) in namespaces {
+            let provider = FleetTables {
+                tables,
+                schemas: self.schemas.clone(),
+                state: state.clone(),
+            };
+            session.register_schema(&namespace, Arc::new(provider))?;
         }
         Ok(session)
     }
+}
 
-    fn lock_schemas(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), KnownSchema>> {
-        self.schemas.lock().unwrap_or_else(|e| e.into_inner())
+impl SchemaCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), KnownSchema>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A table's schema, read from its files less than [`SCHEMA_TTL`] ago; or, to read
-    /// it again, the generation to keep what is read under.
-    fn cached_schema(&self, key: &(String, String)) -> Result<SchemaRef, u64> {
-        let schemas = self.lock_schemas();
+    /// it again, the generation to [`SchemaCache::keep`] what is read under.
+    fn get(&self, key: &(String, String)) -> Result<SchemaRef, u64> {
+        let schemas = self.lock();
         let Some(known) = schemas.get(key) else {
             return Err(0);
         };
@@ -539,10 +529,20 @@ impl FleetData {
         }
     }
 
+    /// Keeps `schema`, read from the files, unless a file with a new column was stored
+    /// since [`SchemaCache::get`] gave `generation`: the read may have missed it.
+    fn keep(&self, key: (String, String), generation: u64, schema: SchemaRef) {
+        let mut schemas = self.lock();
+        let known = schemas.entry(key).or_default();
+        if known.generation == generation {
+            known.read = Some((schema, Instant::now()));
+        }
+    }
+
     /// After a file of `schema` was stored: a table whose known schema lacks one of its
     /// columns is read again at the next query.
-    fn forget_schema_unless_it_holds(&self, (pipeline, sink): (&str, &str), schema: &Schema) {
-        let mut schemas = self.lock_schemas();
+    fn forget_unless_it_holds(&self, (pipeline, sink): (&str, &str), schema: &Schema) {
+        let mut schemas = self.lock();
         let known = schemas
             .entry((pipeline.to_owned(), sink.to_owned()))
             .or_default();
@@ -559,6 +559,69 @@ impl FleetData {
             known.read = None;
             known.generation += 1;
         }
+    }
+}
+
+/// One namespace of the fleet's tables, each built when a query names it, so a query
+/// reads the schemas of the tables it uses and no others.
+struct FleetTables {
+    /// Table name → (pipeline, sink).
+    tables: BTreeMap<String, (String, String)>,
+    schemas: Arc<SchemaCache>,
+    /// The session's state, with the fleet's store registered: schemas are read with it.
+    state: datafusion::execution::SessionState,
+}
+
+impl std::fmt::Debug for FleetTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetTables")
+            .field("tables", &self.tables)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl SchemaProvider for FleetTables {
+    fn table_names(&self) -> Vec<String> {
+        self.tables.keys().cloned().collect()
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.tables.contains_key(name)
+    }
+
+    async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
+        let Some((pipeline, sink)) = self.tables.get(name) else {
+            return Ok(None);
+        };
+        let url = ListingTableUrl::parse(format!("{QUERY_ROOT}pipeline={pipeline}/sink={sink}/"))?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let key = (pipeline.clone(), sink.clone());
+        let schema = match self.schemas.get(&key) {
+            Ok(schema) => schema,
+            Err(generation) => {
+                let schema = options.infer_schema(&self.state, &url).await.map_err(|e| {
+                    e.context(format!("cannot read the files of {pipeline}.{sink}"))
+                })?;
+                // A file written before a column was added lacks it: its rows read it as
+                // null, so no column of the table can promise otherwise.
+                let schema = Arc::new(Schema::new_with_metadata(
+                    schema
+                        .fields()
+                        .iter()
+                        .map(|field| field.as_ref().clone().with_nullable(true))
+                        .collect::<Vec<_>>(),
+                    schema.metadata().clone(),
+                ));
+                self.schemas.keep(key, generation, schema.clone());
+                schema
+            }
+        };
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(schema);
+        Ok(Some(Arc::new(ListingTable::try_new(config)?)))
     }
 }
 
@@ -696,36 +759,32 @@ mod tests {
     fn a_schema_is_read_again_only_when_a_file_brings_a_new_column() {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = FleetData::local(dir.path()).expect("opens");
+        let cache = &data.schemas;
         let key = ("plant".to_owned(), "uplink".to_owned());
         let field = |name: &str| Field::new(name, DataType::Int64, false);
-        let keep = |generation: u64, schema: Schema| {
-            let mut schemas = data.lock_schemas();
-            let known = schemas.entry(key.clone()).or_default();
-            if known.generation == generation {
-                known.read = Some((Arc::new(schema), Instant::now()));
-            }
-        };
-        assert_eq!(data.cached_schema(&key).err(), Some(0));
+        let keep =
+            |generation: u64, schema: Schema| cache.keep(key.clone(), generation, Arc::new(schema));
+        assert_eq!(cache.get(&key).err(), Some(0));
         keep(0, Schema::new(vec![field("a"), field("b")]));
-        data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![field("b")]));
-        assert!(data.cached_schema(&key).is_ok());
+        cache.forget_unless_it_holds(("plant", "uplink"), &Schema::new(vec![field("b")]));
+        assert!(cache.get(&key).is_ok());
         // Another table's files do not touch it.
-        data.forget_schema_unless_it_holds(("plant", "other"), &Schema::new(vec![field("c")]));
-        assert!(data.cached_schema(&key).is_ok());
+        cache.forget_unless_it_holds(("plant", "other"), &Schema::new(vec![field("c")]));
+        assert!(cache.get(&key).is_ok());
         // Nullability aside (every column of a table is nullable), a column of another
         // type changes the table.
         let nullable_b = Field::new("b", DataType::Int64, true);
-        data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![nullable_b]));
-        assert!(data.cached_schema(&key).is_ok());
+        cache.forget_unless_it_holds(("plant", "uplink"), &Schema::new(vec![nullable_b]));
+        assert!(cache.get(&key).is_ok());
         let b_as_text = Field::new("b", DataType::Utf8, false);
-        data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![b_as_text]));
-        let generation = data.cached_schema(&key).expect_err("read again");
+        cache.forget_unless_it_holds(("plant", "uplink"), &Schema::new(vec![b_as_text]));
+        let generation = cache.get(&key).expect_err("read again");
         assert_eq!(generation, 1);
 
         // A query that began reading before a file with a new column was stored keeps
         // nothing: the next query reads the files again.
-        data.forget_schema_unless_it_holds(("plant", "uplink"), &Schema::new(vec![field("d")]));
+        cache.forget_unless_it_holds(("plant", "uplink"), &Schema::new(vec![field("d")]));
         keep(generation, Schema::new(vec![field("a"), field("b")]));
-        assert_eq!(data.cached_schema(&key).err(), Some(2));
+        assert_eq!(cache.get(&key).err(), Some(2));
     }
 }

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use support::{ADMIN_TOKEN, Db, Setup, TestDatabase, refusal_status};
 use weir_hub::data::{FleetLocation, S3Location};
 use weir_hub::protocol::NewDevice;
@@ -345,6 +345,54 @@ async fn hubs_sharing_a_database_compact_one_at_a_time(db: Db) {
     first.stop().await;
     second.stop().await;
     database.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_reads_only_the_tables_it_names() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(Db::Sqlite, dir.path()).await;
+    let (hub, _) = Setup::new(dir.path(), &database.database).start().await;
+    let created = hub.register("edge-a", &[]).await;
+    let device = hub.device("edge-a", &created.keys.primary);
+    for sink in ["uplink", "audit"] {
+        device
+            .ship("edge-a", ("plant", sink, 0), DAY, shipped_batch(0, 2))
+            .await
+            .expect("stored");
+    }
+    // The audit table's only file is damaged.
+    std::fs::write(
+        dir.path()
+            .join("fleet/pipeline=plant/sink=audit/date=2026-01-01/device=edge-a")
+            .join("00000000000000000000.parquet"),
+        b"not parquet",
+    )
+    .expect("damages the file");
+
+    let mut uplink = weir_query::QueryRequest::new("SELECT count(*) AS rows FROM uplink");
+    uplink.format = Some(weir_query::Format::Csv);
+    let answer = hub.admin.query(&uplink).await.expect("the fleet answers");
+    assert_eq!(String::from_utf8(answer.body).unwrap(), "rows\n2\n");
+    let error = hub
+        .admin
+        .query(&weir_query::QueryRequest::new("SELECT * FROM plant.audit"))
+        .await
+        .expect_err("a damaged table");
+    assert_eq!(error.status(), Some(422), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("cannot read the files of plant.audit"),
+        "{error}"
+    );
+    // An unknown table is named with the ones there are.
+    let error = hub
+        .admin
+        .query(&weir_query::QueryRequest::new("SELECT * FROM nothing"))
+        .await
+        .expect_err("no such table");
+    assert!(error.to_string().contains("plant.uplink"), "{error}");
+    hub.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
