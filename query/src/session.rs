@@ -88,20 +88,16 @@ impl Session {
         name: &str,
         table: Arc<dyn TableProvider>,
     ) -> Result<(), QueryError> {
-        let catalog = self
+        let namespace = namespace.unwrap_or(DEFAULT_SCHEMA);
+        let existing = self
             .context
             .catalog(CATALOG)
-            .ok_or_else(|| QueryError::Internal("the query catalog is missing".to_owned()))?;
-        let namespace = namespace.unwrap_or(DEFAULT_SCHEMA);
-        let schema = match catalog.schema(namespace) {
+            .and_then(|catalog| catalog.schema(namespace));
+        let schema = match existing {
             Some(schema) => schema,
             None => {
                 let schema = Arc::new(MemorySchemaProvider::new());
-                catalog
-                    .register_schema(namespace, schema.clone())
-                    .map_err(|e| {
-                        QueryError::Internal(format!("cannot register schema '{namespace}': {e}"))
-                    })?;
+                self.register_schema(namespace, schema.clone())?;
                 schema
             }
         };
