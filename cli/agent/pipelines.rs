@@ -347,19 +347,24 @@ impl PipelineSet {
             .collect()
     }
 
-    /// The `hub` sinks' outbox at a glance, for the report: what waits, and what the
-    /// limits dropped.
+    /// The `hub` sinks' outbox at a glance, for the report: what waits, what was
+    /// stored, sent, acknowledged and retried, and what the limits dropped.
     pub fn outbox(&self) -> serde_json::Value {
         match self.shipping.stats() {
             None => serde_json::Value::Null,
             Some(stats) => serde_json::json!({
-                "batches": stats.batches,
-                "rows": stats.rows,
-                "bytes": stats.bytes,
-                "oldest_ms": stats.oldest_ms,
-                "appended_rows": stats.appended_rows,
-                "shipped_rows": stats.acked_rows,
-                "dropped_rows": {"bytes": stats.dropped_rows_bytes, "age": stats.dropped_rows_age},
+                "batches": stats.outbox.batches,
+                "rows": stats.outbox.rows,
+                "bytes": stats.outbox.bytes,
+                "oldest_ms": stats.outbox.oldest_ms,
+                "appended_rows": stats.outbox.appended_rows,
+                "shipped_rows": stats.shipped_rows,
+                "acked_rows": stats.outbox.acked_rows,
+                "retries": stats.retries,
+                "dropped_rows": {
+                    "bytes": stats.outbox.dropped_rows_bytes,
+                    "age": stats.outbox.dropped_rows_age,
+                },
             }),
         }
     }

@@ -433,8 +433,10 @@ pub struct OutboxMetrics {
     pub oldest_age_seconds: IntGaugeVec,
     /// Rows stored, per stream.
     pub appended_rows: IntCounterVec,
-    /// Rows shipped and acknowledged, per stream.
+    /// Rows sent to the receiver, per stream: every attempt, acknowledged or not.
     pub shipped_rows: IntCounterVec,
+    /// Rows the receiver acknowledged (and the outbox then deleted), per stream.
+    pub acked_rows: IntCounterVec,
     /// Sends that failed and will be tried again, per stream.
     pub retries: IntCounterVec,
     /// Rows the limits dropped, by reason: `bytes` (the outbox was full) or `age`.
@@ -480,7 +482,13 @@ impl OutboxMetrics {
             shipped_rows: counter(
                 registry,
                 "weir_outbox_shipped_rows_total",
-                "Rows shipped and acknowledged",
+                "Rows sent to the receiver, every attempt counted, acknowledged or not",
+                stream,
+            )?,
+            acked_rows: counter(
+                registry,
+                "weir_outbox_acked_rows_total",
+                "Rows the receiver acknowledged, then deleted from the outbox",
                 stream,
             )?,
             retries: counter(

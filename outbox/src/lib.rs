@@ -14,7 +14,7 @@ pub mod frame;
 mod sink;
 mod store;
 
-pub use sink::{DirectoryUplink, HubSinkConfig, HubSinkFactory, Shipping, Uplink};
+pub use sink::{DirectoryUplink, HubSinkConfig, HubSinkFactory, Shipping, ShippingStats, Uplink};
 pub use store::{Check, Limits, Outbox, Recovery, Stats, Stored, StreamStats};
 
 use std::path::PathBuf;

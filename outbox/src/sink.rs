@@ -8,6 +8,7 @@
 //! sequence), so the receiver can store each once however often it is sent.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -96,6 +97,25 @@ pub struct Shipping {
     metrics: OutboxMetrics,
     opened: OnceLock<Result<Arc<Outbox>, String>>,
     appended: Arc<Notify>,
+    sends: Arc<Sends>,
+}
+
+/// What the shipper sent since the process started.
+#[derive(Debug, Default)]
+struct Sends {
+    shipped_rows: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// The outbox and its shipper at a glance, for reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShippingStats {
+    /// What the outbox holds, and what it stored, acknowledged and dropped.
+    pub outbox: Stats,
+    /// Rows sent to the receiver since the process started, every attempt counted.
+    pub shipped_rows: u64,
+    /// Sends that failed since the process started (each tried again later).
+    pub retries: u64,
 }
 
 impl Shipping {
@@ -114,6 +134,7 @@ impl Shipping {
             metrics,
             opened: OnceLock::new(),
             appended: Arc::new(Notify::new()),
+            sends: Arc::default(),
         }
     }
 
@@ -131,7 +152,10 @@ impl Shipping {
                 tokio::spawn(ship(
                     outbox.clone(),
                     self.uplink.clone(),
-                    self.metrics.clone(),
+                    Counted {
+                        metrics: self.metrics.clone(),
+                        sends: self.sends.clone(),
+                    },
                     self.appended.clone(),
                 ));
                 tracing::info!(
@@ -165,10 +189,14 @@ impl Shipping {
         }
     }
 
-    /// The outbox at a glance, once a `hub` sink has opened it.
-    pub fn stats(&self) -> Option<Stats> {
+    /// The outbox and the shipper at a glance, once a `hub` sink has opened it.
+    pub fn stats(&self) -> Option<ShippingStats> {
         match self.opened.get() {
-            Some(Ok(outbox)) => Some(outbox.stats()),
+            Some(Ok(outbox)) => Some(ShippingStats {
+                outbox: outbox.stats(),
+                shipped_rows: self.sends.shipped_rows.load(Ordering::Relaxed),
+                retries: self.sends.retries.load(Ordering::Relaxed),
+            }),
             _ => None,
         }
     }
@@ -189,9 +217,35 @@ fn now_ms() -> i64 {
 trait Publish {
     fn recovered(&self, kept: u64, lost: u64);
     fn update(&self, stats: &Stats, now_ms: i64);
-    fn shipped(&self, stream: &str, rows: u64);
-    fn retried(&self, stream: &str);
     fn appended(&self, stream: &str, rows: u64);
+}
+
+/// The shipper's figures: in `/metrics`, and kept for reports.
+struct Counted {
+    metrics: OutboxMetrics,
+    sends: Arc<Sends>,
+}
+
+impl Counted {
+    fn shipped(&self, stream: &str, rows: u64) {
+        self.metrics
+            .shipped_rows
+            .with_label_values(&[stream])
+            .inc_by(rows);
+        self.sends.shipped_rows.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    fn acked(&self, stream: &str, rows: u64) {
+        self.metrics
+            .acked_rows
+            .with_label_values(&[stream])
+            .inc_by(rows);
+    }
+
+    fn retried(&self, stream: &str) {
+        self.metrics.retries.with_label_values(&[stream]).inc();
+        self.sends.retries.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Publish for OutboxMetrics {
@@ -231,14 +285,6 @@ impl Publish for OutboxMetrics {
         }
     }
 
-    fn shipped(&self, stream: &str, rows: u64) {
-        self.shipped_rows.with_label_values(&[stream]).inc_by(rows);
-    }
-
-    fn retried(&self, stream: &str) {
-        self.retries.with_label_values(&[stream]).inc();
-    }
-
     fn appended(&self, stream: &str, rows: u64) {
         self.appended_rows.with_label_values(&[stream]).inc_by(rows);
     }
@@ -248,7 +294,7 @@ impl Publish for OutboxMetrics {
 async fn ship(
     outbox: Arc<Outbox>,
     uplink: Arc<dyn Uplink>,
-    metrics: OutboxMetrics,
+    counted: Counted,
     appended: Arc<Notify>,
 ) {
     let mut failures = 0u32;
@@ -261,7 +307,7 @@ async fn ship(
         if let Ok(Err(error)) = expired {
             tracing::error!("cannot apply the outbox's age limit: {error}");
         }
-        metrics.update(&outbox.stats(), now_ms());
+        counted.metrics.update(&outbox.stats(), now_ms());
         let next = {
             let outbox = outbox.clone();
             tokio::task::spawn_blocking(move || outbox.next(SHIP_BATCHES)).await
@@ -283,17 +329,20 @@ async fn ship(
         // transfer of the next. Each batch is acknowledged on its own, so the order they
         // land in does not matter (the receiver keys them by sequence number).
         for wave in batches.chunks(IN_FLIGHT) {
+            for batch in wave {
+                counted.shipped(&batch.stream, batch.rows);
+            }
             let sent = futures::future::join_all(wave.iter().map(|batch| uplink.ship(batch))).await;
             let mut shipped = Vec::new();
             let mut failed = None;
             for (batch, outcome) in wave.iter().zip(sent) {
                 match outcome {
                     Ok(()) => {
-                        metrics.shipped(&batch.stream, batch.rows);
+                        counted.acked(&batch.stream, batch.rows);
                         shipped.push(batch.seq);
                     }
                     Err(error) => {
-                        metrics.retried(&batch.stream);
+                        counted.retried(&batch.stream);
                         failed.get_or_insert(error);
                     }
                 }

@@ -651,12 +651,36 @@ fn what_a_hub_sink_ships_through_a_hub_outage_is_stored_once_and_queryable() {
     // The device's report to the hub carries its outbox's figures.
     let device = runtime.block_on(admin.device("edge-1")).expect("device");
     let outbox = &device.report.as_ref().expect("a report").health["outbox"];
-    assert!(outbox["appended_rows"].as_u64().is_some(), "{outbox}");
-    // Shipped and acknowledged: nothing waits any more.
+    for figure in [
+        "batches",
+        "rows",
+        "bytes",
+        "appended_rows",
+        "shipped_rows",
+        "acked_rows",
+        "retries",
+    ] {
+        assert!(outbox[figure].as_u64().is_some(), "{figure}: {outbox}");
+    }
+    assert!(
+        outbox["dropped_rows"]["bytes"].as_u64().is_some(),
+        "{outbox}"
+    );
+    // Shipped and acknowledged: nothing waits any more. What failed during the outage
+    // was sent twice: shipped counts both sends, acknowledged only the one that landed.
     let body = http_get(&agent_addr, "/metrics");
+    let figure = |name: &str| {
+        metric_value(&body, name, &[("stream", "plant/uplink")])
+            .unwrap_or_else(|| panic!("{name} is missing: {body}"))
+    };
+    assert_eq!(figure("weir_outbox_batches"), 0.0, "{body}");
     assert_eq!(
-        metric_value(&body, "weir_outbox_batches", &[("stream", "plant/uplink")]),
-        Some(0.0),
+        figure("weir_outbox_acked_rows_total"),
+        figure("weir_outbox_appended_rows_total"),
+        "{body}"
+    );
+    assert!(
+        figure("weir_outbox_shipped_rows_total") > figure("weir_outbox_acked_rows_total"),
         "{body}"
     );
     drop(agent);
