@@ -49,7 +49,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         3,
-        "compaction",
+        "compaction and the fleet's tables",
         include_str!("../migrations/0003_compaction.sql"),
     ),
 ];
@@ -779,6 +779,8 @@ impl Store {
         object: &str,
         arrived_ms: i64,
     ) -> Result<(), StoreError> {
+        // One transaction: on SQLite, one commit to disk for both.
+        let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO hub_ingested (device, pipeline, sink, seq, rows, object, arrived_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -791,8 +793,17 @@ impl Store {
         .bind(rows)
         .bind(object)
         .bind(arrived_ms)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "INSERT INTO hub_streams (pipeline, sink) VALUES ($1, $2) \
+             ON CONFLICT (pipeline, sink) DO NOTHING",
+        )
+        .bind(pipeline)
+        .bind(sink)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -838,10 +849,9 @@ impl Store {
 
     /// Every (pipeline, sink) devices have shipped data for.
     pub async fn shipped_streams(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT DISTINCT pipeline, sink FROM hub_ingested ORDER BY pipeline, sink")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query("SELECT pipeline, sink FROM hub_streams ORDER BY pipeline, sink")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect()
@@ -952,5 +962,57 @@ mod tests {
             Database::choose(None, Path::new("/var/lib/weir-hub")).describe(),
             "SQLite database /var/lib/weir-hub/hub.db"
         );
+    }
+
+    #[tokio::test]
+    async fn a_hub_upgraded_to_the_streams_table_lists_the_streams_it_had() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database = Database::Sqlite(dir.path().join("hub.db"));
+        let store = Store::open(&database).await.expect("opens");
+        // The database as it was before migration 3, with batches in it.
+        for statement in [
+            "DROP TABLE hub_streams",
+            "DROP INDEX hub_ingested_arrived",
+            "DELETE FROM _sqlx_migrations WHERE version = 3",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&store.writer)
+                .await
+                .expect(statement);
+        }
+        for (device, pipeline, sink, seq) in [
+            ("a", "plant", "uplink", 0),
+            ("a", "plant", "uplink", 1),
+            ("b", "plant", "uplink", 0),
+            ("b", "yard", "audit", 0),
+        ] {
+            sqlx::query(
+                "INSERT INTO hub_ingested (device, pipeline, sink, seq, rows, object, arrived_ms) \
+                 VALUES ($1, $2, $3, $4, 1, 'x', 0)",
+            )
+            .bind(device)
+            .bind(pipeline)
+            .bind(sink)
+            .bind(seq)
+            .execute(&store.writer)
+            .await
+            .expect("a batch");
+        }
+        store.close().await;
+
+        let store = Store::open(&database).await.expect("migrates");
+        let streams = store.shipped_streams().await.expect("lists");
+        assert_eq!(
+            streams,
+            [
+                ("plant".to_owned(), "uplink".to_owned()),
+                ("yard".to_owned(), "audit".to_owned())
+            ]
+        );
+        store
+            .record_ingested("c", ("dock", "uplink", 0), 1, "y", 1)
+            .await
+            .expect("records");
+        assert_eq!(store.shipped_streams().await.expect("lists").len(), 3);
     }
 }
