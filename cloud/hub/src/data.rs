@@ -385,6 +385,15 @@ impl FleetData {
             .collect();
         let mut done = Compacted::default();
         for directory in directories {
+            let Some((pipeline, sink, device)) = directory_stream(&directory) else {
+                continue;
+            };
+            // Only files whose batch is recorded (or that compaction made): a file whose
+            // record is not written yet, or never was (the hub stopped in between), is
+            // left alone, so the batch sent again cannot be stored beside a merged copy.
+            let recorded = store
+                .objects_recorded_in(device, (pipeline, sink), &directory)
+                .await?;
             let prefix = ObjectPath::from(directory.as_str());
             let listed: Vec<object_store::ObjectMeta> = self
                 .objects
@@ -399,9 +408,12 @@ impl FleetData {
                         .location
                         .prefix_match(&prefix)
                         .is_some_and(|mut rest| {
-                            rest.next()
-                                .is_some_and(|name| name.as_ref().ends_with(".parquet"))
-                                && rest.next().is_none()
+                            rest.next().is_some_and(|name| {
+                                name.as_ref()
+                                    .strip_suffix(".parquet")
+                                    .is_some_and(|stem| stem.contains('-'))
+                                    || recorded.contains(object.location.as_ref())
+                            }) && rest.next().is_none()
                         })
                         && object.size < COMPACT_MAX_FILE_BYTES
                 })
@@ -623,6 +635,16 @@ impl SchemaProvider for FleetTables {
             .with_schema(schema);
         Ok(Some(Arc::new(ListingTable::try_new(config)?)))
     }
+}
+
+/// The (pipeline, sink, device) of a directory `pipeline=P/sink=S/date=D/device=ID`.
+fn directory_stream(directory: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = directory.split('/');
+    let pipeline = parts.next()?.strip_prefix("pipeline=")?;
+    let sink = parts.next()?.strip_prefix("sink=")?;
+    parts.next()?.strip_prefix("date=")?;
+    let device = parts.next()?.strip_prefix("device=")?;
+    parts.next().is_none().then_some((pipeline, sink, device))
 }
 
 /// `batches` as one Parquet file (zstd), with the hub's two columns appended, and its

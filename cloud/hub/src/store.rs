@@ -816,6 +816,36 @@ impl Store {
         rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
     }
 
+    /// The objects recorded for `device`'s `pipeline/sink` in `directory`.
+    pub async fn objects_recorded_in(
+        &self,
+        device: &str,
+        (pipeline, sink): (&str, &str),
+        directory: &str,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let inside = format!("{directory}/");
+        // The key's prefix finds the device's batches; LIKE narrows them to the day (its
+        // `_` may match more than a literal `_`: the exact test follows).
+        let rows = sqlx::query(
+            "SELECT object FROM hub_ingested \
+             WHERE device = $1 AND pipeline = $2 AND sink = $3 AND object LIKE $4",
+        )
+        .bind(device)
+        .bind(pipeline)
+        .bind(sink)
+        .bind(format!("{inside}%"))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut objects = std::collections::HashSet::new();
+        for row in &rows {
+            let object: String = row.try_get(0)?;
+            if object.starts_with(&inside) {
+                objects.insert(object);
+            }
+        }
+        Ok(objects)
+    }
+
     /// Takes or renews lease `name` for `holder` until `until_ms`, unless another holder
     /// has it past `now_ms`. Hubs sharing a database use it to do a job one at a time.
     ///

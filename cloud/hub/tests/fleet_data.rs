@@ -202,6 +202,19 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
             .await
             .expect("a foreign file");
     }
+    // A file whose record was never written (the hub stopped between the two): a copy
+    // of batch 2's file stands in for batch 99's.
+    let orphan = ObjectPath::from(format!("{day_dir}/00000000000000000099.parquet"));
+    let copy = files
+        .get(&ObjectPath::from(format!(
+            "{day_dir}/00000000000000000002.parquet"
+        )))
+        .await
+        .expect("batch 2's file")
+        .bytes()
+        .await
+        .expect("its bytes");
+    files.put(&orphan, copy.into()).await.expect("the orphan");
     let compacted = hub
         .hub
         .data()
@@ -212,21 +225,38 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
     assert_eq!(objects_under(files.as_ref(), "exports").await.len(), 20);
     assert_eq!(
         objects_under(files.as_ref(), day_dir).await,
-        [format!(
-            "{day_dir}/00000000000000000000-00000000000000000019.parquet"
-        )]
+        [
+            format!("{day_dir}/00000000000000000000-00000000000000000019.parquet"),
+            orphan.to_string()
+        ]
     );
     let again = as_a
         .ship("edge-a", ("plant", "uplink", 5), DAY, shipped_batch(50, 1))
         .await
         .expect("acknowledged");
     assert!(!again.stored);
+    // Batch 99 sent again lands on its own file, once.
+    let resent = as_a
+        .ship(
+            "edge-a",
+            ("plant", "uplink", 99),
+            DAY,
+            shipped_batch(990, 1),
+        )
+        .await
+        .expect("stored");
+    assert!(resent.stored);
     let mut count = weir_query::QueryRequest::new(
-        "SELECT count(*) AS rows FROM plant.uplink WHERE hub_device = 'edge-a'",
+        "SELECT count(*) AS rows, sum(n) AS total FROM plant.uplink WHERE hub_device = 'edge-a'",
     );
     count.format = Some(weir_query::Format::Csv);
     let answer = hub.admin.query(&count).await.expect("the fleet answers");
-    assert_eq!(String::from_utf8(answer.body).unwrap(), "rows\n23\n");
+    // Batches 0 to 19 hold 0..5 and 20, 30, …, 190; then 990.
+    let total = (0..5).sum::<i64>() + (2..20).map(|seq| seq * 10).sum::<i64>() + 990;
+    assert_eq!(
+        String::from_utf8(answer.body).unwrap(),
+        format!("rows,total\n24,{total}\n")
+    );
 
     // A batch in a new shape adds its column to the table at once.
     let wider = {
