@@ -83,14 +83,9 @@ impl S3Server {
     /// Makes the server unreachable: connections open now are cut, new ones are closed
     /// at once. What it holds is kept.
     pub fn cut(&self) {
+        let mut open = self.proxy.open.lock().unwrap_or_else(|e| e.into_inner());
         self.proxy.cut.store(true, Ordering::SeqCst);
-        for stream in self
-            .proxy
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+        for stream in open.drain(..) {
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
@@ -167,19 +162,22 @@ impl Proxy {
                     return;
                 }
                 let Ok(client) = client else { continue };
-                if cut.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
+                // Checked and recorded under the lock `cut` takes: a connection is
+                // either refused here or cut there, never missed by both.
+                let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+                if cut.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let ends = [client.try_clone(), server.try_clone()];
                 if let [Ok(a), Ok(b)] = ends {
-                    open.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend([a, b]);
+                    open.extend([a, b]);
                 }
+                drop(open);
                 pipe(&client, &server);
                 pipe(&server, &client);
             }

@@ -212,7 +212,8 @@ const SCHEMA_TTL: Duration = Duration::from_secs(60);
 /// session, rooted at the configured location, so reads and writes name objects alike.
 const QUERY_ROOT: &str = "weir-fleet://data/";
 
-/// An object written and deleted at start, to learn that the hub may write there.
+/// An object written and deleted at start, to learn that the hub may write there (its
+/// name made unique per start, so hubs starting together do not trip on each other's).
 const WRITE_CHECK: &str = "weir-hub-write-check";
 
 /// The fleet's stored data.
@@ -263,7 +264,13 @@ impl FleetData {
             FleetLocation::Directory(dir) => FleetData::local(dir)?,
             FleetLocation::S3(s3) => FleetData::new(FleetData::bucket(s3, location)?),
         };
-        let check = ObjectPath::from(WRITE_CHECK);
+        let check = ObjectPath::from(format!(
+            "{WRITE_CHECK}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos())
+        ));
         data.objects
             .list_with_delimiter(None)
             .await
@@ -275,8 +282,7 @@ impl FleetData {
             )
             .await
             .map_err(|e| unreachable(format!("cannot write: {e}")))?;
-        data.objects
-            .delete(&check)
+        data.delete(&check)
             .await
             .map_err(|e| unreachable(format!("cannot delete: {e}")))?;
         Ok(data)
@@ -367,115 +373,164 @@ impl FleetData {
         Ok(Ingested::Stored(rows as u64))
     }
 
-    /// Merges the small files of each directory that received a batch at or after
-    /// `since_ms` and now holds [`COMPACT_MIN_FILES`] or more, so queries open few
-    /// files. Only directories the hub wrote to are looked at, never the whole store.
-    /// The merged file is written before the small ones are deleted, and a batch sent
-    /// again later is still known by its record, so compaction never loses a row nor
-    /// lets one in twice. (A query running at the very moment between the write and the
-    /// deletes can see those rows twice.) One hub at a time may compact: see
-    /// [`Store::try_lease`].
+    /// One compaction pass, as a hub that compacts alone: [`FleetData::compact_directory`]
+    /// for each directory that received a batch at or after `since_ms`.
     pub async fn compact(&self, store: &Store, since_ms: i64) -> Result<Compacted, DataError> {
-        use futures::TryStreamExt;
-        let directories: std::collections::BTreeSet<String> = store
-            .objects_ingested_since(since_ms)
-            .await?
-            .into_iter()
-            .filter_map(|object| object.rsplit_once('/').map(|(dir, _)| dir.to_owned()))
-            .collect();
         let mut done = Compacted::default();
-        for directory in directories {
-            let Some((pipeline, sink, device)) = directory_stream(&directory) else {
-                continue;
-            };
-            // Only files whose batch is recorded (or that compaction made): a file whose
-            // record is not written yet, or never was (the hub stopped in between), is
-            // left alone, so the batch sent again cannot be stored beside a merged copy.
-            let recorded = store
-                .objects_recorded_in(device, (pipeline, sink), &directory)
-                .await?;
-            let prefix = ObjectPath::from(directory.as_str());
-            let listed: Vec<object_store::ObjectMeta> = self
-                .objects
-                .list(Some(&prefix))
-                .try_collect()
-                .await
-                .map_err(|e| DataError::Storage(e.to_string()))?;
-            let mut files: Vec<object_store::ObjectMeta> = listed
-                .into_iter()
-                .filter(|object| {
-                    object
-                        .location
-                        .prefix_match(&prefix)
-                        .is_some_and(|mut rest| {
-                            rest.next().is_some_and(|name| {
-                                name.as_ref()
-                                    .strip_suffix(".parquet")
-                                    .is_some_and(|stem| stem.contains('-'))
-                                    || recorded.contains(object.location.as_ref())
-                            }) && rest.next().is_none()
-                        })
-                        && object.size < COMPACT_MAX_FILE_BYTES
-                })
-                .collect();
-            if files.len() < COMPACT_MIN_FILES {
-                continue;
+        for directory in self.compaction_candidates(store, since_ms).await? {
+            let merged = self.compact_directory(store, &directory).await?;
+            if merged > 0 {
+                done.directories += 1;
+                done.merged += merged;
             }
-            files.sort_by(|a, b| a.location.cmp(&b.location));
-            let mut batches = Vec::new();
-            for file in &files {
-                let bytes = self
-                    .objects
-                    .get(&file.location)
-                    .await
-                    .map_err(|e| DataError::Storage(e.to_string()))?
-                    .bytes()
-                    .await
-                    .map_err(|e| DataError::Storage(e.to_string()))?;
-                let reader =
-                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-                        .and_then(|builder| builder.build())
-                        .map_err(|e| DataError::Storage(e.to_string()))?;
-                for batch in reader {
-                    batches.push(batch.map_err(|e| DataError::Storage(e.to_string()))?);
-                }
-            }
-            let Some(schema) = batches.first().map(RecordBatch::schema) else {
-                continue;
-            };
-            if batches.iter().any(|batch| batch.schema() != schema) {
-                // A pipeline whose output changed shape mid-day: left as it is.
-                continue;
-            }
-            let merged = write_parquet(&schema, &batches)?;
-            // Named after the first and last batch it holds (merged files included).
-            let first = files[0]
-                .location
-                .filename()
-                .and_then(|name| name.trim_end_matches(".parquet").split('-').next())
-                .unwrap_or("0");
-            let last = files[files.len() - 1]
-                .location
-                .filename()
-                .and_then(|name| name.trim_end_matches(".parquet").rsplit('-').next())
-                .unwrap_or("0");
-            let target = ObjectPath::from(format!("{directory}/{first}-{last}.parquet"));
-            self.objects
-                .put(&target, merged.into())
-                .await
-                .map_err(|e| DataError::Storage(e.to_string()))?;
-            for file in &files {
-                if file.location != target {
-                    self.objects
-                        .delete(&file.location)
-                        .await
-                        .map_err(|e| DataError::Storage(e.to_string()))?;
-                }
-            }
-            done.directories += 1;
-            done.merged += files.len();
         }
         Ok(done)
+    }
+
+    /// The directories that received a batch at or after `since_ms`: only those are
+    /// looked at, never the whole store.
+    pub async fn compaction_candidates(
+        &self,
+        store: &Store,
+        since_ms: i64,
+    ) -> Result<Vec<String>, DataError> {
+        Ok(store.directories_ingested_since(since_ms).await?)
+    }
+
+    /// Merges the small files of `directory` into one once it holds
+    /// [`COMPACT_MIN_FILES`] or more, so queries open few files; returns how many were
+    /// merged.
+    ///
+    /// Every batch's record names the file that holds it, and that is what decides:
+    /// - a file some record names is merged; the merged file is written, the records are
+    ///   pointed at it (one transaction), and only then are the small files deleted;
+    /// - a file no record names any more (left by a pass that stopped between pointing
+    ///   the records and deleting, or a merged file written by a pass that stopped
+    ///   before pointing them) only repeats rows held elsewhere, and is deleted;
+    /// - a batch's file with no record at all (being stored right now, or the hub
+    ///   stopped before recording it) is left alone: sent again, it is stored once.
+    ///
+    /// So a pass that stops anywhere loses no row and, once the next pass has run,
+    /// leaves none twice. (A query running in between can see some rows twice.)
+    pub async fn compact_directory(
+        &self,
+        store: &Store,
+        directory: &str,
+    ) -> Result<usize, DataError> {
+        use futures::TryStreamExt;
+        let Some((pipeline, sink, device)) = directory_stream(directory) else {
+            return Ok(0);
+        };
+        let batches = store
+            .batches_in(device, (pipeline, sink), directory)
+            .await?;
+        let named: std::collections::HashSet<&str> =
+            batches.iter().map(|(_, object)| object.as_str()).collect();
+        let recorded: std::collections::HashSet<i64> =
+            batches.iter().map(|(seq, _)| *seq).collect();
+        let prefix = ObjectPath::from(directory);
+        let listed: Vec<object_store::ObjectMeta> = self
+            .objects
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| DataError::Storage(e.to_string()))?;
+        let mut live = Vec::new();
+        let mut stale = Vec::new();
+        for file in listed {
+            let Some(stem) = file.location.prefix_match(&prefix).and_then(|mut rest| {
+                match (rest.next(), rest.next()) {
+                    (Some(name), None) => name.as_ref().strip_suffix(".parquet").map(str::to_owned),
+                    _ => None,
+                }
+            }) else {
+                continue;
+            };
+            if named.contains(file.location.as_ref()) {
+                if file.size < COMPACT_MAX_FILE_BYTES {
+                    live.push(file);
+                }
+            } else if merged_name(&stem).is_some()
+                || batch_name(&stem).is_some_and(|seq| recorded.contains(&seq))
+            {
+                stale.push(file);
+            }
+        }
+        for file in &stale {
+            self.delete(&file.location)
+                .await
+                .map_err(|e| DataError::Storage(e.to_string()))?;
+        }
+        if live.len() < COMPACT_MIN_FILES {
+            return Ok(0);
+        }
+        live.sort_by(|a, b| a.location.cmp(&b.location));
+        let mut batches = Vec::new();
+        for file in &live {
+            let bytes = self
+                .objects
+                .get(&file.location)
+                .await
+                .map_err(|e| DataError::Storage(e.to_string()))?
+                .bytes()
+                .await
+                .map_err(|e| DataError::Storage(e.to_string()))?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .and_then(|builder| builder.build())
+                    .map_err(|e| DataError::Storage(e.to_string()))?;
+            for batch in reader {
+                batches.push(batch.map_err(|e| DataError::Storage(e.to_string()))?);
+            }
+        }
+        let Some(schema) = batches.first().map(RecordBatch::schema) else {
+            return Ok(0);
+        };
+        if batches.iter().any(|batch| batch.schema() != schema) {
+            // A pipeline whose output changed shape mid-day: left as it is.
+            return Ok(0);
+        }
+        // Named after the first and last batch it holds (merged files included).
+        let span = |file: &object_store::ObjectMeta| {
+            let stem = file
+                .location
+                .filename()
+                .unwrap_or_default()
+                .trim_end_matches(".parquet");
+            merged_name(stem).or_else(|| batch_name(stem).map(|seq| (seq, seq)))
+        };
+        let (Some((first, _)), Some((_, last))) = (span(&live[0]), span(&live[live.len() - 1]))
+        else {
+            return Ok(0);
+        };
+        let target = ObjectPath::from(format!("{directory}/{first:020}-{last:020}.parquet"));
+        if live.iter().any(|file| file.location == target) {
+            // Only if the files were already merged as they are: nothing to do.
+            return Ok(0);
+        }
+        let merged = write_parquet(&schema, &batches)?;
+        self.objects
+            .put(&target, merged.into())
+            .await
+            .map_err(|e| DataError::Storage(e.to_string()))?;
+        let inputs: Vec<String> = live.iter().map(|file| file.location.to_string()).collect();
+        store
+            .repoint_batches(device, (pipeline, sink), &inputs, target.as_ref())
+            .await?;
+        for file in &live {
+            self.delete(&file.location)
+                .await
+                .map_err(|e| DataError::Storage(e.to_string()))?;
+        }
+        Ok(live.len())
+    }
+
+    /// Deletes `object`; one already gone is fine.
+    async fn delete(&self, object: &ObjectPath) -> object_store::Result<()> {
+        match self.objects.delete(object).await {
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            done => done,
+        }
     }
 
     /// A query session with every shipped (pipeline, sink) as a table
@@ -499,10 +554,14 @@ impl FleetData {
         let mut namespaces: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
         for (pipeline, sink) in &streams {
             let stream = (pipeline.clone(), sink.clone());
-            namespaces
-                .entry(pipeline.clone())
-                .or_default()
-                .insert(sink.clone(), stream.clone());
+            // DataFusion keeps `information_schema` for itself: such a pipeline's tables
+            // go by their plain names only.
+            if pipeline != "information_schema" {
+                namespaces
+                    .entry(pipeline.clone())
+                    .or_default()
+                    .insert(sink.clone(), stream.clone());
+            }
             if streams.iter().filter(|(_, other)| other == sink).count() == 1 {
                 namespaces
                     .entry(Session::DEFAULT_NAMESPACE.to_owned())
@@ -510,12 +569,17 @@ impl FleetData {
                     .insert(sink.clone(), stream);
             }
         }
-        let state = session.context().state();
+        // Schemas are read with a state of their own (the session's runtime, so its store
+        // and memory limit): the session's state holds the catalog that will hold these
+        // providers, and a provider holding it would never be freed.
+        let reading = datafusion::execution::SessionStateBuilder::new()
+            .with_runtime_env(session.context().runtime_env())
+            .build();
         for (namespace, tables) in namespaces {
             let provider = FleetTables {
                 tables,
                 schemas: self.schemas.clone(),
-                state: state.clone(),
+                state: reading.clone(),
             };
             session.register_schema(&namespace, Arc::new(provider))?;
         }
@@ -580,7 +644,7 @@ struct FleetTables {
     /// Table name → (pipeline, sink).
     tables: BTreeMap<String, (String, String)>,
     schemas: Arc<SchemaCache>,
-    /// The session's state, with the fleet's store registered: schemas are read with it.
+    /// A state on the session's runtime, with the fleet's store: schemas are read with it.
     state: datafusion::execution::SessionState,
 }
 
@@ -600,6 +664,18 @@ impl SchemaProvider for FleetTables {
 
     fn table_exist(&self, name: &str) -> bool {
         self.tables.contains_key(name)
+    }
+
+    /// Without building the table: listing tables (`information_schema.tables`, the
+    /// dashboard's table picker) reads no schema.
+    async fn table_type(
+        &self,
+        name: &str,
+    ) -> datafusion::error::Result<Option<datafusion::datasource::TableType>> {
+        Ok(self
+            .tables
+            .contains_key(name)
+            .then_some(datafusion::datasource::TableType::Base))
     }
 
     async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
@@ -635,6 +711,19 @@ impl SchemaProvider for FleetTables {
             .with_schema(schema);
         Ok(Some(Arc::new(ListingTable::try_new(config)?)))
     }
+}
+
+/// The sequence number a batch's file is named after: 20 digits.
+fn batch_name(stem: &str) -> Option<i64> {
+    (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| stem.parse().ok())
+        .flatten()
+}
+
+/// The first and last sequence numbers a merged file is named after: `FIRST-LAST`.
+fn merged_name(stem: &str) -> Option<(i64, i64)> {
+    let (first, last) = stem.split_once('-')?;
+    Some((batch_name(first)?, batch_name(last)?))
 }
 
 /// The (pipeline, sink, device) of a directory `pipeline=P/sink=S/date=D/device=ID`.

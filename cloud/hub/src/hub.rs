@@ -207,7 +207,11 @@ impl Hub {
         let compaction = {
             let hub = Arc::clone(self);
             tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(COMPACT_INTERVAL);
+                // The first pass a while after start, not at once.
+                let mut ticks = tokio::time::interval_at(
+                    tokio::time::Instant::now() + COMPACT_INTERVAL,
+                    COMPACT_INTERVAL,
+                );
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut since = crate::protocol::now_ms() - COMPACT_LOOKBACK_MS;
                 loop {
@@ -225,42 +229,55 @@ impl Hub {
     }
 
     /// One compaction pass over the directories that received batches since `since_ms`,
-    /// if this hub holds the compaction lease (hubs sharing a database compact one at a
-    /// time, so two never merge the same files). Returns when the pass began, if it ran
-    /// to the end.
+    /// if this hub holds the compaction lease: hubs sharing a database compact one at a
+    /// time, so two never merge the same files. The lease is renewed before each
+    /// directory, and a hub that finds it lost stops. A directory that fails is logged
+    /// and left for a later batch to bring back. Returns when the pass began, if it went
+    /// through every directory.
     pub async fn compact_once(&self, since_ms: i64) -> Option<i64> {
         let started = crate::protocol::now_ms();
-        match self
-            .store
-            .try_lease(
-                COMPACT_LEASE,
-                &self.instance,
-                started,
-                started + COMPACT_LEASE_MS,
-            )
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => return None,
+        if !self.hold_compaction_lease().await {
+            return None;
+        }
+        let directories = match self.data.compaction_candidates(&self.store, since_ms).await {
+            Ok(directories) => directories,
             Err(e) => {
-                tracing::warn!("cannot take the compaction lease: {e}");
+                tracing::warn!("cannot find the shipped data to compact: {e}");
                 return None;
             }
-        }
-        match self.data.compact(&self.store, since_ms).await {
-            Ok(done) => {
-                if done.merged > 0 {
-                    tracing::info!(
-                        "compacted {} files of shipped data in {} directories",
-                        done.merged,
-                        done.directories
-                    );
-                }
-                Some(started)
+        };
+        let (mut compacted, mut merged) = (0, 0);
+        for directory in directories {
+            if !self.hold_compaction_lease().await {
+                return None;
             }
+            match self.data.compact_directory(&self.store, &directory).await {
+                Ok(0) => {}
+                Ok(files) => {
+                    compacted += 1;
+                    merged += files;
+                }
+                Err(e) => tracing::warn!("cannot compact the shipped data in {directory}: {e}"),
+            }
+        }
+        if merged > 0 {
+            tracing::info!("compacted {merged} files of shipped data in {compacted} directories");
+        }
+        Some(started)
+    }
+
+    /// Takes or renews the compaction lease for [`COMPACT_LEASE_MS`] from now.
+    async fn hold_compaction_lease(&self) -> bool {
+        let now = crate::protocol::now_ms();
+        match self
+            .store
+            .try_lease(COMPACT_LEASE, &self.instance, now, now + COMPACT_LEASE_MS)
+            .await
+        {
+            Ok(held) => held,
             Err(e) => {
-                tracing::warn!("cannot compact the shipped data: {e}");
-                None
+                tracing::warn!("cannot take the compaction lease: {e}");
+                false
             }
         }
     }

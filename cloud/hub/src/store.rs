@@ -781,9 +781,13 @@ impl Store {
     ) -> Result<(), StoreError> {
         // One transaction: on SQLite, one commit to disk for both.
         let mut tx = self.writer.begin().await?;
+        let directory = object
+            .rsplit_once('/')
+            .map_or("", |(directory, _)| directory);
         sqlx::query(
-            "INSERT INTO hub_ingested (device, pipeline, sink, seq, rows, object, arrived_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+            "INSERT INTO hub_ingested \
+             (device, pipeline, sink, seq, rows, object, directory, arrived_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (device, pipeline, sink, seq) DO NOTHING",
         )
         .bind(device)
@@ -792,6 +796,7 @@ impl Store {
         .bind(seq)
         .bind(rows)
         .bind(object)
+        .bind(directory)
         .bind(arrived_ms)
         .execute(&mut *tx)
         .await?;
@@ -807,43 +812,68 @@ impl Store {
         Ok(())
     }
 
-    /// The objects of the batches that arrived at or after `since_ms`.
-    pub async fn objects_ingested_since(&self, since_ms: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT object FROM hub_ingested WHERE arrived_ms >= $1")
-            .bind(since_ms)
-            .fetch_all(&self.pool)
-            .await?;
+    /// The directories of the batches that arrived at or after `since_ms`.
+    pub async fn directories_ingested_since(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT directory FROM hub_ingested WHERE arrived_ms >= $1 ORDER BY directory",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
     }
 
-    /// The objects recorded for `device`'s `pipeline/sink` in `directory`.
-    pub async fn objects_recorded_in(
+    /// The batches of `device`'s `pipeline/sink` in `directory`: each one's sequence
+    /// number and the object that holds it.
+    pub async fn batches_in(
         &self,
         device: &str,
         (pipeline, sink): (&str, &str),
         directory: &str,
-    ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let inside = format!("{directory}/");
-        // The key's prefix finds the device's batches; LIKE narrows them to the day (its
-        // `_` may match more than a literal `_`: the exact test follows).
+    ) -> Result<Vec<(i64, String)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT object FROM hub_ingested \
-             WHERE device = $1 AND pipeline = $2 AND sink = $3 AND object LIKE $4",
+            "SELECT seq, object FROM hub_ingested \
+             WHERE device = $1 AND pipeline = $2 AND sink = $3 AND directory = $4",
         )
         .bind(device)
         .bind(pipeline)
         .bind(sink)
-        .bind(format!("{inside}%"))
+        .bind(directory)
         .fetch_all(&self.pool)
         .await?;
-        let mut objects = std::collections::HashSet::new();
-        for row in &rows {
-            let object: String = row.try_get(0)?;
-            if object.starts_with(&inside) {
-                objects.insert(object);
-            }
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
+    /// Points the batches of `device`'s `pipeline/sink` held by any of `objects` at
+    /// `merged` instead, in one transaction.
+    pub async fn repoint_batches(
+        &self,
+        device: &str,
+        (pipeline, sink): (&str, &str),
+        objects: &[String],
+        merged: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for object in objects {
+            sqlx::query(
+                "UPDATE hub_ingested SET object = $1 \
+                 WHERE device = $2 AND pipeline = $3 AND sink = $4 AND object = $5",
+            )
+            .bind(merged)
+            .bind(device)
+            .bind(pipeline)
+            .bind(sink)
+            .bind(object)
+            .execute(&mut *tx)
+            .await?;
         }
-        Ok(objects)
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Takes or renews lease `name` for `holder` until `until_ms`, unless another holder
@@ -995,7 +1025,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_hub_upgraded_to_the_streams_table_lists_the_streams_it_had() {
+    async fn a_hub_upgraded_to_migration_3_lists_its_streams_and_directories() {
         let dir = tempfile::tempdir().expect("temp dir");
         let database = Database::Sqlite(dir.path().join("hub.db"));
         let store = Store::open(&database).await.expect("opens");
@@ -1003,6 +1033,7 @@ mod tests {
         for statement in [
             "DROP TABLE hub_streams",
             "DROP INDEX hub_ingested_arrived",
+            "ALTER TABLE hub_ingested DROP COLUMN directory",
             "DELETE FROM _sqlx_migrations WHERE version = 3",
         ] {
             sqlx::query(sqlx::AssertSqlSafe(statement))
@@ -1018,12 +1049,15 @@ mod tests {
         ] {
             sqlx::query(
                 "INSERT INTO hub_ingested (device, pipeline, sink, seq, rows, object, arrived_ms) \
-                 VALUES ($1, $2, $3, $4, 1, 'x', 0)",
+                 VALUES ($1, $2, $3, $4, 1, $5, 0)",
             )
             .bind(device)
             .bind(pipeline)
             .bind(sink)
             .bind(seq)
+            .bind(format!(
+                "pipeline={pipeline}/sink={sink}/date=2026-01-01/device={device}/{seq:020}.parquet"
+            ))
             .execute(&store.writer)
             .await
             .expect("a batch");
@@ -1039,8 +1073,17 @@ mod tests {
                 ("yard".to_owned(), "audit".to_owned())
             ]
         );
+        // Each batch's directory was filled in from its object.
+        assert_eq!(
+            store.directories_ingested_since(0).await.expect("lists"),
+            [
+                "pipeline=plant/sink=uplink/date=2026-01-01/device=a",
+                "pipeline=plant/sink=uplink/date=2026-01-01/device=b",
+                "pipeline=yard/sink=audit/date=2026-01-01/device=b",
+            ]
+        );
         store
-            .record_ingested("c", ("dock", "uplink", 0), 1, "y", 1)
+            .record_ingested("c", ("dock", "uplink", 0), 1, "d/y", 1)
             .await
             .expect("records");
         assert_eq!(store.shipped_streams().await.expect("lists").len(), 3);

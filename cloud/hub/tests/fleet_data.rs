@@ -214,7 +214,10 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
         .bytes()
         .await
         .expect("its bytes");
-    files.put(&orphan, copy.into()).await.expect("the orphan");
+    files
+        .put(&orphan, copy.clone().into())
+        .await
+        .expect("the orphan");
     let compacted = hub
         .hub
         .data()
@@ -246,6 +249,35 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
         .await
         .expect("stored");
     assert!(resent.stored);
+    // What a compaction stopped halfway leaves: an original whose record now names the
+    // merged file, and a merged file no record names. The next pass deletes both, as
+    // their rows are held elsewhere.
+    let stale = [
+        ObjectPath::from(format!("{day_dir}/00000000000000000002.parquet")),
+        ObjectPath::from(format!(
+            "{day_dir}/00000000000000000002-00000000000000000007.parquet"
+        )),
+    ];
+    for path in &stale {
+        files
+            .put(path, copy.clone().into())
+            .await
+            .expect("a stale file");
+    }
+    let compacted = hub
+        .hub
+        .data()
+        .compact(hub.hub.store(), 0)
+        .await
+        .expect("compacts");
+    assert_eq!(compacted.merged, 0);
+    assert_eq!(
+        objects_under(files.as_ref(), day_dir).await,
+        [
+            format!("{day_dir}/00000000000000000000-00000000000000000019.parquet"),
+            orphan.to_string()
+        ]
+    );
     let mut count = weir_query::QueryRequest::new(
         "SELECT count(*) AS rows, sum(n) AS total FROM plant.uplink WHERE hub_device = 'edge-a'",
     );
@@ -414,6 +446,17 @@ async fn a_query_reads_only_the_tables_it_names() {
             .to_string()
             .contains("cannot read the files of plant.audit"),
         "{error}"
+    );
+    // Listing the tables reads none of them.
+    let mut tables = weir_query::QueryRequest::new(
+        "SELECT table_schema, table_name FROM information_schema.tables \
+         WHERE table_schema = 'plant' ORDER BY table_name",
+    );
+    tables.format = Some(weir_query::Format::Csv);
+    let answer = hub.admin.query(&tables).await.expect("the tables");
+    assert_eq!(
+        String::from_utf8(answer.body).unwrap(),
+        "table_schema,table_name\nplant,audit\nplant,uplink\n"
     );
     // An unknown table is named with the ones there are.
     let error = hub
