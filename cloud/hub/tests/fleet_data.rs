@@ -349,50 +349,24 @@ async fn hubs_sharing_a_database_compact_one_at_a_time(db: Db) {
     let second = Setup::new(dir.path(), &database.database).start().await.0;
     let store = first.hub.store();
 
-    // The lease itself: held until it expires, renewed by its holder only.
-    assert!(
-        store
-            .try_lease("job", "a", 1_000, 2_000)
+    // The lease itself: held until it expires, renewed by its holder only; another
+    // lease is another job. (lease, holder, now, until, taken)
+    let steps = [
+        ("job", "a", 1_000, 2_000, true),
+        ("job", "b", 1_500, 2_500, false),
+        ("job", "a", 1_800, 2_800, true),
+        ("job", "b", 2_799, 3_799, false),
+        ("job", "b", 2_801, 3_801, true),
+        ("job", "a", 2_900, 3_900, false),
+        ("other", "a", 2_900, 3_900, true),
+    ];
+    for (lease, holder, now, until, taken) in steps {
+        let took = store
+            .try_lease(lease, holder, now, until)
             .await
-            .expect("leases")
-    );
-    assert!(
-        !store
-            .try_lease("job", "b", 1_500, 2_500)
-            .await
-            .expect("leases")
-    );
-    assert!(
-        store
-            .try_lease("job", "a", 1_800, 2_800)
-            .await
-            .expect("renews")
-    );
-    assert!(
-        !store
-            .try_lease("job", "b", 2_799, 3_799)
-            .await
-            .expect("leases")
-    );
-    assert!(
-        store
-            .try_lease("job", "b", 2_801, 3_801)
-            .await
-            .expect("takes over")
-    );
-    assert!(
-        !store
-            .try_lease("job", "a", 2_900, 3_900)
-            .await
-            .expect("leases")
-    );
-    // Another lease is another job.
-    assert!(
-        store
-            .try_lease("other", "a", 2_900, 3_900)
-            .await
-            .expect("leases")
-    );
+            .expect("the lease");
+        assert_eq!(took, taken, "{holder} at {now} on {lease}");
+    }
 
     // The hubs: one compacts, the other leaves it.
     let ran = [
