@@ -96,6 +96,10 @@ pub const COMPACT_MIN_FILES: usize = 16;
 /// Files at least this large are left as they are.
 const COMPACT_MAX_FILE_BYTES: u64 = 8 << 20;
 
+/// The most a merged file gathers (as its inputs are stored): what compaction holds in
+/// memory at once.
+const COMPACT_TARGET_BYTES: u64 = 64 << 20;
+
 /// What one compaction pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Compacted {
@@ -435,7 +439,7 @@ impl FleetData {
             .try_collect()
             .await
             .map_err(|e| DataError::Storage(e.to_string()))?;
-        let mut live = Vec::new();
+        let mut live: Vec<object_store::ObjectMeta> = Vec::new();
         let mut stale = Vec::new();
         for file in listed {
             let Some(stem) = file.location.prefix_match(&prefix).and_then(|mut rest| {
@@ -461,12 +465,31 @@ impl FleetData {
                 .await
                 .map_err(|e| DataError::Storage(e.to_string()))?;
         }
-        if live.len() < COMPACT_MIN_FILES {
-            return Ok(0);
-        }
         live.sort_by(|a, b| a.location.cmp(&b.location));
+        let groups = groups_of_at_most(live, COMPACT_TARGET_BYTES);
+        let mut merged = 0;
+        for group in groups
+            .iter()
+            .filter(|group| group.len() >= COMPACT_MIN_FILES)
+        {
+            merged += self
+                .merge(store, device, (pipeline, sink), directory, group)
+                .await?;
+        }
+        Ok(merged)
+    }
+
+    /// Merges `files` (sorted) of `directory` into one; returns how many were merged.
+    async fn merge(
+        &self,
+        store: &Store,
+        device: &str,
+        (pipeline, sink): (&str, &str),
+        directory: &str,
+        files: &[object_store::ObjectMeta],
+    ) -> Result<usize, DataError> {
         let mut batches = Vec::new();
-        for file in &live {
+        for file in files {
             let bytes = self
                 .objects
                 .get(&file.location)
@@ -499,12 +522,12 @@ impl FleetData {
                 .trim_end_matches(".parquet");
             merged_name(stem).or_else(|| batch_name(stem).map(|seq| (seq, seq)))
         };
-        let (Some((first, _)), Some((_, last))) = (span(&live[0]), span(&live[live.len() - 1]))
+        let (Some((first, _)), Some((_, last))) = (span(&files[0]), span(&files[files.len() - 1]))
         else {
             return Ok(0);
         };
         let target = ObjectPath::from(format!("{directory}/{first:020}-{last:020}.parquet"));
-        if live.iter().any(|file| file.location == target) {
+        if files.iter().any(|file| file.location == target) {
             // Only if the files were already merged as they are: nothing to do.
             return Ok(0);
         }
@@ -513,16 +536,16 @@ impl FleetData {
             .put(&target, merged.into())
             .await
             .map_err(|e| DataError::Storage(e.to_string()))?;
-        let inputs: Vec<String> = live.iter().map(|file| file.location.to_string()).collect();
+        let inputs: Vec<String> = files.iter().map(|file| file.location.to_string()).collect();
         store
             .repoint_batches(device, (pipeline, sink), &inputs, target.as_ref())
             .await?;
-        for file in &live {
+        for file in files {
             self.delete(&file.location)
                 .await
                 .map_err(|e| DataError::Storage(e.to_string()))?;
         }
-        Ok(live.len())
+        Ok(files.len())
     }
 
     /// Deletes `object`; one already gone is fine.
@@ -713,6 +736,29 @@ impl SchemaProvider for FleetTables {
     }
 }
 
+/// `files` in order, in groups of at most `bytes` each (a larger file alone), so
+/// compaction never holds a whole day's data in memory at once.
+fn groups_of_at_most(
+    files: Vec<object_store::ObjectMeta>,
+    bytes: u64,
+) -> Vec<Vec<object_store::ObjectMeta>> {
+    let mut groups: Vec<Vec<object_store::ObjectMeta>> = Vec::new();
+    let mut group_bytes = 0;
+    for file in files {
+        match groups.last_mut() {
+            Some(group) if group_bytes + file.size <= bytes => {
+                group_bytes += file.size;
+                group.push(file);
+            }
+            _ => {
+                group_bytes = file.size;
+                groups.push(vec![file]);
+            }
+        }
+    }
+    groups
+}
+
 /// The sequence number a batch's file is named after: 20 digits.
 fn batch_name(stem: &str) -> Option<i64> {
     (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
@@ -851,6 +897,33 @@ mod tests {
         assert!(refused("s3://b/a/../c").contains("`..` cannot be part of the prefix"));
         assert!(refused("s3://b/a?x=1").contains("`a?x=1` cannot be part"));
         assert!(refused("s3://b#x/a").contains("a bucket name is"));
+    }
+
+    #[test]
+    fn compaction_merges_in_bounded_groups() {
+        let file = |n: u64, size: u64| object_store::ObjectMeta {
+            location: ObjectPath::from(format!("d/{n:020}.parquet")),
+            last_modified: chrono::DateTime::UNIX_EPOCH,
+            size,
+            e_tag: None,
+            version: None,
+        };
+        let sizes = |groups: Vec<Vec<object_store::ObjectMeta>>| -> Vec<Vec<u64>> {
+            groups
+                .into_iter()
+                .map(|group| group.iter().map(|file| file.size).collect())
+                .collect()
+        };
+        let files = vec![file(0, 4), file(1, 4), file(2, 3), file(3, 12), file(4, 1)];
+        assert_eq!(
+            sizes(groups_of_at_most(files, 10)),
+            [vec![4, 4], vec![3], vec![12], vec![1]]
+        );
+        assert_eq!(
+            sizes(groups_of_at_most(vec![file(0, 1), file(1, 1)], 10)),
+            [vec![1, 1]]
+        );
+        assert!(groups_of_at_most(Vec::new(), 10).is_empty());
     }
 
     #[tokio::test]
