@@ -98,7 +98,7 @@ const COMPACT_MAX_FILE_BYTES: u64 = 8 << 20;
 
 /// The most a merged file gathers (as its inputs are stored): what compaction holds in
 /// memory at once.
-const COMPACT_TARGET_BYTES: u64 = 64 << 20;
+pub const COMPACT_TARGET_BYTES: u64 = 64 << 20;
 
 /// What one compaction pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -377,33 +377,9 @@ impl FleetData {
         Ok(Ingested::Stored(rows as u64))
     }
 
-    /// One compaction pass, as a hub that compacts alone: [`FleetData::compact_directory`]
-    /// for each directory that received a batch at or after `since_ms`.
-    pub async fn compact(&self, store: &Store, since_ms: i64) -> Result<Compacted, DataError> {
-        let mut done = Compacted::default();
-        for directory in self.compaction_candidates(store, since_ms).await? {
-            let merged = self.compact_directory(store, &directory).await?;
-            if merged > 0 {
-                done.directories += 1;
-                done.merged += merged;
-            }
-        }
-        Ok(done)
-    }
-
-    /// The directories that received a batch at or after `since_ms`: only those are
-    /// looked at, never the whole store.
-    pub async fn compaction_candidates(
-        &self,
-        store: &Store,
-        since_ms: i64,
-    ) -> Result<Vec<String>, DataError> {
-        Ok(store.directories_ingested_since(since_ms).await?)
-    }
-
-    /// Merges the small files of `directory` into one once it holds
-    /// [`COMPACT_MIN_FILES`] or more, so queries open few files; returns how many were
-    /// merged.
+    /// Merges the small files of `directory`, [`COMPACT_MIN_FILES`] or more at a time,
+    /// into files of up to [`COMPACT_TARGET_BYTES`], so queries open few files; returns
+    /// how many were merged. ([`crate::Hub::compact_once`] picks the directories.)
     ///
     /// Every batch's record names the file that holds it, and that is what decides:
     /// - a file some record names is merged; the merged file is written, the records are

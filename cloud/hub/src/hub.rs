@@ -12,7 +12,7 @@ use weir_engine::Registry;
 use weir_modules::{ModuleFactory, ModuleHost};
 use weir_pipelines::{Diagnostic, PipelineSource};
 
-use crate::data::{FleetData, FleetLocation};
+use crate::data::{Compacted, FleetData, FleetLocation};
 use crate::error::{StartError, StoreError};
 use crate::fleet::{Fleet, FleetChange};
 use crate::identity::{self, DeviceKey, HubSecret, KeySlot};
@@ -216,8 +216,9 @@ impl Hub {
                 let mut since = crate::protocol::now_ms() - COMPACT_LOOKBACK_MS;
                 loop {
                     ticks.tick().await;
-                    since = since.max(crate::protocol::now_ms() - COMPACT_LOOKBACK_MS);
-                    if let Some(started) = hub.compact_once(since).await {
+                    let started = crate::protocol::now_ms();
+                    since = since.max(started - COMPACT_LOOKBACK_MS);
+                    if hub.compact_once(since).await.is_some() {
                         // Batches whose record was written after the pass read them
                         // arrived at most a store timeout before it began.
                         since = started - COMPACT_MARGIN_MS;
@@ -228,25 +229,24 @@ impl Hub {
         vec![sync, heartbeats, compaction]
     }
 
-    /// One compaction pass over the directories that received batches since `since_ms`,
-    /// if this hub holds the compaction lease: hubs sharing a database compact one at a
-    /// time, so two never merge the same files. The lease is renewed before each
-    /// directory, and a hub that finds it lost stops. A directory that fails is logged
-    /// and left for a later batch to bring back. Returns when the pass began, if it went
-    /// through every directory.
-    pub async fn compact_once(&self, since_ms: i64) -> Option<i64> {
-        let started = crate::protocol::now_ms();
+    /// One compaction pass over the directories that received batches since `since_ms`
+    /// (never the whole store), if this hub holds the compaction lease: hubs sharing a
+    /// database compact one at a time, so two never merge the same files. The lease is
+    /// renewed before each directory, and a hub that finds it lost stops. A directory
+    /// that fails is logged and left for a later batch to bring back. `None` when the
+    /// pass did not run or stopped.
+    pub async fn compact_once(&self, since_ms: i64) -> Option<Compacted> {
         if !self.hold_compaction_lease().await {
             return None;
         }
-        let directories = match self.data.compaction_candidates(&self.store, since_ms).await {
+        let directories = match self.store.directories_ingested_since(since_ms).await {
             Ok(directories) => directories,
             Err(e) => {
                 tracing::warn!("cannot find the shipped data to compact: {e}");
                 return None;
             }
         };
-        let (mut compacted, mut merged) = (0, 0);
+        let mut done = Compacted::default();
         for directory in directories {
             if !self.hold_compaction_lease().await {
                 return None;
@@ -254,16 +254,20 @@ impl Hub {
             match self.data.compact_directory(&self.store, &directory).await {
                 Ok(0) => {}
                 Ok(files) => {
-                    compacted += 1;
-                    merged += files;
+                    done.directories += 1;
+                    done.merged += files;
                 }
                 Err(e) => tracing::warn!("cannot compact the shipped data in {directory}: {e}"),
             }
         }
-        if merged > 0 {
-            tracing::info!("compacted {merged} files of shipped data in {compacted} directories");
+        if done.merged > 0 {
+            tracing::info!(
+                "compacted {} files of shipped data in {} directories",
+                done.merged,
+                done.directories
+            );
         }
-        Some(started)
+        Some(done)
     }
 
     /// Takes or renews the compaction lease for [`COMPACT_LEASE_MS`] from now.

@@ -888,15 +888,11 @@ impl Store {
         now_ms: i64,
         until_ms: i64,
     ) -> Result<bool, StoreError> {
-        sqlx::query(
-            "INSERT INTO hub_settings (name, value) VALUES ($1, '') ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .execute(&self.writer)
-        .await?;
+        // One statement: created if missing, else taken only when free or already ours.
         let taken = sqlx::query(
-            "UPDATE hub_settings SET value = $2 \
-             WHERE name = $1 AND (value < $3 OR substr(value, 22) = $4)",
+            "INSERT INTO hub_settings (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value \
+             WHERE hub_settings.value < $3 OR substr(hub_settings.value, 22) = $4",
         )
         .bind(name)
         .bind(format!("{until_ms:020}:{holder}"))

@@ -220,10 +220,9 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
         .expect("the orphan");
     let compacted = hub
         .hub
-        .data()
-        .compact(hub.hub.store(), 0)
+        .compact_once(0)
         .await
-        .expect("compacts");
+        .expect("the only hub compacts");
     assert_eq!((compacted.directories, compacted.merged), (1, 20));
     assert_eq!(objects_under(files.as_ref(), "exports").await.len(), 20);
     assert_eq!(
@@ -266,10 +265,9 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
     }
     let compacted = hub
         .hub
-        .data()
-        .compact(hub.hub.store(), 0)
+        .compact_once(0)
         .await
-        .expect("compacts");
+        .expect("the only hub compacts");
     assert_eq!(compacted.merged, 0);
     assert_eq!(
         objects_under(files.as_ref(), day_dir).await,
