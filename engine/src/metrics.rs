@@ -31,6 +31,8 @@ pub struct EngineMetrics {
     pipeline_running: IntGaugeVec,
     connected: IntGaugeVec,
     reconnects: IntCounterVec,
+    in_flight: IntGaugeVec,
+    ack_backlog: IntGaugeVec,
     state_keys: IntGaugeVec,
     state_bytes: IntGaugeVec,
     state_evictions: IntCounterVec,
@@ -168,6 +170,19 @@ impl EngineMetrics {
                 "Times an operator's connection to its external peer was lost and came back",
                 op,
             )?,
+            in_flight: gauge(
+                registry,
+                "weir_operator_in_flight_messages",
+                "Messages exchanged with the external peer and not yet acknowledged: received \
+                 and not yet acked (sources), or sent and not yet acked by the peer (sinks)",
+                op,
+            )?,
+            ack_backlog: gauge(
+                registry,
+                "weir_operator_ack_backlog",
+                "Acknowledgements an operator has decided on but not yet written to its peer",
+                op,
+            )?,
             state_keys: gauge(
                 registry,
                 "weir_operator_state_keys",
@@ -277,6 +292,8 @@ impl EngineMetrics {
             rejected: self.rejected.clone(),
             connected: self.connected.clone(),
             reconnects: self.reconnects.clone(),
+            in_flight: self.in_flight.clone(),
+            ack_backlog: self.ack_backlog.clone(),
             state_keys: self.state_keys.clone(),
             state_bytes: self.state_bytes.clone(),
             state_evictions: self.state_evictions.clone(),
@@ -348,6 +365,8 @@ pub struct OperatorMetrics {
     rejected: IntCounterVec,
     connected: IntGaugeVec,
     reconnects: IntCounterVec,
+    in_flight: IntGaugeVec,
+    ack_backlog: IntGaugeVec,
     state_keys: IntGaugeVec,
     state_bytes: IntGaugeVec,
     state_evictions: IntCounterVec,
@@ -531,6 +550,10 @@ pub struct ConnectionMetrics {
     pub connected: IntGauge,
     /// Connections lost and regained.
     pub reconnects: IntCounter,
+    /// Messages exchanged with the peer and not yet acknowledged.
+    pub in_flight: IntGauge,
+    /// Acknowledgements decided on and not yet written to the peer.
+    pub ack_backlog: IntGauge,
 }
 
 impl OperatorMetrics {
@@ -559,6 +582,8 @@ impl OperatorMetrics {
         ConnectionMetrics {
             connected: self.connected.with_label_values(labels),
             reconnects: self.reconnects.with_label_values(labels),
+            in_flight: self.in_flight.with_label_values(labels),
+            ack_backlog: self.ack_backlog.with_label_values(labels),
         }
     }
 

@@ -54,6 +54,27 @@ impl Sink for Collect {
     }
 }
 
+/// Collects like [`Collect`], after holding its first batch of more than probes for
+/// `stall`: downstream
+/// backpressure, as a slow sink makes it.
+struct StallThenCollect {
+    collected: Collected,
+    stall: Option<Duration>,
+}
+
+#[async_trait]
+impl Sink for StallThenCollect {
+    async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
+        let device = batch.column_by_name("device").unwrap().as_string::<i32>();
+        let probes_only = device.iter().all(|d| d == Some(PROBE));
+        if !probes_only && let Some(stall) = self.stall.take() {
+            tokio::time::sleep(stall).await;
+        }
+        self.collected.lock().unwrap().push(batch);
+        Ok(())
+    }
+}
+
 /// A pipeline of one mqtt source and two collecting sinks, running in the background.
 struct Running {
     main: Collected,
@@ -64,6 +85,11 @@ struct Running {
 }
 
 fn start(yaml: &str) -> Running {
+    start_stalled(yaml, None)
+}
+
+/// As [`start`], with the main port's sink holding its first batch for `stall`.
+fn start_stalled(yaml: &str, stall: Option<Duration>) -> Running {
     let config = config(yaml);
     let registry = weir_operators::registry::builtin();
     let factory = registry
@@ -99,9 +125,17 @@ fn start(yaml: &str) -> Running {
         ("main", MAIN_PORT_NAME, &main),
         ("dead", "dead_letter", &dead),
     ] {
+        let sink: Box<dyn Sink> = if name == "main" {
+            Box::new(StallThenCollect {
+                collected: sink.clone(),
+                stall,
+            })
+        } else {
+            Box::new(Collect(sink.clone()))
+        };
         builder.add_node(
             name,
-            OperatorInstance::Sink(Box::new(Collect(sink.clone()))),
+            OperatorInstance::Sink(sink),
             vec![],
             vec![InputRef {
                 node: "src".into(),
@@ -519,5 +553,82 @@ async fn qos1_throughput_is_not_capped_by_the_brokers_inflight_window() {
         "{:?}",
         started.elapsed()
     );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_sessions_backlog_drains_completely() {
+    require_mosquitto();
+    // On a resumed session Mosquitto sends its queue well past its in-flight window of
+    // 20. The source once stalled for good there: acks went through rumqttc's request
+    // channel, which its event loop drains one per turn, so the channel filled, the
+    // source waited on it and the connection task waited on the source.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true\nmax_queued_messages 0");
+    let yaml = format!(
+        "url: {}\ntopics: [s]\nclient_id: weir-backlog\nclean_session: false\n",
+        broker.url()
+    );
+    let first = start(&yaml);
+    first.wait_subscribed(&broker, "s", &probe_json()).await;
+    first.stop().await;
+    const QUEUED: usize = 30_000;
+    let messages: Vec<(String, String)> = (0..QUEUED)
+        .map(|i| ("s".to_owned(), reading(&format!("q{i}"), i as i64, 1.0)))
+        .collect();
+    let sent = weir_testkit::flood(broker.port(), "backlog-publisher", messages, 1)
+        .await
+        .expect("the broker queues the backlog");
+    assert_eq!(sent, QUEUED as u64);
+
+    let second = start(&yaml);
+    second
+        .wait_for("the whole backlog", |p| p.rows().len() >= QUEUED)
+        .await;
+    let rows = second.rows();
+    let expected: Vec<String> = (0..QUEUED).map(|i| format!("q{i}")).collect();
+    let devices: Vec<String> = rows.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(devices, expected, "every queued message once, in order");
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_held_back_by_downstream_loses_nothing_and_stays_connected() {
+    require_mosquitto();
+    // A sink stalled for 4 s fills the channels until the connection task waits to hand
+    // a message over, for longer than 1.5 keep-alives. It keeps pinging meanwhile (a
+    // broker may drop a client it has not heard from for that long; Mosquitto 2.0.11
+    // was not seen to), and every message arrives once the sink moves again.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true\nmax_queued_messages 0");
+    let pipeline = start_stalled(
+        &format!(
+            "url: {}\ntopics: [s]\nkeep_alive: 1s\nbatch_rows: 1\nlinger: 1ms\n",
+            broker.url()
+        ),
+        Some(Duration::from_secs(4)),
+    );
+    pipeline.wait_subscribed(&broker, "s", &probe_json()).await;
+    let payloads: Vec<String> = (0..200)
+        .map(|i| reading(&format!("b{i}"), i, 0.0))
+        .collect();
+    broker
+        .publish(
+            "s",
+            &payloads.iter().map(String::as_str).collect::<Vec<_>>(),
+            1,
+        )
+        .await;
+    pipeline
+        .wait_for("200 rows after the stall", |p| p.rows().len() >= 200)
+        .await;
+    let log = broker.log();
+    assert!(
+        !log.contains("exceeded timeout"),
+        "the broker dropped the source as dead while it was held back:\n{log}"
+    );
+    let devices: Vec<String> = pipeline.rows().into_iter().map(|(d, _)| d).collect();
+    let expected: Vec<String> = (0..200).map(|i| format!("b{i}")).collect();
+    assert_eq!(devices, expected);
     pipeline.stop().await;
 }

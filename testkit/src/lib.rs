@@ -3,6 +3,8 @@
 //! - [`Broker`]: a real Mosquitto on a free loopback port, with a generated config, that a
 //!   test can restart or stop; and [`Subscriber`], a `mosquitto_sub` that records what it
 //!   receives.
+//! - [`flood`]: a rumqttc publisher that sends a list of messages as fast as the broker
+//!   takes them, for load tests and benchmarks.
 //! - [`Pki`]: a certificate authority with a broker and a client certificate, generated
 //!   for one test and written as PEM files.
 //!
@@ -14,10 +16,12 @@
 //! The broker and S3 fixtures panic when Mosquitto or moto is not installed: `.ci/run` installs it, and
 //! a silently skipped broker test would hide exactly the regressions it exists for.
 
+mod flood;
 mod mosquitto;
 mod pki;
 mod s3;
 
+pub use flood::{FloodError, flood};
 pub use mosquitto::{Broker, Subscriber, require_mosquitto};
 pub use pki::Pki;
 pub use s3::{S3Server, require_moto};

@@ -250,10 +250,15 @@ impl Broker {
         Subscriber { child, messages }
     }
 
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
     /// How many times a client subscribed to exactly `filter` since the broker started,
     /// from its log.
     pub fn subscriptions_to(&self, filter: &str) -> usize {
-        let log = std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default();
+        let log = self.log();
         // Subscription lines read `<time>: <client id> <qos> <filter>`.
         log.lines()
             .filter(|line| {
@@ -319,6 +324,28 @@ impl Subscriber {
             messages.len() >= count
         })
         .await
+    }
+
+    /// Waits until at least `count` messages arrived, however long that takes as long as
+    /// messages keep coming: fails only when none arrived for [`WAIT`]. For long streams.
+    pub async fn wait_for_stream(&self, count: usize) -> Vec<(String, String)> {
+        let mut seen = 0;
+        let mut deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let arrived = self.messages.lock().expect("subscriber lock").len();
+            if arrived >= count {
+                return self.messages();
+            }
+            if arrived > seen {
+                seen = arrived;
+                deadline = tokio::time::Instant::now() + WAIT;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stream stalled at {arrived} of {count} messages: none for {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// Waits until `done` holds for the messages so far, and returns them all.

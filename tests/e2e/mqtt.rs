@@ -10,18 +10,18 @@ use weir_testkit::{Broker, Subscriber};
 use crate::support::{Running, repo};
 
 /// 2026-01-01T00:00:00Z in epoch milliseconds: the first reading's event time.
-const START_MS: i64 = 1_767_225_600_000;
+pub(crate) const START_MS: i64 = 1_767_225_600_000;
 
 /// One reading of the W1 workload, as the example expects it on `weir/w1/<device>/telemetry`.
-struct Reading {
-    device: String,
-    ts: i64,
-    temperature: f64,
-    humidity: f64,
+pub(crate) struct Reading {
+    pub(crate) device: String,
+    pub(crate) ts: i64,
+    pub(crate) temperature: f64,
+    pub(crate) humidity: f64,
 }
 
 impl Reading {
-    fn payload(&self) -> String {
+    pub(crate) fn payload(&self) -> String {
         format!(
             r#"{{"ts": {}, "temperature": {}, "humidity": {}}}"#,
             self.ts, self.temperature, self.humidity
@@ -46,7 +46,7 @@ fn readings() -> Vec<Reading> {
 }
 
 /// The W1 aggregates of `readings`, keyed by (device, window_start).
-fn expected_windows(readings: &[Reading]) -> BTreeMap<(String, i64), [f64; 5]> {
+pub(crate) fn expected_windows(readings: &[Reading]) -> BTreeMap<(String, i64), [f64; 5]> {
     let mut groups: BTreeMap<(String, i64), Vec<&Reading>> = BTreeMap::new();
     for reading in readings {
         let start = reading.ts - (reading.ts - START_MS).rem_euclid(10_000);
@@ -104,7 +104,7 @@ async fn publish_in_order(broker: &Broker, messages: &[(String, String)]) {
     }
 }
 
-fn parse(messages: &[(String, String)]) -> Vec<(String, Value)> {
+pub(crate) fn parse(messages: &[(String, String)]) -> Vec<(String, Value)> {
     messages
         .iter()
         .map(|(topic, payload)| {
@@ -115,7 +115,7 @@ fn parse(messages: &[(String, String)]) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn assert_close(actual: &Value, expected: f64, what: &str) {
+pub(crate) fn assert_close(actual: &Value, expected: f64, what: &str) {
     let actual = actual
         .as_f64()
         .unwrap_or_else(|| panic!("{what} is not a number: {actual}"));

@@ -644,6 +644,13 @@ impl ConnectionMonitor {
     pub fn closed(&self) {
         self.metrics.connected.set(0);
     }
+
+    /// How many messages wait for the peer's acknowledgement.
+    pub fn in_flight(&self, messages: usize) {
+        self.metrics
+            .in_flight
+            .set(i64::try_from(messages).unwrap_or(i64::MAX));
+    }
 }
 
 /// A seed for the backoff jitter that differs between clients and between runs.

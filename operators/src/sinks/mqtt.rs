@@ -459,6 +459,8 @@ impl Publisher {
                 }
             }
             self.refill(&mut eventloop);
+            self.monitor
+                .in_flight(usize::from(eventloop.state.inflight()));
         }
     }
 

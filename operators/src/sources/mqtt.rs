@@ -24,11 +24,12 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use async_trait::async_trait;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, PubAck, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode,
 };
 use serde::Deserialize;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use tracing::{debug, info};
 use weir_engine::config::{ConfigErrors, HumanDuration};
@@ -391,11 +392,9 @@ impl PlannedOperator for Plan {
     ) -> Result<OperatorInstance, OperatorError> {
         let mut options = self.connection.mqtt_options()?;
         options.set_manual_acks(true);
-        // Acks queue here while the connection task is busy; room for a full batch of
-        // acks keeps the source from waiting on the connection task while it waits on us.
-        let (client, eventloop) = self
-            .connection
-            .client(options, self.batch_rows.saturating_add(64));
+        // Only the subscription and the disconnect go through rumqttc's requests; acks
+        // take their own way (see `Connection`).
+        let (client, eventloop) = self.connection.client(options, 16);
         Ok(OperatorInstance::Source(Box::new(MqttSource {
             report: RejectLog::new(
                 format!("mqtt {}", self.connection.broker.address()),
@@ -716,11 +715,23 @@ fn reason(error: &ArrowError) -> String {
 
 /// What the connection task hands the source.
 enum Incoming {
-    /// A message from a subscription.
-    Message(Publish),
+    /// A message from a subscription, and the connection it came on.
+    Message { message: Publish, connection: u64 },
     /// The broker refused something retrying will not fix; the source fails with this.
     Fatal(String),
 }
+
+/// An acknowledgement the source has decided on: a QoS 1 message's packet id, on the
+/// connection the message came on. An ack means nothing to a later connection: the
+/// broker sends the message again there, under a packet id of that connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ack {
+    connection: u64,
+    pkid: u16,
+}
+
+/// The most acks written to the socket in one go, before one flush.
+const ACK_BATCH: usize = 1024;
 
 /// The running mqtt source.
 struct MqttSource {
@@ -732,6 +743,25 @@ struct MqttSource {
     connection_metrics: ConnectionMetrics,
 }
 
+/// Messages received and not yet emitted, with the acks they are owed once they are.
+#[derive(Default)]
+struct Pending {
+    messages: Vec<Publish>,
+    acks: Vec<Ack>,
+}
+
+impl Pending {
+    fn push(&mut self, message: Publish, connection: u64) {
+        if message.qos != QoS::AtMostOnce {
+            self.acks.push(Ack {
+                connection,
+                pkid: message.pkid,
+            });
+        }
+        self.messages.push(message);
+    }
+}
+
 #[async_trait]
 impl Source for MqttSource {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
@@ -740,6 +770,13 @@ impl Source for MqttSource {
             .take()
             .ok_or_else(|| OperatorError::Internal("mqtt source started twice".to_owned()))?;
         let (tx, mut rx) = mpsc::channel(self.plan.batch_rows.clamp(16, 10_000));
+        // Unbounded so that the source never waits on the connection task, which may be
+        // waiting on the source: acks are bounded anyway by the messages handed over and
+        // not yet acked, and the connection task writes them before it reads more.
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        let metrics = self.connection_metrics.clone();
+        metrics.in_flight.set(0);
+        metrics.ack_backlog.set(0);
         let connection = Connection {
             client: self.client.clone(),
             filters: self
@@ -749,11 +786,14 @@ impl Source for MqttSource {
                 .map(|topic| SubscribeFilter::new(topic.clone(), self.plan.qos))
                 .collect(),
             broker: self.plan.connection.broker.clone(),
-            monitor: ConnectionMonitor::new(&self.plan.connection, self.connection_metrics.clone()),
+            monitor: ConnectionMonitor::new(&self.plan.connection, metrics.clone()),
+            metrics,
             tx,
+            acks: acks_rx,
+            connection: 0,
         };
         let mut task = tokio::spawn(connection.drive(eventloop));
-        let mut pending: Vec<Publish> = Vec::new();
+        let mut pending = Pending::default();
         let mut oldest = Instant::now();
         let mut newest = oldest;
         let idle_flush = (self.plan.qos == QoS::AtLeastOnce).then_some(QOS1_IDLE_FLUSH);
@@ -765,20 +805,20 @@ impl Source for MqttSource {
             tokio::select! {
                 biased;
                 _ = ctx.cancelled() => break Ok(()),
-                _ = tokio::time::sleep_until(deadline), if !pending.is_empty() => {
-                    if let Err(error) = self.flush(ctx, &mut pending).await {
+                _ = tokio::time::sleep_until(deadline), if !pending.messages.is_empty() => {
+                    if let Err(error) = self.flush(ctx, &mut pending, &acks_tx).await {
                         break Err(error);
                     }
                 }
                 incoming = rx.recv() => match incoming {
-                    Some(Incoming::Message(message)) => {
+                    Some(Incoming::Message { message, connection }) => {
                         newest = Instant::now();
-                        if pending.is_empty() {
+                        if pending.messages.is_empty() {
                             oldest = newest;
                         }
-                        pending.push(message);
-                        if pending.len() >= self.plan.batch_rows
-                            && let Err(error) = self.flush(ctx, &mut pending).await
+                        pending.push(message, connection);
+                        if pending.messages.len() >= self.plan.batch_rows
+                            && let Err(error) = self.flush(ctx, &mut pending, &acks_tx).await
                         {
                             break Err(error);
                         }
@@ -792,12 +832,16 @@ impl Source for MqttSource {
         };
         // What was received is emitted and acked before leaving, unless downstream is gone.
         let flushed = match outcome {
-            Ok(()) | Err(OperatorError::External(_)) => self.flush(ctx, &mut pending).await,
+            Ok(()) | Err(OperatorError::External(_)) => {
+                self.flush(ctx, &mut pending, &acks_tx).await
+            }
             Err(_) => Ok(()),
         };
-        // The disconnect queues behind the acks, so they reach the broker first. Messages
-        // still arriving meanwhile are dropped unacked (the broker redelivers them), which
-        // also frees the connection task should it be waiting to hand one over.
+        // The disconnect is requested after the acks were queued, and the connection
+        // task writes queued acks before it polls for the disconnect, so they reach the
+        // broker first. Messages still arriving meanwhile are dropped unacked (the broker
+        // redelivers them), which also frees the connection task should it be waiting to
+        // hand one over.
         let abort = task.abort_handle();
         let shutdown = async {
             let _ = self.client.disconnect().await;
@@ -815,16 +859,17 @@ impl Source for MqttSource {
 }
 
 impl MqttSource {
-    /// Decodes and emits the pending messages, then acks them.
+    /// Decodes and emits the pending messages, then queues their acks.
     async fn flush(
         &mut self,
         ctx: &mut SourceContext,
-        pending: &mut Vec<Publish>,
+        pending: &mut Pending,
+        acks: &mpsc::UnboundedSender<Ack>,
     ) -> Result<(), OperatorError> {
-        if pending.is_empty() {
+        if pending.messages.is_empty() {
             return Ok(());
         }
-        let (batch, bad) = self.plan.decoder.decode(pending)?;
+        let (batch, bad) = self.plan.decoder.decode(&pending.messages)?;
         if let Some(batch) = batch {
             ctx.emit(batch).await?;
         }
@@ -849,34 +894,74 @@ impl MqttSource {
             ctx.emit_to(DEAD_LETTER_PORT, batch).await?;
         }
         // Downstream accepted everything: now the broker may forget these messages.
-        for message in pending.drain(..) {
-            if self.client.ack(&message).await.is_err() {
+        pending.messages.clear();
+        let backlog = &self.connection_metrics.ack_backlog;
+        for ack in pending.acks.drain(..) {
+            backlog.inc();
+            if acks.send(ack).is_err() {
                 // The connection task is gone; the broker redelivers what was not acked.
+                backlog.dec();
                 debug!("mqtt ack not sent: the connection task has ended");
-                break;
             }
         }
-        pending.clear();
         Ok(())
     }
 }
 
 /// The connection task: polls the rumqttc event loop, (re)subscribes, backs off between
-/// reconnects and hands messages to the source.
+/// reconnects, hands messages to the source and writes the source's acks.
+///
+/// Acks do not go through rumqttc's request channel. rumqttc takes at most one request
+/// per turn of its event loop, and none while it still hands out packets it has already
+/// read (up to 10 per read), so a broker that sends faster than one message per turn
+/// (Mosquitto replaying a persistent session's backlog) builds up acks until the
+/// channel is full: the source then waited on the channel while this task waited on the
+/// source, and the stream stopped for good. Here acks are written to the socket
+/// directly, in batches, before every poll and while a message waits for the source, so
+/// the two tasks never wait on each other.
 struct Connection {
     client: AsyncClient,
     filters: Vec<SubscribeFilter>,
     broker: BrokerUrl,
     monitor: ConnectionMonitor,
+    metrics: ConnectionMetrics,
     tx: mpsc::Sender<Incoming>,
+    acks: mpsc::UnboundedReceiver<Ack>,
+    /// Counts the connections made, to tell acks for this one from older ones.
+    connection: u64,
 }
 
 impl Connection {
     async fn drive(mut self, mut eventloop: EventLoop) {
         let address = self.broker.address();
+        let mut acks = Vec::with_capacity(ACK_BATCH);
         loop {
-            match eventloop.poll().await {
+            // Writing acks first means a poll in progress may be dropped. That is safe
+            // between packets: rumqttc reads through a buffer that keeps partial
+            // packets, every packet it writes goes whole into the write buffer (which
+            // `write_acks` leaves empty, so queueing never has to wait), and a dropped
+            // flush is finished by the next one.
+            let connected = eventloop.network.is_some();
+            let polled = tokio::select! {
+                biased;
+                received = self.acks.recv_many(&mut acks, ACK_BATCH), if connected => {
+                    if received == 0 {
+                        return; // the source has gone
+                    }
+                    if let Err(error) = self.write_acks(&mut eventloop, &mut acks).await
+                        && !self.recover(&mut eventloop, error).await
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                polled = eventloop.poll() => polled,
+            };
+            match polled {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    self.connection += 1;
+                    // Messages of the last connection come again on this one.
+                    self.metrics.in_flight.set(0);
                     self.monitor.connected();
                     // A new session has no subscriptions; a resumed one keeps them.
                     if !ack.session_present
@@ -913,7 +998,10 @@ impl Connection {
                     info!("mqtt subscribed to {} on {address}", topics.join(", "));
                 }
                 Ok(Event::Incoming(Packet::Publish(message))) => {
-                    if self.tx.send(Incoming::Message(message)).await.is_err() {
+                    if message.qos != QoS::AtMostOnce {
+                        self.metrics.in_flight.inc();
+                    }
+                    if !self.hand_over(&mut eventloop, message, &mut acks).await {
                         return;
                     }
                 }
@@ -926,20 +1014,146 @@ impl Connection {
                     self.monitor.closed();
                     return;
                 }
-                Err(error) => match self.monitor.failed(&error) {
-                    Err(message) => {
-                        let _ = self.tx.send(Incoming::Fatal(message)).await;
+                Err(error) => {
+                    if !self.recover(&mut eventloop, error).await {
                         return;
                     }
-                    Ok(delay) => {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = self.tx.closed() => return,
-                        }
-                    }
-                },
+                }
             }
         }
+    }
+
+    /// Hands `message` to the source. While the source is busy (downstream
+    /// backpressure), acks keep being written and the broker keeps hearing from this
+    /// client, so it neither waits for acks nor drops the connection as dead. Returns
+    /// false once the source is gone.
+    async fn hand_over(
+        &mut self,
+        eventloop: &mut EventLoop,
+        message: Publish,
+        acks: &mut Vec<Ack>,
+    ) -> bool {
+        let incoming = Incoming::Message {
+            message,
+            connection: self.connection,
+        };
+        // Most of the time the source has room.
+        let incoming = match self.tx.try_send(incoming) {
+            Ok(()) => return true,
+            Err(TrySendError::Closed(_)) => return false,
+            Err(TrySendError::Full(incoming)) => incoming,
+        };
+        // A sender of its own, so that waiting on it does not hold `self`.
+        let tx = self.tx.clone();
+        let keep_alive = eventloop.mqtt_options.keep_alive();
+        let mut ping = (!keep_alive.is_zero())
+            .then(|| tokio::time::interval_at(Instant::now() + keep_alive / 2, keep_alive / 2));
+        loop {
+            let connected = eventloop.network.is_some();
+            let outcome = tokio::select! {
+                biased;
+                permit = tx.reserve() => {
+                    return match permit {
+                        Ok(permit) => {
+                            permit.send(incoming);
+                            true
+                        }
+                        Err(_) => false,
+                    };
+                }
+                received = self.acks.recv_many(acks, ACK_BATCH), if connected => {
+                    if received == 0 {
+                        return false;
+                    }
+                    self.write_acks(eventloop, acks).await
+                }
+                () = tick(&mut ping), if connected => {
+                    write_packet(eventloop, Packet::PingReq).await
+                }
+            };
+            if let Err(error) = outcome
+                && !self.recover(eventloop, error).await
+            {
+                return false;
+            }
+        }
+    }
+
+    /// Writes `acks` that belong to the current connection, then flushes them.
+    async fn write_acks(
+        &mut self,
+        eventloop: &mut EventLoop,
+        acks: &mut Vec<Ack>,
+    ) -> Result<(), ConnectionError> {
+        self.metrics.ack_backlog.sub(acks.len() as i64);
+        let current = self.connection;
+        let Some(network) = eventloop.network.as_mut() else {
+            acks.clear();
+            return Ok(());
+        };
+        let mut written = 0;
+        for ack in acks.drain(..).filter(|ack| ack.connection == current) {
+            network.write(Packet::PubAck(PubAck::new(ack.pkid))).await?;
+            written += 1;
+        }
+        if written > 0 {
+            flush(eventloop).await?;
+            self.metrics.in_flight.sub(written);
+        }
+        Ok(())
+    }
+
+    /// After the connection failed: drops it (rumqttc reconnects on the next poll) and
+    /// waits out the backoff. Returns false when retrying cannot help (the source was
+    /// told why) or the source has gone.
+    async fn recover(&mut self, eventloop: &mut EventLoop, error: ConnectionError) -> bool {
+        if eventloop.network.is_some() {
+            // The failure was in a write of ours, which rumqttc did not see.
+            eventloop.clean();
+        }
+        match self.monitor.failed(&error) {
+            Err(message) => {
+                let _ = self.tx.send(Incoming::Fatal(message)).await;
+                false
+            }
+            Ok(delay) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => true,
+                    _ = self.tx.closed() => false,
+                }
+            }
+        }
+    }
+}
+
+/// The next tick of `interval`, or never without one.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes one packet outside rumqttc's own turn and flushes it.
+async fn write_packet(eventloop: &mut EventLoop, packet: Packet) -> Result<(), ConnectionError> {
+    if let Some(network) = eventloop.network.as_mut() {
+        network.write(packet).await?;
+        flush(eventloop).await?;
+    }
+    Ok(())
+}
+
+/// Flushes what was written, within the connection timeout as rumqttc does.
+async fn flush(eventloop: &mut EventLoop) -> Result<(), ConnectionError> {
+    let limit = Duration::from_secs(eventloop.network_options.connection_timeout());
+    let Some(network) = eventloop.network.as_mut() else {
+        return Ok(());
+    };
+    match tokio::time::timeout(limit, network.flush()).await {
+        Ok(flushed) => Ok(flushed?),
+        Err(_) => Err(ConnectionError::FlushTimeout),
     }
 }
 
