@@ -302,25 +302,13 @@ fn measure_plain(
     let started = Instant::now();
     let publisher = spawn_publisher(broker.port(), qos, input, messages)?;
     let mut usage = Usage::default();
-    let deadline = started + RUN_LIMIT;
-    let status = loop {
-        if let Some(status) = subscriber.try_wait()? {
-            break status;
-        }
-        usage.sample(subscriber.id());
-        if Instant::now() > deadline {
-            let _ = subscriber.kill();
-            bail!(
-                "{} did not receive {messages} messages in {RUN_LIMIT:?}",
-                consumer.name()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let wall = started.elapsed();
-    if !status.success() {
-        bail!("{} exited with {status}", consumer.name());
-    }
+    let wall = wait_exit(
+        &mut subscriber,
+        &mut usage,
+        started,
+        consumer.name(),
+        messages,
+    )?;
     finish(publisher)?;
     Ok(Measured {
         messages,
@@ -442,26 +430,14 @@ fn measure_backlog(
 
     let started = Instant::now();
     let mut usage = Usage::default();
-    match consumer {
+    let (wall, session) = match consumer {
         Backlog::Rumqttc => {
             let mut subscriber = Plain::Rumqttc
                 .command_in_session(broker, FILTER, messages, 1, SESSION)?
                 .spawn()?;
-            let status = loop {
-                if let Some(status) = subscriber.try_wait()? {
-                    break status;
-                }
-                usage.sample(subscriber.id());
-                if started.elapsed() > RUN_LIMIT {
-                    let _ = subscriber.kill();
-                    bail!("the rumqttc subscriber did not drain {messages} in {RUN_LIMIT:?}");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            };
-            if !status.success() {
-                bail!("the rumqttc subscriber exited with {status}");
-            }
-            end_session(broker, SESSION)?;
+            let name = Plain::Rumqttc.name();
+            let wall = wait_exit(&mut subscriber, &mut usage, started, name, messages)?;
+            (wall, SESSION)
         }
         Backlog::Weir(weir, pipeline) => {
             let addr = format!("127.0.0.1:{}", free_port());
@@ -476,21 +452,43 @@ fn measure_backlog(
             usage.sample(pid);
             let wall = started.elapsed();
             stop(child)?;
-            end_session(broker, WEIR_SESSION)?;
-            return Ok(Measured {
-                messages,
-                wall,
-                cpu_s: usage.cpu_s,
-                peak_rss_kib: usage.peak_rss_kib,
-            });
+            (wall, WEIR_SESSION)
         }
-    }
+    };
+    end_session(broker, session)?;
     Ok(Measured {
         messages,
-        wall: started.elapsed(),
+        wall,
         cpu_s: usage.cpu_s,
         peak_rss_kib: usage.peak_rss_kib,
     })
+}
+
+/// Waits for a plain subscriber to exit after its `messages`, sampling its usage; returns
+/// the time since `started`. Fails if it exits badly or takes longer than [`RUN_LIMIT`].
+fn wait_exit(
+    subscriber: &mut std::process::Child,
+    usage: &mut Usage,
+    started: Instant,
+    name: &str,
+    messages: u64,
+) -> Result<Duration> {
+    let status = loop {
+        if let Some(status) = subscriber.try_wait()? {
+            break status;
+        }
+        usage.sample(subscriber.id());
+        if started.elapsed() > RUN_LIMIT {
+            let _ = subscriber.kill();
+            bail!("{name} did not receive {messages} messages in {RUN_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall = started.elapsed();
+    if !status.success() {
+        bail!("{name} exited with {status}");
+    }
+    Ok(wall)
 }
 
 /// Ends the persistent session of `client_id`, so the broker stops queueing for it: a

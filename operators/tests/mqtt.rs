@@ -178,6 +178,11 @@ impl Running {
         rows
     }
 
+    /// The device of every row on the main port except probes, in arrival order.
+    fn devices(&self) -> Vec<String> {
+        self.rows().into_iter().map(|(device, _)| device).collect()
+    }
+
     fn probes(&self) -> usize {
         self.main
             .lock()
@@ -265,6 +270,14 @@ impl Running {
             ..self
         }
     }
+}
+
+/// Runs the source of `yaml` (a persistent session) until it has subscribed on topic
+/// `s`, then stops it: the broker keeps the session and queues for it from now on.
+async fn make_session(broker: &Broker, yaml: &str) {
+    let first = start(yaml);
+    first.wait_subscribed(broker, "s", &probe_json()).await;
+    first.stop().await;
 }
 
 fn reading(device: &str, ts: i64, temperature: f64) -> String {
@@ -400,7 +413,7 @@ async fn malformed_payloads_go_to_dead_letter_and_good_ones_arrive() {
             p.rows().len() == 3 && p.dead().len() == 4
         })
         .await;
-    let devices: Vec<String> = pipeline.rows().into_iter().map(|(d, _)| d).collect();
+    let devices: Vec<String> = pipeline.devices();
     assert_eq!(devices, ["a", "b", "e"]);
     let errors: Vec<String> = pipeline.dead().into_iter().map(|(_, e)| e).collect();
     assert!(
@@ -458,7 +471,7 @@ async fn qos1_survives_a_broker_restart() {
     pipeline
         .wait_for("all 10 rows", |p| p.rows().len() >= 10)
         .await;
-    let mut devices: Vec<String> = pipeline.rows().into_iter().map(|(d, _)| d).collect();
+    let mut devices: Vec<String> = pipeline.devices();
     devices.sort();
     devices.dedup();
     assert_eq!(devices.len(), 10, "{devices:?}");
@@ -474,9 +487,7 @@ async fn a_persistent_session_keeps_messages_while_weir_is_down() {
         "url: {}\ntopics: [s]\nclient_id: weir-persistent\nclean_session: false\nlinger: 20ms\n",
         broker.url()
     );
-    let first = start(&yaml);
-    first.wait_subscribed(&broker, "s", &probe_json()).await;
-    first.stop().await;
+    make_session(&broker, &yaml).await;
     let missed: Vec<String> = (0..5).map(|i| reading(&format!("m{i}"), i, 1.0)).collect();
     broker
         .publish(
@@ -489,8 +500,7 @@ async fn a_persistent_session_keeps_messages_while_weir_is_down() {
     second
         .wait_for("the 5 queued rows", |p| p.rows().len() == 5)
         .await;
-    let devices: Vec<String> = second.rows().into_iter().map(|(d, _)| d).collect();
-    assert_eq!(devices, ["m0", "m1", "m2", "m3", "m4"]);
+    assert_eq!(second.devices(), ["m0", "m1", "m2", "m3", "m4"]);
     second.stop().await;
 }
 
@@ -569,9 +579,7 @@ async fn a_persistent_sessions_backlog_drains_completely() {
         "url: {}\ntopics: [s]\nclient_id: weir-backlog\nclean_session: false\n",
         broker.url()
     );
-    let first = start(&yaml);
-    first.wait_subscribed(&broker, "s", &probe_json()).await;
-    first.stop().await;
+    make_session(&broker, &yaml).await;
     const QUEUED: usize = 30_000;
     let messages: Vec<(String, String)> = (0..QUEUED)
         .map(|i| ("s".to_owned(), reading(&format!("q{i}"), i as i64, 1.0)))
@@ -585,10 +593,12 @@ async fn a_persistent_sessions_backlog_drains_completely() {
     second
         .wait_for("the whole backlog", |p| p.rows().len() >= QUEUED)
         .await;
-    let rows = second.rows();
     let expected: Vec<String> = (0..QUEUED).map(|i| format!("q{i}")).collect();
-    let devices: Vec<String> = rows.into_iter().map(|(d, _)| d).collect();
-    assert_eq!(devices, expected, "every queued message once, in order");
+    assert_eq!(
+        second.devices(),
+        expected,
+        "every queued message once, in order"
+    );
     second.stop().await;
 }
 
@@ -627,8 +637,7 @@ async fn a_source_held_back_by_downstream_loses_nothing_and_stays_connected() {
         !log.contains("exceeded timeout"),
         "the broker dropped the source as dead while it was held back:\n{log}"
     );
-    let devices: Vec<String> = pipeline.rows().into_iter().map(|(d, _)| d).collect();
     let expected: Vec<String> = (0..200).map(|i| format!("b{i}")).collect();
-    assert_eq!(devices, expected);
+    assert_eq!(pipeline.devices(), expected);
     pipeline.stop().await;
 }

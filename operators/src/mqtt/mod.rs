@@ -592,6 +592,8 @@ impl ConnectionMonitor {
     /// A monitor for the connection `plan` describes, reporting into `metrics`.
     pub fn new(plan: &ConnectionPlan, metrics: ConnectionMetrics) -> Self {
         metrics.connected.set(0);
+        metrics.in_flight.set(0);
+        metrics.ack_backlog.set(0);
         ConnectionMonitor {
             broker: plan.broker.clone(),
             backoff: Backoff::for_client(plan.backoff, &plan.client_id),
@@ -645,11 +647,10 @@ impl ConnectionMonitor {
         self.metrics.connected.set(0);
     }
 
-    /// How many messages wait for the peer's acknowledgement.
-    pub fn in_flight(&self, messages: usize) {
-        self.metrics
-            .in_flight
-            .set(i64::try_from(messages).unwrap_or(i64::MAX));
+    /// The connection series it keeps, for the counts only the operator knows (messages
+    /// in flight, acks waiting to be written).
+    pub fn metrics(&self) -> &ConnectionMetrics {
+        &self.metrics
     }
 }
 

@@ -460,7 +460,9 @@ impl Publisher {
             }
             self.refill(&mut eventloop);
             self.monitor
-                .in_flight(usize::from(eventloop.state.inflight()));
+                .metrics()
+                .in_flight
+                .set(i64::from(eventloop.state.inflight()));
         }
     }
 

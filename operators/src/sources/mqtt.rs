@@ -774,9 +774,6 @@ impl Source for MqttSource {
         // waiting on the source: acks are bounded anyway by the messages handed over and
         // not yet acked, and the connection task writes them before it reads more.
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-        let metrics = self.connection_metrics.clone();
-        metrics.in_flight.set(0);
-        metrics.ack_backlog.set(0);
         let connection = Connection {
             client: self.client.clone(),
             filters: self
@@ -786,8 +783,7 @@ impl Source for MqttSource {
                 .map(|topic| SubscribeFilter::new(topic.clone(), self.plan.qos))
                 .collect(),
             broker: self.plan.connection.broker.clone(),
-            monitor: ConnectionMonitor::new(&self.plan.connection, metrics.clone()),
-            metrics,
+            monitor: ConnectionMonitor::new(&self.plan.connection, self.connection_metrics.clone()),
             tx,
             acks: acks_rx,
             connection: 0,
@@ -924,7 +920,6 @@ struct Connection {
     filters: Vec<SubscribeFilter>,
     broker: BrokerUrl,
     monitor: ConnectionMonitor,
-    metrics: ConnectionMetrics,
     tx: mpsc::Sender<Incoming>,
     acks: mpsc::UnboundedReceiver<Ack>,
     /// Counts the connections made, to tell acks for this one from older ones.
@@ -961,7 +956,7 @@ impl Connection {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.connection += 1;
                     // Messages of the last connection come again on this one.
-                    self.metrics.in_flight.set(0);
+                    self.monitor.metrics().in_flight.set(0);
                     self.monitor.connected();
                     // A new session has no subscriptions; a resumed one keeps them.
                     if !ack.session_present
@@ -999,7 +994,7 @@ impl Connection {
                 }
                 Ok(Event::Incoming(Packet::Publish(message))) => {
                     if message.qos != QoS::AtMostOnce {
-                        self.metrics.in_flight.inc();
+                        self.monitor.metrics().in_flight.inc();
                     }
                     if !self.hand_over(&mut eventloop, message, &mut acks).await {
                         return;
@@ -1085,7 +1080,7 @@ impl Connection {
         eventloop: &mut EventLoop,
         acks: &mut Vec<Ack>,
     ) -> Result<(), ConnectionError> {
-        self.metrics.ack_backlog.sub(acks.len() as i64);
+        self.monitor.metrics().ack_backlog.sub(acks.len() as i64);
         let current = self.connection;
         let Some(network) = eventloop.network.as_mut() else {
             acks.clear();
@@ -1098,7 +1093,7 @@ impl Connection {
         }
         if written > 0 {
             flush(eventloop).await?;
-            self.metrics.in_flight.sub(written);
+            self.monitor.metrics().in_flight.sub(written);
         }
         Ok(())
     }
