@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{InputStream, NodeContext, Role, StreamInfo};
+use weir_engine::time::WindowSpec;
 use weir_engine::{OperatorFactory, OperatorInstance, Transform};
 
 use crate::data::W1Spec;
@@ -94,12 +95,30 @@ pub fn transform(
     config: &str,
     schema: SchemaRef,
 ) -> Result<Box<dyn Transform>> {
+    windowed_transform(
+        factory,
+        config,
+        schema,
+        None,
+        &OperatorMetrics::detached("bench", factory.kind()),
+    )
+}
+
+/// [`transform`] with a window over the stream's `ts` event-time column, reporting into
+/// `metrics`.
+pub fn windowed_transform(
+    factory: &dyn OperatorFactory,
+    config: &str,
+    schema: SchemaRef,
+    window: Option<WindowSpec>,
+    metrics: &OperatorMetrics,
+) -> Result<Box<dyn Transform>> {
     let config = weir_pipelines::parse_yaml(config).context("the config is YAML")?;
     let inputs = [InputStream {
         name: "readings".into(),
         stream: StreamInfo {
             schema,
-            event_time: None,
+            event_time: window.map(|_| "ts".to_owned()),
         },
     }];
     let node = NodeContext {
@@ -112,13 +131,13 @@ pub fn transform(
         inputs_known: true,
         schema: None,
         event_time: None,
-        window: None,
+        window,
         base_dir: Path::new("."),
     };
     let planned = factory
         .plan(&node)
         .map_err(|errors| anyhow::anyhow!("invalid config: {errors:?}"))?;
-    match planned.instantiate(&OperatorMetrics::detached("bench", factory.kind()))? {
+    match planned.instantiate(metrics)? {
         OperatorInstance::Transform(transform) => Ok(transform),
         _ => bail!("{} is not a transform", factory.kind()),
     }

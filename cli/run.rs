@@ -227,11 +227,9 @@ async fn supervise(
                 Some(Ok((name, Err(error)))) => {
                     live.ended(&name, Err(error.to_string()));
                     failures.push(error.to_string());
-                    if draining_since.is_none() {
-                        warn!("stopping the other pipelines after a failure");
-                        draining_since = Some(tokio::time::Instant::now());
-                        shutdown.cancel();
-                    }
+                    // One pipeline's failure is its own: the others keep running, and
+                    // the exit status reports the failure once they end.
+                    warn!(pipeline = %name, "pipeline failed; the other pipelines keep running");
                 }
                 Some(Err(join_error)) => failures.push(format!("a pipeline task failed: {join_error}")),
             },

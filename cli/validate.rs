@@ -20,6 +20,11 @@ pub fn run(files: &[PathBuf]) -> Outcome {
                     pipeline.name(),
                     pipeline.nodes().len()
                 );
+                for node in pipeline.nodes() {
+                    for note in node.notes() {
+                        println!("note: {}: {note}", node.name());
+                    }
+                }
             }
             Outcome::Success
         }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -29,6 +29,10 @@ use crate::time::EventTimeSpec;
 ///
 /// Batches hold at most a few thousand rows, so this bounds the rows in flight per edge.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 16;
+
+/// How often a sink that has written something is flushed, unless its node says
+/// otherwise (`flush_interval`).
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A reference to an upstream node's output port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +56,7 @@ pub struct PipelineBuilder {
     name: String,
     nodes: Vec<NodeDef>,
     retained: HashMap<String, RetainSpec>,
+    flush_intervals: HashMap<String, Duration>,
     channel_capacity: usize,
 }
 
@@ -62,6 +67,7 @@ impl PipelineBuilder {
             name: name.into(),
             nodes: Vec::new(),
             retained: HashMap::new(),
+            flush_intervals: HashMap::new(),
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
         }
     }
@@ -94,6 +100,12 @@ impl PipelineBuilder {
     /// Keeps the recent batches of `node`'s main output for queries, within `spec`.
     pub fn retain(&mut self, node: impl Into<String>, spec: RetainSpec) {
         self.retained.insert(node.into(), spec);
+    }
+
+    /// Flushes the sink `node` every `interval` while it has written something since
+    /// the last flush, instead of every [`DEFAULT_FLUSH_INTERVAL`].
+    pub fn flush_interval(&mut self, node: impl Into<String>, interval: Duration) {
+        self.flush_intervals.insert(node.into(), interval);
     }
 
     /// Connects the nodes. Fails when an input names no node or port, or when the graph
@@ -172,7 +184,15 @@ impl PipelineBuilder {
                 let (tx, rx) = mpsc::channel(self.channel_capacity);
                 ports[upstream][port].edges.push(tx);
                 let depth = metrics.channel_depth(&self.name, &node.name, &input.node);
-                channels.push(InputChannel::new(rx, depth));
+                let producer = &self.nodes[upstream];
+                let idle_timeout = match producer.instance {
+                    OperatorInstance::Source(_) => producer
+                        .event_time
+                        .as_ref()
+                        .and_then(|spec| spec.idle_timeout),
+                    _ => None,
+                };
+                channels.push(InputChannel::new(rx, depth, idle_timeout));
             }
             receivers.push(channels);
         }
@@ -203,7 +223,7 @@ impl PipelineBuilder {
                                     node.name, spec.column
                                 ))
                             })?;
-                            Some(WatermarkGenerator::new(column, spec.max_out_of_order))
+                            Some(WatermarkGenerator::new(spec, column))
                         }
                         None => None,
                     };
@@ -212,6 +232,9 @@ impl PipelineBuilder {
                         watermarks,
                         cancel: cancel.clone(),
                         metrics: op_metrics.clone(),
+                        rejects: None,
+                        max_future: node.event_time.as_ref().and_then(|spec| spec.max_future),
+                        future_logged: false,
                     };
                     NodeRunner::Source(source, ctx)
                 }
@@ -222,7 +245,17 @@ impl PipelineBuilder {
                     op_metrics.clone(),
                 ),
                 OperatorInstance::Sink(sink) => {
-                    NodeRunner::Sink(sink, InputMerger::new(inputs), op_metrics.clone())
+                    let flush_interval = self
+                        .flush_intervals
+                        .get(&node.name)
+                        .copied()
+                        .unwrap_or(DEFAULT_FLUSH_INTERVAL);
+                    NodeRunner::Sink(
+                        sink,
+                        InputMerger::new(inputs),
+                        op_metrics.clone(),
+                        flush_interval,
+                    )
                 }
             };
             tasks.push((node.name, runner, op_metrics));
@@ -281,7 +314,7 @@ enum NodeRunner {
         OutputPorts,
         OperatorMetrics,
     ),
-    Sink(Box<dyn Sink>, InputMerger, OperatorMetrics),
+    Sink(Box<dyn Sink>, InputMerger, OperatorMetrics, Duration),
 }
 
 /// A wired pipeline, ready to run.
@@ -397,7 +430,9 @@ async fn run_node(runner: NodeRunner, metrics: OperatorMetrics) -> Result<(), Op
         NodeRunner::Transform(transform, inputs, outputs, metrics) => {
             run_transform(transform, inputs, outputs, &metrics).await
         }
-        NodeRunner::Sink(sink, inputs, metrics) => run_sink(sink, inputs, &metrics).await,
+        NodeRunner::Sink(sink, inputs, metrics, flush_interval) => {
+            run_sink(sink, inputs, &metrics, flush_interval).await
+        }
     };
     if matches!(&outcome, Err(e) if !matches!(e, OperatorError::DownstreamClosed)) {
         metrics.errors.inc();
@@ -426,6 +461,7 @@ async fn run_transform(
     metrics: &OperatorMetrics,
 ) -> Result<(), OperatorError> {
     let mut collector = Collector::new();
+    let mut forwarded = Watermark::START;
     let outcome = async {
         loop {
             match inputs.next().await {
@@ -445,7 +481,11 @@ async fn run_transform(
                     transform.on_watermark(watermark, &mut collector).await?;
                     metrics.processing.observe(started.elapsed().as_secs_f64());
                     forward(&mut collector, &mut outputs, metrics).await?;
-                    outputs.send_watermark(watermark).await?;
+                    let downstream = transform.output_watermark(watermark);
+                    if downstream > forwarded {
+                        forwarded = downstream;
+                        outputs.send_watermark(downstream).await?;
+                    }
                 }
                 InputEvent::End => {
                     // The end of the stream is the final watermark: every window closes.
@@ -469,16 +509,37 @@ async fn run_sink(
     mut sink: Box<dyn Sink>,
     mut inputs: InputMerger,
     metrics: &OperatorMetrics,
+    flush_interval: Duration,
 ) -> Result<(), OperatorError> {
     sink.start().await?;
+    // Written but not yet flushed: the timer flushes only then, so an idle sink does no
+    // work, and a closed window reaches its file within one interval.
+    let mut unflushed = false;
+    let mut flush_at = tokio::time::Instant::now() + flush_interval;
     loop {
-        match inputs.next().await {
+        let event = if unflushed {
+            tokio::select! {
+                event = inputs.next() => event,
+                () = tokio::time::sleep_until(flush_at) => {
+                    sink.flush().await?;
+                    unflushed = false;
+                    continue;
+                }
+            }
+        } else {
+            inputs.next().await
+        };
+        match event {
             InputEvent::Batch(input, batch) => {
                 metrics.rows_in.inc_by(batch.num_rows() as u64);
                 metrics.batches_in.inc();
                 let started = Instant::now();
                 sink.write(input, batch).await?;
                 metrics.processing.observe(started.elapsed().as_secs_f64());
+                if !unflushed {
+                    unflushed = true;
+                    flush_at = tokio::time::Instant::now() + flush_interval;
+                }
             }
             InputEvent::Watermark(watermark) => {
                 metrics.watermark.set(watermark.millis());

@@ -23,7 +23,10 @@ pub mod time;
 
 pub use error::{OperatorError, PipelineError};
 pub use message::{Message, Watermark};
-pub use operator::{Collector, OperatorInstance, Sink, Source, SourceContext, Transform};
+pub use operator::{
+    Collector, FUTURE_EVENT_TIME, OperatorInstance, RejectEncoder, Sink, Source, SourceContext,
+    Transform,
+};
 pub use registry::{OperatorFactory, PlannedOperator, Registry, Role};
 
 /// Re-exported so every crate names Arrow through the engine's single version.

@@ -62,6 +62,14 @@ pub trait Transform: Send {
         Ok(())
     }
 
+    /// The watermark to forward downstream once `watermark` has been handled. An
+    /// operator whose output carries earlier event times than its input (a window's
+    /// results, stamped with the window's start) holds it back to the earliest event
+    /// time it may still emit, so its output is never late downstream.
+    fn output_watermark(&self, watermark: Watermark) -> Watermark {
+        watermark
+    }
+
     /// Every input has ended (after the final watermark). Emit what is left.
     async fn on_close(&mut self, _out: &mut Collector) -> Result<(), OperatorError> {
         Ok(())
@@ -95,6 +103,15 @@ pub trait Sink: Send {
     async fn close(&mut self) -> Result<(), OperatorError> {
         self.flush().await
     }
+}
+
+/// Milliseconds since the Unix epoch by the wall clock.
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        })
 }
 
 /// What a transform emits while handling one message. The engine forwards it afterwards.
@@ -143,12 +160,23 @@ impl Collector {
     }
 }
 
+/// Turns rows a source emitted but the engine rejected (their event time is too far in
+/// the future) into rows of the source's dead-letter port, given why.
+pub type RejectEncoder =
+    Box<dyn Fn(&RecordBatch, &str) -> Result<RecordBatch, arrow::error::ArrowError> + Send + Sync>;
+
+/// The reason under which rows further than `max_future` ahead are counted.
+pub const FUTURE_EVENT_TIME: &str = "future_event_time";
+
 /// A source's handle on the pipeline: where it sends batches, and how it learns to stop.
 pub struct SourceContext {
     pub(crate) outputs: OutputPorts,
     pub(crate) watermarks: Option<WatermarkGenerator>,
     pub(crate) cancel: CancellationToken,
     pub(crate) metrics: OperatorMetrics,
+    pub(crate) rejects: Option<(usize, RejectEncoder)>,
+    pub(crate) max_future: Option<std::time::Duration>,
+    pub(crate) future_logged: bool,
 }
 
 impl SourceContext {
@@ -161,19 +189,67 @@ impl SourceContext {
     }
 
     /// Sends a batch on output port number `port` (0 is the main output).
+    ///
+    /// On the main port of a source with an event-time column, rows further than
+    /// `max_future` ahead of the wall clock are taken out (see
+    /// [`SourceContext::set_rejects`]), and watermarks are sent before and after the
+    /// rows so that each row meets the watermark its predecessors imply.
     pub async fn emit_to(&mut self, port: usize, batch: RecordBatch) -> Result<(), OperatorError> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let watermark = match (&mut self.watermarks, port) {
-            (Some(generator), MAIN_PORT) => generator.observe(&batch),
-            _ => None,
+        let observed = match (&mut self.watermarks, port) {
+            (Some(generator), MAIN_PORT) => generator.observe(batch, wall_clock_ms()),
+            _ => return self.outputs.send_batch(port, batch, &self.metrics).await,
         };
-        self.outputs.send_batch(port, batch, &self.metrics).await?;
-        if let Some(watermark) = watermark {
+        if let Some(future) = observed.future {
+            self.reject_future(future).await?;
+        }
+        for (watermark, run) in observed.runs {
+            if let Some(watermark) = watermark {
+                self.outputs.send_watermark(watermark).await?;
+            }
+            self.outputs.send_batch(port, run, &self.metrics).await?;
+        }
+        if let Some(watermark) = observed.after {
             self.outputs.send_watermark(watermark).await?;
         }
         Ok(())
+    }
+
+    /// Says where rows rejected for their event time go: port number `port`, encoded
+    /// by `encoder`. Without this they are counted and dropped.
+    pub fn set_rejects(&mut self, port: usize, encoder: RejectEncoder) {
+        self.rejects = Some((port, encoder));
+    }
+
+    async fn reject_future(&mut self, rows: RecordBatch) -> Result<(), OperatorError> {
+        let count = rows.num_rows() as u64;
+        self.metrics.rejected(FUTURE_EVENT_TIME, count);
+        let max_future = self.max_future.unwrap_or_default();
+        let reason = format!(
+            "event time is more than {max_future:?} ahead of the wall clock (event_time.max_future)"
+        );
+        if !self.future_logged {
+            tracing::warn!(
+                rows = count,
+                "rejected rows whose {reason}; further rejects are counted in weir_operator_rejected_rows_total{{reason=\"{FUTURE_EVENT_TIME}\"}}"
+            );
+            self.future_logged = true;
+        }
+        let encoded = match &self.rejects {
+            Some((port, encoder)) if self.outputs.is_wired(*port) => {
+                Some((*port, encoder(&rows, &reason)?))
+            }
+            _ => None,
+        };
+        match encoded {
+            Some((port, batch)) => self.outputs.send_batch(port, batch, &self.metrics).await,
+            None => {
+                self.metrics.dropped(FUTURE_EVENT_TIME, count);
+                Ok(())
+            }
+        }
     }
 
     /// Resolves when the pipeline is shutting down; the source should then return.

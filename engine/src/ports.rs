@@ -5,16 +5,23 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use arrow::array::{Array, AsArray, BooleanArray, Int64Array};
+use arrow::compute::kernels::boolean::not;
+use arrow::compute::{filter, filter_record_batch, prep_null_mask_filter};
+use arrow::datatypes::Int64Type;
+use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use prometheus::IntGauge;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::error::OperatorError;
 use crate::message::{Message, Watermark};
 use crate::metrics::OperatorMetrics;
 use crate::observe::StreamView;
-use crate::time::{duration_ms, max_event_time_ms};
+use crate::time::{EventTimeSpec, duration_ms, event_times_ms};
 
 /// Rows sent to a main port that nothing consumes are counted under this reason.
 const UNCONSUMED: &str = "unconsumed";
@@ -134,37 +141,131 @@ impl Drop for OutputPorts {
 
 /// Derives a source's watermarks from its event-time column: the greatest event time
 /// seen so far minus the allowed out-of-orderness.
+///
+/// Lateness downstream is judged against the watermark a row meets, so a watermark
+/// only after each batch would make results depend on how rows were cut into batches:
+/// rows of one batch would never be late to each other. The generator therefore cuts a
+/// batch before every row that is behind the watermark its predecessors imply, and
+/// sends that watermark first. A row at or ahead of the watermark cannot be late in any
+/// window (its window ends after it), so only those rows need a cut, and every row
+/// meets exactly the watermark it would meet if each row were its own batch. In-order
+/// input is never cut.
 pub(crate) struct WatermarkGenerator {
     column: usize,
     max_out_of_order_ms: i64,
+    max_future_ms: Option<i64>,
     max_seen: Option<i64>,
     emitted: Watermark,
 }
 
+/// A batch as the generator sends it: runs of rows, each after the watermark it must
+/// follow, then the watermark that covers the whole batch.
+#[derive(Debug, Default)]
+pub(crate) struct Observed {
+    /// Rows in arrival order, each run preceded by a watermark to send before it.
+    pub(crate) runs: Vec<(Option<Watermark>, RecordBatch)>,
+    /// The watermark to send after the last run.
+    pub(crate) after: Option<Watermark>,
+    /// Rows whose event time is further than `max_future` past the wall clock.
+    pub(crate) future: Option<RecordBatch>,
+}
+
 impl WatermarkGenerator {
-    pub(crate) fn new(column: usize, max_out_of_order: std::time::Duration) -> Self {
+    pub(crate) fn new(spec: &EventTimeSpec, column: usize) -> Self {
         WatermarkGenerator {
             column,
-            max_out_of_order_ms: duration_ms(max_out_of_order),
+            max_out_of_order_ms: duration_ms(spec.max_out_of_order),
+            max_future_ms: spec.max_future.map(duration_ms),
             max_seen: None,
             emitted: Watermark::START,
         }
     }
 
-    /// Looks at a batch about to be sent; returns the watermark to send after it, if
-    /// event time moved forward.
-    pub(crate) fn observe(&mut self, batch: &RecordBatch) -> Option<Watermark> {
-        let newest = max_event_time_ms(batch.columns().get(self.column)?)?;
-        if self.max_seen.is_some_and(|seen| seen >= newest) {
-            return None;
+    /// Looks at a batch about to be sent, with the wall clock at `now_ms`, and says
+    /// how to send it.
+    pub(crate) fn observe(&mut self, batch: RecordBatch, now_ms: i64) -> Observed {
+        let Some(times) = batch.columns().get(self.column).and_then(event_times_ms) else {
+            return Observed {
+                runs: vec![(None, batch)],
+                ..Observed::default()
+            };
+        };
+        let (batch, times, future) = match self.max_future_ms {
+            Some(max_future) => {
+                let limit = now_ms.saturating_add(max_future);
+                match split_future(&batch, &times, limit) {
+                    Ok(split) => split,
+                    // The kernels fail only on arrays of different lengths, which one
+                    // batch cannot hold; keep every row rather than lose one.
+                    Err(_) => (batch, times, None),
+                }
+            }
+            None => (batch, times, None),
+        };
+        let mut runs = Vec::new();
+        let mut run_start = 0;
+        let mut pending = None;
+        for (row, time) in times.iter().enumerate() {
+            let Some(time) = time else { continue };
+            if let Some(seen) = self.max_seen {
+                let before = Watermark(seen.saturating_sub(self.max_out_of_order_ms));
+                if time < before.millis() && before > self.emitted {
+                    if row > run_start {
+                        runs.push((pending.take(), batch.slice(run_start, row - run_start)));
+                    }
+                    run_start = row;
+                    pending = Some(before);
+                    self.emitted = before;
+                }
+            }
+            if self.max_seen.is_none_or(|seen| time > seen) {
+                self.max_seen = Some(time);
+            }
         }
-        self.max_seen = Some(newest);
-        let watermark = Watermark(newest.saturating_sub(self.max_out_of_order_ms));
-        (watermark > self.emitted).then(|| {
-            self.emitted = watermark;
-            watermark
-        })
+        if batch.num_rows() > run_start || pending.is_some() {
+            runs.push((
+                pending,
+                batch.slice(run_start, batch.num_rows() - run_start),
+            ));
+        }
+        let after = self.max_seen.and_then(|seen| {
+            let watermark = Watermark(seen.saturating_sub(self.max_out_of_order_ms));
+            (watermark > self.emitted).then(|| {
+                self.emitted = watermark;
+                watermark
+            })
+        });
+        Observed {
+            runs,
+            after,
+            future,
+        }
     }
+}
+
+/// Splits off the rows of `batch` whose event time is past `limit`. Rows without an
+/// event time stay.
+fn split_future(
+    batch: &RecordBatch,
+    times: &Int64Array,
+    limit: i64,
+) -> Result<(RecordBatch, Int64Array, Option<RecordBatch>), ArrowError> {
+    let ahead = BooleanArray::from_unary(times, |t| t > limit);
+    // Rows without an event time are not ahead: their null becomes false.
+    let ahead = match ahead.nulls() {
+        Some(_) => prep_null_mask_filter(&ahead),
+        None => ahead,
+    };
+    if ahead.true_count() == 0 {
+        return Ok((batch.clone(), times.clone(), None));
+    }
+    let keep = not(&ahead)?;
+    let kept_times = filter(times, &keep)?.as_primitive::<Int64Type>().clone();
+    Ok((
+        filter_record_batch(batch, &keep)?,
+        kept_times,
+        Some(filter_record_batch(batch, &ahead)?),
+    ))
 }
 
 /// What an operator receives next from its merged inputs.
@@ -184,20 +285,54 @@ pub(crate) struct InputChannel {
     pub(crate) depth: IntGauge,
     watermark: Watermark,
     ended: bool,
+    /// The producer's `event_time.idle_timeout`, for channels straight from a source.
+    idle_timeout: Option<Duration>,
+    last_batch: Instant,
 }
 
 impl InputChannel {
-    pub(crate) fn new(receiver: mpsc::Receiver<Message>, depth: IntGauge) -> Self {
+    pub(crate) fn new(
+        receiver: mpsc::Receiver<Message>,
+        depth: IntGauge,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
         InputChannel {
             receiver,
             depth,
             watermark: Watermark::START,
             ended: false,
+            idle_timeout,
+            last_batch: Instant::now(),
         }
+    }
+
+    /// How long the input has been idle at `now`, if it has been quiet for longer than
+    /// its idle timeout.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        let quiet = now.saturating_duration_since(self.last_batch);
+        self.idle_timeout
+            .filter(|timeout| !self.ended && quiet >= *timeout)
+            .map(|_| quiet)
+    }
+
+    /// When the merger must look at this input again without a message: when it turns
+    /// idle, and then regularly while its watermark advances on the wall clock.
+    fn next_idle_check(&self, now: Instant) -> Option<Instant> {
+        let timeout = self.idle_timeout.filter(|_| !self.ended)?;
+        Some(match self.idle_for(now) {
+            None => self.last_batch + timeout,
+            Some(_) => now + (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        })
     }
 }
 
 /// Fans several inputs into one sequence of events, taking the minimum watermark.
+///
+/// An input straight from a source with `event_time.idle_timeout` that has sent no
+/// rows for that long is idle: it stops holding the others back (the minimum is taken
+/// over the inputs that are not idle), and when every open input is idle the watermark
+/// advances with the wall clock from each one's last watermark, as if event time went
+/// on passing while nothing was said.
 pub(crate) struct InputMerger {
     inputs: Vec<InputChannel>,
     open: usize,
@@ -222,36 +357,79 @@ impl InputMerger {
             if self.open == 0 {
                 return InputEvent::End;
             }
-            let (index, message) = poll_fn(|cx| self.poll_any(cx)).await;
-            match message {
-                Some(Message::Batch(batch)) => return InputEvent::Batch(index, batch),
-                Some(Message::Watermark(watermark)) => {
-                    let input = &mut self.inputs[index];
-                    input.watermark = input.watermark.max(watermark);
-                }
-                // A channel that closes without an end-of-stream belongs to a producer
-                // that failed; the supervisor reports that, and here it ends the input.
-                Some(Message::EndOfStream) | None => {
-                    let input = &mut self.inputs[index];
-                    input.ended = true;
-                    input.watermark = Watermark::END;
-                    input.depth.set(0);
-                    self.open -= 1;
-                    if self.open == 0 {
-                        return InputEvent::End;
+            let check = self
+                .inputs
+                .iter()
+                .filter_map(|input| input.next_idle_check(Instant::now()))
+                .min();
+            let polled = match check {
+                None => Some(poll_fn(|cx| self.poll_any(cx)).await),
+                Some(at) => tokio::select! {
+                    biased;
+                    polled = poll_fn(|cx| self.poll_any(cx)) => Some(polled),
+                    () = tokio::time::sleep_until(at) => None,
+                },
+            };
+            if let Some((index, message)) = polled {
+                match message {
+                    Some(Message::Batch(batch)) => {
+                        self.inputs[index].last_batch = Instant::now();
+                        return InputEvent::Batch(index, batch);
+                    }
+                    Some(Message::Watermark(watermark)) => {
+                        let input = &mut self.inputs[index];
+                        input.watermark = input.watermark.max(watermark);
+                    }
+                    // A channel that closes without an end-of-stream belongs to a producer
+                    // that failed; the supervisor reports that, and here it ends the input.
+                    Some(Message::EndOfStream) | None => {
+                        let input = &mut self.inputs[index];
+                        input.ended = true;
+                        input.watermark = Watermark::END;
+                        input.depth.set(0);
+                        self.open -= 1;
+                        if self.open == 0 {
+                            return InputEvent::End;
+                        }
                     }
                 }
             }
-            let minimum = self
-                .inputs
-                .iter()
-                .map(|input| input.watermark)
-                .min()
-                .unwrap_or(Watermark::END);
+            let minimum = self.combined(Instant::now());
             if minimum > self.current {
                 self.current = minimum;
                 return InputEvent::Watermark(minimum);
             }
+        }
+    }
+
+    /// The watermark over all inputs at `now`.
+    fn combined(&self, now: Instant) -> Watermark {
+        let mut active: Option<Watermark> = None;
+        let mut idle: Option<Watermark> = None;
+        for input in &self.inputs {
+            match input.idle_for(now) {
+                Some(quiet) => {
+                    let advanced =
+                        Watermark(input.watermark.millis().saturating_add(duration_ms(quiet)));
+                    idle = Some(idle.map_or(advanced, |other| other.min(advanced)));
+                }
+                None => {
+                    active =
+                        Some(active.map_or(input.watermark, |other| other.min(input.watermark)));
+                }
+            }
+        }
+        // Ended inputs count as active at END, so they never hold anything back; idle
+        // inputs count only when no open input is active.
+        let open_active = self
+            .inputs
+            .iter()
+            .any(|input| !input.ended && input.idle_for(now).is_none());
+        match (open_active, active, idle) {
+            (true, Some(active), _) => active,
+            (_, _, Some(idle)) => idle,
+            (_, Some(active), None) => active,
+            _ => Watermark::END,
         }
     }
 

@@ -156,6 +156,12 @@ pub trait PlannedOperator: Send {
     /// The output ports, main port first. Empty for sinks.
     fn outputs(&self) -> Vec<OutputSpec>;
 
+    /// What a user should know about how the node will run, e.g. that a window keeps
+    /// every row rather than aggregates. `weir validate` prints these.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Builds the running operator, with its metric series. May open files or sockets.
     fn instantiate(
         self: Box<Self>,

@@ -13,13 +13,22 @@ use arrow::datatypes::{
     TimestampNanosecondType, TimestampSecondType,
 };
 
-/// A stream's event-time column and how far out of order its rows may arrive.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A stream's event-time column, how far out of order its rows may arrive, and how its
+/// watermark treats rows from the future and quiet periods.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EventTimeSpec {
     /// The column holding each row's event time. It must be a timestamp column.
     pub column: String,
     /// How far behind the newest event time a row may still arrive without being late.
     pub max_out_of_order: Duration,
+    /// How far past the wall clock a row's event time may be. Rows further ahead are
+    /// rejected (counted, and sent to the source's `dead_letter` port when it has one)
+    /// and never move the watermark. `None` accepts any time.
+    pub max_future: Option<Duration>,
+    /// After this long without a row, the source stops holding the watermark back: its
+    /// watermark advances with the wall clock from the last one, so the last window
+    /// closes without a later reading. `None` waits for data forever.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// How a windowed operator groups rows by event time.

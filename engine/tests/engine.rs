@@ -59,6 +59,7 @@ fn event_time() -> Option<EventTimeSpec> {
     Some(EventTimeSpec {
         column: "ts".into(),
         max_out_of_order: Duration::ZERO,
+        ..EventTimeSpec::default()
     })
 }
 
@@ -531,4 +532,258 @@ async fn a_tap_ends_when_its_node_panics() {
     // No end of stream was sent, yet the tap ends rather than wait forever.
     assert_eq!(tap.next().await, None);
     assert!(view.has_ended());
+}
+
+// ---- event time: row-exact watermarks, max_future, idleness, flushing -----------------
+
+/// Emits its batches, then says nothing more until the pipeline stops; optionally
+/// waits `every` between batches.
+struct QuietSource {
+    batches: Vec<RecordBatch>,
+    every: Duration,
+}
+
+#[async_trait]
+impl Source for QuietSource {
+    async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        for batch in &self.batches {
+            ctx.emit(batch.clone()).await?;
+            tokio::time::sleep(self.every).await;
+        }
+        ctx.cancelled().await;
+        Ok(())
+    }
+}
+
+fn quiet(batches: Vec<RecordBatch>, every: Duration) -> OperatorInstance {
+    OperatorInstance::Source(Box::new(QuietSource { batches, every }))
+}
+
+fn idle_after(timeout: Duration) -> Option<EventTimeSpec> {
+    Some(EventTimeSpec {
+        idle_timeout: Some(timeout),
+        ..event_time().unwrap()
+    })
+}
+
+/// Runs `builder` until `done` holds of what the sink `seen` has recorded (or 10 min of
+/// paused time pass), then shuts it down.
+async fn run_until(
+    builder: PipelineBuilder,
+    seen: &Arc<Mutex<Vec<Seen>>>,
+    done: impl Fn(&[Seen]) -> bool,
+) -> bool {
+    let (_, metrics) = metrics();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(builder.build(&metrics).unwrap().run(shutdown.clone()));
+    let mut reached = false;
+    for _ in 0..6000 {
+        if done(&seen.lock().unwrap()) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    reached
+}
+
+fn watermarks_of(seen: &[Seen]) -> Vec<i64> {
+    seen.iter()
+        .filter_map(|s| match s {
+            Seen::Watermark(w) if *w != Watermark::END => Some(w.millis()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_row_behind_the_watermark_meets_it_whatever_the_batch() {
+    let mut builder = PipelineBuilder::new("row-exact");
+    let (src, _) = source(vec![batch(&[100, 300, 50, 400, 200]), batch(&[500, 600])]);
+    builder.add_node("src", src, main_port(), vec![], event_time());
+    let (out, seen) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("src")], None);
+    let (_, metrics) = metrics();
+    builder
+        .build(&metrics)
+        .unwrap()
+        .run(CancellationToken::new())
+        .await
+        .unwrap();
+    // Each row that is behind what its predecessors imply follows that watermark, as
+    // it would if every row were its own batch; rows in order stay together.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            Seen::Batch(0, batch(&[100, 300])),
+            Seen::Watermark(Watermark(300)),
+            Seen::Batch(0, batch(&[50, 400])),
+            Seen::Watermark(Watermark(400)),
+            Seen::Batch(0, batch(&[200])),
+            Seen::Batch(0, batch(&[500, 600])),
+            Seen::Watermark(Watermark(600)),
+            Seen::Watermark(Watermark::END),
+            Seen::Closed,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn rows_past_max_future_are_rejected_counted_and_never_move_the_watermark() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let hour = 3_600_000;
+    let mut builder = PipelineBuilder::new("future");
+    let (src, _) = source(vec![batch(&[now - 5, now + 10 * hour, now])]);
+    let spec = EventTimeSpec {
+        max_future: Some(Duration::from_secs(3600)),
+        ..event_time().unwrap()
+    };
+    builder.add_node("src", src, main_port(), vec![], Some(spec));
+    let (out, seen) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("src")], None);
+    let (registry, metrics) = metrics();
+    builder
+        .build(&metrics)
+        .unwrap()
+        .run(CancellationToken::new())
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0], Seen::Batch(0, batch(&[now - 5, now])));
+    assert_eq!(watermarks_of(&seen), vec![now]);
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    for family in ["rejected", "dropped"] {
+        let line = format!(
+            "weir_operator_{family}_rows_total{{operator=\"src\",pipeline=\"future\",reason=\"future_event_time\"}} 1"
+        );
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_source_past_its_idle_timeout_advances_on_the_wall_clock() {
+    let mut builder = PipelineBuilder::new("idle");
+    let src = quiet(vec![batch(&[1000])], Duration::ZERO);
+    builder.add_node(
+        "src",
+        src,
+        main_port(),
+        vec![],
+        idle_after(Duration::from_secs(5)),
+    );
+    let (out, seen) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("src")], None);
+    let started = tokio::time::Instant::now();
+    let reached = run_until(builder, &seen, |seen| {
+        watermarks_of(seen).last().is_some_and(|w| *w >= 20_000)
+    })
+    .await;
+    assert!(reached, "{:?}", watermarks_of(&seen.lock().unwrap()));
+    let seen = seen.lock().unwrap();
+    let watermarks = watermarks_of(&seen);
+    assert_eq!(watermarks[0], 1000, "data first sets the watermark");
+    // Nothing moves before the timeout; afterwards event time passes with the clock.
+    assert!(watermarks[1] >= 6000, "{watermarks:?}");
+    assert!(started.elapsed() >= Duration::from_secs(19));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_input_of_a_fan_in_stops_holding_the_others_back() {
+    let mut builder = PipelineBuilder::new("fan-in-idle");
+    // One reading, then silence; the other input reports a second of event time
+    // every 100 ms, far ahead of the wall clock.
+    builder.add_node(
+        "quiet",
+        quiet(vec![batch(&[0])], Duration::ZERO),
+        main_port(),
+        vec![],
+        idle_after(Duration::from_secs(1)),
+    );
+    let busy: Vec<RecordBatch> = (1..=100).map(|i| batch(&[i * 1000])).collect();
+    builder.add_node(
+        "busy",
+        quiet(busy, Duration::from_millis(100)),
+        main_port(),
+        vec![],
+        idle_after(Duration::from_secs(1)),
+    );
+    let merge = OperatorInstance::Transform(Box::new(PassThrough {
+        watermarks: Arc::new(Mutex::new(Vec::new())),
+        closed: Arc::new(AtomicUsize::new(0)),
+        fail_on_batch: false,
+    }));
+    builder.add_node(
+        "merge",
+        merge,
+        main_port(),
+        vec![input("quiet"), input("busy")],
+        None,
+    );
+    let (out, seen) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("merge")], None);
+    let started = tokio::time::Instant::now();
+    let reached = run_until(builder, &seen, |seen| {
+        watermarks_of(seen).last().is_some_and(|w| *w >= 50_000)
+    })
+    .await;
+    assert!(reached, "{:?}", watermarks_of(&seen.lock().unwrap()));
+    // The busy input got there in about 5 s: the quiet one's wall clock alone would
+    // have needed 50 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Counts its flushes.
+struct FlushCounting {
+    flushes: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Sink for FlushCounting {
+    async fn write(&mut self, _input: usize, _batch: RecordBatch) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), OperatorError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn sinks_are_flushed_on_a_timer_while_they_have_unflushed_writes() {
+    let mut builder = PipelineBuilder::new("flushing");
+    builder.add_node(
+        "src",
+        quiet(vec![batch(&[1]), batch(&[2])], Duration::from_millis(2500)),
+        main_port(),
+        vec![],
+        None,
+    );
+    let flushes = Arc::new(AtomicUsize::new(0));
+    let out = OperatorInstance::Sink(Box::new(FlushCounting {
+        flushes: flushes.clone(),
+    }));
+    builder.add_node("out", out, vec![], vec![input("src")], None);
+    builder.flush_interval("out", Duration::from_secs(1));
+    let (_, metrics) = metrics();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(builder.build(&metrics).unwrap().run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // One flush a second after each write, none while nothing new was written.
+    assert_eq!(flushes.load(Ordering::SeqCst), 2);
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    // And the close flushes once more.
+    assert_eq!(flushes.load(Ordering::SeqCst), 3);
 }

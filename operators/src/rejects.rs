@@ -6,9 +6,13 @@
 use std::fmt::Display;
 use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array, new_null_array};
+use arrow::datatypes::{DataType, SchemaRef};
 use tokio::time::Instant;
 use tracing::warn;
+use weir_engine::RejectEncoder;
 use weir_engine::registry::{MAIN_PORT_NAME, OutputSpec, StreamInfo};
 
 /// The name of the port that carries malformed input.
@@ -47,6 +51,41 @@ pub fn outputs_with_dead_letter(
             unwired_drop_reason: Some(UNWIRED_REASON),
         },
     ]
+}
+
+/// Encodes rows that the engine rejected for their event time (`event_time.max_future`)
+/// as rows of a source's dead-letter port: `error` says why, the text column (`raw` or
+/// `payload`) holds the row as a JSON object, and any other column is left empty, as
+/// the row no longer knows the line or message it came from.
+pub fn rows_as_dead_letters(dead_letter: SchemaRef) -> RejectEncoder {
+    Box::new(move |rows: &RecordBatch, reason: &str| {
+        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+        writer.write(rows)?;
+        writer.finish()?;
+        let text = String::from_utf8_lossy(&writer.into_inner()).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        let count = rows.num_rows();
+        let columns: Vec<ArrayRef> = dead_letter
+            .fields()
+            .iter()
+            .map(|field| -> ArrayRef {
+                match (field.name().as_str(), field.data_type()) {
+                    ("error", _) => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                        reason, count,
+                    ))),
+                    ("raw" | "payload", _) => Arc::new(StringArray::from_iter_values(
+                        (0..count).map(|row| lines.get(row).copied().unwrap_or_default()),
+                    )),
+                    (_, DataType::UInt64) => Arc::new(UInt64Array::from(vec![0; count])),
+                    _ if field.is_nullable() => new_null_array(field.data_type(), count),
+                    _ => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                        "", count,
+                    ))),
+                }
+            })
+            .collect();
+        RecordBatch::try_new(Arc::clone(&dead_letter), columns)
+    })
 }
 
 /// Logs rejected input without flooding the log.

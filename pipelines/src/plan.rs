@@ -44,6 +44,7 @@ pub struct PlannedNode {
     outputs: Vec<OutputSpec>,
     event_time: Option<EventTimeSpec>,
     retain: Option<RetainSpec>,
+    flush_interval: Option<std::time::Duration>,
     operator: Box<dyn PlannedOperator>,
 }
 
@@ -51,6 +52,12 @@ impl PlannedNode {
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// What the node's operator says about how it will run (see
+    /// [`PlannedOperator::notes`]).
+    pub fn notes(&self) -> Vec<String> {
+        self.operator.notes()
     }
 
     /// The section the node was declared in.
@@ -167,6 +174,9 @@ impl ValidatedPipeline {
             if let Some(spec) = node.retain {
                 builder.retain(&node.name, spec);
             }
+            if let Some(interval) = node.flush_interval {
+                builder.flush_interval(&node.name, interval);
+            }
             builder.add_node(
                 node.name,
                 instance,
@@ -184,7 +194,7 @@ enum State {
     /// Not planned: its declaration, kind or wiring has a problem, or an upstream failed.
     Skipped,
     /// Planned, with its outputs.
-    Planned(PlannedNode),
+    Planned(Box<PlannedNode>),
 }
 
 /// Validates `document` against `registry`, collecting every problem into `errors`.
@@ -245,7 +255,7 @@ pub(crate) fn check(
     let mut planned = Vec::with_capacity(order.len());
     for i in order {
         match states[i].take() {
-            Some(State::Planned(node)) => planned.push(node),
+            Some(State::Planned(node)) => planned.push(*node),
             // Without errors every node is planned; this guards the invariant anyway.
             _ => {
                 errors.push(ConfigError::new(
@@ -697,12 +707,13 @@ fn plan_node(
                 event_time = main.stream.event_time.clone().map(|column| EventTimeSpec {
                     column,
                     max_out_of_order: std::time::Duration::ZERO,
+                    ..EventTimeSpec::default()
                 });
             }
         }
     }
 
-    State::Planned(PlannedNode {
+    State::Planned(Box::new(PlannedNode {
         name: node.name.clone(),
         role: node.role,
         kind: node.kind.clone(),
@@ -710,8 +721,9 @@ fn plan_node(
         outputs,
         event_time,
         retain: node.retain,
+        flush_interval: node.flush_interval,
         operator,
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub const VERSION: u32 = 1;
 const TOP_FIELDS: &[&str] = &["version", "name", "sources", "transforms", "sinks"];
 const SOURCE_FIELDS: &[&str] = &["kind", "config", "schema", "event_time", "retain"];
 const TRANSFORM_FIELDS: &[&str] = &["kind", "inputs", "window", "schema", "config", "retain"];
-const SINK_FIELDS: &[&str] = &["kind", "inputs", "config"];
+const SINK_FIELDS: &[&str] = &["kind", "inputs", "config", "flush_interval"];
 const ROLES: [Role; 3] = [Role::Source, Role::Transform, Role::Sink];
 
 /// A pipeline document whose shape is valid. Kinds, wiring and operator configs are
@@ -79,6 +79,9 @@ pub struct NodeSpec {
     pub window: Option<WindowSpec>,
     /// How much of the node's output to keep for queries (sources and transforms).
     pub retain: Option<RetainSpec>,
+    /// How often the engine flushes the sink while it has unflushed writes (sinks only;
+    /// the engine's default of 1 s when absent).
+    pub flush_interval: Option<Duration>,
     /// Where the node's name was written.
     pub location: Location,
     /// Where the kind was written.
@@ -348,6 +351,13 @@ struct EventTimeYaml {
     /// How far out of order rows may arrive; 0s when absent.
     #[serde(default)]
     max_out_of_order: Option<HumanDuration>,
+    /// How far past the wall clock an event time may be; any when absent.
+    #[serde(default)]
+    max_future: Option<HumanDuration>,
+    /// How long without data before the watermark advances on the wall clock; never
+    /// when absent.
+    #[serde(default)]
+    idle_timeout: Option<HumanDuration>,
 }
 
 /// How a transform declares its window.
@@ -447,6 +457,7 @@ fn parse_node(
         event_time: None,
         window: None,
         retain: None,
+        flush_interval: None,
         location: key.location,
         kind_location: key.location,
         event_time_location: key.location,
@@ -516,6 +527,8 @@ fn parse_node(
                             max_out_of_order: declared
                                 .max_out_of_order
                                 .map_or(Duration::ZERO, Duration::from),
+                            max_future: declared.max_future.map(Duration::from),
+                            idle_timeout: declared.idle_timeout.map(Duration::from),
                         });
                         node.event_time_location =
                             value.get("column").map_or(value.location, |v| v.location);
@@ -527,7 +540,25 @@ fn parse_node(
             ("retain", Role::Source | Role::Transform) => {
                 node.retain = parse_retain(&value, &field_path, errors);
             }
-            (name @ ("inputs" | "schema" | "event_time" | "window" | "retain"), _) => {
+            ("flush_interval", Role::Sink) => {
+                match value.deserialize_into::<HumanDuration>(&field_path) {
+                    Ok(interval) if Duration::from(interval).is_zero() => errors.push(
+                        ConfigError::new(
+                            &field_path,
+                            value.location,
+                            "a sink's flush_interval must be longer than zero",
+                        )
+                        .with_hint("e.g. flush_interval: 1s"),
+                    ),
+                    Ok(interval) => node.flush_interval = Some(interval.into()),
+                    Err(error) => errors.push(error),
+                }
+            }
+            (
+                name
+                @ ("inputs" | "schema" | "event_time" | "window" | "retain" | "flush_interval"),
+                _,
+            ) => {
                 errors.push(misplaced(role, name, &field_path, field.location));
             }
             (name, _) => errors.push(
@@ -577,6 +608,7 @@ fn misplaced(role: Role, field: &str, path: &str, location: Location) -> ConfigE
         "schema" => SCHEMA_HINT,
         "event_time" => "only sources declare event time; it flows downstream with the data",
         "retain" => "a sink emits no stream to keep; retain the node it reads from",
+        "flush_interval" => "only sinks are flushed; set it on the sink that writes",
         _ => "windows belong on the transform that aggregates",
     };
     ConfigError::new(

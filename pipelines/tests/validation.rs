@@ -488,6 +488,7 @@ fn a_valid_pipeline_plans_every_node_in_order() {
         Some(&EventTimeSpec {
             column: "ts".into(),
             max_out_of_order: Duration::from_secs(5),
+            ..EventTimeSpec::default()
         })
     );
     assert_eq!(
@@ -869,6 +870,7 @@ fn an_operator_named_event_time_column_is_kept() {
         Some(&EventTimeSpec {
             column: "ts".into(),
             max_out_of_order: Duration::ZERO,
+            ..EventTimeSpec::default()
         })
     );
     // Downstream sees it too.
@@ -1259,4 +1261,45 @@ fn a_sink_cannot_be_retained() {
         "a sink takes no 'retain'",
         Some("a sink emits no stream to keep; retain the node it reads from"),
     );
+}
+
+#[test]
+fn event_time_takes_max_future_and_idle_timeout() {
+    let pipeline = valid(&with(
+        "max_out_of_order: 5s}",
+        "max_out_of_order: 5s, max_future: 1h, idle_timeout: 30s}",
+    ));
+    assert_eq!(
+        pipeline.nodes()[0].event_time(),
+        Some(&EventTimeSpec {
+            column: "ts".into(),
+            max_out_of_order: Duration::from_secs(5),
+            max_future: Some(Duration::from_secs(3600)),
+            idle_timeout: Some(Duration::from_secs(30)),
+        })
+    );
+}
+
+#[test]
+fn flush_interval_belongs_to_sinks_and_is_more_than_zero() {
+    valid(&with(
+        "config: {format: table}}",
+        "config: {format: table}, flush_interval: 250ms}",
+    ));
+    let text = with(
+        "config: {format: table}}",
+        "config: {format: table}, flush_interval: 0s}",
+    );
+    let found = only(&text);
+    assert_eq!(found.path, "sinks.out.flush_interval");
+    assert_eq!(
+        found.message,
+        "a sink's flush_interval must be longer than zero"
+    );
+    let text = with(
+        "    inputs: [sensors]\n",
+        "    inputs: [sensors]\n    flush_interval: 1s\n",
+    );
+    let found = only(&text);
+    assert_eq!(found.message, "a transform takes no 'flush_interval'");
 }

@@ -42,6 +42,43 @@ fn validate_accepts_a_good_file_and_exits_zero() {
 }
 
 #[test]
+fn validate_notes_a_window_that_keeps_its_rows() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = write(
+        &dir,
+        "rows.yaml",
+        "version: 1
+name: rows
+sources:
+  s:
+    kind: generator
+    config: {devices: 2, count: 10}
+transforms:
+  every_row:
+    kind: sql
+    inputs: [s]
+    window: {tumbling: 1m}
+    config: {query: SELECT * FROM s}
+  averaged:
+    kind: sql
+    inputs: [s]
+    window: {tumbling: 1m}
+    config: {query: \"SELECT device, avg(value) AS v FROM s GROUP BY device\"}
+sinks:
+  out: {kind: stdout, inputs: [every_row, averaged]}
+",
+    );
+    let output = run(&["validate", file.to_str().unwrap()]);
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("note: every_row: its windows keep every row until they close"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("note: averaged"), "{stdout}");
+}
+
+#[test]
 fn validate_reports_every_problem_with_file_line_and_column_and_exits_78() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let file = write(&dir, "broken.yaml", BROKEN);

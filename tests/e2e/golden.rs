@@ -6,34 +6,48 @@ use std::path::Path;
 
 use crate::support::{read_json_lines, repo, text, weir};
 
+/// The batch sizes every case runs at: one row per batch (a watermark after every row),
+/// a size that cuts windows at odd places, and the whole input in one batch. Lateness is
+/// judged row by row, so all three must give the same output.
+const BATCH_SIZES: [&str; 3] = ["1", "7", "8192"];
+
 fn check_case(case: &str) {
+    for batch_rows in BATCH_SIZES {
+        check_case_at(case, batch_rows);
+    }
+}
+
+fn check_case_at(case: &str, batch_rows: &str) {
     let dir = repo().join("tests/golden").join(case);
     let out = tempfile::tempdir().expect("a temp dir");
     let output = weir()
         .args(["run", "--no-metrics"])
         .arg(dir.join("pipeline.yaml"))
         .env("GOLDEN_OUT", out.path())
+        .env("GOLDEN_BATCH_ROWS", batch_rows)
         .output()
         .expect("weir runs");
     let (stdout, stderr) = text(&output);
     assert_eq!(
         output.status.code(),
         Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+        "batch_rows {batch_rows}: stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     compare(
         &out.path().join("output.jsonl"),
         &dir.join("expected.jsonl"),
+        batch_rows,
     );
     if dir.join("expected_late.jsonl").exists() {
         compare(
             &out.path().join("late.jsonl"),
             &dir.join("expected_late.jsonl"),
+            batch_rows,
         );
     }
 }
 
-fn compare(actual: &Path, expected: &Path) {
+fn compare(actual: &Path, expected: &Path, batch_rows: &str) {
     // A case with its own generator has an expected output computed independently of
     // Weir; blessing would replace that oracle with Weir's own answer.
     let independent = expected
@@ -48,7 +62,7 @@ fn compare(actual: &Path, expected: &Path) {
     assert_eq!(
         actual_rows,
         expected_rows,
-        "{} differs from {}",
+        "at batch_rows {batch_rows}, {} differs from {}",
         actual.display(),
         expected.display()
     );
@@ -77,6 +91,11 @@ fn golden_hopping_windows_overlap() {
 #[test]
 fn golden_empty_windows_emit_nothing() {
     check_case("empty_windows");
+}
+
+#[test]
+fn golden_rows_that_jump_back_are_late_row_by_row_at_any_batch_size() {
+    check_case("late_mixed");
 }
 
 #[test]

@@ -227,3 +227,67 @@ async fn mqtt_alerts_example_republishes_only_hot_readings() {
     assert_eq!(weir.wait_exit(Duration::from_secs(20)), Some(0));
     assert_eq!(alerts.messages().len(), 2, "nothing else was published");
 }
+
+/// A quiet MQTT source publishes its last window without a later reading: after the
+/// source's `idle_timeout` its watermark advances with the wall clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_mqtt_source_closes_its_last_window_after_its_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let windows: Subscriber = broker.subscribe("quiet/+/window", 1, None);
+    let pipeline = dir.path().join("quiet.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"version: 1
+name: quiet
+sources:
+  readings:
+    kind: mqtt
+    schema: {{device: utf8, ts: timestamp_ms, temperature: float64}}
+    event_time: {{column: ts, max_out_of_order: 1s, idle_timeout: 2s}}
+    config: {{url: "{}", topics: ["quiet/+/telemetry"], topic_pattern: "quiet/{{device}}/telemetry", qos: 1}}
+transforms:
+  per_device:
+    kind: sql
+    inputs: [readings]
+    window: {{tumbling: 10s}}
+    config: {{query: "SELECT device, count(*) AS n FROM readings GROUP BY device"}}
+sinks:
+  windows:
+    kind: mqtt
+    inputs: [per_device]
+    config: {{url: "{}", topic: "quiet/{{device}}/window", qos: 1, timestamps: epoch_ms}}
+"#,
+            broker.url(),
+            broker.url()
+        ),
+    )
+    .unwrap();
+    let mut weir = Running::start(&["run", "--no-metrics", pipeline.to_str().unwrap()], &[]);
+    weir.wait_for_log("mqtt subscribed to", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("never subscribed: {:?}", weir.stderr_seen));
+    // 20 readings inside [30 s, 40 s), then silence: the watermark stops at 38.5 s.
+    let payloads: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                r#"{{"ts": {}, "temperature": 20}}"#,
+                START_MS + 30_000 + i * 500
+            )
+        })
+        .collect();
+    let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    broker.publish("quiet/dev-1/telemetry", &payloads, 1).await;
+    // Without idleness nothing would come before shutdown; with it, the window closes
+    // about 2 s after the last reading.
+    let received = parse(&windows.wait_for(1).await);
+    let row = &received[0].1;
+    assert_eq!(row["window_start"].as_i64(), Some(START_MS + 30_000));
+    assert_eq!(row["n"].as_i64(), Some(20), "{row}");
+    assert!(
+        weir.child.try_wait().unwrap().is_none(),
+        "weir is still running"
+    );
+    weir.signal("TERM");
+    assert_eq!(weir.wait_exit(Duration::from_secs(20)), Some(0));
+}

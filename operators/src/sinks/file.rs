@@ -34,7 +34,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::Deserialize;
 use tracing::debug;
-use weir_engine::config::ConfigErrors;
+use weir_engine::config::{ConfigErrors, HumanDuration, HumanSize};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
 use weir_engine::{OperatorError, OperatorInstance, Sink};
@@ -81,6 +81,26 @@ pub struct FileSinkConfig {
     /// files beyond it are closed least recently written first and reopened to append;
     /// Parquet files cannot be reopened, so needing more fails the sink.
     pub max_open_files: Option<usize>,
+    /// Calls fsync on the files at every flush (the engine flushes every
+    /// `flush_interval`, 1 s by default, and at the end), so what was flushed survives
+    /// a power cut. Off by default: a flush then only hands the data to the OS.
+    pub fsync: Option<bool>,
+    /// Rolls a fixed path into numbered parts: `out/r.parquet` is written as
+    /// `out/r-00000.parquet`, `out/r-00001.parquet`, … Each part is written under a
+    /// hidden `.inprogress` name and renamed when it is complete (for Parquet: with its
+    /// footer), so every part that carries the final name is readable.
+    pub rotate: Option<RotateConfig>,
+}
+
+/// When a rotating file sink starts its next part; either bound, or both.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RotateConfig {
+    /// Start a new part once the current one holds this much (e.g. `64MiB`).
+    pub max_bytes: Option<HumanSize>,
+    /// Start a new part once the current one has been open this long (e.g. `5m`),
+    /// checked whenever the sink writes or flushes.
+    pub interval: Option<HumanDuration>,
 }
 
 /// The encoding of the output file.
@@ -136,6 +156,34 @@ impl OperatorFactory for FileSinkFactory {
                         .with_hint(format!("remove `{key}`, or set `format: json` or `csv`")),
                     );
                 }
+            }
+        }
+        if let Some(rotate) = &config.rotate {
+            let bytes = rotate.max_bytes.map(|size| size.0);
+            let interval = rotate.interval.map(std::time::Duration::from);
+            if bytes.is_none() && interval.is_none() {
+                errors.push(
+                    node.field_error(&["rotate"], "rotate needs max_bytes, interval or both")
+                        .with_hint("e.g. rotate: {max_bytes: 64MiB, interval: 5m}"),
+                );
+            }
+            if bytes == Some(0) || interval.is_some_and(|i| i.is_zero()) {
+                errors.push(node.field_error(
+                    &["rotate"],
+                    "rotate's max_bytes and interval must be more than zero",
+                ));
+            }
+            if config.append == Some(true) {
+                errors.push(
+                    node.field_error(&["rotate"], "a rotating file sink cannot append")
+                        .with_hint("each part is a new file; remove `append`"),
+                );
+            }
+            if config.path.contains('{') {
+                errors.push(
+                    node.field_error(&["rotate"], "rotate applies only to a fixed path")
+                        .with_hint("remove the {column} placeholders from path, or remove rotate"),
+                );
             }
         }
         if config.max_open_files == Some(0) {
@@ -244,6 +292,8 @@ fn target(
         max_open_files: config.max_open_files.unwrap_or(DEFAULT_MAX_OPEN_FILES),
         keep: (keep.len() < schema.fields().len()).then_some(keep),
         written,
+        fsync: config.fsync.unwrap_or(false),
+        rotate: config.rotate.clone(),
     };
     let target = match template.fixed() {
         Some(path) => Target::Fixed(node.base_dir.join(path)),
@@ -317,6 +367,8 @@ struct Settings {
     keep: Option<Vec<usize>>,
     /// The schema of what is written.
     written: SchemaRef,
+    fsync: bool,
+    rotate: Option<RotateConfig>,
 }
 
 struct Plan {
@@ -334,6 +386,10 @@ impl PlannedOperator for Plan {
         metrics: &OperatorMetrics,
     ) -> Result<OperatorInstance, OperatorError> {
         let Plan { target, settings } = *self;
+        let rotation = match (&target, &settings.rotate) {
+            (Target::Fixed(path), Some(rotate)) => Some(Rotation::new(path, rotate)?),
+            _ => None,
+        };
         let mut writers = Writers {
             settings,
             open: LruCache::unbounded(),
@@ -344,7 +400,10 @@ impl PlannedOperator for Plan {
             // (Parquet) or empty (JSON, CSV with its header) file, and a path that cannot be
             // written fails the start.
             Target::Fixed(path) => {
-                writers.get(path)?;
+                let current = rotation
+                    .as_ref()
+                    .map_or_else(|| path.clone(), Rotation::in_progress);
+                writers.get(&current)?;
                 path.display().to_string()
             }
             Target::Template { template, .. } => template.text().to_owned(),
@@ -356,7 +415,11 @@ impl PlannedOperator for Plan {
                 "rows without a valid path",
             ),
             display,
-            files: Some(Files { target, writers }),
+            files: Some(Files {
+                target,
+                writers,
+                rotation,
+            }),
             metrics: metrics.clone(),
         })))
     }
@@ -379,6 +442,8 @@ enum Writer {
 enum Step {
     Write(RecordBatch),
     Flush,
+    /// A flush that also calls fsync (`fsync: true`).
+    Sync,
     Close,
 }
 
@@ -433,6 +498,27 @@ impl Writer {
         })
     }
 
+    /// Calls fsync on the file, whose buffers are already written out. Blocking.
+    fn sync_file(&self, path: &Path) -> Result<(), OperatorError> {
+        let file = match self {
+            Writer::Json { out, .. } | Writer::Csv { out, .. } => out.get_ref(),
+            Writer::Parquet(writer) => writer.inner(),
+        };
+        file.sync_data()
+            .map_err(|e| OperatorError::io(format!("cannot fsync {}", path.display()), e))
+    }
+
+    /// How many bytes the file holds, counting what is still buffered.
+    fn size(&self) -> u64 {
+        match self {
+            Writer::Json { out, .. } | Writer::Csv { out, .. } => {
+                let on_disk = out.get_ref().metadata().map_or(0, |m| m.len());
+                on_disk + out.buffer().len() as u64
+            }
+            Writer::Parquet(writer) => (writer.bytes_written() + writer.in_progress_size()) as u64,
+        }
+    }
+
     /// Performs `step` on the file at `path`; blocking.
     fn perform(&mut self, step: Step, path: &Path) -> Result<(), OperatorError> {
         let display = path.display();
@@ -449,6 +535,14 @@ impl Writer {
             other => OperatorError::Internal(format!("cannot write {display} as parquet: {other}")),
         };
         match (self, step) {
+            (Writer::Json { out, .. } | Writer::Csv { out, .. }, Step::Sync) => {
+                out.flush().map_err(|e| io("write", e))?;
+                out.get_ref().sync_data().map_err(|e| io("fsync", e))
+            }
+            (Writer::Parquet(writer), Step::Sync) => {
+                writer.flush().map_err(parquet)?;
+                writer.inner().sync_data().map_err(|e| io("fsync", e))
+            }
             (Writer::Json { out, timestamps }, Step::Write(batch)) => {
                 write_json_lines(out, &batch, *timestamps).map_err(|e| text_error(e, path))
             }
@@ -527,8 +621,20 @@ impl Writers {
     }
 
     fn flush(&mut self) -> Result<(), OperatorError> {
+        let fsync = self.settings.fsync;
         for (path, writer) in self.open.iter_mut() {
-            writer.perform(Step::Flush, path)?;
+            writer.perform(if fsync { Step::Sync } else { Step::Flush }, path)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the file at `path`, if it is open, and makes it durable when `fsync`.
+    fn close_one(&mut self, path: &Path) -> Result<(), OperatorError> {
+        if let Some(mut writer) = self.open.pop(path) {
+            writer.perform(Step::Close, path)?;
+            if self.settings.fsync {
+                writer.sync_file(path)?;
+            }
         }
         Ok(())
     }
@@ -536,8 +642,9 @@ impl Writers {
     /// Closes every file; the first failure is reported after trying them all.
     fn close(&mut self) -> Result<(), OperatorError> {
         let mut outcome = Ok(());
-        while let Some((path, mut writer)) = self.open.pop_lru() {
-            let closed = writer.perform(Step::Close, &path);
+        while let Some((path, _)) = self.open.peek_lru() {
+            let path = path.clone();
+            let closed = self.close_one(&path);
             if outcome.is_ok() {
                 outcome = closed;
             }
@@ -550,6 +657,132 @@ impl Writers {
 struct Files {
     target: Target,
     writers: Writers,
+    /// The parts of a fixed path that rotates.
+    rotation: Option<Rotation>,
+}
+
+/// The numbered parts a rotating fixed path is written as.
+struct Rotation {
+    /// The configured path, e.g. `out/r.parquet`; parts are `out/r-00000.parquet`, ….
+    path: PathBuf,
+    max_bytes: Option<u64>,
+    interval: Option<std::time::Duration>,
+    /// The number of the part being written.
+    part: u64,
+    opened: std::time::Instant,
+}
+
+impl Rotation {
+    /// Starts after the highest part already in the directory, so a restart never
+    /// overwrites a finished part. Blocking.
+    fn new(path: &Path, rotate: &RotateConfig) -> Result<Rotation, OperatorError> {
+        let mut rotation = Rotation {
+            path: path.to_owned(),
+            max_bytes: rotate.max_bytes.map(|size| size.0),
+            interval: rotate.interval.map(std::time::Duration::from),
+            part: 0,
+            opened: std::time::Instant::now(),
+        };
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            let (stem, ext) = rotation.name_parts();
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(number) = name
+                    .to_str()
+                    .and_then(|name| name.strip_prefix(&format!("{stem}-")))
+                    .and_then(|rest| rest.strip_suffix(&ext))
+                    .and_then(|number| number.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                rotation.part = rotation.part.max(number + 1);
+            }
+        }
+        Ok(rotation)
+    }
+
+    /// The file stem and the extension with its dot (or nothing).
+    fn name_parts(&self) -> (String, String) {
+        let stem = self
+            .path
+            .file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        let ext = self
+            .path
+            .extension()
+            .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+        (stem, ext)
+    }
+
+    /// The finished name of the part being written.
+    fn finished(&self) -> PathBuf {
+        let (stem, ext) = self.name_parts();
+        self.path
+            .with_file_name(format!("{stem}-{:05}{ext}", self.part))
+    }
+
+    /// Where the part being written is, until it is finished.
+    fn in_progress(&self) -> PathBuf {
+        let finished = self.finished();
+        let name = finished
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        finished.with_file_name(format!(".{name}.inprogress"))
+    }
+
+    /// Whether the part of `size` bytes is due to be finished.
+    fn due(&self, size: u64) -> bool {
+        size > 0
+            && (self.max_bytes.is_some_and(|max| size >= max)
+                || self
+                    .interval
+                    .is_some_and(|every| self.opened.elapsed() >= every))
+    }
+}
+
+impl Files {
+    /// Finishes the part being written when its size or age says so, or always when
+    /// `closing`; the next write opens the next part. Blocking.
+    fn roll(&mut self, closing: bool) -> Result<(), OperatorError> {
+        let Some(rotation) = &mut self.rotation else {
+            return Ok(());
+        };
+        let current = rotation.in_progress();
+        let size = self.writers.open.peek(&current).map_or(0, Writer::size);
+        if !closing && !rotation.due(size) {
+            return Ok(());
+        }
+        if !self.writers.open.contains(&current) {
+            return Ok(());
+        }
+        self.writers.close_one(&current)?;
+        let finished = rotation.finished();
+        std::fs::rename(&current, &finished).map_err(|e| {
+            OperatorError::io(
+                format!(
+                    "cannot rename {} to {}",
+                    current.display(),
+                    finished.display()
+                ),
+                e,
+            )
+        })?;
+        if self.writers.settings.fsync
+            && let Some(dir) = finished.parent().filter(|d| !d.as_os_str().is_empty())
+        {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| OperatorError::io(format!("cannot fsync {}", dir.display()), e))?;
+        }
+        debug!("file sink: finished part {}", finished.display());
+        rotation.part += 1;
+        rotation.opened = std::time::Instant::now();
+        Ok(())
+    }
 }
 
 impl Files {
@@ -557,18 +790,29 @@ impl Files {
     fn perform(&mut self, step: Step) -> Result<Vec<String>, OperatorError> {
         match step {
             Step::Write(batch) => self.write(&batch),
-            Step::Flush => self.writers.flush().map(|()| Vec::new()),
-            Step::Close => self.writers.close().map(|()| Vec::new()),
+            Step::Flush | Step::Sync => {
+                self.writers.flush()?;
+                self.roll(false).map(|()| Vec::new())
+            }
+            Step::Close => {
+                self.roll(true)?;
+                self.writers.close().map(|()| Vec::new())
+            }
         }
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<Vec<String>, OperatorError> {
         let (template, base_dir, prefix) = match &self.target {
             Target::Fixed(path) => {
+                let path = self
+                    .rotation
+                    .as_ref()
+                    .map_or_else(|| path.clone(), Rotation::in_progress);
                 let written = self.writers.project(batch)?;
                 self.writers
-                    .get(path)?
-                    .perform(Step::Write(written), path)?;
+                    .get(&path)?
+                    .perform(Step::Write(written), &path)?;
+                self.roll(false)?;
                 return Ok(Vec::new());
             }
             Target::Template {
@@ -1114,5 +1358,96 @@ mod tests {
             .err()
             .unwrap();
         assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    /// The finished and in-progress files in `dir`, sorted.
+    fn listing(dir: &tempfile::TempDir) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn parquet_rows(path: &Path) -> usize {
+        let file = File::open(path).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap_or_else(|e| panic!("{} is not readable parquet: {e}", path.display()));
+        reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum()
+    }
+
+    #[tokio::test]
+    async fn parquet_rolls_by_size_into_parts_that_are_each_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = "{path: r.parquet, format: parquet, rotate: {max_bytes: 1}}";
+        let mut sink = sink(&dir, config);
+        assert_eq!(listing(&dir), vec![".r-00000.parquet.inprogress"]);
+        for first in [0, 10_000, 20_000] {
+            sink.write(0, batch(first)).await.unwrap();
+        }
+        // Every write filled a part past max_bytes: three finished parts, none open.
+        assert_eq!(
+            listing(&dir),
+            vec!["r-00000.parquet", "r-00001.parquet", "r-00002.parquet"]
+        );
+        for part in ["r-00000.parquet", "r-00001.parquet", "r-00002.parquet"] {
+            assert_eq!(parquet_rows(&dir.path().join(part)), batch(0).num_rows());
+        }
+        sink.close().await.unwrap();
+        // A restart goes on after the last part instead of overwriting it.
+        let mut again = sink_with(&dir, config, &OperatorMetrics::detached("test", "node"));
+        again.write(0, batch(30_000)).await.unwrap();
+        again.close().await.unwrap();
+        assert_eq!(
+            listing(&dir).last().map(String::as_str),
+            Some("r-00003.parquet")
+        );
+        assert_eq!(
+            parquet_rows(&dir.path().join("r-00003.parquet")),
+            batch(0).num_rows()
+        );
+    }
+
+    #[tokio::test]
+    async fn json_rolls_by_time_at_a_flush_and_the_close_finishes_the_last_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = sink(
+            &dir,
+            "{path: out.jsonl, rotate: {interval: 50ms, max_bytes: 1GiB}, fsync: true}",
+        );
+        sink.write(0, batch(0)).await.unwrap();
+        sink.flush().await.unwrap();
+        assert_eq!(listing(&dir), vec![".out-00000.jsonl.inprogress"]);
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        sink.flush().await.unwrap();
+        assert_eq!(listing(&dir), vec!["out-00000.jsonl"]);
+        sink.write(0, batch(10_000)).await.unwrap();
+        sink.close().await.unwrap();
+        assert_eq!(listing(&dir), vec!["out-00000.jsonl", "out-00001.jsonl"]);
+        let lines = |name: &str| read(&dir, name).lines().count();
+        assert_eq!(lines("out-00000.jsonl"), batch(0).num_rows());
+        assert_eq!(lines("out-00001.jsonl"), batch(0).num_rows());
+    }
+
+    #[test]
+    fn rotate_needs_a_bound_a_fixed_path_and_no_append() {
+        let errors = plan_errors("{path: a.jsonl, rotate: {}}", schema());
+        assert!(
+            errors[0].contains("rotate needs max_bytes, interval or both"),
+            "{errors:?}"
+        );
+        let errors = plan_errors(
+            "{path: a.jsonl, append: true, rotate: {interval: 1m}}",
+            schema(),
+        );
+        assert!(errors[0].contains("cannot append"), "{errors:?}");
+        let errors = plan_errors(
+            "{path: \"{device}.jsonl\", rotate: {interval: 1m}}",
+            schema(),
+        );
+        assert!(errors[0].contains("fixed path"), "{errors:?}");
+        let errors = plan_errors("{path: a.jsonl, rotate: {max_bytes: 0}}", schema());
+        assert!(errors[0].contains("more than zero"), "{errors:?}");
     }
 }

@@ -1318,6 +1318,10 @@ impl FileSource {
 #[async_trait]
 impl Source for FileSource {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        ctx.set_rejects(
+            DEAD_LETTER_PORT,
+            crate::rejects::rows_as_dead_letters(dead_letter_schema()),
+        );
         let outcome = async {
             while !ctx.is_cancelled() {
                 if self.read_chunk().await? > 0 {
@@ -1369,6 +1373,7 @@ mod tests {
         EventTimeSpec {
             column: "ts".into(),
             max_out_of_order: Duration::from_secs(1),
+            ..EventTimeSpec::default()
         }
     }
 

@@ -765,6 +765,10 @@ impl Pending {
 #[async_trait]
 impl Source for MqttSource {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        ctx.set_rejects(
+            DEAD_LETTER_PORT,
+            crate::rejects::rows_as_dead_letters(dead_letter_schema()),
+        );
         let eventloop = self
             .eventloop
             .take()
@@ -1183,6 +1187,7 @@ mod tests {
             event_time: Some(EventTimeSpec {
                 column: "ts".into(),
                 max_out_of_order: Duration::from_secs(5),
+                ..EventTimeSpec::default()
             }),
             ..Decl::default()
         };
@@ -1201,6 +1206,7 @@ mod tests {
             event_time: Some(EventTimeSpec {
                 column: "ts".into(),
                 max_out_of_order: Duration::from_secs(5),
+                ..EventTimeSpec::default()
             }),
             window: None,
             base_dir: std::path::Path::new("."),

@@ -10,8 +10,10 @@
 //! The query is parsed, checked and planned to a physical plan once, in
 //! [`SqlFactory`]'s pure planning step, so `weir validate` reports a misspelt column
 //! before anything runs. The running operator only rebinds that plan to new rows (see
-//! `plan.rs`); windows and their panes live in `window.rs`.
+//! `plan.rs`); windows and their panes live in `window.rs`, and the split of a windowed
+//! aggregate into incremental phases in `incremental.rs`.
 
+mod incremental;
 mod plan;
 mod stateless;
 #[cfg(test)]
@@ -32,15 +34,16 @@ use datafusion::sql::sqlparser::parser::ParserError;
 use serde::Deserialize;
 use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use weir_engine::arrow::error::ArrowError;
-use weir_engine::config::{ConfigError, ConfigErrors, Location, closest_match};
+use weir_engine::config::{ConfigError, ConfigErrors, HumanSize, Location, closest_match};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{InputStream, MAIN_PORT_NAME, NodeContext, OutputSpec, StreamInfo};
 use weir_engine::time::{WindowSpec, is_event_time_type};
 use weir_engine::{OperatorError, OperatorFactory, OperatorInstance, PlannedOperator, Role};
 
+use self::incremental::{IncrementalPlan, NotIncremental};
 use self::plan::{InputTable, SqlPlan, new_session};
 use self::stateless::StatelessSql;
-use self::window::WindowedSql;
+use self::window::{WindowQuery, WindowSettings, WindowedSql};
 
 /// The column a windowed transform puts first: the window's inclusive start.
 pub const WINDOW_START: &str = "window_start";
@@ -53,6 +56,8 @@ const LATE_PORT: usize = 1;
 /// The most windows a hopping window may put one row into (`size / slide`). Each is a
 /// separate query execution over the window's rows.
 const MAX_WINDOWS_PER_ROW: i64 = 10_000;
+/// The default bound on a windowed transform's state (`max_state_bytes`): 256 MiB.
+pub const DEFAULT_MAX_STATE_BYTES: u64 = 256 << 20;
 
 /// The `config` of a `sql` transform.
 #[derive(Clone, Debug, Deserialize)]
@@ -64,6 +69,13 @@ pub struct SqlConfig {
     /// query runs on each batch alone, so aggregates, window functions, ORDER BY, LIMIT,
     /// DISTINCT, joins and subqueries need a `window` on the transform.
     pub query: String,
+    /// The most memory a windowed transform's state may take: accumulator state, or
+    /// rows for a query that is not computed incrementally (default 256 MiB). While
+    /// the state is over it, arriving rows are dropped and counted under the reason
+    /// `state_limit` until closing windows free room; DataFusion's working memory per
+    /// execution is bounded by the same figure.
+    #[serde(default)]
+    pub max_state_bytes: Option<HumanSize>,
 }
 
 /// Builds `sql` transforms.
@@ -87,9 +99,19 @@ impl OperatorFactory for SqlFactory {
             .config
             .get("query")
             .map_or(node.config.location, |query| query.location);
+        let max_state_bytes = config
+            .max_state_bytes
+            .map_or(DEFAULT_MAX_STATE_BYTES, |size| size.0);
+        if max_state_bytes == 0 {
+            return Err(vec![node.field_error(
+                &["max_state_bytes"],
+                "max_state_bytes must be more than zero",
+            )]);
+        }
         let planner = Planner {
             node,
             query: &config.query,
+            max_state_bytes: usize::try_from(max_state_bytes).unwrap_or(usize::MAX),
             path: format!("{}.query", node.config_path),
             location,
         };
@@ -110,6 +132,9 @@ enum Mode {
     Windowed {
         window: WindowSpec,
         event_time_columns: Vec<usize>,
+        /// The query split into aggregation phases, or why it is run over buffered rows.
+        incremental: Result<IncrementalPlan, NotIncremental>,
+        max_state_bytes: usize,
     },
 }
 
@@ -127,9 +152,29 @@ impl PlannedOperator for PlannedSql {
         self.outputs.clone()
     }
 
+    fn notes(&self) -> Vec<String> {
+        match &self.mode {
+            Mode::Stateless => Vec::new(),
+            Mode::Windowed {
+                incremental: Err(reason),
+                ..
+            } => vec![format!(
+                "its windows keep every row until they close, because {reason}; the rows count towards max_state_bytes"
+            )],
+            Mode::Windowed {
+                incremental: Ok(plan),
+                ..
+            } if !plan.value_keeping.is_empty() => vec![format!(
+                "its windows keep aggregate state per group, but {} keep every value of the window in that state; it counts towards max_state_bytes",
+                plan.value_keeping.join(", ")
+            )],
+            Mode::Windowed { .. } => Vec::new(),
+        }
+    }
+
     fn instantiate(
         self: Box<Self>,
-        _metrics: &OperatorMetrics,
+        metrics: &OperatorMetrics,
     ) -> Result<OperatorInstance, OperatorError> {
         let PlannedSql {
             name,
@@ -143,14 +188,26 @@ impl PlannedOperator for PlannedSql {
             Mode::Windowed {
                 window,
                 event_time_columns,
+                incremental,
+                max_state_bytes,
             } => {
                 let schema = Arc::clone(&outputs[0].stream.schema);
-                Box::new(WindowedSql::new(
-                    name,
-                    plan,
-                    schema,
+                let query = match incremental {
+                    Ok(split) => WindowQuery::Incremental(split),
+                    Err(_) => WindowQuery::Buffered(plan),
+                };
+                let settings = WindowSettings {
                     window,
                     event_time_columns,
+                    max_state_bytes,
+                };
+                Box::new(WindowedSql::new(
+                    name,
+                    input_names,
+                    query,
+                    schema,
+                    settings,
+                    metrics.state(),
                 ))
             }
         }))
@@ -164,6 +221,7 @@ struct Planner<'a> {
     /// Where the query sits in the document; the errors point there.
     path: String,
     location: Location,
+    max_state_bytes: usize,
 }
 
 impl Planner<'_> {
@@ -185,19 +243,16 @@ impl Planner<'_> {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let mode = match self.node.window {
-            Some(window) => {
-                self.check_window(window, &mut errors);
-                let event_time_columns = self.event_time_columns(&mut errors);
-                Mode::Windowed {
-                    window,
-                    event_time_columns,
-                }
-            }
-            None => Mode::Stateless,
+        let window = self.node.window;
+        if let Some(window) = window {
+            self.check_window(window, &mut errors);
+        }
+        let event_time_columns = match window {
+            Some(_) => self.event_time_columns(&mut errors),
+            None => Vec::new(),
         };
 
-        let ctx = new_session();
+        let ctx = new_session(self.max_state_bytes);
         for (index, input) in self.inputs().iter().enumerate() {
             let table = InputTable::new(index, &input.name, Arc::clone(&input.stream.schema));
             if let Err(error) =
@@ -216,7 +271,7 @@ impl Planner<'_> {
             return Err(errors);
         };
         self.check_reads_every_input(&logical, &mut errors);
-        if matches!(mode, Mode::Stateless) {
+        if window.is_none() {
             self.check_stateless(&logical, &mut errors);
         }
         if !errors.is_empty() {
@@ -233,6 +288,16 @@ impl Planner<'_> {
         )
         .map_err(|e| vec![self.plan_error(&e)])?;
         let query_schema = physical.schema();
+        let task_ctx = state.task_ctx();
+        let mode = match window {
+            Some(window) => Mode::Windowed {
+                window,
+                event_time_columns,
+                incremental: IncrementalPlan::split(&physical, &task_ctx, self.inputs().len()),
+                max_state_bytes: self.max_state_bytes,
+            },
+            None => Mode::Stateless,
+        };
         let main = match &mode {
             Mode::Stateless => StreamInfo {
                 schema: Arc::clone(&query_schema),
@@ -257,7 +322,7 @@ impl Planner<'_> {
         }
         Ok(PlannedSql {
             name: self.name().to_owned(),
-            plan: SqlPlan::new(physical, state.task_ctx(), self.inputs().len()),
+            plan: SqlPlan::new(physical, task_ctx, self.inputs().len()),
             mode,
             outputs,
             input_names: self.inputs().iter().map(|i| i.name.clone()).collect(),
@@ -356,7 +421,7 @@ impl Planner<'_> {
         if self.query.trim().is_empty() {
             return errors;
         }
-        let state = new_session().state();
+        let state = new_session(DEFAULT_MAX_STATE_BYTES as usize).state();
         let dialect = state.config().options().sql_parser.dialect;
         match state.sql_to_statement(self.query, &dialect) {
             Ok(statement) => {

@@ -18,6 +18,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Result as DfResult, project_schema};
 use datafusion::error::DataFusionError;
 use datafusion::execution::TaskContext;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -35,9 +36,11 @@ use weir_engine::arrow::record_batch::RecordBatch;
 const BATCH_SIZE: usize = 8192;
 
 /// A DataFusion session for planning one transform's query: a single partition (the
-/// transform runs on one task, so repartitioning would only add copies) and no dynamic
-/// filters, whose state would otherwise outlive an execution of the reused plan.
-pub(crate) fn new_session() -> SessionContext {
+/// transform runs on one task, so repartitioning would only add copies), no dynamic
+/// filters, whose state would otherwise outlive an execution of the reused plan, and a
+/// memory pool of `memory_limit` bytes, so an execution that would need more fails
+/// with an error naming the limit instead of exhausting the device.
+pub(crate) fn new_session(memory_limit: usize) -> SessionContext {
     let mut config = SessionConfig::new()
         .with_target_partitions(1)
         .with_batch_size(BATCH_SIZE)
@@ -47,7 +50,15 @@ pub(crate) fn new_session() -> SessionContext {
     optimizer.enable_topk_dynamic_filter_pushdown = false;
     optimizer.enable_join_dynamic_filter_pushdown = false;
     optimizer.enable_aggregate_dynamic_filter_pushdown = false;
-    SessionContext::new_with_config(config)
+    match RuntimeEnvBuilder::new()
+        .with_memory_limit(memory_limit, 1.0)
+        .build_arc()
+    {
+        Ok(runtime) => SessionContext::new_with_config_rt(config, runtime),
+        // Building a runtime with a memory pool does not fail; if it ever did, the
+        // default (unbounded) runtime still runs the query.
+        Err(_) => SessionContext::new_with_config(config),
+    }
 }
 
 /// One input of the transform seen as a SQL table. It holds no rows: its scan returns
@@ -127,7 +138,9 @@ pub(crate) struct InputSlotExec {
 }
 
 impl InputSlotExec {
-    fn new(
+    /// An empty slot for input number `input`, called `table`, whose batches have
+    /// `schema`; the scan's `projection` and `fetch` apply to them.
+    pub(crate) fn new(
         input: usize,
         table: &str,
         schema: SchemaRef,
@@ -327,7 +340,7 @@ mod tests {
     }
 
     async fn planned(query: &str) -> SqlPlan {
-        let ctx = new_session();
+        let ctx = new_session(64 << 20);
         let schema = batch(&[]).schema();
         ctx.register_table("t", Arc::new(InputTable::new(0, "t", schema)))
             .unwrap();

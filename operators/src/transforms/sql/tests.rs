@@ -881,8 +881,9 @@ async fn a_window_with_rows_on_one_input_only_still_closes() {
 
 #[tokio::test]
 async fn runtime_failures_name_the_window() {
+    // Computed at the close: the failure names the window.
     let mut t = build(
-        "SELECT sum(CAST(device AS INT)) AS total FROM sensors",
+        "SELECT CAST(device AS INT) AS id FROM sensors",
         &[sensors()],
         tumbling(10),
     );
@@ -895,6 +896,25 @@ async fn runtime_failures_name_the_window() {
     match error {
         OperatorError::User(message) => assert!(
             message.contains("window [1970-01-01T00:00:00.000Z, 1970-01-01T00:00:10.000Z)"),
+            "{message}"
+        ),
+        other => panic!("expected a user error, got {other:?}"),
+    }
+    // Aggregated as rows arrive: the failure names the input and where in time.
+    let mut t = build(
+        "SELECT sum(CAST(device AS INT)) AS total FROM sensors",
+        &[sensors()],
+        tumbling(10),
+    );
+    let error = t
+        .process_batch(0, readings(&[at("x", 1, 0.0)]), &mut out)
+        .await
+        .unwrap_err();
+    match error {
+        OperatorError::User(message) => assert!(
+            message.contains(
+                "input 'sensors' at [1970-01-01T00:00:00.000Z, 1970-01-01T00:00:10.000Z)"
+            ),
             "{message}"
         ),
         other => panic!("expected a user error, got {other:?}"),
@@ -984,4 +1004,348 @@ async fn w1_windowed_aggregate_throughput() {
         "w1: {ROWS} rows in {elapsed:.2?}: {:.2}M rows/s",
         ROWS as f64 / elapsed.as_secs_f64() / 1e6
     );
+}
+
+// ---- incremental aggregation ---------------------------------------------------------
+
+/// A transform built with its metrics kept, so tests can read its state gauges.
+fn build_observed(
+    query: &str,
+    config: &[(&str, ConfigValue)],
+    window: Option<WindowSpec>,
+) -> (Box<dyn Transform>, weir_engine::metrics::StateMetrics) {
+    let mut entries = vec![("query", ConfigValue::string(query))];
+    entries.extend(config.iter().cloned());
+    let planned = plan_with(ConfigValue::map(entries), &[sensors()], window).unwrap();
+    let metrics = weir_engine::metrics::OperatorMetrics::detached("test", "observed");
+    let state = metrics.state();
+    match planned.instantiate(&metrics).unwrap() {
+        OperatorInstance::Transform(transform) => (transform, state),
+        _ => panic!("a sql node must build a transform"),
+    }
+}
+
+fn hopping(size_s: u64, slide_s: u64) -> Option<WindowSpec> {
+    Some(WindowSpec::Hopping {
+        size: Duration::from_secs(size_s),
+        slide: Duration::from_secs(slide_s),
+    })
+}
+
+/// Deterministic readings over `seconds` of event time: 7 devices, values with ties,
+/// rows slightly out of order, cut into batches of `batch_rows`.
+fn mixed_readings(rows: usize, seconds: i64, batch_rows: usize) -> Vec<RecordBatch> {
+    let all: Vec<(String, Option<i64>, f64)> = (0..rows)
+        .map(|i| {
+            let i = i as i64;
+            let ts = (i * seconds * SECOND) / rows as i64 - (i % 3) * 250;
+            (
+                format!("d{}", i % 7),
+                Some(ts.max(0)),
+                ((i * 37) % 23) as f64 - 5.0,
+            )
+        })
+        .collect();
+    all.chunks(batch_rows)
+        .map(|chunk| {
+            let rows: Vec<(&str, Option<i64>, f64)> =
+                chunk.iter().map(|(d, t, v)| (d.as_str(), *t, *v)).collect();
+            readings(&rows)
+        })
+        .collect()
+}
+
+/// Every main-port row, rendered as text and sorted: a batch-size independent picture
+/// of a transform's output.
+fn rendered(batches: &[RecordBatch]) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for batch in batches {
+        let columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = columns
+                .iter()
+                .map(|column| {
+                    weir_engine::arrow::util::display::array_value_to_string(column, row).unwrap()
+                })
+                .collect();
+            lines.push(cells.join("|"));
+        }
+    }
+    lines.sort();
+    lines
+}
+
+/// Runs `batches` through `t` with a watermark 1 s behind the newest row after each, and
+/// returns every result row.
+async fn run_windows(t: &mut Box<dyn Transform>, batches: &[RecordBatch]) -> Vec<RecordBatch> {
+    let mut out = Collector::new();
+    let mut results = Vec::new();
+    let mut newest = i64::MIN;
+    for batch in batches {
+        newest = newest.max(times(batch, "ts").into_iter().max().unwrap());
+        t.process_batch(0, batch.clone(), &mut out).await.unwrap();
+        t.on_watermark(Watermark(newest - SECOND), &mut out)
+            .await
+            .unwrap();
+        results.extend(
+            out.take_batches()
+                .into_iter()
+                .filter(|(p, _)| *p == 0)
+                .map(|(_, b)| b),
+        );
+    }
+    t.on_watermark(Watermark::END, &mut out).await.unwrap();
+    results.extend(
+        out.take_batches()
+            .into_iter()
+            .filter(|(p, _)| *p == 0)
+            .map(|(_, b)| b),
+    );
+    results
+}
+
+/// The query over each window's rows, computed by DataFusion on a plain in-memory
+/// table: the oracle that incremental state must agree with.
+async fn reference(query: &str, rows: &[RecordBatch], size_s: i64, slide_s: i64) -> Vec<String> {
+    use datafusion::datasource::MemTable;
+    let mut starts = std::collections::BTreeSet::new();
+    for batch in rows {
+        for t in times(batch, "ts") {
+            let last = t - t.rem_euclid(slide_s * SECOND);
+            let mut start = last;
+            while start > t - size_s * SECOND {
+                starts.insert(start);
+                start -= slide_s * SECOND;
+            }
+        }
+    }
+    let mut results = Vec::new();
+    for start in starts {
+        let end = start + size_s * SECOND;
+        let inside: Vec<RecordBatch> = rows
+            .iter()
+            .map(|batch| {
+                let ts = times(batch, "ts");
+                let mask = weir_engine::arrow::array::BooleanArray::from_iter(
+                    ts.iter().map(|t| Some(*t >= start && *t < end)),
+                );
+                weir_engine::arrow::compute::filter_record_batch(batch, &mask).unwrap()
+            })
+            .collect();
+        let ctx = datafusion::prelude::SessionContext::new();
+        let table = MemTable::try_new(sensors_schema(), vec![inside]).unwrap();
+        ctx.register_table("sensors", Arc::new(table)).unwrap();
+        let batches = ctx.sql(query).await.unwrap().collect().await.unwrap();
+        for batch in batches {
+            let rows = batch.num_rows();
+            let mut columns: Vec<ArrayRef> = vec![
+                Arc::new(TimestampMillisecondArray::from_value(start, rows)),
+                Arc::new(TimestampMillisecondArray::from_value(end, rows)),
+            ];
+            columns.extend(batch.columns().iter().cloned());
+            let mut fields = vec![
+                Field::new(
+                    "window_start",
+                    DataType::Timestamp(TimeUnit::Millisecond, None),
+                    false,
+                ),
+                Field::new(
+                    "window_end",
+                    DataType::Timestamp(TimeUnit::Millisecond, None),
+                    false,
+                ),
+            ];
+            fields.extend(batch.schema().fields().iter().map(|f| f.as_ref().clone()));
+            let schema = Arc::new(Schema::new(fields));
+            results.push(RecordBatch::try_new(schema, columns).unwrap());
+        }
+    }
+    rendered(&results)
+}
+
+#[tokio::test]
+async fn incremental_windows_agree_with_datafusion_over_the_windows_rows() {
+    let queries = [
+        "SELECT device, count(*) AS n, sum(temperature) AS s, avg(temperature) AS a, \
+         min(temperature) AS lo, max(temperature) AS hi FROM sensors GROUP BY device",
+        "SELECT device, round(stddev(temperature), 6) AS sd, round(var_pop(temperature), 6) AS vp, \
+         count(DISTINCT temperature) AS distinct_t FROM sensors GROUP BY device",
+        "SELECT count(*) AS n, median(temperature) AS m, \
+         count(*) FILTER (WHERE temperature > 0) AS positive FROM sensors",
+        "SELECT device, first_value(temperature ORDER BY ts) AS first_t, \
+         last_value(temperature ORDER BY ts) AS last_t FROM sensors \
+         WHERE temperature <> 3 GROUP BY device HAVING count(*) > 2",
+        "SELECT CASE WHEN temperature > 5 THEN 'hot' ELSE 'cold' END AS band, \
+         sum(temperature) * 2 AS doubled FROM sensors GROUP BY 1",
+    ];
+    for query in queries {
+        let notes = plan(query, &[sensors()], tumbling(10)).unwrap().notes();
+        assert!(
+            !notes.iter().any(|note| note.contains("keep every row")),
+            "{query} is aggregated incrementally: {notes:?}"
+        );
+    }
+    let data = mixed_readings(700, 60, 13);
+    for (size, slide) in [(10, 10), (30, 10), (25, 10)] {
+        for query in queries {
+            let (mut t, _) = build_observed(query, &[], hopping(size as u64, slide as u64));
+            let ours = rendered(&run_windows(&mut t, &data).await);
+            let oracle = reference(query, &data, size, slide).await;
+            assert!(!ours.is_empty());
+            assert_eq!(ours, oracle, "window {size}s/{slide}s, query {query}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn incremental_state_holds_groups_not_rows() {
+    let (mut t, state) = build_observed(PER_DEVICE, &[], tumbling(3600));
+    // 2,000 batches of 50 rows over 7 devices, all in one window.
+    for batch in mixed_readings(100_000, 3000, 50) {
+        push(&mut t, 0, batch).await;
+    }
+    let keys = state.keys.get();
+    assert!(
+        (7..=7 * 17).contains(&keys),
+        "at most 7 groups per state batch, at most 17 batches before a merge: {keys}"
+    );
+    assert!(state.bytes.get() < 64 << 10, "{} bytes", state.bytes.get());
+    let mut out = watermark(&mut t, Watermark::END.millis()).await;
+    let counts: i64 = window_lines(&mut out)
+        .iter()
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(counts, 100_000);
+    assert_eq!((state.keys.get(), state.bytes.get()), (0, 0));
+
+    // A query without an aggregate keeps its rows, and says so.
+    let (mut rows, state) = build_observed("SELECT device FROM sensors", &[], tumbling(3600));
+    for batch in mixed_readings(1000, 10, 100) {
+        push(&mut rows, 0, batch).await;
+    }
+    assert_eq!(state.keys.get(), 1000);
+    assert!(state.bytes.get() > 1000);
+}
+
+#[test]
+fn validate_notes_say_which_windows_keep_rows_or_values() {
+    let notes = |query: &str| plan(query, &[sensors()], tumbling(10)).unwrap().notes();
+    let per_device = notes(PER_DEVICE);
+    assert!(per_device.is_empty(), "{per_device:?}");
+    let buffered = notes("SELECT device, temperature FROM sensors");
+    assert!(buffered[0].contains("keep every row"), "{buffered:?}");
+    let valued =
+        notes("SELECT device, array_agg(temperature) AS all_t FROM sensors GROUP BY device");
+    assert!(valued[0].contains("array_agg"), "{valued:?}");
+    assert!(plan(PER_DEVICE, &[sensors()], None).is_err());
+}
+
+#[tokio::test]
+async fn rows_past_max_state_bytes_are_dropped_and_counted() {
+    let (mut t, state) = build_observed(
+        "SELECT device, temperature FROM sensors",
+        &[("max_state_bytes", ConfigValue::string("1KiB"))],
+        tumbling(10),
+    );
+    let mut dropped = 0;
+    for batch in mixed_readings(2000, 5, 100) {
+        let mut out = push(&mut t, 0, batch).await;
+        dropped += out
+            .take_dropped()
+            .iter()
+            .map(|(r, n)| {
+                assert_eq!(*r, "state_limit");
+                n
+            })
+            .sum::<u64>();
+    }
+    assert!(dropped >= 1000, "{dropped} rows dropped");
+    let kept = state.keys.get() as u64;
+    assert_eq!(kept + dropped, 2000, "every row is kept or counted");
+    // Closing the windows frees the state, and rows are taken again.
+    watermark(&mut t, Watermark::END.millis()).await;
+    assert_eq!(state.bytes.get(), 0);
+}
+
+#[tokio::test]
+async fn a_window_after_a_window_counts_every_upstream_row() {
+    let mut hop = build(
+        "SELECT device, count(*) AS n FROM sensors GROUP BY device",
+        &[sensors()],
+        hopping(30, 10),
+    );
+    let upstream = hop_schema_input(&hop_planned_schema());
+    let mut tumble = build(
+        "SELECT device, sum(n) AS n FROM hop GROUP BY device",
+        &[upstream],
+        tumbling(60),
+    );
+    let data = mixed_readings(3000, 300, 17);
+    let mut out = Collector::new();
+    let mut newest = i64::MIN;
+    let (mut upstream_rows, mut downstream_rows, mut late) = (0_i64, 0_i64, 0_usize);
+    for batch in data.into_iter().map(Some).chain([None]) {
+        let watermark = match &batch {
+            Some(batch) => {
+                newest = newest.max(times(batch, "ts").into_iter().max().unwrap());
+                hop.process_batch(0, batch.clone(), &mut out).await.unwrap();
+                Watermark(newest - SECOND)
+            }
+            None => Watermark::END,
+        };
+        hop.on_watermark(watermark, &mut out).await.unwrap();
+        let forwarded = hop.output_watermark(watermark);
+        let mut down = Collector::new();
+        for (port, result) in out.take_batches() {
+            assert_eq!(port, 0, "no row is late upstream");
+            upstream_rows += ints(&result, "n").iter().sum::<i64>();
+            tumble.process_batch(0, result, &mut down).await.unwrap();
+        }
+        tumble.on_watermark(forwarded, &mut down).await.unwrap();
+        for (port, result) in down.take_batches() {
+            if port == 1 {
+                late += result.num_rows();
+            } else {
+                downstream_rows += ints(&result, "n").iter().sum::<i64>();
+            }
+        }
+    }
+    assert_eq!(late, 0, "no window result is late downstream");
+    assert_eq!(
+        upstream_rows,
+        3 * 3000,
+        "each row is in three hopping windows"
+    );
+    assert_eq!(downstream_rows, upstream_rows);
+}
+
+fn hop_planned_schema() -> SchemaRef {
+    plan(
+        "SELECT device, count(*) AS n FROM sensors GROUP BY device",
+        &[sensors()],
+        hopping(30, 10),
+    )
+    .unwrap()
+    .outputs()[0]
+        .stream
+        .schema
+        .clone()
+}
+
+fn hop_schema_input(schema: &SchemaRef) -> InputStream {
+    input("hop", Arc::clone(schema), Some("window_start"))
+}
+
+#[test]
+fn the_forwarded_watermark_waits_for_the_earliest_open_window() {
+    let tumbling_10 = build(PER_DEVICE, &[sensors()], tumbling(10));
+    assert_eq!(
+        tumbling_10.output_watermark(Watermark(25_000)),
+        Watermark(20_000)
+    );
+    assert_eq!(
+        tumbling_10.output_watermark(Watermark(20_000)),
+        Watermark(20_000)
+    );
+    assert_eq!(tumbling_10.output_watermark(Watermark::END), Watermark::END);
 }

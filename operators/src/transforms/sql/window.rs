@@ -1,23 +1,34 @@
-//! The windowed `sql` transform: rows are kept in panes of event time, and when the
-//! watermark passes a window's end the query runs once over the window's rows.
+//! The windowed `sql` transform: rows are assigned to panes of event time, and when the
+//! watermark passes a window's end the query's result over the window's panes is
+//! emitted.
 //!
 //! Tumbling windows are hopping windows whose slide equals their size. Windows start at
 //! multiples of the slide (counted from the Unix epoch) and are `size` long, so every
-//! window is a run of consecutive panes of length `gcd(size, slide)`. A batch is stored
-//! once, in the pane its rows fall into, and every window that covers that pane reads the
-//! same `RecordBatch` (its columns are shared, never copied). A batch that spans several
-//! panes is split with Arrow kernels; the common case, a batch inside one pane, is
-//! stored as it came.
+//! window is a run of consecutive panes of length `gcd(size, slide)`. A batch that spans
+//! several panes is split with Arrow kernels; the common case, a batch inside one pane,
+//! is used as it came.
+//!
+//! What a pane keeps depends on the query (see `incremental.rs`). A query whose
+//! aggregate splits into DataFusion's partial and final phases keeps accumulator state
+//! per group key, updated as batches arrive and merged across the window's panes when
+//! it closes. Any other query keeps the pane's rows and runs over them at the close.
+//! Either way the pane's bytes count towards `max_state_bytes` and show in the state
+//! metrics.
 //!
 //! A window closes when the watermark reaches its end. Windows without rows emit
 //! nothing. A row whose every window has closed is late: it goes to the `late` port, or
 //! is counted as dropped when the transform has several inputs (and so no late port).
+//!
+//! Results carry `window_start` as their event time, so the watermark forwarded
+//! downstream is held back to the earliest start a window still open can have: a
+//! window after a window sees every result on time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tracing::debug;
+use datafusion::error::DataFusionError;
+use tracing::{debug, warn};
 use weir_engine::arrow::array::{
     Array, ArrayRef, Int64Array, TimestampMillisecondArray, UInt32Array,
 };
@@ -28,9 +39,11 @@ use weir_engine::arrow::compute::{
 };
 use weir_engine::arrow::datatypes::SchemaRef;
 use weir_engine::arrow::record_batch::RecordBatch;
+use weir_engine::metrics::StateMetrics;
 use weir_engine::time::{WindowSpec, event_times_ms};
 use weir_engine::{Collector, OperatorError, Transform, Watermark};
 
+use super::incremental::IncrementalPlan;
 use super::plan::SqlPlan;
 use super::{LATE_PORT, execution_error, format_millis};
 
@@ -38,13 +51,36 @@ use super::{LATE_PORT, execution_error, format_millis};
 /// beyond, with one sort, so the cost stays linear in the batch, not in the panes.
 const FILTER_SPLIT_MAX_PANES: i64 = 8;
 
-/// The rows of one pane, per input.
+/// How many state batches a pane collects before they are merged into one.
+const REDUCE_AFTER: usize = 16;
+
+/// What one pane keeps: its rows per input, or (incrementally) accumulator state
+/// batches in `batches[0]`.
 struct Pane {
     batches: Vec<Vec<RecordBatch>>,
+    /// State batches added since the pane was last reduced.
+    unreduced: usize,
+    /// Rows kept: input rows, or state rows (one per group and batch until reduced).
     rows: usize,
+    bytes: usize,
 }
 
-/// The event-time bookkeeping of a windowed transform: panes with their rows, the
+/// The memory a batch's rows take, counting only the part of shared buffers that the
+/// batch's slices cover.
+fn batch_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|column| {
+            column
+                .to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| column.get_array_memory_size())
+        })
+        .sum()
+}
+
+/// The event-time bookkeeping of a windowed transform: panes with what they keep, the
 /// windows that have rows and are still open, and the last watermark.
 pub(crate) struct Panes {
     size: i64,
@@ -57,6 +93,7 @@ pub(crate) struct Panes {
     open: BTreeSet<i64>,
     watermark: i64,
     rows: usize,
+    bytes: usize,
 }
 
 /// `a - (a mod m)` with the remainder taken non-negative: the multiple of `m` at or
@@ -95,6 +132,7 @@ impl Panes {
             open: BTreeSet::new(),
             watermark: Watermark::START.millis(),
             rows: 0,
+            bytes: 0,
         }
     }
 
@@ -118,22 +156,35 @@ impl Panes {
         self.end(self.last_window(pane)) <= self.watermark
     }
 
-    /// Stores a batch whose rows all fall into the pane starting at `pane`, which must
-    /// not be late.
-    fn insert(&mut self, input: usize, pane: i64, batch: RecordBatch) {
-        let rows = batch.num_rows();
+    /// The earliest start a window not closed by `watermark` may have: every result
+    /// still to come has at least this `window_start`.
+    fn earliest_open_start(&self, watermark: i64) -> i64 {
+        ceil_to(watermark.saturating_sub(self.size - 1), self.slide)
+    }
+
+    /// Keeps `batches` (rows of input `input`, or state) in the pane starting at
+    /// `pane`, which must not be late, and opens the windows the pane feeds.
+    fn insert(&mut self, input: usize, pane: i64, batches: Vec<RecordBatch>) {
         let inputs = self.inputs;
         let mut created = false;
         let entry = self.panes.entry(pane).or_insert_with(|| {
             created = true;
             Pane {
                 batches: vec![Vec::new(); inputs],
+                unreduced: 0,
                 rows: 0,
+                bytes: 0,
             }
         });
-        entry.batches[input].push(batch);
-        entry.rows += rows;
-        self.rows += rows;
+        for batch in batches {
+            let (rows, bytes) = (batch.num_rows(), batch_bytes(&batch));
+            entry.batches[input].push(batch);
+            entry.unreduced += 1;
+            entry.rows += rows;
+            entry.bytes += bytes;
+            self.rows += rows;
+            self.bytes += bytes;
+        }
         if created {
             // Windows only ever close, so the windows open now are the ones this pane
             // will feed; later batches of the same pane need no bookkeeping.
@@ -155,8 +206,23 @@ impl Panes {
         }
     }
 
+    /// The state batches of `pane` when at least `at_least` have gathered since its last
+    /// merge, taken out of the pane; [`Panes::insert`] puts the merged batches back.
+    fn take_for_reduce(&mut self, pane: i64, at_least: usize) -> Option<Vec<RecordBatch>> {
+        let entry = self.panes.get_mut(&pane)?;
+        if entry.unreduced < at_least.max(2) {
+            return None;
+        }
+        self.rows -= entry.rows;
+        self.bytes -= entry.bytes;
+        entry.rows = 0;
+        entry.bytes = 0;
+        entry.unreduced = 0;
+        Some(std::mem::take(&mut entry.batches[0]))
+    }
+
     /// Moves the watermark to `watermark` and returns, in start order, the windows with
-    /// rows that it closes. Their rows stay until [`Panes::evict`].
+    /// rows that it closes. Their panes stay until [`Panes::evict`].
     fn advance(&mut self, watermark: i64) -> Vec<i64> {
         if watermark <= self.watermark {
             return Vec::new();
@@ -173,7 +239,7 @@ impl Panes {
         closing
     }
 
-    /// The rows of the window starting at `start`, per input.
+    /// What the panes of the window starting at `start` keep, per input.
     fn window_batches(&self, start: i64) -> Vec<Vec<RecordBatch>> {
         let mut inputs = vec![Vec::new(); self.inputs];
         for pane in self
@@ -196,15 +262,34 @@ impl Panes {
             }
             if let Some(evicted) = self.panes.remove(&pane) {
                 self.rows -= evicted.rows;
+                self.bytes -= evicted.bytes;
             }
         }
     }
 }
 
+/// How a windowed transform computes a window's result.
+pub(crate) enum WindowQuery {
+    /// From accumulator state per pane and group key.
+    Incremental(IncrementalPlan),
+    /// By running the query over the window's rows.
+    Buffered(SqlPlan),
+}
+
+/// What a windowed transform is asked to do, besides its query.
+pub(crate) struct WindowSettings {
+    pub(crate) window: WindowSpec,
+    /// The event-time column of each input.
+    pub(crate) event_time_columns: Vec<usize>,
+    pub(crate) max_state_bytes: usize,
+}
+
 /// A running windowed `sql` transform.
 pub(crate) struct WindowedSql {
     name: String,
-    plan: SqlPlan,
+    /// The inputs' names, for messages.
+    input_names: Vec<String>,
+    query: WindowQuery,
     /// The main port's schema: `window_start`, `window_end`, then the query's columns.
     schema: SchemaRef,
     /// The event-time column of each input.
@@ -212,37 +297,115 @@ pub(crate) struct WindowedSql {
     /// Whether late rows go to the `late` port (one input) or are counted as dropped.
     late_port: bool,
     panes: Panes,
+    max_state_bytes: usize,
+    state: StateMetrics,
+    /// Whether rows are being refused because the state is over `max_state_bytes`;
+    /// logged once per episode.
+    over_limit: bool,
 }
 
 impl WindowedSql {
     pub(crate) fn new(
         name: String,
-        plan: SqlPlan,
+        input_names: Vec<String>,
+        query: WindowQuery,
         schema: SchemaRef,
-        window: WindowSpec,
-        event_time_columns: Vec<usize>,
+        settings: WindowSettings,
+        state: StateMetrics,
     ) -> Self {
+        let WindowSettings {
+            window,
+            event_time_columns,
+            max_state_bytes,
+        } = settings;
         let inputs = event_time_columns.len();
         WindowedSql {
             name,
-            plan,
+            input_names,
+            query,
             schema,
             late_port: inputs == 1,
             panes: Panes::new(window, inputs),
             event_time_columns,
+            max_state_bytes,
+            state,
+            over_limit: false,
         }
     }
 
-    /// Stores rows that fall into the pane starting at `pane`, or routes them as late.
-    fn route(&mut self, input: usize, pane: i64, batch: RecordBatch, out: &mut Collector) {
+    /// Keeps rows that fall into the pane starting at `pane`, or routes them as late,
+    /// or refuses them while the state is full.
+    async fn route(
+        &mut self,
+        input: usize,
+        pane: i64,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
         if batch.num_rows() == 0 {
-            return;
+            return Ok(());
         }
         if self.panes.is_late(pane) {
             self.late(batch, out);
-        } else {
-            self.panes.insert(input, pane, batch);
+            return Ok(());
         }
+        if self.panes.bytes >= self.max_state_bytes {
+            if !self.over_limit {
+                warn!(
+                    operator = %self.name,
+                    state_bytes = self.panes.bytes,
+                    max_state_bytes = self.max_state_bytes,
+                    "window state is full: rows are dropped (reason state_limit) until windows close"
+                );
+                self.over_limit = true;
+            }
+            out.count_dropped("state_limit", batch.num_rows() as u64);
+            return Ok(());
+        }
+        match &self.query {
+            WindowQuery::Buffered(_) => self.panes.insert(input, pane, vec![batch]),
+            WindowQuery::Incremental(plan) => {
+                let states = plan
+                    .partial(input, self.panes.inputs, batch)
+                    .await
+                    .map_err(|error| {
+                        let what = format!(
+                            "a batch of input '{}' at [{}, {})",
+                            self.input_names.get(input).map_or("?", String::as_str),
+                            format_millis(pane),
+                            format_millis(pane.saturating_add(self.panes.pane))
+                        );
+                        self.failed(&what, error)
+                    })?;
+                self.panes.insert(0, pane, states);
+                self.reduce(pane, REDUCE_AFTER).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges the state batches of `pane` into one per group when at least `at_least`
+    /// have gathered since its last merge.
+    async fn reduce(&mut self, pane: i64, at_least: usize) -> Result<(), OperatorError> {
+        let WindowQuery::Incremental(plan) = &self.query else {
+            return Ok(());
+        };
+        let Some(states) = self.panes.take_for_reduce(pane, at_least) else {
+            return Ok(());
+        };
+        let reduced = plan
+            .reduce(states)
+            .await
+            .map_err(|error| self.failed("merging a pane's state", error))?;
+        self.panes.insert(0, pane, reduced);
+        if let Some(entry) = self.panes.panes.get_mut(&pane) {
+            entry.unreduced = 0;
+        }
+        Ok(())
+    }
+
+    fn failed(&self, what: &str, error: DataFusionError) -> OperatorError {
+        execution_error(&self.name, what, error)
     }
 
     fn late(&self, batch: RecordBatch, out: &mut Collector) {
@@ -253,13 +416,25 @@ impl WindowedSql {
         }
     }
 
-    /// Runs the query over the window starting at `start` and emits its rows.
+    fn report_state(&mut self) {
+        self.state.keys.set(self.panes.rows as i64);
+        self.state.bytes.set(self.panes.bytes as i64);
+        if self.over_limit && self.panes.bytes < self.max_state_bytes {
+            self.over_limit = false;
+        }
+    }
+
+    /// Computes the window starting at `start` and emits its rows.
     async fn close(&self, start: i64, out: &mut Collector) -> Result<(), OperatorError> {
         let end = self.panes.end(start);
-        let inputs = self.panes.window_batches(start);
-        let results = self.plan.execute(&inputs).await.map_err(|error| {
+        let mut inputs = self.panes.window_batches(start);
+        let results = match &self.query {
+            WindowQuery::Buffered(plan) => plan.execute(&inputs).await,
+            WindowQuery::Incremental(plan) => plan.finish(std::mem::take(&mut inputs[0])).await,
+        }
+        .map_err(|error| {
             let what = format!("window [{}, {})", format_millis(start), format_millis(end));
-            execution_error(&self.name, &what, error)
+            self.failed(&what, error)
         })?;
         for result in results {
             let rows = result.num_rows();
@@ -327,7 +502,8 @@ impl Transform for WindowedSql {
         };
         let (first, last) = (self.panes.pane_of(first), self.panes.pane_of(last));
         if first == last {
-            self.route(input, first, batch, out);
+            self.route(input, first, batch, out).await?;
+            self.report_state();
             return Ok(());
         }
         if self.panes.is_late(last) {
@@ -345,7 +521,7 @@ impl Transform for WindowedSql {
                 let mask = eq(&keys, &Int64Array::new_scalar(pane))?;
                 if mask.true_count() > 0 {
                     let part = filter_record_batch(&batch, &mask)?;
-                    self.route(input, pane, part, out);
+                    self.route(input, pane, part, out).await?;
                 }
                 if pane >= last {
                     break;
@@ -387,9 +563,10 @@ impl Transform for WindowedSql {
             for range in ranges {
                 let pane = sorted_keys.value(range.start);
                 let part = sorted.slice(range.start, range.end - range.start);
-                self.route(input, pane, part, out);
+                self.route(input, pane, part, out).await?;
             }
         }
+        self.report_state();
         Ok(())
     }
 
@@ -399,21 +576,45 @@ impl Transform for WindowedSql {
         out: &mut Collector,
     ) -> Result<(), OperatorError> {
         let closing = self.panes.advance(watermark.millis());
+        // A pane the watermark has passed rarely gets more rows, but hopping windows
+        // keep it for long: merge what it gathered, so it holds one state row per key.
+        let complete: Vec<i64> = self
+            .panes
+            .panes
+            .range(..watermark.millis().saturating_sub(self.panes.pane))
+            .filter(|(_, pane)| pane.unreduced >= 2)
+            .map(|(&start, _)| start)
+            .collect();
+        for pane in complete {
+            self.reduce(pane, 2).await?;
+        }
         if closing.is_empty() {
+            self.report_state();
             return Ok(());
         }
         for start in closing {
             self.close(start, out).await?;
         }
         self.panes.evict();
+        self.report_state();
         debug!(
             operator = %self.name,
-            buffered_rows = self.panes.rows,
+            kept_rows = self.panes.rows,
+            kept_bytes = self.panes.bytes,
             panes = self.panes.panes.len(),
             open_windows = self.panes.open.len(),
             "sql windows closed"
         );
         Ok(())
+    }
+
+    fn output_watermark(&self, watermark: Watermark) -> Watermark {
+        if watermark == Watermark::END {
+            return watermark;
+        }
+        // Results carry their window's start as event time: hold the watermark back to
+        // the earliest start still to come, so no result is late downstream.
+        Watermark(self.panes.earliest_open_start(watermark.millis())).min(watermark)
     }
 }
 
@@ -453,7 +654,7 @@ mod tests {
     #[test]
     fn a_pane_opens_every_window_that_covers_it() {
         let mut panes = Panes::new(hopping(30, 10), 1);
-        panes.insert(0, panes.pane_of(25), one_row());
+        panes.insert(0, panes.pane_of(25), vec![one_row()]);
         assert_eq!(
             panes.open.iter().copied().collect::<Vec<_>>(),
             vec![0, 10, 20]
@@ -461,15 +662,15 @@ mod tests {
         // Windows that do not align with the slide use panes of gcd(size, slide).
         let mut panes = Panes::new(hopping(25, 10), 1);
         assert_eq!(panes.pane, 5);
-        panes.insert(0, panes.pane_of(27), one_row());
+        panes.insert(0, panes.pane_of(27), vec![one_row()]);
         assert_eq!(panes.open.iter().copied().collect::<Vec<_>>(), vec![10, 20]);
     }
 
     #[test]
     fn closing_and_eviction_follow_the_watermark() {
         let mut panes = Panes::new(hopping(30, 10), 1);
-        panes.insert(0, 0, one_row());
-        panes.insert(0, 10, one_row());
+        panes.insert(0, 0, vec![one_row()]);
+        panes.insert(0, 10, vec![one_row()]);
         assert_eq!(panes.advance(29), vec![-20, -10]);
         assert_eq!(panes.advance(30), vec![0]);
         panes.evict();
@@ -490,7 +691,7 @@ mod tests {
         let mut panes = Panes::new(hopping(30, 10), 1);
         panes.advance(35);
         // Pane 20 is covered by [0, 30) (closed), [10, 40) and [20, 50) (open).
-        panes.insert(0, 20, one_row());
+        panes.insert(0, 20, vec![one_row()]);
         assert_eq!(panes.open.iter().copied().collect::<Vec<_>>(), vec![10, 20]);
     }
 }
