@@ -132,6 +132,7 @@ pub fn windowed_transform(
         schema: None,
         event_time: None,
         window,
+        on_error: weir_engine::registry::OnError::Fail,
         base_dir: Path::new("."),
     };
     let planned = factory

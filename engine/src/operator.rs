@@ -217,6 +217,23 @@ impl SourceContext {
         Ok(())
     }
 
+    /// Holds the source's watermark where it is while `held`: batches then go out
+    /// without watermarks. A source reading several files whose time ranges overlap
+    /// holds it until the last one, so no file makes another's rows late.
+    pub fn hold_watermarks(&mut self, held: bool) {
+        if let Some(generator) = &mut self.watermarks {
+            generator.held = held;
+        }
+    }
+
+    /// Starts the source's watermark afresh from the next rows (it never moves back):
+    /// for a source that begins another file, whose event times are its own.
+    pub fn restart_event_time(&mut self) {
+        if let Some(generator) = &mut self.watermarks {
+            generator.restart();
+        }
+    }
+
     /// Says where rows rejected for their event time go: port number `port`, encoded
     /// by `encoder`. Without this they are counted and dropped.
     pub fn set_rejects(&mut self, port: usize, encoder: RejectEncoder) {

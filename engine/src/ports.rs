@@ -156,6 +156,10 @@ pub(crate) struct WatermarkGenerator {
     max_future_ms: Option<i64>,
     max_seen: Option<i64>,
     emitted: Watermark,
+    /// While held, batches pass without watermarks (see [`SourceContext::hold_watermarks`]).
+    ///
+    /// [`SourceContext::hold_watermarks`]: crate::SourceContext::hold_watermarks
+    pub(crate) held: bool,
 }
 
 /// A batch as the generator sends it: runs of rows, each after the watermark it must
@@ -178,7 +182,14 @@ impl WatermarkGenerator {
             max_future_ms: spec.max_future.map(duration_ms),
             max_seen: None,
             emitted: Watermark::START,
+            held: false,
         }
+    }
+
+    /// Forgets the event times seen so far: the next rows start a new watermark, which
+    /// only ever moves the emitted one forward.
+    pub(crate) fn restart(&mut self) {
+        self.max_seen = None;
     }
 
     /// Looks at a batch about to be sent, with the wall clock at `now_ms`, and says
@@ -202,6 +213,13 @@ impl WatermarkGenerator {
             }
             None => (batch, times, None),
         };
+        if self.held {
+            return Observed {
+                runs: vec![(None, batch)],
+                after: None,
+                future,
+            };
+        }
         let mut runs = Vec::new();
         let mut run_start = 0;
         let mut pending = None;

@@ -75,6 +75,17 @@ pub struct InputStream {
     pub stream: StreamInfo,
 }
 
+/// What a transform does with rows that make it fail (`on_error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnError {
+    /// The error fails the pipeline (the default).
+    #[default]
+    Fail,
+    /// The rows that fail are isolated and sent to the node's `dead_letter` port with
+    /// the error; the rest go on.
+    DeadLetter,
+}
+
 /// Everything a factory may look at when planning one node.
 pub struct NodeContext<'a> {
     /// The pipeline's name.
@@ -100,6 +111,8 @@ pub struct NodeContext<'a> {
     pub event_time: Option<EventTimeSpec>,
     /// The window declared on the node (transforms).
     pub window: Option<WindowSpec>,
+    /// What the node does with rows it fails on (transforms: `on_error`).
+    pub on_error: OnError,
     /// The directory relative paths in the config are resolved against.
     pub base_dir: &'a Path,
 }

@@ -257,6 +257,7 @@ pub(crate) mod test_support {
             schema: decl.schema,
             event_time: decl.event_time,
             window: None,
+            on_error: weir_engine::registry::OnError::Fail,
             base_dir,
         };
         factory.plan(&node)

@@ -59,11 +59,7 @@ pub fn outputs_with_dead_letter(
 /// the row no longer knows the line or message it came from.
 pub fn rows_as_dead_letters(dead_letter: SchemaRef) -> RejectEncoder {
     Box::new(move |rows: &RecordBatch, reason: &str| {
-        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-        writer.write(rows)?;
-        writer.finish()?;
-        let text = String::from_utf8_lossy(&writer.into_inner()).into_owned();
-        let lines: Vec<&str> = text.lines().collect();
+        let lines = rows_as_json(rows)?;
         let count = rows.num_rows();
         let columns: Vec<ArrayRef> = dead_letter
             .fields()
@@ -74,7 +70,7 @@ pub fn rows_as_dead_letters(dead_letter: SchemaRef) -> RejectEncoder {
                         reason, count,
                     ))),
                     ("raw" | "payload", _) => Arc::new(StringArray::from_iter_values(
-                        (0..count).map(|row| lines.get(row).copied().unwrap_or_default()),
+                        (0..count).map(|row| lines.get(row).map_or("", String::as_str)),
                     )),
                     (_, DataType::UInt64) => Arc::new(UInt64Array::from(vec![0; count])),
                     _ if field.is_nullable() => new_null_array(field.data_type(), count),
@@ -86,6 +82,15 @@ pub fn rows_as_dead_letters(dead_letter: SchemaRef) -> RejectEncoder {
             .collect();
         RecordBatch::try_new(Arc::clone(&dead_letter), columns)
     })
+}
+
+/// Each row of `rows` as one JSON object.
+pub fn rows_as_json(rows: &RecordBatch) -> Result<Vec<String>, arrow::error::ArrowError> {
+    let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+    writer.write(rows)?;
+    writer.finish()?;
+    let text = String::from_utf8_lossy(&writer.into_inner()).into_owned();
+    Ok(text.lines().map(str::to_owned).collect())
 }
 
 /// Logs rejected input without flooding the log.

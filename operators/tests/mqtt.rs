@@ -106,6 +106,7 @@ fn start_stalled(yaml: &str, stall: Option<Duration>) -> Running {
         schema: Some(schema()),
         event_time: None,
         window: None,
+        on_error: weir_engine::registry::OnError::Fail,
         base_dir: Path::new("."),
     };
     let planned = match factory.plan(&node) {

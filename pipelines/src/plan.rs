@@ -19,8 +19,8 @@ use weir_engine::graph::{InputRef, Pipeline, PipelineBuilder};
 use weir_engine::metrics::EngineMetrics;
 use weir_engine::observe::RetainSpec;
 use weir_engine::registry::{
-    InputStream, MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator,
-    StreamInfo,
+    InputStream, MAIN_PORT_NAME, NodeContext, OnError, OperatorFactory, OutputSpec,
+    PlannedOperator, StreamInfo,
 };
 use weir_engine::time::EventTimeSpec;
 use weir_engine::{Registry, Role};
@@ -646,6 +646,7 @@ fn plan_node(
         schema: node.schema.clone(),
         event_time: node.event_time.clone(),
         window: node.window,
+        on_error: node.on_error,
         base_dir,
     };
     if !inputs_known {
@@ -673,6 +674,20 @@ fn plan_node(
         }
     };
     let mut outputs = operator.outputs();
+    if node.on_error == OnError::DeadLetter && !outputs.iter().any(|o| o.name == "dead_letter") {
+        errors.push(
+            ConfigError::new(
+                format!("{}.on_error", node.path()),
+                node.on_error_location,
+                format!(
+                    "transform kind '{}' cannot send failing rows to a dead_letter port",
+                    node.kind
+                ),
+            )
+            .with_hint("remove on_error, or use a sql transform"),
+        );
+        return State::Skipped;
+    }
 
     let mut event_time = None;
     if node.role == Role::Source {

@@ -16,7 +16,7 @@ use weir_engine::config::{
     ConfigError, ConfigValue, HumanDuration, HumanSize, Key, Location, Value, choices_hint,
 };
 use weir_engine::observe::RetainSpec;
-use weir_engine::registry::MAIN_PORT_NAME;
+use weir_engine::registry::{MAIN_PORT_NAME, OnError};
 use weir_engine::time::{EventTimeSpec, WindowSpec, is_event_time_type};
 
 use crate::env::{EnvLookup, interpolate_tree};
@@ -31,7 +31,9 @@ pub const VERSION: u32 = 1;
 
 const TOP_FIELDS: &[&str] = &["version", "name", "sources", "transforms", "sinks"];
 const SOURCE_FIELDS: &[&str] = &["kind", "config", "schema", "event_time", "retain"];
-const TRANSFORM_FIELDS: &[&str] = &["kind", "inputs", "window", "schema", "config", "retain"];
+const TRANSFORM_FIELDS: &[&str] = &[
+    "kind", "inputs", "window", "schema", "config", "retain", "on_error",
+];
 const SINK_FIELDS: &[&str] = &["kind", "inputs", "config", "flush_interval"];
 const ROLES: [Role; 3] = [Role::Source, Role::Transform, Role::Sink];
 
@@ -79,6 +81,10 @@ pub struct NodeSpec {
     pub window: Option<WindowSpec>,
     /// How much of the node's output to keep for queries (sources and transforms).
     pub retain: Option<RetainSpec>,
+    /// What the transform does with rows that make it fail (transforms only).
+    pub on_error: OnError,
+    /// Where `on_error` was written.
+    pub on_error_location: Location,
     /// How often the engine flushes the sink while it has unflushed writes (sinks only;
     /// the engine's default of 1 s when absent).
     pub flush_interval: Option<Duration>,
@@ -458,6 +464,8 @@ fn parse_node(
         window: None,
         retain: None,
         flush_interval: None,
+        on_error: OnError::Fail,
+        on_error_location: key.location,
         location: key.location,
         kind_location: key.location,
         event_time_location: key.location,
@@ -540,6 +548,22 @@ fn parse_node(
             ("retain", Role::Source | Role::Transform) => {
                 node.retain = parse_retain(&value, &field_path, errors);
             }
+            ("on_error", Role::Transform) => {
+                node.on_error_location = value.location;
+                match value.deserialize_into::<String>(&field_path).as_deref() {
+                    Ok("fail") => node.on_error = OnError::Fail,
+                    Ok("dead_letter") => node.on_error = OnError::DeadLetter,
+                    Ok(other) => errors.push(
+                        ConfigError::new(
+                            &field_path,
+                            value.location,
+                            format!("unknown on_error '{other}'"),
+                        )
+                        .with_hint("write on_error: fail (the default) or on_error: dead_letter"),
+                    ),
+                    Err(error) => errors.push(error.clone()),
+                }
+            }
             ("flush_interval", Role::Sink) => {
                 match value.deserialize_into::<HumanDuration>(&field_path) {
                     Ok(interval) if Duration::from(interval).is_zero() => errors.push(
@@ -609,6 +633,7 @@ fn misplaced(role: Role, field: &str, path: &str, location: Location) -> ConfigE
         "event_time" => "only sources declare event time; it flows downstream with the data",
         "retain" => "a sink emits no stream to keep; retain the node it reads from",
         "flush_interval" => "only sinks are flushed; set it on the sink that writes",
+        "on_error" => "only transforms take on_error; sources send bad input to dead_letter",
         _ => "windows belong on the transform that aggregates",
     };
     ConfigError::new(

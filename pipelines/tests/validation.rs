@@ -602,12 +602,14 @@ fn unknown_field_suggests_the_nearest_name() {
         pos(&text, "windw"),
         "transforms.per_minute.windw",
         "unknown field 'windw'",
-        Some("did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain"),
+        Some(
+            "did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain, on_error",
+        ),
     );
     assert_eq!(
         d.to_string(),
         "pipes/boiler.yaml:13:5: transforms.per_minute.windw: unknown field 'windw'\n  \
-         hint: did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain"
+         hint: did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain, on_error"
     );
 
     // Inside an operator's config the factory reports it, through the same deserializer.
@@ -1302,4 +1304,29 @@ fn flush_interval_belongs_to_sinks_and_is_more_than_zero() {
     );
     let found = only(&text);
     assert_eq!(found.message, "a transform takes no 'flush_interval'");
+}
+
+#[test]
+fn on_error_is_fail_or_dead_letter_and_needs_a_dead_letter_port() {
+    valid(&with(
+        "    inputs: [sensors]\n",
+        "    inputs: [sensors]\n    on_error: fail\n",
+    ));
+    let text = with(
+        "    inputs: [sensors]\n",
+        "    inputs: [sensors]\n    on_error: skip\n",
+    );
+    let found = only(&text);
+    assert_eq!(found.path, "transforms.per_minute.on_error");
+    assert_eq!(found.message, "unknown on_error 'skip'");
+    // The fake `pass` kind declares no dead_letter port, so it cannot honour it.
+    let text = with(
+        "    inputs: [sensors]\n",
+        "    inputs: [sensors]\n    on_error: dead_letter\n",
+    );
+    let found = only(&text);
+    assert_eq!(
+        found.message,
+        "transform kind 'pass' cannot send failing rows to a dead_letter port"
+    );
 }

@@ -99,6 +99,11 @@ fn golden_rows_that_jump_back_are_late_row_by_row_at_any_batch_size() {
 }
 
 #[test]
+fn golden_files_whose_times_overlap_do_not_make_each_other_late() {
+    check_case("overlapping_files");
+}
+
+#[test]
 fn golden_anomaly_zscore_follows_the_rule_over_window_aggregates() {
     check_case("anomaly_zscore");
 }

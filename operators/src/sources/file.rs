@@ -101,6 +101,24 @@ pub struct FileSourceConfig {
     /// (the directories before the first wildcard), with `/` separators, e.g.
     /// `realKnownCause/nyc_taxi.csv`; for a `path` without wildcards, the file's name.
     pub file_column: Option<String>,
+    /// How a pattern's files make the watermark. `per_file` (the default): each file has
+    /// its own, and the source's is their minimum, so files not yet read hold it back
+    /// and windows close only as the last file is read; files whose time ranges overlap
+    /// never make each other's rows late. `in_order`: the files are in time order (daily
+    /// logs), so one watermark runs across them and windows close as they are read; a
+    /// row older than an earlier file's watermark is late.
+    pub watermark: FileWatermark,
+}
+
+/// How the files of a pattern make the source's watermark.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileWatermark {
+    /// One watermark per file, combined by minimum.
+    #[default]
+    PerFile,
+    /// One watermark across the files, in the order they are read.
+    InOrder,
 }
 
 impl Default for FileSourceConfig {
@@ -113,6 +131,7 @@ impl Default for FileSourceConfig {
             batch_rows: 8192,
             poll_interval: HumanDuration(Duration::from_millis(250)),
             file_column: None,
+            watermark: FileWatermark::PerFile,
         }
     }
 }
@@ -186,6 +205,7 @@ struct Plan {
     output: SchemaRef,
     file_column: Option<String>,
     event_time: Option<String>,
+    watermark: FileWatermark,
 }
 
 impl OperatorFactory for FileSourceFactory {
@@ -333,6 +353,7 @@ fn validate(config: &FileSourceConfig, node: &NodeContext<'_>) -> Result<Plan, C
         input,
         decoding,
         follow: config.follow,
+        watermark: config.watermark,
         batch_rows: config.batch_rows,
         poll_interval: config.poll_interval.0,
         schema,
@@ -1322,6 +1343,9 @@ impl Source for FileSource {
             DEAD_LETTER_PORT,
             crate::rejects::rows_as_dead_letters(dead_letter_schema()),
         );
+        let per_file = self.plan.watermark == FileWatermark::PerFile;
+        // Files still to come hold the watermark back: their rows may be older.
+        ctx.hold_watermarks(per_file && !self.pending.is_empty());
         let outcome = async {
             while !ctx.is_cancelled() {
                 if self.read_chunk().await? > 0 {
@@ -1335,6 +1359,11 @@ impl Source for FileSource {
                     self.finish_file();
                     if !self.next_file().await? {
                         return Ok(());
+                    }
+                    if per_file {
+                        // Each file's watermark is its own; the last one releases it.
+                        ctx.restart_event_time();
+                        ctx.hold_watermarks(!self.pending.is_empty());
                     }
                 }
             }

@@ -1023,6 +1023,7 @@ anomalies: {probability: 2}
             schema: None,
             event_time: None,
             window: None,
+            on_error: weir_engine::registry::OnError::Fail,
             base_dir: std::path::Path::new("."),
         };
         let mut generator = Generator::new(validate(&config, &node).unwrap());

@@ -1209,6 +1209,7 @@ mod tests {
                 ..EventTimeSpec::default()
             }),
             window: None,
+            on_error: weir_engine::registry::OnError::Fail,
             base_dir: std::path::Path::new("."),
         };
         let (connection, config) = node.config_split()?;

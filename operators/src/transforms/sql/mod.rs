@@ -14,6 +14,7 @@
 //! aggregate into incremental phases in `incremental.rs`.
 
 mod incremental;
+mod isolate;
 mod plan;
 mod stateless;
 #[cfg(test)]
@@ -36,11 +37,14 @@ use weir_engine::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit
 use weir_engine::arrow::error::ArrowError;
 use weir_engine::config::{ConfigError, ConfigErrors, HumanSize, Location, closest_match};
 use weir_engine::metrics::OperatorMetrics;
-use weir_engine::registry::{InputStream, MAIN_PORT_NAME, NodeContext, OutputSpec, StreamInfo};
+use weir_engine::registry::{
+    InputStream, MAIN_PORT_NAME, NodeContext, OnError, OutputSpec, StreamInfo,
+};
 use weir_engine::time::{WindowSpec, is_event_time_type};
 use weir_engine::{OperatorError, OperatorFactory, OperatorInstance, PlannedOperator, Role};
 
 use self::incremental::{IncrementalPlan, NotIncremental};
+use self::isolate::{DeadLetters, QUERY_ERROR, dead_letter_schema};
 use self::plan::{InputTable, SqlPlan, new_session};
 use self::stateless::StatelessSql;
 use self::window::{WindowQuery, WindowSettings, WindowedSql};
@@ -145,6 +149,8 @@ struct PlannedSql {
     mode: Mode,
     outputs: Vec<OutputSpec>,
     input_names: Vec<String>,
+    /// The `dead_letter` port's index, with `on_error: dead_letter`.
+    dead_letter: Option<usize>,
 }
 
 impl PlannedOperator for PlannedSql {
@@ -182,9 +188,14 @@ impl PlannedOperator for PlannedSql {
             mode,
             outputs,
             input_names,
+            dead_letter,
         } = *self;
+        let dead_letters = dead_letter.map(|port| DeadLetters {
+            port,
+            input_names: input_names.clone(),
+        });
         Ok(OperatorInstance::Transform(match mode {
-            Mode::Stateless => Box::new(StatelessSql::new(name, plan, input_names)),
+            Mode::Stateless => Box::new(StatelessSql::new(name, plan, input_names, dead_letters)),
             Mode::Windowed {
                 window,
                 event_time_columns,
@@ -208,6 +219,7 @@ impl PlannedOperator for PlannedSql {
                     schema,
                     settings,
                     metrics.state(),
+                    dead_letters,
                 ))
             }
         }))
@@ -320,7 +332,19 @@ impl Planner<'_> {
                 unwired_drop_reason: Some("late"),
             });
         }
+        let dead_letter = (self.node.on_error == OnError::DeadLetter).then(|| {
+            outputs.push(OutputSpec {
+                name: crate::rejects::DEAD_LETTER_PORT_NAME.to_owned(),
+                stream: StreamInfo {
+                    schema: dead_letter_schema(),
+                    event_time: None,
+                },
+                unwired_drop_reason: Some(QUERY_ERROR),
+            });
+            outputs.len() - 1
+        });
         Ok(PlannedSql {
+            dead_letter,
             name: self.name().to_owned(),
             plan: SqlPlan::new(physical, task_ctx, self.inputs().len()),
             mode,
@@ -820,8 +844,23 @@ fn innermost(error: &DataFusionError) -> &DataFusionError {
 /// Turns a DataFusion failure while running the query into an operator error: bad data
 /// (a failed cast, a division by zero) is the user's; anything else is Weir's.
 fn execution_error(transform: &str, what: &str, error: DataFusionError) -> OperatorError {
-    let root = innermost(&error);
-    let users = match root {
+    let message = format!(
+        "sql transform '{transform}' failed on {what}: {}",
+        one_line(&innermost(&error).message())
+    );
+    // Running out of the memory limit is the user's to fix too, but not a row's fault.
+    let exhausted = matches!(innermost(&error), DataFusionError::ResourcesExhausted(_));
+    if is_data_error(&error) || exhausted {
+        OperatorError::User(message)
+    } else {
+        OperatorError::Internal(message)
+    }
+}
+
+/// Whether a failure is about the rows the query ran over (the user's data) rather than
+/// about Weir: only those are isolated by `on_error: dead_letter`.
+fn is_data_error(error: &DataFusionError) -> bool {
+    match innermost(error) {
         DataFusionError::ArrowError(arrow, _) => matches!(
             arrow.as_ref(),
             ArrowError::CastError(_)
@@ -831,17 +870,8 @@ fn execution_error(transform: &str, what: &str, error: DataFusionError) -> Opera
                 | ArrowError::InvalidArgumentError(_)
                 | ArrowError::ParseError(_)
         ),
-        DataFusionError::Execution(_) | DataFusionError::ResourcesExhausted(_) => true,
+        DataFusionError::Execution(_) => true,
         _ => false,
-    };
-    let message = format!(
-        "sql transform '{transform}' failed on {what}: {}",
-        one_line(&root.message())
-    );
-    if users {
-        OperatorError::User(message)
-    } else {
-        OperatorError::Internal(message)
     }
 }
 

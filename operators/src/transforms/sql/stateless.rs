@@ -9,8 +9,9 @@ use weir_engine::arrow::datatypes::SchemaRef;
 use weir_engine::arrow::record_batch::RecordBatch;
 use weir_engine::{Collector, OperatorError, Transform};
 
-use super::execution_error;
+use super::isolate::{DeadLetters, bisect};
 use super::plan::SqlPlan;
+use super::{execution_error, is_data_error};
 
 /// A running stateless `sql` transform.
 pub(crate) struct StatelessSql {
@@ -20,15 +21,23 @@ pub(crate) struct StatelessSql {
     schema: SchemaRef,
     /// The table name of each input, for messages.
     input_names: Vec<String>,
+    /// Where rows the query fails on go, with `on_error: dead_letter`.
+    dead_letters: Option<DeadLetters>,
 }
 
 impl StatelessSql {
-    pub(crate) fn new(name: String, plan: SqlPlan, input_names: Vec<String>) -> Self {
+    pub(crate) fn new(
+        name: String,
+        plan: SqlPlan,
+        input_names: Vec<String>,
+        dead_letters: Option<DeadLetters>,
+    ) -> Self {
         StatelessSql {
             name,
             schema: plan.schema(),
             plan,
             input_names,
+            dead_letters,
         }
     }
 }
@@ -53,11 +62,27 @@ impl Transform for StatelessSql {
                 self.name
             )));
         };
-        slot.push(batch);
-        let results = self.plan.execute(&inputs).await.map_err(|error| {
+        slot.push(batch.clone());
+        let failed = |error| {
             let what = format!("a batch of input '{}'", self.input_names[input]);
             execution_error(&self.name, &what, error)
-        })?;
+        };
+        let results = match (self.plan.execute(&inputs).await, &self.dead_letters) {
+            (Ok(results), _) => results,
+            (Err(error), Some(dead_letters)) if is_data_error(&error) => {
+                let plan = &self.plan;
+                let count = inputs.len();
+                let isolated = bisect(batch, |part| {
+                    let mut inputs = vec![Vec::new(); count];
+                    inputs[input].push(part);
+                    async move { plan.execute(&inputs).await }
+                })
+                .await
+                .map_err(failed)?;
+                dead_letters.settle(out, input, isolated)?
+            }
+            (Err(error), _) => return Err(failed(error)),
+        };
         for result in results {
             out.emit(conform(result, &self.schema)?);
         }

@@ -57,6 +57,15 @@ fn plan_with(
     inputs: &[InputStream],
     window: Option<WindowSpec>,
 ) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
+    plan_on_error(config, inputs, window, weir_engine::registry::OnError::Fail)
+}
+
+fn plan_on_error(
+    config: ConfigValue,
+    inputs: &[InputStream],
+    window: Option<WindowSpec>,
+    on_error: weir_engine::registry::OnError,
+) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
     let node = NodeContext {
         pipeline: "test",
         name: "t",
@@ -68,6 +77,7 @@ fn plan_with(
         schema: None,
         event_time: None,
         window,
+        on_error,
         base_dir: Path::new("."),
     };
     SqlFactory.plan(&node)
@@ -1348,4 +1358,99 @@ fn the_forwarded_watermark_waits_for_the_earliest_open_window() {
         Watermark(20_000)
     );
     assert_eq!(tumbling_10.output_watermark(Watermark::END), Watermark::END);
+}
+
+// ---- on_error: dead_letter -----------------------------------------------------------
+
+fn dead_lettering(query: &str, window: Option<WindowSpec>) -> Box<dyn Transform> {
+    let config = ConfigValue::map([("query", ConfigValue::string(query))]);
+    let planned = plan_on_error(
+        config,
+        &[sensors()],
+        window,
+        weir_engine::registry::OnError::DeadLetter,
+    )
+    .unwrap();
+    let names: Vec<String> = planned.outputs().iter().map(|o| o.name.clone()).collect();
+    let expected: &[&str] = if window.is_some() {
+        &["out", "late", "dead_letter"]
+    } else {
+        &["out", "dead_letter"]
+    };
+    assert_eq!(names, expected);
+    transform(planned)
+}
+
+/// The dead-letter rows emitted on `port`, as (input, error, raw) triples.
+fn dead_letters(batches: &[(usize, RecordBatch)], port: usize) -> Vec<(String, String, String)> {
+    batches
+        .iter()
+        .filter(|(p, _)| *p == port)
+        .flat_map(|(_, batch)| {
+            let (inputs, errors, raws) = (
+                strings(batch, "input"),
+                strings(batch, "error"),
+                strings(batch, "raw"),
+            );
+            (0..batch.num_rows())
+                .map(|row| (inputs[row].clone(), errors[row].clone(), raws[row].clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_bad_value_goes_to_dead_letter_and_the_rest_of_the_batch_goes_on() {
+    let mut t = dead_lettering("SELECT CAST(device AS INT) AS id FROM sensors", None);
+    let rows: Vec<String> = (0..40)
+        .map(|i| {
+            if i == 13 || i == 30 {
+                "n/a".into()
+            } else {
+                i.to_string()
+            }
+        })
+        .collect();
+    let batch = readings(&rows.iter().map(|d| at(d, 1, 0.0)).collect::<Vec<_>>());
+    let mut out = push(&mut t, 0, batch).await;
+    let batches = out.take_batches();
+    let ids: Vec<i32> = batches
+        .iter()
+        .filter(|(port, _)| *port == 0)
+        .flat_map(|(_, b)| {
+            b.column(0)
+                .as_primitive::<weir_engine::arrow::datatypes::Int32Type>()
+                .values()
+                .to_vec()
+        })
+        .collect();
+    let expected: Vec<i32> = (0..40).filter(|i| *i != 13 && *i != 30).collect();
+    assert_eq!(ids, expected, "the good rows, in order");
+    let dead = dead_letters(&batches, 1);
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for (input, error, raw) in &dead {
+        assert_eq!(input, "sensors");
+        assert!(error.contains("n/a"), "{error}");
+        assert!(raw.contains(r#""device":"n/a""#), "{raw}");
+    }
+}
+
+#[tokio::test]
+async fn a_windowed_aggregate_isolates_bad_rows_and_counts_the_rest() {
+    let mut t = dead_lettering(
+        "SELECT sum(CAST(device AS INT)) AS total, count(*) AS n FROM sensors",
+        tumbling(10),
+    );
+    let mut out = push(
+        &mut t,
+        0,
+        readings(&[at("1", 1, 0.0), at("x", 2, 0.0), at("5", 3, 0.0)]),
+    )
+    .await;
+    let dead = dead_letters(&out.take_batches(), 2);
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].2.contains(r#""device":"x""#), "{dead:?}");
+    let mut out = watermark(&mut t, Watermark::END.millis()).await;
+    let rows = main_rows(&mut out).unwrap();
+    assert_eq!((ints(&rows, "total"), ints(&rows, "n")), (vec![6], vec![2]));
 }

@@ -44,8 +44,9 @@ use weir_engine::time::{WindowSpec, event_times_ms};
 use weir_engine::{Collector, OperatorError, Transform, Watermark};
 
 use super::incremental::IncrementalPlan;
+use super::isolate::{DeadLetters, bisect};
 use super::plan::SqlPlan;
-use super::{LATE_PORT, execution_error, format_millis};
+use super::{LATE_PORT, execution_error, format_millis, is_data_error};
 
 /// When a batch spans at most this many panes it is split with one filter per pane;
 /// beyond, with one sort, so the cost stays linear in the batch, not in the panes.
@@ -302,6 +303,8 @@ pub(crate) struct WindowedSql {
     /// Whether rows are being refused because the state is over `max_state_bytes`;
     /// logged once per episode.
     over_limit: bool,
+    /// Where rows the query fails on go, with `on_error: dead_letter`.
+    dead_letters: Option<DeadLetters>,
 }
 
 impl WindowedSql {
@@ -312,6 +315,7 @@ impl WindowedSql {
         schema: SchemaRef,
         settings: WindowSettings,
         state: StateMetrics,
+        dead_letters: Option<DeadLetters>,
     ) -> Self {
         let WindowSettings {
             window,
@@ -330,6 +334,7 @@ impl WindowedSql {
             max_state_bytes,
             state,
             over_limit: false,
+            dead_letters,
         }
     }
 
@@ -365,18 +370,20 @@ impl WindowedSql {
         match &self.query {
             WindowQuery::Buffered(_) => self.panes.insert(input, pane, vec![batch]),
             WindowQuery::Incremental(plan) => {
-                let states = plan
-                    .partial(input, self.panes.inputs, batch)
-                    .await
-                    .map_err(|error| {
-                        let what = format!(
-                            "a batch of input '{}' at [{}, {})",
-                            self.input_names.get(input).map_or("?", String::as_str),
-                            format_millis(pane),
-                            format_millis(pane.saturating_add(self.panes.pane))
-                        );
-                        self.failed(&what, error)
-                    })?;
+                let inputs = self.panes.inputs;
+                let states = match (
+                    plan.partial(input, inputs, batch.clone()).await,
+                    &self.dead_letters,
+                ) {
+                    (Ok(states), _) => states,
+                    (Err(error), Some(dead_letters)) if is_data_error(&error) => {
+                        let isolated = bisect(batch, |part| plan.partial(input, inputs, part))
+                            .await
+                            .map_err(|error| self.failed_batch(input, pane, error))?;
+                        dead_letters.settle(out, input, isolated)?
+                    }
+                    (Err(error), _) => return Err(self.failed_batch(input, pane, error)),
+                };
                 self.panes.insert(0, pane, states);
                 self.reduce(pane, REDUCE_AFTER).await?;
             }
@@ -402,6 +409,16 @@ impl WindowedSql {
             entry.unreduced = 0;
         }
         Ok(())
+    }
+
+    fn failed_batch(&self, input: usize, pane: i64, error: DataFusionError) -> OperatorError {
+        let what = format!(
+            "a batch of input '{}' at [{}, {})",
+            self.input_names.get(input).map_or("?", String::as_str),
+            format_millis(pane),
+            format_millis(pane.saturating_add(self.panes.pane))
+        );
+        self.failed(&what, error)
     }
 
     fn failed(&self, what: &str, error: DataFusionError) -> OperatorError {
