@@ -233,7 +233,6 @@ impl PipelineBuilder {
                         cancel: cancel.clone(),
                         metrics: op_metrics.clone(),
                         rejects: None,
-                        max_future: node.event_time.as_ref().and_then(|spec| spec.max_future),
                         future_logged: false,
                     };
                     NodeRunner::Source(source, ctx)

@@ -175,7 +175,6 @@ pub struct SourceContext {
     pub(crate) cancel: CancellationToken,
     pub(crate) metrics: OperatorMetrics,
     pub(crate) rejects: Option<(usize, RejectEncoder)>,
-    pub(crate) max_future: Option<std::time::Duration>,
     pub(crate) future_logged: bool,
 }
 
@@ -243,7 +242,11 @@ impl SourceContext {
     async fn reject_future(&mut self, rows: RecordBatch) -> Result<(), OperatorError> {
         let count = rows.num_rows() as u64;
         self.metrics.rejected(FUTURE_EVENT_TIME, count);
-        let max_future = self.max_future.unwrap_or_default();
+        let max_future = self
+            .watermarks
+            .as_ref()
+            .and_then(|generator| generator.max_future)
+            .unwrap_or_default();
         let reason = format!(
             "event time is more than {max_future:?} ahead of the wall clock (event_time.max_future)"
         );

@@ -153,7 +153,8 @@ impl Drop for OutputPorts {
 pub(crate) struct WatermarkGenerator {
     column: usize,
     max_out_of_order_ms: i64,
-    max_future_ms: Option<i64>,
+    /// `event_time.max_future`.
+    pub(crate) max_future: Option<Duration>,
     max_seen: Option<i64>,
     emitted: Watermark,
     /// While held, batches pass without watermarks (see [`SourceContext::hold_watermarks`]).
@@ -179,7 +180,7 @@ impl WatermarkGenerator {
         WatermarkGenerator {
             column,
             max_out_of_order_ms: duration_ms(spec.max_out_of_order),
-            max_future_ms: spec.max_future.map(duration_ms),
+            max_future: spec.max_future,
             max_seen: None,
             emitted: Watermark::START,
             held: false,
@@ -201,9 +202,9 @@ impl WatermarkGenerator {
                 ..Observed::default()
             };
         };
-        let (batch, times, future) = match self.max_future_ms {
+        let (batch, times, future) = match self.max_future {
             Some(max_future) => {
-                let limit = now_ms.saturating_add(max_future);
+                let limit = now_ms.saturating_add(duration_ms(max_future));
                 match split_future(&batch, &times, limit) {
                     Ok(split) => split,
                     // The kernels fail only on arrays of different lengths, which one
@@ -356,12 +357,15 @@ pub(crate) struct InputMerger {
     open: usize,
     next_poll: usize,
     current: Watermark,
+    /// Whether any input has an idle timeout, and so the merger reads the clock.
+    watches_idleness: bool,
 }
 
 impl InputMerger {
     pub(crate) fn new(inputs: Vec<InputChannel>) -> Self {
         let open = inputs.len();
         InputMerger {
+            watches_idleness: inputs.iter().any(|input| input.idle_timeout.is_some()),
             inputs,
             open,
             next_poll: 0,
@@ -375,11 +379,13 @@ impl InputMerger {
             if self.open == 0 {
                 return InputEvent::End;
             }
-            let check = self
-                .inputs
-                .iter()
-                .filter_map(|input| input.next_idle_check(Instant::now()))
-                .min();
+            // Only inputs straight from a source with an idle timeout need the clock.
+            let check = self.watches_idleness.then(Instant::now).and_then(|now| {
+                self.inputs
+                    .iter()
+                    .filter_map(|input| input.next_idle_check(now))
+                    .min()
+            });
             let polled = match check {
                 None => Some(poll_fn(|cx| self.poll_any(cx)).await),
                 Some(at) => tokio::select! {
@@ -391,7 +397,9 @@ impl InputMerger {
             if let Some((index, message)) = polled {
                 match message {
                     Some(Message::Batch(batch)) => {
-                        self.inputs[index].last_batch = Instant::now();
+                        if self.watches_idleness {
+                            self.inputs[index].last_batch = Instant::now();
+                        }
                         return InputEvent::Batch(index, batch);
                     }
                     Some(Message::Watermark(watermark)) => {
@@ -412,7 +420,7 @@ impl InputMerger {
                     }
                 }
             }
-            let minimum = self.combined(Instant::now());
+            let minimum = self.combined();
             if minimum > self.current {
                 self.current = minimum;
                 return InputEvent::Watermark(minimum);
@@ -420,29 +428,28 @@ impl InputMerger {
         }
     }
 
-    /// The watermark over all inputs at `now`.
-    fn combined(&self, now: Instant) -> Watermark {
+    /// The watermark over all inputs now.
+    fn combined(&self) -> Watermark {
+        let now = self.watches_idleness.then(Instant::now);
         let mut active: Option<Watermark> = None;
         let mut idle: Option<Watermark> = None;
+        // Ended inputs count as active at END, so they never hold anything back; idle
+        // inputs count only when no open input is active.
+        let mut open_active = false;
         for input in &self.inputs {
-            match input.idle_for(now) {
+            match now.and_then(|now| input.idle_for(now)) {
                 Some(quiet) => {
                     let advanced =
                         Watermark(input.watermark.millis().saturating_add(duration_ms(quiet)));
                     idle = Some(idle.map_or(advanced, |other| other.min(advanced)));
                 }
                 None => {
+                    open_active |= !input.ended;
                     active =
                         Some(active.map_or(input.watermark, |other| other.min(input.watermark)));
                 }
             }
         }
-        // Ended inputs count as active at END, so they never hold anything back; idle
-        // inputs count only when no open input is active.
-        let open_active = self
-            .inputs
-            .iter()
-            .any(|input| !input.ended && input.idle_for(now).is_none());
         match (open_active, active, idle) {
             (true, Some(active), _) => active,
             (_, _, Some(idle)) => idle,

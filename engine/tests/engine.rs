@@ -566,6 +566,18 @@ fn idle_after(timeout: Duration) -> Option<EventTimeSpec> {
     })
 }
 
+/// Builds and runs `builder` until every source has ended; returns its metrics.
+async fn run_to_end(builder: PipelineBuilder) -> prometheus::Registry {
+    let (registry, metrics) = metrics();
+    builder
+        .build(&metrics)
+        .unwrap()
+        .run(CancellationToken::new())
+        .await
+        .unwrap();
+    registry
+}
+
 /// Runs `builder` until `done` holds of what the sink `seen` has recorded (or 10 min of
 /// paused time pass), then shuts it down.
 async fn run_until(
@@ -605,13 +617,7 @@ async fn a_row_behind_the_watermark_meets_it_whatever_the_batch() {
     builder.add_node("src", src, main_port(), vec![], event_time());
     let (out, seen) = sink(Duration::ZERO);
     builder.add_node("out", out, vec![], vec![input("src")], None);
-    let (_, metrics) = metrics();
-    builder
-        .build(&metrics)
-        .unwrap()
-        .run(CancellationToken::new())
-        .await
-        .unwrap();
+    run_to_end(builder).await;
     // Each row that is behind what its predecessors imply follows that watermark, as
     // it would if every row were its own batch; rows in order stay together.
     assert_eq!(
@@ -646,13 +652,7 @@ async fn rows_past_max_future_are_rejected_counted_and_never_move_the_watermark(
     builder.add_node("src", src, main_port(), vec![], Some(spec));
     let (out, seen) = sink(Duration::ZERO);
     builder.add_node("out", out, vec![], vec![input("src")], None);
-    let (registry, metrics) = metrics();
-    builder
-        .build(&metrics)
-        .unwrap()
-        .run(CancellationToken::new())
-        .await
-        .unwrap();
+    let registry = run_to_end(builder).await;
     let seen = seen.lock().unwrap();
     assert_eq!(seen[0], Seen::Batch(0, batch(&[now - 5, now])));
     assert_eq!(watermarks_of(&seen), vec![now]);

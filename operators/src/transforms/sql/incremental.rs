@@ -162,10 +162,9 @@ impl IncrementalPlan {
     pub(crate) async fn partial(
         &self,
         input: usize,
-        inputs: usize,
         batch: RecordBatch,
     ) -> DfResult<Vec<RecordBatch>> {
-        let mut bound = vec![Vec::new(); inputs];
+        let mut bound = vec![Vec::new(); self.partial.inputs()];
         bound[input].push(batch);
         self.partial.execute(&bound).await
     }

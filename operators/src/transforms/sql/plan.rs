@@ -285,6 +285,11 @@ impl SqlPlan {
         }
     }
 
+    /// How many inputs each execution takes.
+    pub(crate) fn inputs(&self) -> usize {
+        self.inputs
+    }
+
     /// The schema of every batch an execution returns.
     pub(crate) fn schema(&self) -> SchemaRef {
         self.plan.schema()

@@ -370,14 +370,10 @@ impl WindowedSql {
         match &self.query {
             WindowQuery::Buffered(_) => self.panes.insert(input, pane, vec![batch]),
             WindowQuery::Incremental(plan) => {
-                let inputs = self.panes.inputs;
-                let states = match (
-                    plan.partial(input, inputs, batch.clone()).await,
-                    &self.dead_letters,
-                ) {
+                let states = match (plan.partial(input, batch.clone()).await, &self.dead_letters) {
                     (Ok(states), _) => states,
                     (Err(error), Some(dead_letters)) if is_data_error(&error) => {
-                        let isolated = bisect(batch, |part| plan.partial(input, inputs, part))
+                        let isolated = bisect(batch, |part| plan.partial(input, part))
                             .await
                             .map_err(|error| self.failed_batch(input, pane, error))?;
                         dead_letters.settle(out, input, isolated)?
