@@ -486,6 +486,9 @@ async fn run_transform(
                         outputs.send_watermark(downstream).await?;
                     }
                 }
+                // Consumers stop waiting for this operator's watermark while its inputs
+                // are idle, as they would for a quiet source.
+                InputEvent::Idle(idle) => outputs.send_idle(idle).await?,
                 InputEvent::End => {
                     // The end of the stream is the final watermark: every window closes.
                     transform
@@ -544,6 +547,7 @@ async fn run_sink(
                 metrics.watermark.set(watermark.millis());
                 sink.on_watermark(watermark).await?;
             }
+            InputEvent::Idle(_) => {}
             InputEvent::End => {
                 sink.on_watermark(Watermark::END).await?;
                 return sink.close().await;

@@ -31,6 +31,11 @@ pub enum Message {
     Batch(RecordBatch),
     /// Event time has advanced to this point on this channel.
     Watermark(Watermark),
+    /// The producer's inputs have all gone idle (`true`: its watermark now moves on the
+    /// wall clock and must not hold back other inputs of a consumer), or data flows
+    /// again (`false`). As Flink's watermark status, it carries `idle_timeout` past
+    /// the operators between a source and a fan-in.
+    Idle(bool),
     /// The producer has finished; nothing follows.
     EndOfStream,
 }

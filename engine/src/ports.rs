@@ -95,6 +95,11 @@ impl OutputPorts {
         Ok(())
     }
 
+    /// Tells every consumer that this operator's inputs went idle, or are active again.
+    pub(crate) async fn send_idle(&mut self, idle: bool) -> Result<(), OperatorError> {
+        self.broadcast(Message::Idle(idle)).await
+    }
+
     /// Sends a watermark on every port.
     pub(crate) async fn send_watermark(
         &mut self,
@@ -294,6 +299,8 @@ pub(crate) enum InputEvent {
     Batch(usize, RecordBatch),
     /// The minimum watermark over all inputs advanced.
     Watermark(Watermark),
+    /// Every open input went idle (`true`), or one is active again (`false`).
+    Idle(bool),
     /// Every input has ended.
     End,
 }
@@ -307,6 +314,9 @@ pub(crate) struct InputChannel {
     /// The producer's `event_time.idle_timeout`, for channels straight from a source.
     idle_timeout: Option<Duration>,
     last_batch: Instant,
+    /// The producer said its own inputs are idle ([`Message::Idle`]); its watermark
+    /// then already advances on the wall clock.
+    marked_idle: bool,
 }
 
 impl InputChannel {
@@ -322,6 +332,7 @@ impl InputChannel {
             ended: false,
             idle_timeout,
             last_batch: Instant::now(),
+            marked_idle: false,
         }
     }
 
@@ -332,6 +343,19 @@ impl InputChannel {
         self.idle_timeout
             .filter(|timeout| !self.ended && quiet >= *timeout)
             .map(|_| quiet)
+    }
+
+    /// How far past its last watermark the input's event time has moved while idle, if
+    /// it is idle: by its own timeout, or because its producer said so (and advances
+    /// the watermark itself).
+    fn idle_advance(&self, now: Option<Instant>) -> Option<i64> {
+        if self.ended {
+            return None;
+        }
+        if self.marked_idle {
+            return Some(0);
+        }
+        now.and_then(|now| self.idle_for(now)).map(duration_ms)
     }
 
     /// When the merger must look at this input again without a message: when it turns
@@ -351,12 +375,16 @@ impl InputChannel {
 /// rows for that long is idle: it stops holding the others back (the minimum is taken
 /// over the inputs that are not idle), and when every open input is idle the watermark
 /// advances with the wall clock from each one's last watermark, as if event time went
-/// on passing while nothing was said.
+/// on passing while nothing was said. An input whose producer reports itself idle
+/// ([`Message::Idle`]) counts as idle too, so idleness reaches a fan-in through the
+/// operators in between; the merger reports its own idleness the same way.
 pub(crate) struct InputMerger {
     inputs: Vec<InputChannel>,
     open: usize,
     next_poll: usize,
     current: Watermark,
+    /// Whether every open input was idle when last looked at.
+    idle: bool,
     /// Whether any input has an idle timeout, and so the merger reads the clock.
     watches_idleness: bool,
 }
@@ -370,6 +398,7 @@ impl InputMerger {
             open,
             next_poll: 0,
             current: Watermark::START,
+            idle: false,
         }
     }
 
@@ -378,6 +407,16 @@ impl InputMerger {
         loop {
             if self.open == 0 {
                 return InputEvent::End;
+            }
+            // What changed since the last event comes out before waiting for more.
+            let (minimum, idle) = self.combined();
+            if minimum > self.current {
+                self.current = minimum;
+                return InputEvent::Watermark(minimum);
+            }
+            if idle != self.idle {
+                self.idle = idle;
+                return InputEvent::Idle(idle);
             }
             // Only inputs straight from a source with an idle timeout need the clock.
             let check = self.watches_idleness.then(Instant::now).and_then(|now| {
@@ -397,15 +436,18 @@ impl InputMerger {
             if let Some((index, message)) = polled {
                 match message {
                     Some(Message::Batch(batch)) => {
+                        let input = &mut self.inputs[index];
                         if self.watches_idleness {
-                            self.inputs[index].last_batch = Instant::now();
+                            input.last_batch = Instant::now();
                         }
+                        input.marked_idle = false;
                         return InputEvent::Batch(index, batch);
                     }
                     Some(Message::Watermark(watermark)) => {
                         let input = &mut self.inputs[index];
                         input.watermark = input.watermark.max(watermark);
                     }
+                    Some(Message::Idle(idle)) => self.inputs[index].marked_idle = idle,
                     // A channel that closes without an end-of-stream belongs to a producer
                     // that failed; the supervisor reports that, and here it ends the input.
                     Some(Message::EndOfStream) | None => {
@@ -420,16 +462,11 @@ impl InputMerger {
                     }
                 }
             }
-            let minimum = self.combined();
-            if minimum > self.current {
-                self.current = minimum;
-                return InputEvent::Watermark(minimum);
-            }
         }
     }
 
-    /// The watermark over all inputs now.
-    fn combined(&self) -> Watermark {
+    /// The watermark over all inputs now, and whether every open input is idle.
+    fn combined(&self) -> (Watermark, bool) {
         let now = self.watches_idleness.then(Instant::now);
         let mut active: Option<Watermark> = None;
         let mut idle: Option<Watermark> = None;
@@ -437,10 +474,9 @@ impl InputMerger {
         // inputs count only when no open input is active.
         let mut open_active = false;
         for input in &self.inputs {
-            match now.and_then(|now| input.idle_for(now)) {
+            match input.idle_advance(now) {
                 Some(quiet) => {
-                    let advanced =
-                        Watermark(input.watermark.millis().saturating_add(duration_ms(quiet)));
+                    let advanced = Watermark(input.watermark.millis().saturating_add(quiet));
                     idle = Some(idle.map_or(advanced, |other| other.min(advanced)));
                 }
                 None => {
@@ -450,12 +486,13 @@ impl InputMerger {
                 }
             }
         }
-        match (open_active, active, idle) {
+        let watermark = match (open_active, active, idle) {
             (true, Some(active), _) => active,
             (_, _, Some(idle)) => idle,
             (_, Some(active), None) => active,
             _ => Watermark::END,
-        }
+        };
+        (watermark, !open_active && idle.is_some())
     }
 
     /// Polls the open inputs round-robin so that a busy input cannot starve the others.

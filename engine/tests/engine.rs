@@ -694,11 +694,20 @@ async fn a_quiet_source_past_its_idle_timeout_advances_on_the_wall_clock() {
     assert!(started.elapsed() >= Duration::from_secs(19));
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_idle_input_of_a_fan_in_stops_holding_the_others_back() {
+fn pass_through() -> OperatorInstance {
+    OperatorInstance::Transform(Box::new(PassThrough {
+        watermarks: Arc::new(Mutex::new(Vec::new())),
+        closed: Arc::new(AtomicUsize::new(0)),
+        fail_on_batch: false,
+    }))
+}
+
+/// A fan-in of a source that sends one reading and falls silent (idle after 1 s) and
+/// one that reports a second of event time every 100 ms, far ahead of the wall clock;
+/// with `relayed`, the quiet source reaches the fan-in through an operator that has no
+/// idle timeout of its own. Returns how long the fan-in took to reach 50 s of event time.
+async fn time_to_pass_an_idle_input(relayed: bool) -> Duration {
     let mut builder = PipelineBuilder::new("fan-in-idle");
-    // One reading, then silence; the other input reports a second of event time
-    // every 100 ms, far ahead of the wall clock.
     builder.add_node(
         "quiet",
         quiet(vec![batch(&[0])], Duration::ZERO),
@@ -712,18 +721,25 @@ async fn an_idle_input_of_a_fan_in_stops_holding_the_others_back() {
         quiet(busy, Duration::from_millis(100)),
         main_port(),
         vec![],
-        idle_after(Duration::from_secs(1)),
+        event_time(),
     );
-    let merge = OperatorInstance::Transform(Box::new(PassThrough {
-        watermarks: Arc::new(Mutex::new(Vec::new())),
-        closed: Arc::new(AtomicUsize::new(0)),
-        fail_on_batch: false,
-    }));
+    let quiet_input = if relayed {
+        builder.add_node(
+            "relay",
+            pass_through(),
+            main_port(),
+            vec![input("quiet")],
+            None,
+        );
+        "relay"
+    } else {
+        "quiet"
+    };
     builder.add_node(
         "merge",
-        merge,
+        pass_through(),
         main_port(),
-        vec![input("quiet"), input("busy")],
+        vec![input(quiet_input), input("busy")],
         None,
     );
     let (out, seen) = sink(Duration::ZERO);
@@ -734,13 +750,23 @@ async fn an_idle_input_of_a_fan_in_stops_holding_the_others_back() {
     })
     .await;
     assert!(reached, "{:?}", watermarks_of(&seen.lock().unwrap()));
-    // The busy input got there in about 5 s: the quiet one's wall clock alone would
-    // have needed 50 s.
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
-    );
+    started.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_input_of_a_fan_in_stops_holding_the_others_back() {
+    // The busy input gets there in about 5 s: the quiet one's wall clock alone would
+    // need 50 s.
+    let took = time_to_pass_an_idle_input(false).await;
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn idleness_reaches_a_fan_in_through_the_operators_between() {
+    // The relay's own watermark moves with the wall clock (about 1 s per second), so had
+    // it held the fan-in back, 50 s of event time would have taken 50 s.
+    let took = time_to_pass_an_idle_input(true).await;
+    assert!(took < Duration::from_secs(20), "{took:?}");
 }
 
 /// Counts its flushes.

@@ -1454,3 +1454,44 @@ async fn a_windowed_aggregate_isolates_bad_rows_and_counts_the_rest() {
     let rows = main_rows(&mut out).unwrap();
     assert_eq!((ints(&rows, "total"), ints(&rows, "n")), (vec![6], vec![2]));
 }
+
+#[tokio::test]
+async fn a_buffered_window_isolates_bad_rows_at_its_close_and_sends_each_once() {
+    // No aggregate, so the window keeps its rows and runs the query only at the close.
+    let mut t = dead_lettering(
+        "SELECT CAST(device AS INT) AS id FROM sensors",
+        hopping(20, 10),
+    );
+    push(
+        &mut t,
+        0,
+        readings(&[at("1", 1, 0.0), at("x", 2, 0.0), at("5", 3, 0.0)]),
+    )
+    .await;
+    push(&mut t, 0, readings(&[at("7", 12, 0.0)])).await;
+    let mut out = watermark(&mut t, Watermark::END.millis()).await;
+    let batches = out.take_batches();
+    let dead = dead_letters(&batches, 2);
+    // Pane [0, 10) feeds two windows; its bad row is sent once and then forgotten.
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].2.contains(r#""device":"x""#), "{dead:?}");
+    let mut windows: Vec<(i64, Vec<i32>)> = Vec::new();
+    for (port, batch) in batches.iter().filter(|(port, _)| *port == 0) {
+        assert_eq!(*port, 0);
+        let start = times(batch, "window_start")[0] / SECOND;
+        let ids = batch
+            .column_by_name("id")
+            .unwrap()
+            .as_primitive::<weir_engine::arrow::datatypes::Int32Type>()
+            .values()
+            .to_vec();
+        match windows.last_mut() {
+            Some((last, kept)) if *last == start => kept.extend(ids),
+            _ => windows.push((start, ids)),
+        }
+    }
+    assert_eq!(
+        windows,
+        vec![(-10, vec![1, 5]), (0, vec![1, 5, 7]), (10, vec![7])]
+    );
+}

@@ -34,8 +34,8 @@ use weir_engine::arrow::array::{
 };
 use weir_engine::arrow::compute::kernels::cmp::eq;
 use weir_engine::arrow::compute::{
-    SortColumn, filter, filter_record_batch, is_not_null, lexsort_to_indices, max, min, partition,
-    take, take_record_batch,
+    SortColumn, concat_batches, filter, filter_record_batch, is_not_null, lexsort_to_indices, max,
+    min, partition, take, take_record_batch,
 };
 use weir_engine::arrow::datatypes::SchemaRef;
 use weir_engine::arrow::record_batch::RecordBatch;
@@ -255,6 +255,44 @@ impl Panes {
         inputs
     }
 
+    /// The starts of the panes that the window starting at `start` covers and that
+    /// hold something.
+    fn window_panes(&self, start: i64) -> Vec<i64> {
+        self.panes
+            .range(start..self.end(start))
+            .map(|(&pane, _)| pane)
+            .collect()
+    }
+
+    /// The rows of input `input` kept in the pane starting at `pane`.
+    fn input_batches(&self, pane: i64, input: usize) -> &[RecordBatch] {
+        self.panes
+            .get(&pane)
+            .and_then(|entry| entry.batches.get(input))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Replaces what the pane starting at `pane` keeps of input `input`.
+    fn replace_input(&mut self, pane: i64, input: usize, batches: Vec<RecordBatch>) {
+        let Some(entry) = self.panes.get_mut(&pane) else {
+            return;
+        };
+        for old in std::mem::replace(&mut entry.batches[input], batches) {
+            let (rows, bytes) = (old.num_rows(), batch_bytes(&old));
+            entry.rows -= rows;
+            entry.bytes -= bytes;
+            self.rows -= rows;
+            self.bytes -= bytes;
+        }
+        for new in &entry.batches[input] {
+            let (rows, bytes) = (new.num_rows(), batch_bytes(new));
+            entry.rows += rows;
+            entry.bytes += bytes;
+            self.rows += rows;
+            self.bytes += bytes;
+        }
+    }
+
     /// Drops the panes that no open window covers any more.
     fn evict(&mut self) {
         while let Some((&pane, _)) = self.panes.first_key_value() {
@@ -421,6 +459,53 @@ impl WindowedSql {
         execution_error(&self.name, what, error)
     }
 
+    /// Sends the rows of the window starting at `start` that make the query fail on
+    /// their own to `dead_letter`, and keeps the rest in their panes. Each input's rows
+    /// are run pane by pane with the other inputs empty, so a failure that only the
+    /// combination of inputs causes (a join's condition, say) is not isolated: the
+    /// window then fails as with `on_error: fail`.
+    async fn isolate_buffered(
+        &mut self,
+        start: i64,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        let (WindowQuery::Buffered(plan), Some(dead_letters)) = (&self.query, &self.dead_letters)
+        else {
+            return Ok(());
+        };
+        let inputs = self.panes.inputs;
+        for pane in self.panes.window_panes(start) {
+            for input in 0..inputs {
+                let batches = self.panes.input_batches(pane, input);
+                let Some(first) = batches.first() else {
+                    continue;
+                };
+                let rows = concat_batches(&first.schema(), batches)?;
+                let run = |part: RecordBatch| {
+                    let mut alone = vec![Vec::new(); inputs];
+                    alone[input] = vec![part];
+                    async move { plan.execute(&alone).await }
+                };
+                let isolated = bisect(rows, run)
+                    .await
+                    .map_err(|error| self.failed_batch(input, pane, error))?;
+                if isolated.failed.is_empty() {
+                    continue;
+                }
+                for (rows, error) in &isolated.failed {
+                    dead_letters.emit(out, input, rows, error)?;
+                }
+                let kept = isolated
+                    .succeeded
+                    .into_iter()
+                    .map(|(part, _)| part)
+                    .collect();
+                self.panes.replace_input(pane, input, kept);
+            }
+        }
+        Ok(())
+    }
+
     fn late(&self, batch: RecordBatch, out: &mut Collector) {
         if self.late_port {
             out.emit_to(LATE_PORT, batch);
@@ -438,14 +523,24 @@ impl WindowedSql {
     }
 
     /// Computes the window starting at `start` and emits its rows.
-    async fn close(&self, start: i64, out: &mut Collector) -> Result<(), OperatorError> {
+    async fn close(&mut self, start: i64, out: &mut Collector) -> Result<(), OperatorError> {
         let end = self.panes.end(start);
         let mut inputs = self.panes.window_batches(start);
-        let results = match &self.query {
+        let mut results = match &self.query {
             WindowQuery::Buffered(plan) => plan.execute(&inputs).await,
             WindowQuery::Incremental(plan) => plan.finish(std::mem::take(&mut inputs[0])).await,
+        };
+        let buffered = matches!(self.query, WindowQuery::Buffered(_));
+        if buffered && self.dead_letters.is_some() && results.as_ref().is_err_and(is_data_error) {
+            // A buffered window's rows first run at the close: find the bad ones now,
+            // take them out of their panes (later windows over them must not fail or
+            // send them again) and run the window once more over the rest.
+            self.isolate_buffered(start, out).await?;
+            if let WindowQuery::Buffered(plan) = &self.query {
+                results = plan.execute(&self.panes.window_batches(start)).await;
+            }
         }
-        .map_err(|error| {
+        let results = results.map_err(|error| {
             let what = format!("window [{}, {})", format_millis(start), format_millis(end));
             self.failed(&what, error)
         })?;
