@@ -489,6 +489,9 @@ async fn run_transform(
                 // Consumers stop waiting for this operator's watermark while its inputs
                 // are idle, as they would for a quiet source.
                 InputEvent::Idle(idle) => outputs.send_idle(idle).await?,
+                // Everything before the barrier has been processed and its results
+                // sent: the barrier follows them downstream.
+                InputEvent::Barrier(epoch) => outputs.send_barrier(epoch).await?,
                 InputEvent::End => {
                     // The end of the stream is the final watermark: every window closes.
                     transform
@@ -548,6 +551,12 @@ async fn run_sink(
                 sink.on_watermark(watermark).await?;
             }
             InputEvent::Idle(_) => {}
+            // What came before the barrier is made durable before anything after it is
+            // written.
+            InputEvent::Barrier(_) => {
+                sink.flush().await?;
+                unflushed = false;
+            }
             InputEvent::End => {
                 sink.on_watermark(Watermark::END).await?;
                 return sink.close().await;

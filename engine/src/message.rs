@@ -36,6 +36,11 @@ pub enum Message {
     /// again (`false`). As Flink's watermark status, it carries `idle_timeout` past
     /// the operators between a source and a fan-in.
     Idle(bool),
+    /// A checkpoint barrier: everything before it on this channel belongs to checkpoint
+    /// `epoch`, everything after it to later ones. A consumer with several inputs
+    /// aligns them: it reads no further on an input that delivered the barrier until
+    /// every input has.
+    Barrier(u64),
     /// The producer has finished; nothing follows.
     EndOfStream,
 }

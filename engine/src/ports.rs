@@ -100,6 +100,11 @@ impl OutputPorts {
         self.broadcast(Message::Idle(idle)).await
     }
 
+    /// Passes checkpoint barrier `epoch` on to every consumer.
+    pub(crate) async fn send_barrier(&mut self, epoch: u64) -> Result<(), OperatorError> {
+        self.broadcast(Message::Barrier(epoch)).await
+    }
+
     /// Sends a watermark on every port.
     pub(crate) async fn send_watermark(
         &mut self,
@@ -301,6 +306,9 @@ pub(crate) enum InputEvent {
     Watermark(Watermark),
     /// Every open input went idle (`true`), or one is active again (`false`).
     Idle(bool),
+    /// Every open input has delivered checkpoint barrier `.0`: what came before it on
+    /// all of them has been returned, and nothing after it yet.
+    Barrier(u64),
     /// Every input has ended.
     End,
 }
@@ -317,6 +325,9 @@ pub(crate) struct InputChannel {
     /// The producer said its own inputs are idle ([`Message::Idle`]); its watermark
     /// then already advances on the wall clock.
     marked_idle: bool,
+    /// The checkpoint barrier this input delivered, while the others catch up to it;
+    /// the input is not read meanwhile.
+    barrier: Option<u64>,
 }
 
 impl InputChannel {
@@ -333,6 +344,7 @@ impl InputChannel {
             idle_timeout,
             last_batch: Instant::now(),
             marked_idle: false,
+            barrier: None,
         }
     }
 
@@ -408,6 +420,16 @@ impl InputMerger {
             if self.open == 0 {
                 return InputEvent::End;
             }
+            if let Some(epoch) = self.aligned_barrier() {
+                for input in &mut self.inputs {
+                    input.barrier = None;
+                    // Time spent held at the barrier is not silence.
+                    if self.watches_idleness {
+                        input.last_batch = Instant::now();
+                    }
+                }
+                return InputEvent::Barrier(epoch);
+            }
             // What changed since the last event comes out before waiting for more.
             let (minimum, idle) = self.combined();
             if minimum > self.current {
@@ -448,6 +470,7 @@ impl InputMerger {
                         input.watermark = input.watermark.max(watermark);
                     }
                     Some(Message::Idle(idle)) => self.inputs[index].marked_idle = idle,
+                    Some(Message::Barrier(epoch)) => self.inputs[index].barrier = Some(epoch),
                     // A channel that closes without an end-of-stream belongs to a producer
                     // that failed; the supervisor reports that, and here it ends the input.
                     Some(Message::EndOfStream) | None => {
@@ -463,6 +486,18 @@ impl InputMerger {
                 }
             }
         }
+    }
+
+    /// The checkpoint barrier every open input has delivered, if they all have. An
+    /// input that ended counts as aligned: nothing more of it can come before the
+    /// barrier. Sources inject barriers in the same order, so inputs held at one can
+    /// only be waiting for the same epoch.
+    fn aligned_barrier(&self) -> Option<u64> {
+        let mut epoch = None;
+        for input in self.inputs.iter().filter(|input| !input.ended) {
+            epoch = Some(input.barrier?);
+        }
+        epoch
     }
 
     /// The watermark over all inputs now, and whether every open input is idle.
@@ -501,7 +536,8 @@ impl InputMerger {
         for offset in 0..count {
             let index = (self.next_poll + offset) % count;
             let input = &mut self.inputs[index];
-            if input.ended {
+            // An input held at a barrier is read again once the others reach it.
+            if input.ended || input.barrier.is_some() {
                 continue;
             }
             if let Poll::Ready(message) = input.receiver.poll_recv(cx) {
@@ -511,5 +547,92 @@ impl InputMerger {
             }
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array};
+
+    use super::*;
+
+    fn batch(value: i64) -> RecordBatch {
+        let column: ArrayRef = Arc::new(Int64Array::from(vec![value]));
+        RecordBatch::try_from_iter([("v", column)]).unwrap()
+    }
+
+    fn merger(inputs: usize) -> (Vec<mpsc::Sender<Message>>, InputMerger) {
+        let (senders, channels) = (0..inputs)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(16);
+                let depth = IntGauge::new("depth", "test").unwrap();
+                (tx, InputChannel::new(rx, depth, None))
+            })
+            .unzip();
+        (senders, InputMerger::new(channels))
+    }
+
+    /// The events up to and including the next barrier or end, as short strings.
+    async fn until_barrier(merger: &mut InputMerger) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let event = merger.next().await;
+            let last = matches!(event, InputEvent::Barrier(_) | InputEvent::End);
+            seen.push(match event {
+                InputEvent::Batch(input, batch) => {
+                    let value = batch.column(0).as_any().downcast_ref::<Int64Array>();
+                    format!("{input}:{}", value.unwrap().value(0))
+                }
+                InputEvent::Watermark(watermark) => format!("wm {}", watermark.millis()),
+                InputEvent::Idle(idle) => format!("idle {idle}"),
+                InputEvent::Barrier(epoch) => format!("barrier {epoch}"),
+                InputEvent::End => "end".into(),
+            });
+            if last {
+                return seen;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_barrier_is_passed_once_every_input_delivered_it_and_holds_what_follows() {
+        let (inputs, mut merger) = merger(2);
+        // Input 0 reaches the barrier first and goes on; input 1 is behind.
+        for message in [
+            Message::Batch(batch(1)),
+            Message::Barrier(7),
+            Message::Batch(batch(2)),
+        ] {
+            inputs[0].send(message).await.unwrap();
+        }
+        for message in [
+            Message::Batch(batch(10)),
+            Message::Batch(batch(11)),
+            Message::Barrier(7),
+            Message::Batch(batch(12)),
+        ] {
+            inputs[1].send(message).await.unwrap();
+        }
+        let mut before = until_barrier(&mut merger).await;
+        assert_eq!(before.pop().as_deref(), Some("barrier 7"));
+        // Everything before the barrier on both inputs, and nothing after it.
+        before.sort();
+        assert_eq!(before, ["0:1", "1:10", "1:11"]);
+        drop(inputs);
+        let mut after = until_barrier(&mut merger).await;
+        assert_eq!(after.pop().as_deref(), Some("end"));
+        after.sort();
+        assert_eq!(after, ["0:2", "1:12"]);
+    }
+
+    #[tokio::test]
+    async fn an_input_that_ended_does_not_hold_a_barrier_back() {
+        let (inputs, mut merger) = merger(2);
+        inputs[0].send(Message::Barrier(1)).await.unwrap();
+        inputs[1].send(Message::Batch(batch(5))).await.unwrap();
+        inputs[1].send(Message::EndOfStream).await.unwrap();
+        assert_eq!(until_barrier(&mut merger).await, ["1:5", "barrier 1"]);
     }
 }
