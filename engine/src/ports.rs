@@ -397,6 +397,10 @@ pub(crate) struct InputMerger {
     current: Watermark,
     /// Whether every open input was idle when last looked at.
     idle: bool,
+    /// Whether something besides data arrived (or the clock was due) since barriers,
+    /// watermarks and idleness were last looked at: a plain batch changes none of them,
+    /// so the common path does not look.
+    changed: bool,
     /// Whether any input has an idle timeout, and so the merger reads the clock.
     watches_idleness: bool,
 }
@@ -411,6 +415,7 @@ impl InputMerger {
             next_poll: 0,
             current: Watermark::START,
             idle: false,
+            changed: false,
         }
     }
 
@@ -420,25 +425,10 @@ impl InputMerger {
             if self.open == 0 {
                 return InputEvent::End;
             }
-            if let Some(epoch) = self.aligned_barrier() {
-                for input in &mut self.inputs {
-                    input.barrier = None;
-                    // Time spent held at the barrier is not silence.
-                    if self.watches_idleness {
-                        input.last_batch = Instant::now();
-                    }
-                }
-                return InputEvent::Barrier(epoch);
-            }
-            // What changed since the last event comes out before waiting for more.
-            let (minimum, idle) = self.combined();
-            if minimum > self.current {
-                self.current = minimum;
-                return InputEvent::Watermark(minimum);
-            }
-            if idle != self.idle {
-                self.idle = idle;
-                return InputEvent::Idle(idle);
+            if std::mem::take(&mut self.changed)
+                && let Some(event) = self.pending_event()
+            {
+                return event;
             }
             // Only inputs straight from a source with an idle timeout need the clock.
             let check = self.watches_idleness.then(Instant::now).and_then(|now| {
@@ -462,7 +452,9 @@ impl InputMerger {
                         if self.watches_idleness {
                             input.last_batch = Instant::now();
                         }
-                        input.marked_idle = false;
+                        // Data ends idleness, the producer's or (with a timeout) our own.
+                        let was_idle = std::mem::replace(&mut input.marked_idle, false);
+                        self.changed |= was_idle || self.watches_idleness;
                         return InputEvent::Batch(index, batch);
                     }
                     Some(Message::Watermark(watermark)) => {
@@ -485,7 +477,37 @@ impl InputMerger {
                     }
                 }
             }
+            // Anything but a batch, or the clock coming due, may have moved them.
+            self.changed = true;
         }
+    }
+
+    /// The barrier, watermark or idleness change that the inputs' state now implies and
+    /// that has not been reported; the merger is marked changed again after one, so the
+    /// next call looks for another.
+    fn pending_event(&mut self) -> Option<InputEvent> {
+        self.changed = true;
+        if let Some(epoch) = self.aligned_barrier() {
+            for input in &mut self.inputs {
+                input.barrier = None;
+                // Time spent held at the barrier is not silence.
+                if self.watches_idleness {
+                    input.last_batch = Instant::now();
+                }
+            }
+            return Some(InputEvent::Barrier(epoch));
+        }
+        let (minimum, idle) = self.combined();
+        if minimum > self.current {
+            self.current = minimum;
+            return Some(InputEvent::Watermark(minimum));
+        }
+        if idle != self.idle {
+            self.idle = idle;
+            return Some(InputEvent::Idle(idle));
+        }
+        self.changed = false;
+        None
     }
 
     /// The checkpoint barrier every open input has delivered, if they all have. An

@@ -1476,8 +1476,7 @@ async fn a_buffered_window_isolates_bad_rows_at_its_close_and_sends_each_once() 
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(dead[0].2.contains(r#""device":"x""#), "{dead:?}");
     let mut windows: Vec<(i64, Vec<i32>)> = Vec::new();
-    for (port, batch) in batches.iter().filter(|(port, _)| *port == 0) {
-        assert_eq!(*port, 0);
+    for (_, batch) in batches.iter().filter(|(port, _)| *port == 0) {
         let start = times(batch, "window_start")[0] / SECOND;
         let ids = batch
             .column_by_name("id")

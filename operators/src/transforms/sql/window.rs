@@ -272,25 +272,21 @@ impl Panes {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// Replaces what the pane starting at `pane` keeps of input `input`.
-    fn replace_input(&mut self, pane: i64, input: usize, batches: Vec<RecordBatch>) {
+    /// Takes what the pane starting at `pane` keeps of input `input` out of it;
+    /// [`Panes::insert`] puts rows back.
+    fn take_input(&mut self, pane: i64, input: usize) -> Vec<RecordBatch> {
         let Some(entry) = self.panes.get_mut(&pane) else {
-            return;
+            return Vec::new();
         };
-        for old in std::mem::replace(&mut entry.batches[input], batches) {
-            let (rows, bytes) = (old.num_rows(), batch_bytes(&old));
+        let taken = std::mem::take(&mut entry.batches[input]);
+        for batch in &taken {
+            let (rows, bytes) = (batch.num_rows(), batch_bytes(batch));
             entry.rows -= rows;
             entry.bytes -= bytes;
             self.rows -= rows;
             self.bytes -= bytes;
         }
-        for new in &entry.batches[input] {
-            let (rows, bytes) = (new.num_rows(), batch_bytes(new));
-            entry.rows += rows;
-            entry.bytes += bytes;
-            self.rows += rows;
-            self.bytes += bytes;
-        }
+        taken
     }
 
     /// Drops the panes that no open window covers any more.
@@ -500,7 +496,8 @@ impl WindowedSql {
                     .into_iter()
                     .map(|(part, _)| part)
                     .collect();
-                self.panes.replace_input(pane, input, kept);
+                self.panes.take_input(pane, input);
+                self.panes.insert(input, pane, kept);
             }
         }
         Ok(())
@@ -530,8 +527,10 @@ impl WindowedSql {
             WindowQuery::Buffered(plan) => plan.execute(&inputs).await,
             WindowQuery::Incremental(plan) => plan.finish(std::mem::take(&mut inputs[0])).await,
         };
-        let buffered = matches!(self.query, WindowQuery::Buffered(_));
-        if buffered && self.dead_letters.is_some() && results.as_ref().is_err_and(is_data_error) {
+        if matches!(self.query, WindowQuery::Buffered(_))
+            && self.dead_letters.is_some()
+            && results.as_ref().is_err_and(is_data_error)
+        {
             // A buffered window's rows first run at the close: find the bad ones now,
             // take them out of their panes (later windows over them must not fail or
             // send them again) and run the window once more over the rest.
