@@ -10,6 +10,7 @@ mod outbox;
 mod progress;
 mod query;
 mod run;
+mod state;
 mod status;
 mod tap;
 mod validate;
@@ -67,6 +68,9 @@ enum Command {
     /// Look into a hub sink's outbox file.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
+    /// Look into the checkpoints of a state directory (`weir run --state-dir`).
+    #[command(subcommand)]
+    State(state::StateCommand),
     /// Run the pipelines a hub deploys to this device, and report on them.
     ///
     /// Long-polls the hub for this device's desired state, validates it, swaps the running
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate { files } => validate::run(&files),
         Command::Outbox(command) => outbox::run(command),
+        Command::State(command) => state::run(command),
         Command::Run(args) => match runtime(cli.threads) {
             Ok(runtime) => runtime.block_on(run::run(args)),
             Err(error) => {

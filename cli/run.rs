@@ -42,6 +42,16 @@ pub struct RunArgs {
     #[command(flatten)]
     outbox_limits: crate::outbox::OutboxLimits,
 
+    /// Where each pipeline keeps its checkpoints (`PIPELINE.checkpoints.redb`), so a
+    /// restart, even after a crash, resumes from the last complete one.
+    #[arg(
+        long,
+        env = "WEIR_STATE_DIR",
+        default_value = "weir-state",
+        value_name = "DIR"
+    )]
+    state_dir: PathBuf,
+
     /// Once every pipeline has ended, keep serving the local API until SIGINT or SIGTERM,
     /// so retained streams can still be queried.
     #[arg(long, conflicts_with = "no_metrics")]
@@ -130,7 +140,19 @@ pub async fn run(args: RunArgs) -> Outcome {
     for pipeline in validated {
         let name = pipeline.name().to_owned();
         let shape = PipelineShape::of(&pipeline, &metrics);
-        match pipeline.build(&metrics) {
+        let checkpoints = match pipeline.checkpoint_interval() {
+            Some(interval) => {
+                match crate::state::open_checkpoints(&args.state_dir, &name, interval, &metrics) {
+                    Ok(settings) => Some(settings),
+                    Err(message) => {
+                        stop_background.cancel();
+                        return Outcome::RuntimeFailure(format!("pipeline '{name}': {message}"));
+                    }
+                }
+            }
+            None => None,
+        };
+        match pipeline.build_checkpointed(&metrics, checkpoints) {
             Ok(built) => pipelines.push((shape, built)),
             Err(error) => {
                 stop_background.cancel();

@@ -51,6 +51,7 @@ fn run_weir(input: &Path, output: &Path) -> Vec<WindowRow> {
         .arg(pipeline())
         .env("W1_INPUT", input)
         .env("W1_OUTPUT", output)
+        .env("WEIR_STATE_DIR", output.with_extension("state"))
         .output()
         .expect("cannot start weir");
     assert!(

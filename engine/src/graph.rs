@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info_span};
+use tracing::{Instrument, debug, error, info, info_span};
 
+use crate::checkpoint::coordinator::{Coordinator, NodeEntry, NodeLink};
+use crate::checkpoint::{CheckpointSettings, StateChanges, completed_after};
 use crate::error::{OperatorError, PipelineError};
 use crate::message::Watermark;
 use crate::metrics::{EngineMetrics, OperatorMetrics};
@@ -57,6 +59,8 @@ pub struct PipelineBuilder {
     nodes: Vec<NodeDef>,
     retained: HashMap<String, RetainSpec>,
     flush_intervals: HashMap<String, Duration>,
+    fingerprints: HashMap<String, String>,
+    checkpointing: Option<CheckpointSettings>,
     channel_capacity: usize,
 }
 
@@ -68,6 +72,8 @@ impl PipelineBuilder {
             nodes: Vec::new(),
             retained: HashMap::new(),
             flush_intervals: HashMap::new(),
+            fingerprints: HashMap::new(),
+            checkpointing: None,
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
         }
     }
@@ -106,6 +112,17 @@ impl PipelineBuilder {
     /// the last flush, instead of every [`DEFAULT_FLUSH_INTERVAL`].
     pub fn flush_interval(&mut self, node: impl Into<String>, interval: Duration) {
         self.flush_intervals.insert(node.into(), interval);
+    }
+
+    /// Checkpoints the pipeline as `settings` say, restoring what they hold.
+    pub fn checkpointing(&mut self, settings: CheckpointSettings) {
+        self.checkpointing = Some(settings);
+    }
+
+    /// What identifies `node`'s configuration (kind and config): its checkpointed state
+    /// is restored only into a node with the same fingerprint.
+    pub fn fingerprint(&mut self, node: impl Into<String>, fingerprint: impl Into<String>) {
+        self.fingerprints.insert(node.into(), fingerprint.into());
     }
 
     /// Connects the nodes. Fails when an input names no node or port, or when the graph
@@ -197,9 +214,24 @@ impl PipelineBuilder {
             receivers.push(channels);
         }
 
+        let mut nodes = self.nodes;
+        let coordinator = match self.checkpointing {
+            Some(settings) => Some(restore(
+                &self.name,
+                &mut nodes,
+                &self.fingerprints,
+                settings,
+            )),
+            None => None,
+        };
         let cancel = CancellationToken::new();
-        let mut tasks = Vec::with_capacity(self.nodes.len());
-        for ((node, ports), inputs) in self.nodes.into_iter().zip(ports).zip(receivers) {
+        let mut tasks = Vec::with_capacity(nodes.len());
+        for (index, ((node, ports), inputs)) in
+            nodes.into_iter().zip(ports).zip(receivers).enumerate()
+        {
+            let link = coordinator
+                .as_ref()
+                .map(|coordinator| coordinator.link(index));
             let op_metrics = metrics.operator(&self.name, &node.name);
             let outputs = OutputPorts { ports };
             let runner = match node.instance {
@@ -234,6 +266,7 @@ impl PipelineBuilder {
                         metrics: op_metrics.clone(),
                         rejects: None,
                         future_logged: false,
+                        checkpoint: link,
                     };
                     NodeRunner::Source(source, ctx)
                 }
@@ -242,6 +275,7 @@ impl PipelineBuilder {
                     InputMerger::new(inputs),
                     outputs,
                     op_metrics.clone(),
+                    link,
                 ),
                 OperatorInstance::Sink(sink) => {
                     let flush_interval = self
@@ -254,6 +288,7 @@ impl PipelineBuilder {
                         InputMerger::new(inputs),
                         op_metrics.clone(),
                         flush_interval,
+                        link,
                     )
                 }
             };
@@ -265,8 +300,110 @@ impl PipelineBuilder {
             tasks,
             cancel,
             views,
+            coordinator,
         })
     }
+}
+
+/// Restores every node whose fingerprint matches the checkpoint's and makes the
+/// pipeline's coordinator. A node that changed, or whose state does not restore, starts
+/// afresh (its old state is dropped at the first commit); a damaged checkpoint never
+/// keeps the pipeline from starting.
+///
+/// Sinks go first: a sink that cannot go on from the checkpoint (a Parquet file cannot
+/// be cut back) would lose what the sources already got past, so then every node
+/// starts afresh and the run replays its input from the start.
+fn restore(
+    pipeline: &str,
+    nodes: &mut [NodeDef],
+    fingerprints: &HashMap<String, String>,
+    settings: CheckpointSettings,
+) -> Coordinator {
+    let restored = settings.restored.filter(|checkpoint| {
+        if checkpoint.finished {
+            info!(
+                pipeline,
+                epoch = checkpoint.epoch,
+                "the last run finished: starting afresh"
+            );
+        }
+        !checkpoint.finished
+    });
+    let epoch = restored.as_ref().map_or(0, |checkpoint| checkpoint.epoch);
+    let fingerprint_of = |node: &NodeDef| fingerprints.get(&node.name).cloned().unwrap_or_default();
+    let mut kept = vec![false; nodes.len()];
+    if let Some(checkpoint) = &restored {
+        for gone in checkpoint
+            .nodes
+            .keys()
+            .filter(|name| !nodes.iter().any(|node| &node.name == *name))
+        {
+            info!(pipeline, operator = %gone, "no longer in the pipeline: its checkpointed state is dropped");
+        }
+        let sinks_first = {
+            let mut order: Vec<usize> = (0..nodes.len()).collect();
+            order.sort_by_key(|&index| !matches!(nodes[index].instance, OperatorInstance::Sink(_)));
+            order
+        };
+        for index in sinks_first {
+            let node = &mut nodes[index];
+            let fingerprint = fingerprint_of(node);
+            let is_sink = matches!(node.instance, OperatorInstance::Sink(_));
+            match checkpoint.nodes.get(&node.name) {
+                Some((saved, state)) if *saved == fingerprint => {
+                    let outcome = match &mut node.instance {
+                        OperatorInstance::Source(source) => state
+                            .whole()
+                            .map_or(Ok(()), |position| source.restore(position)),
+                        OperatorInstance::Transform(transform) => transform.restore(state),
+                        OperatorInstance::Sink(sink) => sink.restore(state),
+                    };
+                    match outcome {
+                        Ok(()) => {
+                            info!(pipeline, operator = %node.name, "state restored from the last checkpoint");
+                            kept[index] = true;
+                        }
+                        Err(restore_error) if is_sink => {
+                            settings.metrics.failed("restore");
+                            error!(pipeline, operator = %node.name, "{restore_error}: the whole pipeline starts afresh, from the start of its input");
+                            kept.iter_mut().for_each(|kept| *kept = false);
+                            break;
+                        }
+                        Err(restore_error) => {
+                            settings.metrics.failed("restore");
+                            error!(pipeline, operator = %node.name, "its checkpointed state does not restore ({restore_error}): it starts afresh");
+                        }
+                    }
+                }
+                Some(_) => {
+                    info!(pipeline, operator = %node.name, "its kind or config changed since the last checkpoint: it starts afresh");
+                }
+                None => {}
+            }
+        }
+    }
+    let entries = nodes
+        .iter()
+        .zip(kept)
+        .map(|(node, kept)| NodeEntry {
+            name: node.name.clone(),
+            fingerprint: fingerprint_of(node),
+            is_source: matches!(node.instance, OperatorInstance::Source(_)),
+            pending: if kept {
+                StateChanges::unchanged()
+            } else {
+                StateChanges::cleared()
+            },
+        })
+        .collect();
+    Coordinator::new(
+        pipeline,
+        settings.store,
+        settings.interval,
+        entries,
+        epoch,
+        settings.metrics,
+    )
 }
 
 fn check_acyclic(nodes: &[NodeDef], index: &HashMap<&str, usize>) -> Result<(), String> {
@@ -312,8 +449,15 @@ enum NodeRunner {
         InputMerger,
         OutputPorts,
         OperatorMetrics,
+        Option<NodeLink>,
     ),
-    Sink(Box<dyn Sink>, InputMerger, OperatorMetrics, Duration),
+    Sink(
+        Box<dyn Sink>,
+        InputMerger,
+        OperatorMetrics,
+        Duration,
+        Option<NodeLink>,
+    ),
 }
 
 /// A wired pipeline, ready to run.
@@ -323,6 +467,7 @@ pub struct Pipeline {
     cancel: CancellationToken,
     running: prometheus::IntGauge,
     views: Vec<Arc<StreamView>>,
+    coordinator: Option<Coordinator>,
 }
 
 impl Pipeline {
@@ -349,8 +494,10 @@ impl Pipeline {
             cancel,
             running,
             views: _,
+            coordinator,
         } = self;
         running.set(1);
+        let coordinator = coordinator.map(|coordinator| tokio::spawn(coordinator.run()));
         let forward = {
             let cancel = cancel.clone();
             tokio::spawn(async move {
@@ -405,6 +552,11 @@ impl Pipeline {
             }
         }
         forward.abort();
+        if let Some(coordinator) = coordinator {
+            // It commits the last epoch once every node has ended, and gives up when one
+            // failed; either way it is done once the nodes are.
+            let _ = coordinator.await;
+        }
         running.set(0);
         failure.map_or(Ok(()), Err)
     }
@@ -421,16 +573,27 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 async fn run_node(runner: NodeRunner, metrics: OperatorMetrics) -> Result<(), OperatorError> {
     let outcome = match runner {
         NodeRunner::Source(mut source, mut ctx) => {
-            let outcome = source.run(&mut ctx).await;
+            let mut outcome = source.run(&mut ctx).await;
+            if outcome.is_ok()
+                && let Some(link) = &ctx.checkpoint
+            {
+                match source.snapshot() {
+                    Ok(position) => link.ended(
+                        position.map_or_else(StateChanges::unchanged, StateChanges::whole),
+                        !ctx.cancel.is_cancelled(),
+                    ),
+                    Err(snapshot_error) => outcome = Err(snapshot_error),
+                }
+            }
             // The end of the stream follows even a failure, so downstream drains what it has.
             ctx.outputs.send_end().await;
             outcome
         }
-        NodeRunner::Transform(transform, inputs, outputs, metrics) => {
-            run_transform(transform, inputs, outputs, &metrics).await
+        NodeRunner::Transform(transform, inputs, outputs, metrics, link) => {
+            run_transform(transform, inputs, outputs, &metrics, link).await
         }
-        NodeRunner::Sink(sink, inputs, metrics, flush_interval) => {
-            run_sink(sink, inputs, &metrics, flush_interval).await
+        NodeRunner::Sink(sink, inputs, metrics, flush_interval, link) => {
+            run_sink(sink, inputs, &metrics, flush_interval, link).await
         }
     };
     if matches!(&outcome, Err(e) if !matches!(e, OperatorError::DownstreamClosed)) {
@@ -458,6 +621,7 @@ async fn run_transform(
     mut inputs: InputMerger,
     mut outputs: OutputPorts,
     metrics: &OperatorMetrics,
+    link: Option<NodeLink>,
 ) -> Result<(), OperatorError> {
     let mut collector = Collector::new();
     let mut forwarded = Watermark::START;
@@ -491,7 +655,12 @@ async fn run_transform(
                 InputEvent::Idle(idle) => outputs.send_idle(idle).await?,
                 // Everything before the barrier has been processed and its results
                 // sent: the barrier follows them downstream.
-                InputEvent::Barrier(epoch) => outputs.send_barrier(epoch).await?,
+                InputEvent::Barrier(epoch) => {
+                    if let Some(link) = &link {
+                        link.snapshot(epoch, transform.snapshot()?);
+                    }
+                    outputs.send_barrier(epoch).await?;
+                }
                 InputEvent::End => {
                     // The end of the stream is the final watermark: every window closes.
                     transform
@@ -500,6 +669,9 @@ async fn run_transform(
                     forward(&mut collector, &mut outputs, metrics).await?;
                     transform.on_close(&mut collector).await?;
                     forward(&mut collector, &mut outputs, metrics).await?;
+                    if let Some(link) = &link {
+                        link.ended(transform.snapshot()?, true);
+                    }
                     return Ok(());
                 }
             }
@@ -515,24 +687,30 @@ async fn run_sink(
     mut inputs: InputMerger,
     metrics: &OperatorMetrics,
     flush_interval: Duration,
+    mut link: Option<NodeLink>,
 ) -> Result<(), OperatorError> {
     sink.start().await?;
+    let mut completed = link.as_ref().map(|link| link.completed.clone());
+    let mut committed = completed
+        .as_ref()
+        .map_or(0, |completed| *completed.borrow());
     // Written but not yet flushed: the timer flushes only then, so an idle sink does no
     // work, and a closed window reaches its file within one interval.
     let mut unflushed = false;
     let mut flush_at = tokio::time::Instant::now() + flush_interval;
     loop {
-        let event = if unflushed {
-            tokio::select! {
-                event = inputs.next() => event,
-                () = tokio::time::sleep_until(flush_at) => {
-                    sink.flush().await?;
-                    unflushed = false;
-                    continue;
-                }
+        let event = tokio::select! {
+            event = inputs.next() => event,
+            () = tokio::time::sleep_until(flush_at), if unflushed => {
+                sink.flush().await?;
+                unflushed = false;
+                continue;
             }
-        } else {
-            inputs.next().await
+            epoch = completed_after(&mut completed, committed) => {
+                committed = epoch;
+                sink.commit(epoch).await?;
+                continue;
+            }
         };
         match event {
             InputEvent::Batch(input, batch) => {
@@ -553,13 +731,39 @@ async fn run_sink(
             InputEvent::Idle(_) => {}
             // What came before the barrier is made durable before anything after it is
             // written.
-            InputEvent::Barrier(_) => {
+            InputEvent::Barrier(epoch) => {
                 sink.flush().await?;
                 unflushed = false;
+                if let Some(link) = &link {
+                    link.snapshot(epoch, sink.snapshot(epoch).await?);
+                }
             }
             InputEvent::End => {
                 sink.on_watermark(Watermark::END).await?;
-                return sink.close().await;
+                sink.close().await?;
+                let Some(link) = link.take() else {
+                    return Ok(());
+                };
+                // The epoch the last checkpoint will have: the one in flight, or the next.
+                let completed_now = completed.as_ref().map_or(committed, |c| *c.borrow());
+                let requested = *link.requested.borrow();
+                let last = if requested > completed_now {
+                    requested
+                } else {
+                    completed_now + 1
+                };
+                link.ended(sink.snapshot(last).await?, true);
+                drop(link);
+                // The pipeline's last checkpoint is written once every node has ended;
+                // the coordinator then stops. Commit what it completed.
+                if let Some(mut completed) = completed {
+                    while completed.changed().await.is_ok() {}
+                    let epoch = *completed.borrow();
+                    if epoch > committed {
+                        sink.commit(epoch).await?;
+                    }
+                }
+                return Ok(());
             }
         }
     }

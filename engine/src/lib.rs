@@ -10,6 +10,7 @@
 //! factories that validate a [`config::ConfigValue`] and build the running operator; the
 //! [`graph::PipelineBuilder`] wires instances into a runnable [`graph::Pipeline`].
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod graph;

@@ -48,6 +48,66 @@ pub struct EngineMetrics {
     retained_evicted: IntCounterVec,
     tap_dropped: IntCounterVec,
     outbox: OutboxMetrics,
+    checkpoints: CheckpointFamilies,
+}
+
+/// The checkpoint families, labelled by pipeline.
+#[derive(Clone)]
+struct CheckpointFamilies {
+    last_completed_epoch: IntGaugeVec,
+    duration: HistogramVec,
+    bytes: IntGaugeVec,
+    failures: IntCounterVec,
+    last_completed_at: IntGaugeVec,
+    age: IntGaugeVec,
+}
+
+impl CheckpointFamilies {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let pipeline = &["pipeline"];
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_checkpoint_duration_seconds",
+                "Time from a checkpoint's start to its commit in the state store",
+            )
+            .buckets(PROCESSING_BUCKETS.to_vec()),
+            pipeline,
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(CheckpointFamilies {
+            last_completed_epoch: gauge(
+                registry,
+                "weir_checkpoint_last_completed_epoch",
+                "The epoch of a pipeline's last complete checkpoint",
+                pipeline,
+            )?,
+            duration,
+            bytes: gauge(
+                registry,
+                "weir_checkpoint_bytes",
+                "Bytes of state the last checkpoint wrote (only what changed since the one before)",
+                pipeline,
+            )?,
+            failures: counter(
+                registry,
+                "weir_checkpoint_failures_total",
+                "Checkpoints that failed, and state stores found damaged or unreadable, by reason",
+                &["pipeline", "reason"],
+            )?,
+            last_completed_at: gauge(
+                registry,
+                "weir_checkpoint_last_completed_timestamp_seconds",
+                "When a pipeline's last checkpoint completed, in seconds since the Unix epoch",
+                pipeline,
+            )?,
+            age: gauge(
+                registry,
+                "weir_checkpoint_age_seconds",
+                "Seconds since a pipeline's last checkpoint completed",
+                pipeline,
+            )?,
+        })
+    }
 }
 
 /// The states a module can be in, as `weir_module_state` labels them.
@@ -265,6 +325,7 @@ impl EngineMetrics {
                 &["pipeline", "operator", "reason"],
             )?,
             outbox: OutboxMetrics::new(registry)?,
+            checkpoints: CheckpointFamilies::new(registry)?,
             tap_dropped: counter(
                 registry,
                 "weir_tap_dropped_rows_total",
@@ -334,6 +395,20 @@ impl EngineMetrics {
     /// The series of the process's outbox (the `hub` sinks').
     pub fn outbox(&self) -> OutboxMetrics {
         self.outbox.clone()
+    }
+
+    /// The checkpoint series of a pipeline.
+    pub fn checkpoint(&self, pipeline: &str) -> crate::checkpoint::CheckpointMetrics {
+        let families = &self.checkpoints;
+        crate::checkpoint::CheckpointMetrics {
+            last_completed_epoch: families.last_completed_epoch.with_label_values(&[pipeline]),
+            duration: families.duration.with_label_values(&[pipeline]),
+            bytes: families.bytes.with_label_values(&[pipeline]),
+            failures: families.failures.clone(),
+            pipeline: pipeline.to_owned(),
+            last_completed_at: families.last_completed_at.with_label_values(&[pipeline]),
+            age: families.age.with_label_values(&[pipeline]),
+        }
     }
 
     /// The running flag of a pipeline.

@@ -13,6 +13,8 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
+use crate::checkpoint::coordinator::NodeLink;
+use crate::checkpoint::{Epoch, NodeState, StateChanges};
 use crate::error::OperatorError;
 use crate::message::Watermark;
 use crate::metrics::OperatorMetrics;
@@ -39,6 +41,24 @@ pub trait Source: Send {
     /// Returning `Ok(())` ends the stream. A source must return promptly once
     /// [`SourceContext::cancelled`] resolves; what it already emitted is drained.
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError>;
+
+    /// The source's position, for a checkpoint: what it needs to go on after a restart
+    /// without losing or repeating input (a file offset, a generator's sequence). `None`
+    /// for a source that keeps nothing.
+    ///
+    /// While checkpointing is on, a source must take barriers: whenever
+    /// [`SourceContext::barrier_due`] says so (or [`SourceContext::barrier_requested`]
+    /// resolves), between two batches, it calls [`SourceContext::checkpoint`] with
+    /// this. The engine takes the final one itself once `run` has returned.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, OperatorError> {
+        Ok(None)
+    }
+
+    /// Resumes from a position [`Source::snapshot`] returned, before `run`. On error the
+    /// source must be as it was, so it can start afresh.
+    fn restore(&mut self, _state: &[u8]) -> Result<(), OperatorError> {
+        Ok(())
+    }
 }
 
 /// An operator that turns input batches into output batches.
@@ -74,6 +94,19 @@ pub trait Transform: Send {
     async fn on_close(&mut self, _out: &mut Collector) -> Result<(), OperatorError> {
         Ok(())
     }
+
+    /// How the transform's state changed since its last snapshot, taken when a
+    /// checkpoint barrier has arrived on every input (and again at the end). Stateless
+    /// transforms keep the default.
+    fn snapshot(&mut self) -> Result<StateChanges, OperatorError> {
+        Ok(StateChanges::unchanged())
+    }
+
+    /// Takes up the state of the last complete checkpoint, before any batch. On error
+    /// the transform must be as it was, so it can start afresh.
+    fn restore(&mut self, _state: &NodeState) -> Result<(), OperatorError> {
+        Ok(())
+    }
 }
 
 /// An operator that consumes batches.
@@ -102,6 +135,28 @@ pub trait Sink: Send {
     /// Every input has ended: flush and release resources.
     async fn close(&mut self) -> Result<(), OperatorError> {
         self.flush().await
+    }
+
+    /// Checkpoint `epoch`'s barrier has arrived, after [`Sink::flush`]: the sink makes
+    /// everything written before it durable and returns what it needs to undo writes
+    /// past it after a crash (a file's length). Also taken after [`Sink::close`], for
+    /// the pipeline's last checkpoint.
+    async fn snapshot(&mut self, _epoch: Epoch) -> Result<StateChanges, OperatorError> {
+        Ok(StateChanges::unchanged())
+    }
+
+    /// Recovers to the last complete checkpoint before [`Sink::start`]: drops what was
+    /// written after it. On error the sink must be as it was.
+    fn restore(&mut self, _state: &NodeState) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    /// Checkpoint `epoch` is complete: what was written before its barrier may be
+    /// published (a part renamed into place, an outbox entry released). After the last
+    /// snapshot, the engine calls this once more when the pipeline's last checkpoint
+    /// is written.
+    async fn commit(&mut self, _epoch: Epoch) -> Result<(), OperatorError> {
+        Ok(())
     }
 }
 
@@ -176,6 +231,7 @@ pub struct SourceContext {
     pub(crate) metrics: OperatorMetrics,
     pub(crate) rejects: Option<(usize, RejectEncoder)>,
     pub(crate) future_logged: bool,
+    pub(crate) checkpoint: Option<NodeLink>,
 }
 
 impl SourceContext {
@@ -270,6 +326,72 @@ impl SourceContext {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the pipeline checkpoints: the source then takes barriers.
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoint.is_some()
+    }
+
+    /// The checkpoint the coordinator has started and this source has not yet taken a
+    /// barrier for, if any. Sources that loop without waiting ask between batches.
+    pub fn barrier_due(&self) -> Option<Epoch> {
+        let link = self.checkpoint.as_ref()?;
+        let requested = *link.requested.borrow();
+        (requested > link.injected).then_some(requested)
+    }
+
+    /// Resolves with the next checkpoint to take a barrier for: for sources that wait on
+    /// their input in a `select!`. Never resolves while checkpointing is off.
+    pub async fn barrier_requested(&self) -> Epoch {
+        let Some(link) = self.checkpoint.as_ref() else {
+            return std::future::pending().await;
+        };
+        // A receiver of its own, so the source may wait on this and on being cancelled
+        // in one `select!`.
+        let mut requested_epochs = link.requested.clone();
+        loop {
+            let requested = *requested_epochs.borrow_and_update();
+            if requested > link.injected {
+                return requested;
+            }
+            if requested_epochs.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Takes checkpoint `epoch`: records `position` (what [`Source::snapshot`] returns)
+    /// and sends the barrier after everything emitted so far.
+    pub async fn checkpoint(
+        &mut self,
+        epoch: Epoch,
+        position: Option<Vec<u8>>,
+    ) -> Result<(), OperatorError> {
+        let Some(link) = self.checkpoint.as_mut() else {
+            return Ok(());
+        };
+        link.injected = epoch;
+        link.snapshot(
+            epoch,
+            position.map_or_else(StateChanges::unchanged, StateChanges::whole),
+        );
+        self.outputs.send_barrier(epoch).await
+    }
+
+    /// Asks for a checkpoint before the interval is up: for a source that holds
+    /// something back until one completes (MQTT acknowledgements, which a broker's
+    /// inflight window limits).
+    pub fn request_checkpoint(&self) {
+        if let Some(link) = &self.checkpoint {
+            link.early.notify_one();
+        }
+    }
+
+    /// The newest complete checkpoint, changing as they complete: for sources that
+    /// commit outside once their input is safe (MQTT acknowledgements).
+    pub fn completed_epochs(&self) -> Option<tokio::sync::watch::Receiver<Epoch>> {
+        self.checkpoint.as_ref().map(|link| link.completed.clone())
     }
 
     /// Resolves when the pipeline is shutting down; the source should then return.

@@ -290,6 +290,28 @@ pub(crate) mod test_support {
         shutdown: tokio_util::sync::CancellationToken,
         outputs: &Outputs,
     ) -> Result<(), weir_engine::PipelineError> {
+        run_source_with(planned, event_time, shutdown, outputs, None).await
+    }
+
+    /// As [`run_source`], checkpointing every `interval` into the state store at `store`
+    /// and resuming from the checkpoint it holds.
+    pub(crate) async fn run_source_checkpointed(
+        planned: Box<dyn PlannedOperator>,
+        store: &Path,
+        interval: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+        outputs: &Outputs,
+    ) -> Result<(), weir_engine::PipelineError> {
+        run_source_with(planned, None, shutdown, outputs, Some((store, interval))).await
+    }
+
+    async fn run_source_with(
+        planned: Box<dyn PlannedOperator>,
+        event_time: Option<EventTimeSpec>,
+        shutdown: tokio_util::sync::CancellationToken,
+        outputs: &Outputs,
+        checkpoint: Option<(&Path, std::time::Duration)>,
+    ) -> Result<(), weir_engine::PipelineError> {
         let specs = planned.outputs();
         let instance = planned
             .instantiate(&weir_engine::metrics::OperatorMetrics::detached(
@@ -322,6 +344,15 @@ pub(crate) mod test_support {
             );
         }
         let metrics = EngineMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        if let Some((path, interval)) = checkpoint {
+            let opened = weir_engine::checkpoint::StateStore::open(path).expect("state store");
+            builder.checkpointing(weir_engine::checkpoint::CheckpointSettings {
+                store: Arc::new(opened.store),
+                interval,
+                restored: opened.checkpoint,
+                metrics: metrics.checkpoint("test"),
+            });
+        }
         builder.build(&metrics)?.run(shutdown).await
     }
 

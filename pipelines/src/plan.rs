@@ -33,6 +33,7 @@ pub struct ValidatedPipeline {
     file: PathBuf,
     name_location: Location,
     nodes: Vec<PlannedNode>,
+    checkpoint_interval: Option<std::time::Duration>,
 }
 
 /// One planned node: what `weir describe` shows, and the operator ready to instantiate.
@@ -45,6 +46,7 @@ pub struct PlannedNode {
     event_time: Option<EventTimeSpec>,
     retain: Option<RetainSpec>,
     flush_interval: Option<std::time::Duration>,
+    fingerprint: String,
     operator: Box<dyn PlannedOperator>,
 }
 
@@ -161,7 +163,26 @@ impl ValidatedPipeline {
     ///
     /// This is the first step that touches the outside world (files, sockets).
     pub fn build(self, metrics: &EngineMetrics) -> Result<Pipeline, BuildError> {
+        self.build_checkpointed(metrics, None)
+    }
+
+    /// How often the pipeline checkpoints (`checkpoint.interval`); `None` when its YAML
+    /// turns checkpoints off (`interval: 0s`).
+    pub fn checkpoint_interval(&self) -> Option<std::time::Duration> {
+        self.checkpoint_interval
+    }
+
+    /// As [`ValidatedPipeline::build`], checkpointing as `checkpoints` say and
+    /// restoring what they hold.
+    pub fn build_checkpointed(
+        self,
+        metrics: &EngineMetrics,
+        checkpoints: Option<weir_engine::checkpoint::CheckpointSettings>,
+    ) -> Result<Pipeline, BuildError> {
         let mut builder = PipelineBuilder::new(&self.name);
+        if let Some(settings) = checkpoints {
+            builder.checkpointing(settings);
+        }
         for node in self.nodes {
             let instance = node
                 .operator
@@ -177,6 +198,7 @@ impl ValidatedPipeline {
             if let Some(interval) = node.flush_interval {
                 builder.flush_interval(&node.name, interval);
             }
+            builder.fingerprint(&node.name, node.fingerprint);
             builder.add_node(
                 node.name,
                 instance,
@@ -272,6 +294,7 @@ pub(crate) fn check(
         file: document.file.clone(),
         name_location: document.name_location,
         nodes: planned,
+        checkpoint_interval: document.checkpoint_interval,
     })
 }
 
@@ -737,8 +760,61 @@ fn plan_node(
         event_time,
         retain: node.retain,
         flush_interval: node.flush_interval,
+        fingerprint: fingerprint(node),
         operator,
     }))
+}
+
+/// What a node's checkpointed state is valid for: its kind, inputs and everything it
+/// was configured with, without the places they were written (a comment added above a
+/// node keeps its state).
+fn fingerprint(node: &NodeSpec) -> String {
+    fn value(text: &mut String, config: &weir_engine::config::ConfigValue) {
+        use std::fmt::Write as _;
+        use weir_engine::config::Value;
+        match &config.value {
+            Value::Null => text.push('~'),
+            Value::Bool(b) => write!(text, "{b}").unwrap_or_default(),
+            Value::Int(i) => write!(text, "{i}").unwrap_or_default(),
+            Value::Float(f) => write!(text, "{f:?}").unwrap_or_default(),
+            Value::String(s) => write!(text, "{s:?}").unwrap_or_default(),
+            Value::Seq(items) => {
+                text.push('[');
+                for item in items {
+                    value(text, item);
+                    text.push(',');
+                }
+                text.push(']');
+            }
+            Value::Map(entries) => {
+                text.push('{');
+                for (key, item) in entries {
+                    write!(text, "{:?}:", key.name).unwrap_or_default();
+                    value(text, item);
+                    text.push(',');
+                }
+                text.push('}');
+            }
+        }
+    }
+    let mut text = format!("{} {}\ninputs: ", node.role.section(), node.kind);
+    for input in &node.inputs {
+        text.push_str(&format!("{input:?} "));
+    }
+    text.push_str("\nconfig: ");
+    value(&mut text, &node.config);
+    text.push_str(&format!(
+        "\nwindow: {:?}\nevent_time: {:?}\non_error: {:?}\nschema: {:?}",
+        node.window,
+        node.event_time,
+        node.on_error,
+        node.schema.as_ref().map(|schema| schema
+            .fields()
+            .iter()
+            .map(|f| format!("{}:{}", f.name(), f.data_type()))
+            .collect::<Vec<_>>()),
+    ));
+    text
 }
 
 #[cfg(test)]

@@ -29,7 +29,14 @@ pub(crate) const SCHEMA_HINT: &str = "only sources and `module` transforms decla
 /// The document version this crate reads.
 pub const VERSION: u32 = 1;
 
-const TOP_FIELDS: &[&str] = &["version", "name", "sources", "transforms", "sinks"];
+const TOP_FIELDS: &[&str] = &[
+    "version",
+    "name",
+    "checkpoint",
+    "sources",
+    "transforms",
+    "sinks",
+];
 const SOURCE_FIELDS: &[&str] = &["kind", "config", "schema", "event_time", "retain"];
 const TRANSFORM_FIELDS: &[&str] = &[
     "kind", "inputs", "window", "schema", "config", "retain", "on_error",
@@ -49,6 +56,17 @@ pub struct Document {
     pub nodes: Vec<NodeSpec>,
     /// Where the name was written.
     pub name_location: Location,
+    /// How often the pipeline checkpoints: `checkpoint.interval`, the default when
+    /// absent, `None` when written as `0s` (checkpoints off).
+    pub checkpoint_interval: Option<Duration>,
+}
+
+/// The pipeline's `checkpoint` section.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointYaml {
+    /// Time from one checkpoint to the next; `0s` turns checkpoints off.
+    interval: HumanDuration,
 }
 
 impl Document {
@@ -162,6 +180,7 @@ pub(crate) fn parse_document(
         name: String::new(),
         nodes: Vec::new(),
         name_location: Location::default(),
+        checkpoint_interval: Some(weir_engine::checkpoint::DEFAULT_CHECKPOINT_INTERVAL),
     };
     let root_location = root.location;
     let entries = match root.value {
@@ -227,6 +246,18 @@ pub(crate) fn parse_document(
                         .with_hint("use lower-case letters, digits, '-' and '_', e.g. boiler-room"),
                     ),
                     Err(error) => errors.push(error),
+                }
+            }
+            "checkpoint" => {
+                interpolate_tree(&mut value, "checkpoint", env, &mut errors);
+                match value.deserialize_into::<CheckpointYaml>("checkpoint") {
+                    Ok(spec) => {
+                        let interval = Duration::from(spec.interval);
+                        document.checkpoint_interval = (!interval.is_zero()).then_some(interval);
+                    }
+                    Err(error) => errors.push(error.with_hint(
+                        "write e.g. 'checkpoint: {interval: 10s}', or 'interval: 0s' to turn checkpoints off",
+                    )),
                 }
             }
             "sources" | "transforms" | "sinks" => {

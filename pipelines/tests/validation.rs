@@ -629,7 +629,9 @@ fn unknown_field_suggests_the_nearest_name() {
         at(17, 1),
         "sink",
         "unknown field 'sink'",
-        Some("did you mean 'sinks'? valid fields: version, name, sources, transforms, sinks"),
+        Some(
+            "did you mean 'sinks'? valid fields: version, name, checkpoint, sources, transforms, sinks",
+        ),
     );
 }
 

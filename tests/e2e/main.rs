@@ -4,6 +4,7 @@
 //! `/metrics`, the local API (queries, status, taps), and `weir agent` under a hub.
 
 mod api;
+mod checkpoints;
 mod cli;
 mod container_modules;
 mod examples;

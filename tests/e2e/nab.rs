@@ -6,7 +6,7 @@ use std::path::Path;
 
 use weir_testkit::noise;
 
-use crate::support::{repo, text};
+use crate::support::{repo, test_state_dir, text};
 
 const START_MS: i64 = 1_396_310_400_000; // 2014-04-01 00:00:00 UTC
 const FIVE_MINUTES_MS: i64 = 300_000;
@@ -71,6 +71,7 @@ fn run_sh_scores_every_series_row_for_row_and_singles_out_the_spike() {
         .arg(&data)
         .arg(&out)
         .env("WEIR_BIN", env!("CARGO_BIN_EXE_weir"))
+        .env("WEIR_STATE_DIR", test_state_dir())
         .output()
         .expect("run.sh runs");
     let (stdout, stderr) = text(&output);

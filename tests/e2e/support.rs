@@ -12,11 +12,22 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A `weir` command with quiet logs unless the test sets RUST_LOG itself.
+/// A `weir` command with quiet logs unless the test sets RUST_LOG itself, keeping its
+/// checkpoints in a state directory of this test's own (nextest runs each test in a
+/// process of its own), so tests that run the same pipeline never share state while
+/// the runs of one test do.
 pub fn weir() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
-    command.env("RUST_LOG", "warn").stdin(Stdio::null());
     command
+        .env("RUST_LOG", "warn")
+        .env("WEIR_STATE_DIR", test_state_dir())
+        .stdin(Stdio::null());
+    command
+}
+
+/// This test process's state directory, under Cargo's temporary directory for tests.
+pub fn test_state_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("weir-state-{}", std::process::id()))
 }
 
 /// Runs `weir` with `args` to completion.

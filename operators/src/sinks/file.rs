@@ -19,9 +19,10 @@
 //! (its footer ends it), so a templated Parquet sink keeps every file open and fails with
 //! a clear message when the stream needs more than `max_open_files` of them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use arrow::array::UInt32Array;
@@ -34,6 +35,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::Deserialize;
 use tracing::debug;
+use weir_engine::checkpoint::{Epoch, NodeState, StateChanges};
 use weir_engine::config::{ConfigErrors, HumanDuration, HumanSize};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
@@ -390,22 +392,15 @@ impl PlannedOperator for Plan {
             (Target::Fixed(path), Some(rotate)) => Some(Rotation::new(path, rotate)?),
             _ => None,
         };
-        let mut writers = Writers {
+        let writers = Writers {
             settings,
             open: LruCache::unbounded(),
             opened: HashSet::new(),
+            lengths: HashMap::new(),
+            written: HashSet::new(),
         };
         let display = match &target {
-            // A fixed file is created at once, so an empty stream still leaves a readable
-            // (Parquet) or empty (JSON, CSV with its header) file, and a path that cannot be
-            // written fails the start.
-            Target::Fixed(path) => {
-                let current = rotation
-                    .as_ref()
-                    .map_or_else(|| path.clone(), Rotation::in_progress);
-                writers.get(&current)?;
-                path.display().to_string()
-            }
+            Target::Fixed(path) => path.display().to_string(),
             Target::Template { template, .. } => template.text().to_owned(),
         };
         Ok(OperatorInstance::Sink(Box::new(FileSink {
@@ -421,6 +416,8 @@ impl PlannedOperator for Plan {
                 rotation,
             }),
             metrics: metrics.clone(),
+            snapshotted: false,
+            closed_lengths: None,
         })))
     }
 }
@@ -577,6 +574,11 @@ struct Writers {
     open: LruCache<PathBuf, Writer>,
     /// Every file opened so far: reopening one appends to it.
     opened: HashSet<PathBuf>,
+    /// The length of each file opened so far, as of its last sync or close: what a
+    /// checkpoint records, so recovery can cut off what was written after it.
+    lengths: HashMap<PathBuf, u64>,
+    /// The files written since the last checkpoint.
+    written: HashSet<PathBuf>,
 }
 
 impl Writers {
@@ -600,6 +602,7 @@ impl Writers {
             }
             let again = !self.opened.insert(path.to_owned());
             let writer = Writer::open(path, &self.settings, self.settings.append || again)?;
+            self.written.insert(path.to_owned());
             debug!(
                 "file sink: {} {}",
                 if again { "reopened" } else { "opened" },
@@ -635,6 +638,74 @@ impl Writers {
             if self.settings.fsync {
                 writer.sync_file(path)?;
             }
+            self.lengths.insert(path.to_owned(), writer.size());
+        }
+        Ok(())
+    }
+
+    /// Makes every file durable and returns the length of each file written since the
+    /// last checkpoint. Blocking.
+    fn checkpoint(&mut self) -> Result<Vec<(PathBuf, u64)>, OperatorError> {
+        for (path, writer) in self.open.iter_mut() {
+            writer.perform(Step::Sync, path)?;
+            self.lengths.insert(path.clone(), writer.size());
+        }
+        let mut written: Vec<(PathBuf, u64)> = self
+            .written
+            .drain()
+            .filter_map(|path| {
+                let length = *self.lengths.get(&path)?;
+                Some((path, length))
+            })
+            .collect();
+        written.sort();
+        Ok(written)
+    }
+
+    /// Cuts every file of `lengths` back to the length it had at the checkpoint being
+    /// recovered, and has them reopened to append. Blocking.
+    fn recover(&mut self, lengths: Vec<(PathBuf, u64)>) -> Result<(), OperatorError> {
+        for (path, length) in lengths {
+            match OpenOptions::new().write(true).open(&path) {
+                Ok(file) => {
+                    let now = file
+                        .metadata()
+                        .map_err(|e| {
+                            OperatorError::io(format!("cannot inspect {}", path.display()), e)
+                        })?
+                        .len();
+                    if now > length {
+                        file.set_len(length)
+                            .and_then(|()| file.sync_all())
+                            .map_err(|e| {
+                                OperatorError::io(format!("cannot truncate {}", path.display()), e)
+                            })?;
+                        debug!(
+                            "file sink: {} cut back from {now} to {length} bytes, its length at the checkpoint",
+                            path.display()
+                        );
+                    } else if now < length {
+                        tracing::warn!(
+                            "file sink: {} has {now} bytes, fewer than the {length} it had at the checkpoint: it was changed outside weir",
+                            path.display()
+                        );
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(
+                        "file sink: {} is gone since the checkpoint; it is written anew",
+                        path.display()
+                    );
+                }
+                Err(error) => {
+                    return Err(OperatorError::io(
+                        format!("cannot open {}", path.display()),
+                        error,
+                    ));
+                }
+            }
+            self.opened.insert(path.clone());
+            self.lengths.insert(path, length);
         }
         Ok(())
     }
@@ -745,6 +816,22 @@ impl Rotation {
 }
 
 impl Files {
+    /// Opens a fixed path's file if none was yet, so an empty stream still leaves a
+    /// readable (Parquet) or empty (JSON, CSV with its header) file, and a path that
+    /// cannot be written fails the start. Blocking.
+    fn open_fixed(&mut self) -> Result<(), OperatorError> {
+        if let Target::Fixed(path) = &self.target
+            && self.writers.opened.is_empty()
+        {
+            let current = self
+                .rotation
+                .as_ref()
+                .map_or_else(|| path.clone(), Rotation::in_progress);
+            self.writers.get(&current)?;
+        }
+        Ok(())
+    }
+
     /// Finishes the part being written when its size or age says so, or always when
     /// `closing`; the next write opens the next part. Blocking.
     fn roll(&mut self, closing: bool) -> Result<(), OperatorError> {
@@ -795,6 +882,7 @@ impl Files {
                 self.roll(false).map(|()| Vec::new())
             }
             Step::Close => {
+                self.open_fixed()?;
                 self.roll(true)?;
                 self.writers.close().map(|()| Vec::new())
             }
@@ -812,6 +900,7 @@ impl Files {
                 self.writers
                     .get(&path)?
                     .perform(Step::Write(written), &path)?;
+                self.writers.written.insert(path);
                 self.roll(false)?;
                 return Ok(Vec::new());
             }
@@ -841,6 +930,7 @@ impl Files {
             };
             let path = base_dir.join(path);
             self.writers.get(&path)?.perform(Step::Write(rows), &path)?;
+            self.writers.written.insert(path);
         }
         Ok(problems)
     }
@@ -855,9 +945,41 @@ struct FileSink {
     metrics: OperatorMetrics,
     /// Rows dropped for their path, counted in the metrics as `invalid_path`.
     rejects: RejectLog,
+    /// Whether a checkpoint holds this sink's file lengths yet (the first snapshot
+    /// replaces whatever an earlier, unrelated run left).
+    snapshotted: bool,
+    /// The files' lengths when the sink closed, for the last snapshot.
+    closed_lengths: Option<Vec<(PathBuf, u64)>>,
 }
 
+/// The prefix of a file's key in the sink's checkpointed state; the path follows.
+const LENGTH_KEY: &[u8] = b"length/";
+
 impl FileSink {
+    /// Runs `work` on the files on tokio's blocking pool; the sink is unusable after it
+    /// fails.
+    async fn blocking<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut Files) -> Result<T, OperatorError> + Send + 'static,
+    ) -> Result<T, OperatorError> {
+        let Some(mut files) = self.files.take() else {
+            return Err(OperatorError::Internal(format!(
+                "the file sink for {} was used after it closed or failed",
+                self.display
+            )));
+        };
+        let (files, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = work(&mut files);
+            (files, outcome)
+        })
+        .await
+        .map_err(|e| OperatorError::Internal(format!("file write task failed: {e}")))?;
+        if outcome.is_ok() {
+            self.files = Some(files);
+        }
+        outcome
+    }
+
     async fn run(&mut self, step: Step) -> Result<(), OperatorError> {
         let Some(mut files) = self.files.take() else {
             return Err(OperatorError::Internal(format!(
@@ -890,6 +1012,10 @@ impl FileSink {
 
 #[async_trait]
 impl Sink for FileSink {
+    async fn start(&mut self) -> Result<(), OperatorError> {
+        self.blocking(Files::open_fixed).await
+    }
+
     async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
         self.run(Step::Write(batch)).await
     }
@@ -899,7 +1025,68 @@ impl Sink for FileSink {
     }
 
     async fn close(&mut self) -> Result<(), OperatorError> {
-        self.run(Step::Close).await
+        // The files' lengths before the close, for the last snapshot.
+        let lengths = self.blocking(|files| files.writers.checkpoint()).await?;
+        self.run(Step::Close).await?;
+        self.closed_lengths = Some(lengths);
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, _epoch: Epoch) -> Result<StateChanges, OperatorError> {
+        let lengths = match self.closed_lengths.take() {
+            Some(lengths) => lengths,
+            None => self.blocking(|files| files.writers.checkpoint()).await?,
+        };
+        let mut changes = if self.snapshotted {
+            StateChanges::unchanged()
+        } else {
+            StateChanges::cleared()
+        };
+        self.snapshotted = true;
+        for (path, length) in lengths {
+            let mut key = LENGTH_KEY.to_vec();
+            key.extend_from_slice(path.as_os_str().as_bytes());
+            changes.put(key, length.to_be_bytes().to_vec());
+        }
+        Ok(changes)
+    }
+
+    fn restore(&mut self, state: &NodeState) -> Result<(), OperatorError> {
+        let Some(files) = self.files.as_mut() else {
+            return Err(OperatorError::Internal(
+                "the file sink restored after it closed".into(),
+            ));
+        };
+        if files.writers.settings.format == OutputFormat::Parquet {
+            // A Parquet file cannot be cut back to a row group and go on: the pipeline
+            // runs again from its start and rewrites it.
+            return Err(OperatorError::User(format!(
+                "file sink {}: parquet output cannot resume from a checkpoint",
+                self.display
+            )));
+        }
+        if files.rotation.is_some() {
+            return Err(OperatorError::User(format!(
+                "file sink {}: rotating output cannot resume from a checkpoint",
+                self.display
+            )));
+        }
+        let mut lengths = Vec::new();
+        for (key, value) in state.entries() {
+            let (Some(path), Ok(length)) =
+                (key.strip_prefix(LENGTH_KEY), <[u8; 8]>::try_from(value))
+            else {
+                return Err(OperatorError::Internal(format!(
+                    "file sink {}: its checkpointed state has an entry it does not know",
+                    self.display
+                )));
+            };
+            let path = PathBuf::from(std::ffi::OsStr::from_bytes(path));
+            lengths.push((path, u64::from_be_bytes(length)));
+        }
+        files.writers.recover(lengths)?;
+        self.snapshotted = true;
+        Ok(())
     }
 }
 
@@ -1026,6 +1213,76 @@ mod tests {
             "{\"device\":\"a\",\"ts\":\"2026-01-01T00:00:00Z\",\"value\":1.5}\n\
              {\"device\":\"b\",\"ts\":\"2026-01-01T00:00:01Z\",\"value\":null}\n"
         );
+    }
+
+    #[tokio::test]
+    async fn recovery_cuts_each_file_back_to_its_checkpointed_length() {
+        for config in [
+            "{path: r.jsonl}",
+            "{path: r.csv, format: csv}",
+            "{path: \"p/{device}.jsonl\"}",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut stored = NodeState::default();
+            let mut first = sink(&dir, config);
+            first.start().await.unwrap();
+            first
+                .write(0, rows(&[Some("a"), Some("b")], 0))
+                .await
+                .unwrap();
+            stored.apply(&first.snapshot(1).await.unwrap());
+            first.write(0, rows(&[Some("a")], 1_000)).await.unwrap();
+            // Only the files written since are in the next checkpoint.
+            let second = first.snapshot(2).await.unwrap();
+            assert_eq!(second.parts(), 1, "{config}");
+            // Written after the last checkpoint that completed, then killed.
+            first
+                .write(0, rows(&[Some("b"), Some("b")], 9_000))
+                .await
+                .unwrap();
+            first.flush().await.unwrap();
+            drop(first);
+
+            let mut again = sink(&dir, config);
+            again.restore(&stored).unwrap();
+            again.start().await.unwrap();
+            again
+                .write(0, rows(&[Some("a"), Some("b")], 1_000))
+                .await
+                .unwrap();
+            again.close().await.unwrap();
+            let reference = tempfile::tempdir().unwrap();
+            let mut expected = sink(&reference, config);
+            expected.start().await.unwrap();
+            expected
+                .write(0, rows(&[Some("a"), Some("b")], 0))
+                .await
+                .unwrap();
+            expected
+                .write(0, rows(&[Some("a"), Some("b")], 1_000))
+                .await
+                .unwrap();
+            expected.close().await.unwrap();
+            for file in ["r.jsonl", "r.csv", "p/a.jsonl", "p/b.jsonl"] {
+                if reference.path().join(file).exists() {
+                    assert_eq!(read(&dir, file), read(&reference, file), "{config}: {file}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parquet_sink_does_not_resume_from_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = sink(&dir, "{path: r.parquet, format: parquet}");
+        first.start().await.unwrap();
+        let mut stored = NodeState::default();
+        stored.apply(&first.snapshot(1).await.unwrap());
+        let error = sink(&dir, "{path: r.parquet, format: parquet}")
+            .restore(&stored)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cannot resume"), "{error}");
     }
 
     #[tokio::test]
@@ -1382,6 +1639,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = "{path: r.parquet, format: parquet, rotate: {max_bytes: 1}}";
         let mut sink = sink(&dir, config);
+        sink.start().await.unwrap();
         assert_eq!(listing(&dir), vec![".r-00000.parquet.inprogress"]);
         for first in [0, 10_000, 20_000] {
             sink.write(0, batch(first)).await.unwrap();

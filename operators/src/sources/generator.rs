@@ -583,6 +583,26 @@ struct Generator {
     interval_ms: i64,
     tick: u64,
     device: usize,
+    /// Rows emitted so far (`count` bounds them).
+    emitted: u64,
+    /// The event time of tick 0, fixed at the first run (or restored).
+    start_ms: Option<i64>,
+}
+
+/// Where a generator is in its sequence: its checkpointed position. The series' phases
+/// follow from the seed, so they are not kept.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Position {
+    /// The random stream's position, in 32-bit words (ChaCha's own counter).
+    word_pos: u128,
+    /// Floats as their bits: a decimal rendering need not read back to the same value,
+    /// and one bit off would change every value after it.
+    spare_normal: Option<u64>,
+    walks: Vec<u64>,
+    tick: u64,
+    device: usize,
+    emitted: u64,
+    start_ms: i64,
 }
 
 impl Generator {
@@ -615,7 +635,28 @@ impl Generator {
             walks,
             tick: 0,
             device: 0,
+            emitted: 0,
+            start_ms: None,
         }
+    }
+
+    /// Emits `batch`, first taking a checkpoint barrier if one is due.
+    async fn emit(
+        &mut self,
+        ctx: &mut SourceContext,
+        batch: RecordBatch,
+    ) -> Result<(), OperatorError> {
+        self.emitted += batch.num_rows() as u64;
+        ctx.emit(batch).await?;
+        self.take_barrier(ctx).await
+    }
+
+    async fn take_barrier(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        if let Some(epoch) = ctx.barrier_due() {
+            let position = self.snapshot()?;
+            ctx.checkpoint(epoch, position).await?;
+        }
+        Ok(())
     }
 
     /// The next `rows` readings, continuing where the previous batch stopped.
@@ -743,15 +784,21 @@ fn wall_clock_ms() -> i64 {
 #[async_trait]
 impl Source for Generator {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
-        let start_ms = self.plan.start_ms.unwrap_or_else(wall_clock_ms);
+        let start_ms = *self
+            .start_ms
+            .get_or_insert_with(|| self.plan.start_ms.unwrap_or_else(wall_clock_ms));
         let batch_rows = self.plan.batch_rows as u64;
-        let mut remaining = self.plan.count.unwrap_or(u64::MAX);
+        let mut remaining = self
+            .plan
+            .count
+            .unwrap_or(u64::MAX)
+            .saturating_sub(self.emitted);
         if !self.plan.realtime {
             while remaining > 0 && !ctx.is_cancelled() {
                 let rows = remaining.min(batch_rows);
                 remaining -= rows;
                 let batch = self.next_batch(start_ms, rows as usize)?;
-                ctx.emit(batch).await?;
+                self.emit(ctx, batch).await?;
             }
             return Ok(());
         }
@@ -759,13 +806,15 @@ impl Source for Generator {
         let mut due = Instant::now();
         while remaining > 0 {
             // One tick: a reading of every device, in batches of at most `batch_rows`.
-            let mut tick_rows = remaining.min(u64::from(self.plan.devices));
+            // A restored generator may stand mid-tick: it finishes that tick first.
+            let devices = self.names.len() - self.device;
+            let mut tick_rows = remaining.min(devices as u64);
             remaining -= tick_rows;
             while tick_rows > 0 {
                 let rows = tick_rows.min(batch_rows);
                 tick_rows -= rows;
                 let batch = self.next_batch(start_ms, rows as usize)?;
-                ctx.emit(batch).await?;
+                self.emit(ctx, batch).await?;
             }
             if remaining == 0 {
                 break;
@@ -777,12 +826,52 @@ impl Source for Generator {
             if now.saturating_duration_since(due) > interval {
                 due = now;
             }
-            tokio::select! {
-                biased;
-                _ = ctx.cancelled() => return Ok(()),
-                _ = sleep_until(due) => {}
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = ctx.cancelled() => return Ok(()),
+                    _ = ctx.barrier_requested() => self.take_barrier(ctx).await?,
+                    _ = sleep_until(due) => break,
+                }
             }
         }
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, OperatorError> {
+        let position = Position {
+            word_pos: self.random.rng.get_word_pos(),
+            spare_normal: self.random.spare_normal.map(f64::to_bits),
+            walks: self.walks.iter().map(|walk| walk.to_bits()).collect(),
+            tick: self.tick,
+            device: self.device,
+            emitted: self.emitted,
+            start_ms: self.start_ms.unwrap_or_default(),
+        };
+        serde_json::to_vec(&position).map(Some).map_err(|e| {
+            OperatorError::Internal(format!("cannot encode the generator's position: {e}"))
+        })
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), OperatorError> {
+        let position: Position = serde_json::from_slice(state).map_err(|e| {
+            OperatorError::User(format!(
+                "the checkpointed generator position does not read: {e}"
+            ))
+        })?;
+        if position.walks.len() != self.walks.len() || position.device >= self.names.len().max(1) {
+            return Err(OperatorError::User(
+                "the checkpointed generator position is for another set of devices or fields"
+                    .into(),
+            ));
+        }
+        self.random.rng.set_word_pos(position.word_pos);
+        self.random.spare_normal = position.spare_normal.map(f64::from_bits);
+        self.walks = position.walks.into_iter().map(f64::from_bits).collect();
+        self.tick = position.tick;
+        self.device = position.device;
+        self.emitted = position.emitted;
+        self.start_ms = Some(position.start_ms);
         Ok(())
     }
 }
@@ -794,7 +883,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::format::test_support::{Decl, Outputs, plan, run_source};
+    use crate::format::test_support::{Decl, Outputs, plan, run_source, run_source_checkpointed};
 
     fn planned(config: &str) -> Result<Box<dyn PlannedOperator>, ConfigErrors> {
         plan(&GeneratorFactory, Role::Source, config, Decl::default())
@@ -852,6 +941,75 @@ fields:
             names,
             ["device", "ts", "temperature", "humidity", "pressure"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_generator_resumes_where_it_stopped() {
+        let config = SENSORS.replace("count: 300", "count: 300000");
+        let whole = generate(&config).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("state.redb");
+        let mut parts = Vec::new();
+        // Stopped a few milliseconds in, again and again, until a run reaches the end.
+        let mut runs = 0;
+        loop {
+            runs += 1;
+            let outputs = Outputs::new();
+            let shutdown = CancellationToken::new();
+            let stopper = {
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    shutdown.cancel();
+                })
+            };
+            let planned = planned(&config).unwrap();
+            run_source_checkpointed(
+                planned,
+                &store,
+                Duration::from_millis(1),
+                shutdown,
+                &outputs,
+            )
+            .await
+            .unwrap();
+            stopper.await.unwrap();
+            parts.extend(outputs.main.lock().unwrap().iter().cloned());
+            let opened = weir_engine::checkpoint::StateStore::open(&store).unwrap();
+            if opened
+                .checkpoint
+                .is_some_and(|checkpoint| checkpoint.finished)
+            {
+                break;
+            }
+            assert!(runs < 1000, "the generator never reached its end");
+        }
+        assert!(runs > 1, "no run was stopped before the end");
+        let resumed = weir_engine::arrow::compute::concat_batches(&whole.schema(), &parts).unwrap();
+        assert_eq!(resumed.num_rows(), 300_000);
+        if resumed != whole {
+            let first = (0..whole.num_rows())
+                .find(|&i| resumed.slice(i, 1) != whole.slice(i, 1))
+                .unwrap();
+            panic!(
+                "row {first} differs: {:?} vs {:?}",
+                resumed.slice(first, 2),
+                whole.slice(first, 2)
+            );
+        }
+        // The run ended on its own: the next one starts afresh.
+        let outputs = Outputs::new();
+        let planned = planned(&config).unwrap();
+        run_source_checkpointed(
+            planned,
+            &store,
+            Duration::from_secs(1),
+            CancellationToken::new(),
+            &outputs,
+        )
+        .await
+        .unwrap();
+        assert_eq!(outputs.main_batch(), whole);
     }
 
     #[tokio::test]

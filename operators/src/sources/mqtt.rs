@@ -16,6 +16,7 @@
 //! the source waits on backpressure; it reconnects with exponential backoff and jitter,
 //! and gives up only when the broker refuses the credentials or a subscription.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use tracing::{debug, info};
+use weir_engine::checkpoint::{Epoch, completed_after};
 use weir_engine::config::{ConfigErrors, HumanDuration};
 use weir_engine::metrics::{ConnectionMetrics, OperatorMetrics};
 use weir_engine::registry::{
@@ -85,6 +87,13 @@ pub struct MqttSourceConfig {
     pub linger: HumanDuration,
     /// Payloads larger than this go to dead letter.
     pub max_payload_bytes: usize,
+    /// While the pipeline checkpoints, a QoS 1 message is acknowledged only once the
+    /// checkpoint after it has completed, so a crash before then has the broker send it
+    /// again. When this many acknowledgements are held, or the stream pauses with some
+    /// held, the source asks for a checkpoint at once: keep it below the broker's
+    /// inflight window (Mosquitto's `max_inflight_messages`, 20 by default), which stops
+    /// sending while that many are unacknowledged.
+    pub max_held_acks: usize,
 }
 
 impl Default for MqttSourceConfig {
@@ -97,6 +106,7 @@ impl Default for MqttSourceConfig {
             batch_rows: 1000,
             linger: HumanDuration(Duration::from_millis(50)),
             max_payload_bytes: 1 << 20,
+            max_held_acks: 16,
         }
     }
 }
@@ -213,6 +223,7 @@ struct Plan {
     decoder: PayloadDecoder,
     batch_rows: usize,
     linger: Duration,
+    max_held_acks: usize,
     event_time: Option<String>,
 }
 
@@ -261,6 +272,9 @@ fn validate(
     }
     if config.linger.0 < Duration::from_millis(1) {
         errors.push(node.field_error(&["linger"], "linger must be at least 1ms"));
+    }
+    if config.max_held_acks == 0 {
+        errors.push(node.field_error(&["max_held_acks"], "max_held_acks must be at least 1"));
     }
     if config.max_payload_bytes == 0 {
         errors.push(node.field_error(
@@ -361,6 +375,7 @@ fn validate(
         },
         batch_rows: config.batch_rows,
         linger: config.linger.0,
+        max_held_acks: config.max_held_acks,
         event_time: node.event_time.as_ref().map(|spec| spec.column.clone()),
     })
 }
@@ -405,6 +420,7 @@ impl PlannedOperator for Plan {
             client,
             eventloop: Some(eventloop),
             connection_metrics: metrics.connection(),
+            held: HeldAcks::default(),
         })))
     }
 }
@@ -728,6 +744,18 @@ enum Incoming {
 struct Ack {
     connection: u64,
     pkid: u16,
+    /// The message's [`digest`], to tell its redelivery from a later message that got
+    /// the same packet id.
+    digest: u32,
+}
+
+/// A digest of a message's topic and payload that stays the same across restarts.
+fn digest(message: &Publish) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(message.topic.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(&message.payload);
+    hasher.finalize()
 }
 
 /// The most acks written to the socket in one go, before one flush.
@@ -741,6 +769,107 @@ struct MqttSource {
     eventloop: Option<EventLoop>,
     report: RejectLog,
     connection_metrics: ConnectionMetrics,
+    /// Acknowledgements waiting for a checkpoint, while the pipeline checkpoints.
+    held: HeldAcks,
+}
+
+/// The acknowledgements of emitted QoS 1 messages that wait for a checkpoint to
+/// complete: until then a crash rolls the pipeline back to before those messages, and
+/// the broker must send them again.
+#[derive(Default)]
+struct HeldAcks {
+    /// Emitted since the last barrier.
+    current: Vec<Ack>,
+    /// Taken into a checkpoint, in epoch order, until it completes.
+    sealed: VecDeque<(Epoch, Vec<Ack>)>,
+    /// Packet ids and digests of messages the restored checkpoint already holds but
+    /// whose acks may not have reached the broker: their redelivery (same packet id and
+    /// content, DUP set) is acked, not emitted again.
+    restored: HashSet<(u16, u32)>,
+}
+
+impl HeldAcks {
+    fn len(&self) -> usize {
+        self.current.len()
+            + self
+                .sealed
+                .iter()
+                .map(|(_, acks)| acks.len())
+                .sum::<usize>()
+    }
+
+    /// What a checkpoint records: the packet id and digest of every held ack, so that
+    /// after a crash their redelivery is recognised. Some may be acked by the time the
+    /// checkpoint completes; the broker then does not send them again, and a later
+    /// message under the same packet id differs in its digest.
+    fn position(&self) -> Vec<u8> {
+        let mut held: Vec<(u16, u32)> = self
+            .sealed
+            .iter()
+            .flat_map(|(_, acks)| acks.iter())
+            .chain(&self.current)
+            .map(|ack| (ack.pkid, ack.digest))
+            .chain(self.restored.iter().copied())
+            .collect();
+        held.sort_unstable();
+        held.dedup();
+        held.iter()
+            .flat_map(|(pkid, digest)| pkid.to_be_bytes().into_iter().chain(digest.to_be_bytes()))
+            .collect()
+    }
+
+    /// A redelivered message already emitted: its held ack moves to the connection it
+    /// came on now (an ack means nothing on another connection). Returns the ack to
+    /// send at once when a restored checkpoint holds it, or whether to drop it.
+    fn redelivered(&mut self, message: &Publish, connection: u64) -> Redelivery {
+        if !message.dup || message.qos == QoS::AtMostOnce {
+            return Redelivery::New;
+        }
+        let (pkid, digest) = (message.pkid, digest(message));
+        if self.restored.remove(&(pkid, digest)) {
+            return Redelivery::AckNow(Ack {
+                connection,
+                pkid,
+                digest,
+            });
+        }
+        let held = self
+            .sealed
+            .iter_mut()
+            .flat_map(|(_, acks)| acks.iter_mut())
+            .chain(self.current.iter_mut())
+            .find(|ack| ack.pkid == pkid && ack.digest == digest && ack.connection != connection);
+        match held {
+            Some(ack) => {
+                ack.connection = connection;
+                Redelivery::Held
+            }
+            None => Redelivery::New,
+        }
+    }
+
+    /// The acks of every epoch up to `epoch`, which has completed.
+    fn release(&mut self, epoch: Epoch) -> Vec<Ack> {
+        let mut released = Vec::new();
+        while let Some((sealed, _)) = self.sealed.front()
+            && *sealed <= epoch
+        {
+            if let Some((_, acks)) = self.sealed.pop_front() {
+                released.extend(acks);
+            }
+        }
+        released
+    }
+}
+
+/// What to do with a message that may have been delivered before.
+enum Redelivery {
+    /// Emit it.
+    New,
+    /// Already emitted, and its ack is held: drop it.
+    Held,
+    /// Already in the restored checkpoint: drop it and send this ack.
+    AckNow(Ack),
 }
 
 /// Messages received and not yet emitted, with the acks they are owed once they are.
@@ -756,6 +885,7 @@ impl Pending {
             self.acks.push(Ack {
                 connection,
                 pkid: message.pkid,
+                digest: digest(&message),
             });
         }
         self.messages.push(message);
@@ -794,6 +924,8 @@ impl Source for MqttSource {
         };
         let mut task = tokio::spawn(connection.drive(eventloop));
         let mut pending = Pending::default();
+        let mut completed = ctx.completed_epochs();
+        let mut released_through: Epoch = completed.as_ref().map_or(0, |c| *c.borrow());
         let mut oldest = Instant::now();
         let mut newest = oldest;
         let idle_flush = (self.plan.qos == QoS::AtLeastOnce).then_some(QOS1_IDLE_FLUSH);
@@ -805,6 +937,21 @@ impl Source for MqttSource {
             tokio::select! {
                 biased;
                 _ = ctx.cancelled() => break Ok(()),
+                epoch = completed_after(&mut completed, released_through) => {
+                    released_through = epoch;
+                    let released = self.held.release(epoch);
+                    self.send_acks(released, &acks_tx);
+                }
+                epoch = ctx.barrier_requested() => {
+                    let position = Some(self.held.position());
+                    if let Err(error) = ctx.checkpoint(epoch, position).await {
+                        break Err(error);
+                    }
+                    let current = std::mem::take(&mut self.held.current);
+                    if !current.is_empty() {
+                        self.held.sealed.push_back((epoch, current));
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline), if !pending.messages.is_empty() => {
                     if let Err(error) = self.flush(ctx, &mut pending, &acks_tx).await {
                         break Err(error);
@@ -812,6 +959,14 @@ impl Source for MqttSource {
                 }
                 incoming = rx.recv() => match incoming {
                     Some(Incoming::Message { message, connection }) => {
+                        match self.held.redelivered(&message, connection) {
+                            Redelivery::New => {}
+                            Redelivery::Held => continue,
+                            Redelivery::AckNow(ack) => {
+                                self.send_acks(vec![ack], &acks_tx);
+                                continue;
+                            }
+                        }
                         newest = Instant::now();
                         if pending.messages.is_empty() {
                             oldest = newest;
@@ -856,6 +1011,29 @@ impl Source for MqttSource {
         self.report.summarise();
         outcome.and(flushed)
     }
+
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, OperatorError> {
+        Ok(Some(self.held.position()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), OperatorError> {
+        if !state.len().is_multiple_of(6) {
+            return Err(OperatorError::User(format!(
+                "the checkpointed mqtt state is {} bytes, not a list of held acknowledgements",
+                state.len()
+            )));
+        }
+        self.held.restored = state
+            .chunks_exact(6)
+            .map(|held| {
+                (
+                    u16::from_be_bytes([held[0], held[1]]),
+                    u32::from_be_bytes([held[2], held[3], held[4], held[5]]),
+                )
+            })
+            .collect();
+        Ok(())
+    }
 }
 
 impl MqttSource {
@@ -893,10 +1071,26 @@ impl MqttSource {
             let batch = RecordBatch::try_new(dead_letter_schema(), columns)?;
             ctx.emit_to(DEAD_LETTER_PORT, batch).await?;
         }
-        // Downstream accepted everything: now the broker may forget these messages.
         pending.messages.clear();
+        if ctx.checkpointing() {
+            // Downstream has the messages, but only a complete checkpoint keeps them
+            // through a crash: the acks wait for one, asked for early when enough wait.
+            self.held.current.append(&mut pending.acks);
+            if self.held.len() >= self.plan.max_held_acks {
+                ctx.request_checkpoint();
+            }
+            return Ok(());
+        }
+        // Downstream accepted everything: now the broker may forget these messages.
+        let decided = std::mem::take(&mut pending.acks);
+        self.send_acks(decided, acks);
+        Ok(())
+    }
+
+    /// Queues `decided` for the connection task to write.
+    fn send_acks(&self, decided: Vec<Ack>, acks: &mpsc::UnboundedSender<Ack>) {
         let backlog = &self.connection_metrics.ack_backlog;
-        for ack in pending.acks.drain(..) {
+        for ack in decided {
             backlog.inc();
             if acks.send(ack).is_err() {
                 // The connection task is gone; the broker redelivers what was not acked.
@@ -904,7 +1098,6 @@ impl MqttSource {
                 debug!("mqtt ack not sent: the connection task has ended");
             }
         }
-        Ok(())
     }
 }
 

@@ -174,6 +174,11 @@ impl IncrementalPlan {
         self.reduce.execute(&[states]).await
     }
 
+    /// The schema of the accumulator state that `partial` and `reduce` return.
+    pub(crate) fn state_schema(&self) -> SchemaRef {
+        self.partial.schema()
+    }
+
     /// The query's result over the merged state of `states`.
     pub(crate) async fn finish(&self, states: Vec<RecordBatch>) -> DfResult<Vec<RecordBatch>> {
         self.finish.execute(&[states]).await
@@ -243,7 +248,7 @@ fn reads_inputs_outside(node: &Arc<dyn ExecutionPlan>, aggregate: *const ()) -> 
 
 /// Whether two schemas have the same column names and types (their metadata and
 /// nullability may differ between a one-phase and a two-phase aggregate).
-fn same_columns(a: &SchemaRef, b: &SchemaRef) -> bool {
+pub(crate) fn same_columns(a: &SchemaRef, b: &SchemaRef) -> bool {
     a.fields().len() == b.fields().len()
         && a.fields()
             .iter()

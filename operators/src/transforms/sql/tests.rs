@@ -1088,10 +1088,32 @@ fn rendered(batches: &[RecordBatch]) -> Vec<String> {
 /// Runs `batches` through `t` with a watermark 1 s behind the newest row after each, and
 /// returns every result row.
 async fn run_windows(t: &mut Box<dyn Transform>, batches: &[RecordBatch]) -> Vec<RecordBatch> {
+    run_windows_restarting(t, batches, None).await
+}
+
+/// How often a test transform is replaced, and what with.
+type Restarts<'a> = (usize, &'a mut dyn FnMut() -> Box<dyn Transform>);
+
+/// As [`run_windows`]; with `restart`, every `every` batches the transform snapshots and
+/// is replaced by a fresh one (from `fresh`) restored from the snapshots so far, as
+/// after a crash right after a checkpoint.
+async fn run_windows_restarting(
+    t: &mut Box<dyn Transform>,
+    batches: &[RecordBatch],
+    mut restart: Option<Restarts<'_>>,
+) -> Vec<RecordBatch> {
     let mut out = Collector::new();
     let mut results = Vec::new();
     let mut newest = i64::MIN;
-    for batch in batches {
+    let mut stored = weir_engine::checkpoint::NodeState::default();
+    for (index, batch) in batches.iter().enumerate() {
+        if let Some((every, fresh)) = restart.as_mut()
+            && index % *every == 0
+        {
+            stored.apply(&t.snapshot().unwrap());
+            *t = fresh();
+            t.restore(&stored).unwrap();
+        }
         newest = newest.max(times(batch, "ts").into_iter().max().unwrap());
         t.process_batch(0, batch.clone(), &mut out).await.unwrap();
         t.on_watermark(Watermark(newest - SECOND), &mut out)
@@ -1205,6 +1227,87 @@ async fn incremental_windows_agree_with_datafusion_over_the_windows_rows() {
             assert_eq!(ours, oracle, "window {size}s/{slide}s, query {query}");
         }
     }
+}
+
+#[tokio::test]
+async fn windows_restored_from_snapshots_give_the_uninterrupted_results() {
+    let queries = [
+        PER_DEVICE,
+        "SELECT count(*) AS n, median(temperature) AS m FROM sensors",
+        // No aggregate: the panes keep rows.
+        "SELECT device, temperature FROM sensors WHERE temperature > 3",
+    ];
+    let data = mixed_readings(700, 60, 13);
+    for window in [tumbling(10), hopping(30, 10)] {
+        for query in queries {
+            let (mut t, _) = build_observed(query, &[], window);
+            let expected = rendered(&run_windows(&mut t, &data).await);
+            let (mut t, _) = build_observed(query, &[], window);
+            let mut fresh = || build_observed(query, &[], window).0;
+            let restarted = run_windows_restarting(&mut t, &data, Some((7, &mut fresh))).await;
+            assert!(!expected.is_empty());
+            assert_eq!(rendered(&restarted), expected, "{window:?}, {query}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_window_snapshot_writes_only_the_panes_that_changed() {
+    let (mut t, _) = build_observed(PER_DEVICE, &[], tumbling(10));
+    let first = t.snapshot().unwrap();
+    assert!(
+        first.bytes() > 0,
+        "the first snapshot replaces the store's state"
+    );
+    // Rows in three panes, then more rows in the last one only.
+    push(
+        &mut t,
+        0,
+        readings(&[at("a", 1, 1.0), at("b", 12, 2.0), at("c", 25, 3.0)]),
+    )
+    .await;
+    let three = t.snapshot().unwrap();
+    push(&mut t, 0, readings(&[at("a", 26, 4.0)])).await;
+    let one = t.snapshot().unwrap();
+    assert_eq!((three.parts(), one.parts()), (3, 1));
+    assert!(
+        one.bytes() < three.bytes(),
+        "{} vs {}",
+        one.bytes(),
+        three.bytes()
+    );
+    assert!(t.snapshot().unwrap().is_unchanged());
+    // Closing the first window deletes its pane and records the watermark.
+    watermark(&mut t, 10 * SECOND).await;
+    let closed = t.snapshot().unwrap();
+    let mut stored = weir_engine::checkpoint::NodeState::default();
+    for changes in [first, three, one, closed] {
+        stored.apply(&changes);
+    }
+    assert_eq!(stored.entries().count(), 3, "two panes and the watermark");
+
+    // The end of the stream closes every window, but a run resumed from the last
+    // snapshot goes on from the last real watermark: new rows are not late.
+    let mut ended = watermark(&mut t, Watermark::END.millis()).await;
+    assert_eq!(window_lines(&mut ended).len(), 3);
+    let mut after_end = stored.clone();
+    after_end.apply(&t.snapshot().unwrap());
+    let (mut resumed, _) = build_observed(PER_DEVICE, &[], tumbling(10));
+    resumed.restore(&after_end).unwrap();
+    let mut out = push(&mut resumed, 0, readings(&[at("a", 31, 1.0)])).await;
+    assert!(
+        out.take_batches().is_empty(),
+        "a row after the last watermark is on time"
+    );
+
+    // A snapshot of other state is refused, and the transform stays usable.
+    let query = "SELECT device, count(*) AS n FROM sensors GROUP BY device";
+    let (mut other, _) = build_observed(query, &[], tumbling(10));
+    let error = other.restore(&stored).unwrap_err().to_string();
+    assert!(error.contains("cannot be used"), "{error}");
+    push(&mut other, 0, readings(&[at("a", 1, 1.0)])).await;
+    let mut out = watermark(&mut other, 10 * SECOND).await;
+    assert_eq!(window_lines(&mut out).len(), 1);
 }
 
 #[tokio::test]

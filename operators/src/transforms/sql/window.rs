@@ -38,12 +38,14 @@ use weir_engine::arrow::compute::{
     min, partition, take, take_record_batch,
 };
 use weir_engine::arrow::datatypes::SchemaRef;
+use weir_engine::arrow::error::ArrowError;
 use weir_engine::arrow::record_batch::RecordBatch;
+use weir_engine::checkpoint::{NodeState, StateChanges, decode_batches, encode_batches};
 use weir_engine::metrics::StateMetrics;
 use weir_engine::time::{WindowSpec, event_times_ms};
 use weir_engine::{Collector, OperatorError, Transform, Watermark};
 
-use super::incremental::IncrementalPlan;
+use super::incremental::{IncrementalPlan, same_columns};
 use super::isolate::{DeadLetters, bisect};
 use super::plan::SqlPlan;
 use super::{LATE_PORT, execution_error, format_millis, is_data_error};
@@ -95,6 +97,45 @@ pub(crate) struct Panes {
     watermark: i64,
     rows: usize,
     bytes: usize,
+    /// What changed since the last snapshot, so a checkpoint writes only those panes.
+    changes: PaneChanges,
+}
+
+/// The panes a checkpoint has to write or delete, and whether the store holds an
+/// earlier snapshot of this state to change at all.
+#[derive(Default)]
+struct PaneChanges {
+    changed: BTreeSet<i64>,
+    removed: BTreeSet<i64>,
+    /// The watermark the store holds, once it holds any snapshot.
+    stored_watermark: Option<i64>,
+    /// The last watermark before the end of the stream, once it has ended.
+    before_end: i64,
+}
+
+/// The key of the watermark in a windowed transform's snapshot.
+const WATERMARK_KEY: &[u8] = b"watermark";
+/// The prefix of a pane's key; the pane's start and the input number follow.
+const PANE_KEY: &[u8] = b"pane/";
+
+/// The key of what pane `pane` keeps of input `input`. The start's sign bit is flipped
+/// so keys sort in time order.
+fn pane_key(pane: i64, input: usize) -> Vec<u8> {
+    let mut key = PANE_KEY.to_vec();
+    key.extend_from_slice(&((pane as u64) ^ (1 << 63)).to_be_bytes());
+    key.extend_from_slice(&(input as u32).to_be_bytes());
+    key
+}
+
+/// The pane start and input of a key [`pane_key`] made.
+fn parse_pane_key(key: &[u8]) -> Option<(i64, usize)> {
+    let rest = key.strip_prefix(PANE_KEY)?;
+    let (start, input) = rest.split_first_chunk::<8>()?;
+    let input: [u8; 4] = input.try_into().ok()?;
+    Some((
+        (u64::from_be_bytes(*start) ^ (1 << 63)) as i64,
+        u32::from_be_bytes(input) as usize,
+    ))
 }
 
 /// `a - (a mod m)` with the remainder taken non-negative: the multiple of `m` at or
@@ -123,7 +164,11 @@ impl Panes {
     /// size and slide; planning checks that.
     pub(crate) fn new(window: WindowSpec, inputs: usize) -> Self {
         let size = window.size_ms().max(1);
-        let slide = window.slide_ms().clamp(1, size);
+        Panes::sized(size, window.slide_ms().clamp(1, size), inputs)
+    }
+
+    /// Empty state for windows `size` long every `slide` (both positive).
+    fn sized(size: i64, slide: i64, inputs: usize) -> Self {
         Panes {
             size,
             slide,
@@ -134,6 +179,7 @@ impl Panes {
             watermark: Watermark::START.millis(),
             rows: 0,
             bytes: 0,
+            changes: PaneChanges::default(),
         }
     }
 
@@ -167,6 +213,7 @@ impl Panes {
     /// `pane`, which must not be late, and opens the windows the pane feeds.
     fn insert(&mut self, input: usize, pane: i64, batches: Vec<RecordBatch>) {
         let inputs = self.inputs;
+        self.changes.changed.insert(pane);
         let mut created = false;
         let entry = self.panes.entry(pane).or_insert_with(|| {
             created = true;
@@ -214,6 +261,7 @@ impl Panes {
         if entry.unreduced < at_least.max(2) {
             return None;
         }
+        self.changes.changed.insert(pane);
         self.rows -= entry.rows;
         self.bytes -= entry.bytes;
         entry.rows = 0;
@@ -227,6 +275,9 @@ impl Panes {
     fn advance(&mut self, watermark: i64) -> Vec<i64> {
         if watermark <= self.watermark {
             return Vec::new();
+        }
+        if watermark == Watermark::END.millis() {
+            self.changes.before_end = self.watermark;
         }
         self.watermark = watermark;
         let mut closing = Vec::new();
@@ -279,6 +330,7 @@ impl Panes {
             return Vec::new();
         };
         let taken = std::mem::take(&mut entry.batches[input]);
+        self.changes.changed.insert(pane);
         for batch in &taken {
             let (rows, bytes) = (batch.num_rows(), batch_bytes(batch));
             entry.rows -= rows;
@@ -299,7 +351,97 @@ impl Panes {
                 self.rows -= evicted.rows;
                 self.bytes -= evicted.bytes;
             }
+            self.changes.changed.remove(&pane);
+            self.changes.removed.insert(pane);
         }
+    }
+
+    /// What changed since the last snapshot: the panes that changed, whole, the panes
+    /// evicted, and the watermark. The first snapshot replaces whatever the store had.
+    fn snapshot(&mut self) -> Result<StateChanges, ArrowError> {
+        let mut snapshot = match self.changes.stored_watermark {
+            Some(_) => StateChanges::unchanged(),
+            None => StateChanges::cleared(),
+        };
+        for &pane in &self.changes.removed {
+            for input in 0..self.inputs {
+                snapshot.delete(pane_key(pane, input));
+            }
+        }
+        for &pane in &self.changes.changed {
+            let Some(entry) = self.panes.get(&pane) else {
+                continue;
+            };
+            for (input, batches) in entry.batches.iter().enumerate() {
+                match batches.first() {
+                    Some(first) => {
+                        let bytes = encode_batches(&first.schema(), batches)?;
+                        snapshot.put(pane_key(pane, input), bytes);
+                    }
+                    None => snapshot.delete(pane_key(pane, input)),
+                }
+            }
+        }
+        // The end of the stream closes every window, and its final watermark is not
+        // time a resumed run has reached: it goes on from the last real watermark.
+        let watermark = if self.watermark == Watermark::END.millis() {
+            self.changes.before_end
+        } else {
+            self.watermark
+        };
+        if self.changes.stored_watermark != Some(watermark) {
+            snapshot.put(WATERMARK_KEY.to_vec(), watermark.to_be_bytes().to_vec());
+        }
+        self.changes = PaneChanges {
+            stored_watermark: Some(watermark),
+            before_end: self.changes.before_end,
+            ..PaneChanges::default()
+        };
+        Ok(snapshot)
+    }
+
+    /// The same windows over the panes of `state`, a snapshot [`Panes::snapshot`] wrote.
+    /// State batches must have `state_schema` when one is given.
+    fn restored(
+        &self,
+        state: &NodeState,
+        state_schema: Option<&SchemaRef>,
+    ) -> Result<Self, String> {
+        let mut restored = Panes::sized(self.size, self.slide, self.inputs);
+        let mut parts = Vec::new();
+        for (key, value) in state.entries() {
+            if key == WATERMARK_KEY {
+                let bytes = value
+                    .try_into()
+                    .map_err(|_| format!("its watermark is {} bytes, not 8", value.len()))?;
+                restored.watermark = i64::from_be_bytes(bytes);
+                continue;
+            }
+            let (pane, input) = parse_pane_key(key)
+                .filter(|&(_, input)| input < self.inputs)
+                .ok_or_else(|| format!("it has an entry this window does not know ({key:?})"))?;
+            let (schema, batches) = decode_batches(value)
+                .map_err(|error| format!("a pane's rows do not decode: {error}"))?;
+            if let Some(expected) = state_schema
+                && !same_columns(&schema, expected)
+            {
+                return Err(format!(
+                    "its accumulator state has columns {schema:?}, and this version of the query keeps {expected:?}"
+                ));
+            }
+            parts.push((pane, input, batches));
+        }
+        for (pane, input, batches) in parts {
+            if restored.is_late(pane) {
+                continue;
+            }
+            restored.insert(input, pane, batches);
+        }
+        restored.changes = PaneChanges {
+            stored_watermark: Some(restored.watermark),
+            ..PaneChanges::default()
+        };
+        Ok(restored)
     }
 }
 
@@ -712,6 +854,33 @@ impl Transform for WindowedSql {
             open_windows = self.panes.open.len(),
             "sql windows closed"
         );
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Result<StateChanges, OperatorError> {
+        self.panes.snapshot().map_err(|error| {
+            OperatorError::Internal(format!(
+                "sql transform '{}': its window state does not encode: {error}",
+                self.name
+            ))
+        })
+    }
+
+    fn restore(&mut self, state: &NodeState) -> Result<(), OperatorError> {
+        let state_schema = match &self.query {
+            WindowQuery::Incremental(plan) => Some(plan.state_schema()),
+            WindowQuery::Buffered(_) => None,
+        };
+        self.panes = self
+            .panes
+            .restored(state, state_schema.as_ref())
+            .map_err(|reason| {
+                OperatorError::User(format!(
+                    "sql transform '{}': the checkpointed window state cannot be used: {reason}",
+                    self.name
+                ))
+            })?;
+        self.report_state();
         Ok(())
     }
 
