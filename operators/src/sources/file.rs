@@ -47,7 +47,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use async_trait::async_trait;
 use serde::Deserialize;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use weir_engine::config::{ConfigErrors, HumanDuration};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{
@@ -1004,6 +1004,21 @@ enum FileState {
     Missing,
 }
 
+/// Where a file source stands, for a checkpoint: the file, which file it is, and how
+/// far its lines have been emitted.
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct FilePosition {
+    path: PathBuf,
+    identity: Option<FileId>,
+    /// Bytes of the file whose lines have been emitted (or skipped as too long).
+    offset: u64,
+    next_line: u64,
+    header_pending: bool,
+    skipping: bool,
+    rows: u64,
+    total_rows: u64,
+}
+
 /// The running file source.
 struct FileSource {
     plan: Plan,
@@ -1298,13 +1313,93 @@ impl FileSource {
         self.reader.restart();
     }
 
-    /// Waits one poll interval; `true` when the pipeline is stopping instead.
-    async fn wait(&self, ctx: &SourceContext) -> bool {
+    /// Waits one poll interval, or until a checkpoint wants a barrier (it is taken);
+    /// `true` when the pipeline is stopping instead.
+    async fn wait(&mut self, ctx: &mut SourceContext) -> Result<bool, OperatorError> {
         tokio::select! {
             biased;
-            _ = ctx.cancelled() => true,
-            _ = tokio::time::sleep(self.plan.poll_interval) => false,
+            _ = ctx.cancelled() => Ok(true),
+            epoch = ctx.barrier_requested() => {
+                let position = self.snapshot()?;
+                ctx.checkpoint(epoch, position).await?;
+                Ok(false)
+            }
+            _ = tokio::time::sleep(self.plan.poll_interval) => Ok(false),
         }
+    }
+
+    /// Takes the barrier of a checkpoint that asked for one, between two batches.
+    async fn take_barrier(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        if let Some(epoch) = ctx.barrier_due() {
+            let position = self.snapshot()?;
+            ctx.checkpoint(epoch, position).await?;
+        }
+        Ok(())
+    }
+
+    /// Goes on from `position`: the file it names, at its offset. A file replaced or cut
+    /// shorter since is read from its start, as when that happens while running.
+    fn resume(&mut self, position: FilePosition) -> Result<(), OperatorError> {
+        if position.path != self.path {
+            let Some(index) = self
+                .pending
+                .iter()
+                .position(|(path, _)| *path == position.path)
+            else {
+                warn!(
+                    "{} was being read at the checkpoint and no longer matches: reading from the first file",
+                    position.path.display()
+                );
+                return Ok(());
+            };
+            self.pending.drain(..index);
+            let Some((path, name)) = self.pending.pop_front() else {
+                return Ok(());
+            };
+            let file = File::open(&path)
+                .map_err(|e| OperatorError::io(format!("cannot open {}", path.display()), e))?;
+            self.identity = file.metadata().ok().and_then(|meta| identity(&meta));
+            self.display = path.display().to_string();
+            self.file = Some(file);
+            self.path = path;
+            self.name = name;
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(OperatorError::Internal(
+                "file source restored without a file".into(),
+            ));
+        };
+        let length = file
+            .metadata()
+            .map_err(|e| OperatorError::io(format!("cannot inspect {}", self.display), e))?
+            .len();
+        if position.identity.is_some() && position.identity != self.identity {
+            warn!(
+                "{} was replaced since the checkpoint: reading the new file from its start",
+                self.display
+            );
+            return Ok(());
+        }
+        if length < position.offset {
+            warn!(
+                "{} is shorter than at the checkpoint ({length} < {} bytes): reading it from its start",
+                self.display, position.offset
+            );
+            return Ok(());
+        }
+        file.seek(SeekFrom::Start(position.offset))
+            .map_err(|e| OperatorError::io(format!("cannot seek in {}", self.display), e))?;
+        self.offset = position.offset;
+        self.next_line = position.next_line;
+        self.reader.header_pending = position.header_pending;
+        self.skipping = position.skipping;
+        self.rows = position.rows;
+        self.total_rows = position.total_rows;
+        info!(
+            "{}: resuming at byte {} (line {})",
+            self.display, self.offset, self.next_line
+        );
+        Ok(())
     }
 
     /// Follows the file at its end: returns `true` when the pipeline is stopping.
@@ -1314,7 +1409,7 @@ impl FileSource {
     ) -> Result<bool, OperatorError> {
         self.report.summarise_if_due();
         match self.check_file().await? {
-            FileState::Same | FileState::Missing => Ok(self.wait(ctx).await),
+            FileState::Same | FileState::Missing => self.wait(ctx).await,
             FileState::Truncated => {
                 self.rewind()?;
                 Ok(false)
@@ -1329,7 +1424,7 @@ impl FileSource {
                 if self.reopen().await? {
                     Ok(false)
                 } else {
-                    Ok(self.wait(ctx).await)
+                    self.wait(ctx).await
                 }
             }
         }
@@ -1348,6 +1443,7 @@ impl Source for FileSource {
         ctx.hold_watermarks(per_file && !self.pending.is_empty());
         let outcome = async {
             while !ctx.is_cancelled() {
+                self.take_barrier(ctx).await?;
                 if self.read_chunk().await? > 0 {
                     self.drain_lines(ctx, false).await?;
                 } else if self.plan.follow {
@@ -1373,6 +1469,31 @@ impl Source for FileSource {
         self.report.summarise();
         outcome
     }
+
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, OperatorError> {
+        let position = FilePosition {
+            path: self.path.clone(),
+            identity: self.identity,
+            offset: self.offset - self.buf.len() as u64,
+            next_line: self.next_line,
+            header_pending: self.reader.header_pending,
+            skipping: self.skipping,
+            rows: self.rows,
+            total_rows: self.total_rows,
+        };
+        serde_json::to_vec(&position).map(Some).map_err(|e| {
+            OperatorError::Internal(format!("cannot encode the file source's position: {e}"))
+        })
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), OperatorError> {
+        let position: FilePosition = serde_json::from_slice(state).map_err(|e| {
+            OperatorError::User(format!(
+                "the checkpointed position of the file source does not read: {e}"
+            ))
+        })?;
+        self.resume(position)
+    }
 }
 
 #[cfg(test)]
@@ -1384,7 +1505,7 @@ mod tests {
     use weir_engine::time::EventTimeSpec;
 
     use super::*;
-    use crate::format::test_support::{Decl, Outputs, plan, run_source};
+    use crate::format::test_support::{Decl, Outputs, plan, run_source, run_source_checkpointed};
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -1635,6 +1756,74 @@ mod tests {
         cancel.cancel();
         run.await.unwrap().unwrap();
         assert_eq!(temperatures(&outputs.main_batch()), vec![1.0, 2.0, 3.0]);
+    }
+
+    #[tokio::test]
+    async fn a_followed_file_resumes_after_the_last_line_it_emitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let line = |t: u32| format!("{{\"device\":\"a\",\"ts\":{t},\"temperature\":{t}}}\n");
+        // Three lines and the start of a fourth, not yet complete when the run stops.
+        write(
+            &dir,
+            "in.jsonl",
+            &format!("{}{}{}{{\"device\":\"a\",", line(1), line(2), line(3)),
+        );
+        let store = dir.path().join("state.redb");
+        let run_until = |rows: usize| {
+            let planned = planned(&dir, "{path: in.jsonl, follow: true, poll_interval: 5ms}");
+            let store = store.clone();
+            async move {
+                let outputs = Outputs::new();
+                let cancel = CancellationToken::new();
+                let main = outputs.main.clone();
+                let stop = {
+                    let cancel = cancel.clone();
+                    async move {
+                        tokio::time::timeout(Duration::from_secs(10), async {
+                            while main
+                                .lock()
+                                .unwrap()
+                                .iter()
+                                .map(|b| b.num_rows())
+                                .sum::<usize>()
+                                < rows
+                            {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        })
+                        .await
+                        .expect("rows arrive in time");
+                        // Long enough for a checkpoint after the last row.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        cancel.cancel();
+                    }
+                };
+                let (ran, ()) = tokio::join!(
+                    run_source_checkpointed(
+                        planned,
+                        &store,
+                        Duration::from_millis(5),
+                        cancel.clone(),
+                        &outputs
+                    ),
+                    stop
+                );
+                ran.unwrap();
+                temperatures(&outputs.main_batch())
+            }
+        };
+        assert_eq!(run_until(3).await, vec![1.0, 2.0, 3.0]);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(format!("\"ts\":4,\"temperature\":4}}\n{}", line(5)).as_bytes())
+            .unwrap();
+        assert_eq!(run_until(2).await, vec![4.0, 5.0]);
+        // Truncated while no run was reading it: read from its start.
+        std::fs::write(&path, line(6)).unwrap();
+        assert_eq!(run_until(1).await, vec![6.0]);
     }
 
     #[cfg(unix)]
