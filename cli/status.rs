@@ -56,6 +56,23 @@ fn print_pipelines(pipelines: &[PipelineReport]) {
             pipeline.file,
             pipeline.state.as_str()
         );
+        if let Some(checkpoint) = &pipeline.checkpoint {
+            let last = match checkpoint.last_completed_epoch {
+                0 => "none complete yet".to_owned(),
+                epoch => format!(
+                    "epoch {epoch} {} s ago, {}",
+                    checkpoint.age_seconds,
+                    human_bytes(checkpoint.last_bytes)
+                ),
+            };
+            println!(
+                "  checkpoints every {}: {last}; {} taken, {:.1} ms on average, {} failed",
+                checkpoint.interval,
+                checkpoint.completed,
+                checkpoint.mean_duration_ms,
+                checkpoint.failures
+            );
+        }
         println!(
             "  {:<20} {:<9} {:<12} {:>12} {:>12}  RETAINED",
             "OPERATOR", "ROLE", "KIND", "ROWS IN", "ROWS OUT"

@@ -242,6 +242,7 @@ pub async fn run(args: AgentArgs) -> Outcome {
         metrics,
         modules.clone(),
         state.path().join("files"),
+        state.path().join("checkpoints"),
         args.shutdown_timeout,
     );
     let device = settings.device.clone();

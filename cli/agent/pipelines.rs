@@ -73,6 +73,9 @@ pub struct PipelineSet {
     modules: Arc<ModuleHost>,
     /// Where relative paths in deployed pipelines resolve.
     base_dir: PathBuf,
+    /// Where each pipeline's checkpoints are kept, so a restart or a redeploy goes on
+    /// from them.
+    checkpoint_dir: PathBuf,
     shutdown_timeout: Duration,
     ended_tx: mpsc::UnboundedSender<Ended>,
     starts: u64,
@@ -87,6 +90,7 @@ impl PipelineSet {
         metrics: EngineMetrics,
         modules: Arc<ModuleHost>,
         base_dir: PathBuf,
+        checkpoint_dir: PathBuf,
         shutdown_timeout: Duration,
     ) -> (PipelineSet, mpsc::UnboundedReceiver<Ended>) {
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
@@ -97,6 +101,7 @@ impl PipelineSet {
             metrics,
             modules,
             base_dir,
+            checkpoint_dir,
             shutdown_timeout,
             ended_tx,
             starts: 0,
@@ -253,8 +258,15 @@ impl PipelineSet {
         pipeline: ValidatedPipeline,
     ) -> Result<(), String> {
         let shape = PipelineShape::of(&pipeline, &self.metrics);
+        let checkpoints = pipeline
+            .checkpoint_interval()
+            .map(|interval| {
+                crate::state::open_checkpoints(&self.checkpoint_dir, &name, interval, &self.metrics)
+            })
+            .transpose()
+            .map_err(|e| format!("pipeline '{name}': {e}"))?;
         let pipeline = pipeline
-            .build(&self.metrics)
+            .build_checkpointed(&self.metrics, checkpoints)
             .map_err(|e| format!("pipeline '{name}': {e}"))?;
         self.live.started(shape, &pipeline);
         self.starts += 1;

@@ -6,9 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use weir_engine::Role;
+use weir_engine::checkpoint::CheckpointMetrics;
 use weir_engine::graph::Pipeline;
 use weir_engine::metrics::{EngineMetrics, OperatorMetrics};
 use weir_engine::observe::StreamView;
@@ -62,6 +64,28 @@ pub struct PipelineReport {
     pub since_ms: i64,
     /// Its operators, every node after the nodes it reads from.
     pub operators: Vec<OperatorReport>,
+    /// Its checkpoints, when it takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointReport>,
+}
+
+/// A pipeline's checkpoints, as `/metrics` has them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    /// How often it checkpoints, e.g. `10s`.
+    pub interval: String,
+    /// The newest complete checkpoint (0: none yet).
+    pub last_completed_epoch: u64,
+    /// Seconds since it completed (0 when none has).
+    pub age_seconds: i64,
+    /// What the last checkpoint wrote, in bytes.
+    pub last_bytes: u64,
+    /// Checkpoints completed since the runtime started.
+    pub completed: u64,
+    /// Their mean duration, from barrier to commit, in ms.
+    pub mean_duration_ms: f64,
+    /// Checkpoints that failed, and state that could not be restored.
+    pub failures: u64,
 }
 
 /// One operator in `GET /api/v1/pipelines`.
@@ -126,6 +150,7 @@ struct Node {
 }
 
 struct Entry {
+    checkpoint: Option<(Duration, CheckpointMetrics)>,
     file: String,
     state: PipelineState,
     error: Option<String>,
@@ -144,6 +169,7 @@ pub struct PipelineShape {
     name: String,
     file: String,
     nodes: Vec<Node>,
+    checkpoint: Option<(Duration, CheckpointMetrics)>,
 }
 
 impl PipelineShape {
@@ -193,6 +219,9 @@ impl PipelineShape {
             name: pipeline.name().to_owned(),
             file: pipeline.file().display().to_string(),
             nodes,
+            checkpoint: pipeline
+                .checkpoint_interval()
+                .map(|interval| (interval, metrics.checkpoint(pipeline.name()))),
         }
     }
 }
@@ -218,6 +247,7 @@ impl LivePipelines {
         write(&self.pipelines).insert(
             shape.name,
             Entry {
+                checkpoint: shape.checkpoint,
                 file: shape.file,
                 state: PipelineState::Running,
                 error: None,
@@ -287,6 +317,23 @@ impl LivePipelines {
                 error: entry.error.clone(),
                 since_ms: entry.since_ms,
                 operators: entry.nodes.iter().map(Node::report).collect(),
+                checkpoint: entry.checkpoint.as_ref().map(|(interval, metrics)| {
+                    let completed = metrics.duration.get_sample_count();
+                    CheckpointReport {
+                        interval: humantime::format_duration(*interval).to_string(),
+                        last_completed_epoch: u64::try_from(metrics.last_completed_epoch.get())
+                            .unwrap_or(0),
+                        age_seconds: metrics.age.get(),
+                        last_bytes: u64::try_from(metrics.bytes.get()).unwrap_or(0),
+                        completed,
+                        mean_duration_ms: if completed == 0 {
+                            0.0
+                        } else {
+                            metrics.duration.get_sample_sum() * 1000.0 / completed as f64
+                        },
+                        failures: metrics.failures_total(),
+                    }
+                }),
             })
             .collect()
     }

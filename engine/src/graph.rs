@@ -319,6 +319,15 @@ fn restore(
     fingerprints: &HashMap<String, String>,
     settings: CheckpointSettings,
 ) -> Coordinator {
+    let stored_epoch = settings
+        .restored
+        .as_ref()
+        .map_or(0, |checkpoint| checkpoint.epoch);
+    for node in nodes.iter_mut() {
+        if let OperatorInstance::Sink(sink) = &mut node.instance {
+            sink.checkpointing(stored_epoch);
+        }
+    }
     let restored = settings.restored.filter(|checkpoint| {
         if checkpoint.finished {
             info!(

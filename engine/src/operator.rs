@@ -145,6 +145,13 @@ pub trait Sink: Send {
         Ok(StateChanges::unchanged())
     }
 
+    /// Called before [`Sink::start`] when the pipeline checkpoints, with the newest epoch
+    /// the state store holds as complete (0: none). Every write is then followed by
+    /// barriers, and is final once [`Sink::commit`] says its epoch completed: a sink that
+    /// can hold writes back until then (the outbox) does so, and settles what an earlier
+    /// run left: up to `completed` it was committed, after it, it is replayed.
+    fn checkpointing(&mut self, _completed: Epoch) {}
+
     /// Recovers to the last complete checkpoint before [`Sink::start`]: drops what was
     /// written after it. On error the sink must be as it was.
     fn restore(&mut self, _state: &NodeState) -> Result<(), OperatorError> {

@@ -620,7 +620,10 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// A module as a transform.
+/// A module as a transform. One batch is in flight at a time, and `process_batch`
+/// returns once the module has answered it: a checkpoint barrier that follows passes
+/// only after the module answered everything before it, so a checkpoint never leaves a
+/// batch half-processed inside a module.
 struct ModuleTransform {
     module: Module,
 }
@@ -710,6 +713,13 @@ impl Source for ModuleSource {
                         ))),
                         Err(_) => Ok(()),
                     };
+                }
+                // A module pushes what it has and keeps no position Weir could resume
+                // from: its barriers carry none.
+                epoch = ctx.barrier_requested() => {
+                    if let Err(error) = ctx.checkpoint(epoch, None).await {
+                        break Err(error);
+                    }
                 }
                 pushed = endpoint.next() => {
                     let Some((batch, taken)) = pushed else { break Ok(()) };

@@ -15,7 +15,7 @@ mod sink;
 mod store;
 
 pub use sink::{DirectoryUplink, HubSinkConfig, HubSinkFactory, Shipping, ShippingStats, Uplink};
-pub use store::{Check, Limits, Outbox, Recovery, Stats, Stored, StreamStats};
+pub use store::{Check, Limits, Outbox, Recovery, Settled, Stats, Stored, StreamStats};
 
 use std::path::PathBuf;
 

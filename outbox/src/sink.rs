@@ -17,6 +17,7 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::Notify;
+use weir_engine::checkpoint::{Epoch, StateChanges};
 use weir_engine::config::ConfigErrors;
 use weir_engine::metrics::{OperatorMetrics, OutboxMetrics};
 use weir_engine::registry::{NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role};
@@ -24,7 +25,7 @@ use weir_engine::{OperatorError, OperatorInstance, Sink};
 
 use rand::{Rng, SeedableRng};
 
-use crate::{Limits, Outbox, OutboxError, Stats, Stored};
+use crate::{Limits, Outbox, OutboxError, Settled, Stats, Stored};
 
 /// Batches shipped per round; one stream at a time.
 const SHIP_BATCHES: usize = 32;
@@ -490,6 +491,7 @@ impl PlannedOperator for Plan {
         Ok(OperatorInstance::Sink(Box::new(HubSink {
             stream: self.stream,
             sequence_by: self.sequence_by,
+            checkpointing: None,
             outbox,
             appended: shipping.appended.clone(),
             metrics: shipping.metrics.clone(),
@@ -500,13 +502,63 @@ impl PlannedOperator for Plan {
 struct HubSink {
     stream: String,
     sequence_by: Option<String>,
+    /// When the pipeline checkpoints, the newest epoch complete at its start: batches
+    /// are then held in the outbox until their epoch completes.
+    checkpointing: Option<Epoch>,
     outbox: Arc<Outbox>,
     appended: Arc<Notify>,
     metrics: OutboxMetrics,
 }
 
+impl HubSink {
+    /// Runs `work` on the outbox on a blocking thread (it fsyncs).
+    async fn on_outbox<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Outbox, &str) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OperatorError> {
+        let (outbox, stream) = (self.outbox.clone(), self.stream.clone());
+        tokio::task::spawn_blocking(move || work(&outbox, &stream))
+            .await
+            .map_err(|e| OperatorError::Internal(e.to_string()))?
+            .map_err(|e| OperatorError::User(e.to_string()))
+    }
+
+    /// `rows` more are in the outbox to ship.
+    fn shippable(&self, rows: u64) {
+        if rows > 0 {
+            self.metrics.appended(&self.stream, rows);
+            self.appended.notify_one();
+        }
+    }
+}
+
 #[async_trait]
 impl Sink for HubSink {
+    fn checkpointing(&mut self, completed: Epoch) {
+        self.checkpointing = Some(completed);
+    }
+
+    /// A checkpointing sink settles what an earlier run held: batches of epochs that
+    /// completed ship, the rest are deleted, as the pipeline writes them again.
+    async fn start(&mut self) -> Result<(), OperatorError> {
+        let Some(completed) = self.checkpointing else {
+            return Ok(());
+        };
+        let settled = self
+            .on_outbox(move |outbox, stream| outbox.settle_held(stream, completed))
+            .await?;
+        if settled != Settled::default() {
+            tracing::info!(
+                stream = %self.stream,
+                "batches held at the last stop: {} of completed checkpoints now ship, {}                  written after the last checkpoint are written again",
+                settled.released_batches,
+                settled.discarded_batches
+            );
+        }
+        self.shippable(settled.released_rows);
+        Ok(())
+    }
+
     async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
         let rows = batch.num_rows() as u64;
         if rows == 0 {
@@ -516,17 +568,35 @@ impl Sink for HubSink {
             Some(column) => Some(first_millis(&batch, column)?),
             None => None,
         };
-        let (outbox, stream) = (self.outbox.clone(), self.stream.clone());
         // Accepted only once stored and fsynced.
-        tokio::task::spawn_blocking(move || match number {
-            Some(seq) => outbox.append_numbered(&stream, &[(seq, batch)], now_ms()),
-            None => outbox.append(&stream, &[batch], now_ms()),
+        if self.checkpointing.is_some() {
+            self.on_outbox(move |outbox, stream| {
+                outbox.append_held(stream, &[(number, batch)], now_ms())
+            })
+            .await?;
+            return Ok(());
+        }
+        self.on_outbox(move |outbox, stream| match number {
+            Some(seq) => outbox.append_numbered(stream, &[(seq, batch)], now_ms()),
+            None => outbox.append(stream, &[batch], now_ms()),
         })
-        .await
-        .map_err(|e| OperatorError::Internal(e.to_string()))?
-        .map_err(|e: OutboxError| OperatorError::User(e.to_string()))?;
-        self.metrics.appended(&self.stream, rows);
-        self.appended.notify_one();
+        .await?;
+        self.shippable(rows);
+        Ok(())
+    }
+
+    /// The batches written since the last barrier belong to `epoch`.
+    async fn snapshot(&mut self, epoch: Epoch) -> Result<StateChanges, OperatorError> {
+        self.on_outbox(move |outbox, stream| outbox.seal_held(stream, epoch))
+            .await?;
+        Ok(StateChanges::unchanged())
+    }
+
+    async fn commit(&mut self, epoch: Epoch) -> Result<(), OperatorError> {
+        let (_, rows) = self
+            .on_outbox(move |outbox, stream| outbox.release_held(stream, epoch))
+            .await?;
+        self.shippable(rows);
         Ok(())
     }
 }

@@ -18,6 +18,12 @@ const BATCHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("batch
 const INDEX: TableDefinition<(&str, u64), (u64, u64, i64)> = TableDefinition::new("index");
 /// stream → (next seq, priority).
 const STREAMS: TableDefinition<&str, (u64, i32)> = TableDefinition::new("streams");
+/// (stream, seq) → the checkpoint epoch of a batch held back until that epoch completes
+/// ([`OPEN_EPOCH`] until its barrier has passed). Held batches are stored like the
+/// others, and shipped only once released.
+const HELD: TableDefinition<(&str, u64), u64> = TableDefinition::new("held");
+/// The epoch of a held batch whose barrier has not passed yet.
+const OPEN_EPOCH: u64 = u64::MAX;
 /// Settings of the file itself: `seq_floor`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The first sequence number of a stream the file has not seen: the time the file was
@@ -137,7 +143,21 @@ struct Entry {
 struct StreamState {
     priority: i32,
     next_seq: u64,
+    /// What ships, oldest first.
     entries: VecDeque<Entry>,
+    /// Held back until their epoch completes: (epoch, entry), in the order written.
+    held: Vec<(u64, Entry)>,
+}
+
+/// What [`Outbox::settle_held`] did with a stream's held batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Batches of completed epochs, now shipped.
+    pub released_batches: u64,
+    /// Their rows.
+    pub released_rows: u64,
+    /// Batches of epochs that never completed: deleted, as the pipeline writes them again.
+    pub discarded_batches: u64,
 }
 
 #[derive(Debug, Default)]
@@ -247,7 +267,7 @@ impl Outbox {
         now_ms: i64,
     ) -> Result<Vec<u64>, OutboxError> {
         let encoded = encode_all(batches.iter().map(|batch| (None, batch)))?;
-        self.store(stream, encoded, now_ms)
+        self.store(stream, encoded, now_ms, false)
     }
 
     /// Like [`Outbox::append`], with each batch's sequence number given: the number of
@@ -261,7 +281,124 @@ impl Outbox {
         now_ms: i64,
     ) -> Result<Vec<u64>, OutboxError> {
         let encoded = encode_all(batches.iter().map(|(seq, batch)| (Some(*seq), batch)))?;
-        self.store(stream, encoded, now_ms)
+        self.store(stream, encoded, now_ms, false)
+    }
+
+    /// Like [`Outbox::append`] (or [`Outbox::append_numbered`] for batches with a
+    /// number), but the batches are held: stored and fsynced, not shipped until
+    /// [`Outbox::seal_held`] has given them the epoch whose barrier followed them and
+    /// [`Outbox::release_held`] says that epoch completed. A checkpointing `hub` sink
+    /// writes so: what a crash cuts off before its checkpoint completes is written again
+    /// by the replay, and [`Outbox::settle_held`] deletes the first copy.
+    pub fn append_held(
+        &self,
+        stream: &str,
+        batches: &[(Option<u64>, RecordBatch)],
+        now_ms: i64,
+    ) -> Result<Vec<u64>, OutboxError> {
+        let encoded = encode_all(batches.iter().map(|(seq, batch)| (*seq, batch)))?;
+        self.store(stream, encoded, now_ms, true)
+    }
+
+    /// Gives `stream`'s held batches whose barrier had not passed the epoch `epoch`: the
+    /// barrier that has now reached the sink.
+    pub fn seal_held(&self, stream: &str, epoch: u64) -> Result<(), OutboxError> {
+        let mut state = self.state();
+        let Some(stream_state) = state.streams.get_mut(stream) else {
+            return Ok(());
+        };
+        if !stream_state.held.iter().any(|(e, _)| *e == OPEN_EPOCH) {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| storage(&self.path, e))?;
+        {
+            let mut held = txn.open_table(HELD).map_err(|e| storage(&self.path, e))?;
+            for (_, entry) in stream_state.held.iter().filter(|(e, _)| *e == OPEN_EPOCH) {
+                held.insert((stream, entry.seq), epoch)
+                    .map_err(|e| storage(&self.path, e))?;
+            }
+        }
+        txn.commit().map_err(|e| storage(&self.path, e))?;
+        for (held_epoch, _) in &mut stream_state.held {
+            if *held_epoch == OPEN_EPOCH {
+                *held_epoch = epoch;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ships `stream`'s held batches of epochs up to `completed`: their checkpoint is
+    /// complete. Returns the batches and rows released.
+    pub fn release_held(&self, stream: &str, completed: u64) -> Result<(u64, u64), OutboxError> {
+        let settled = self.settle(stream, completed, false)?;
+        Ok((settled.released_batches, settled.released_rows))
+    }
+
+    /// Settles what an earlier run left held for `stream`, when a pipeline starts with
+    /// `completed` as the newest complete checkpoint: batches of epochs up to it ship,
+    /// the others (after it, or whose barrier never came) are deleted, as the pipeline
+    /// replays their input.
+    pub fn settle_held(&self, stream: &str, completed: u64) -> Result<Settled, OutboxError> {
+        self.settle(stream, completed, true)
+    }
+
+    fn settle(&self, stream: &str, completed: u64, discard: bool) -> Result<Settled, OutboxError> {
+        let mut state = self.state();
+        let mut settled = Settled::default();
+        let Some(stream_state) = state.streams.get_mut(stream) else {
+            return Ok(settled);
+        };
+        let (released, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut stream_state.held)
+            .into_iter()
+            .partition(|(epoch, _)| *epoch <= completed);
+        let (discarded, kept) = if discard {
+            (kept, Vec::new())
+        } else {
+            (Vec::new(), kept)
+        };
+        let undo = |stream_state: &mut StreamState| {
+            let mut held: Vec<(u64, Entry)> = released.iter().chain(&discarded).copied().collect();
+            held.extend(&kept);
+            stream_state.held = held;
+        };
+        if released.is_empty() && discarded.is_empty() {
+            stream_state.held = kept;
+            return Ok(settled);
+        }
+        let written = (|| -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            {
+                let mut held = txn.open_table(HELD)?;
+                for (_, entry) in released.iter().chain(&discarded) {
+                    held.remove((stream, entry.seq))?;
+                }
+            }
+            let victims: Vec<(String, Entry)> = discarded
+                .iter()
+                .map(|(_, entry)| (stream.to_owned(), *entry))
+                .collect();
+            delete(&txn, &victims)?;
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(error) = written {
+            undo(stream_state);
+            return Err(storage(&self.path, error));
+        }
+        stream_state.held = kept;
+        stream_state
+            .entries
+            .extend(released.iter().map(|(_, entry)| *entry));
+        settled.released_batches = released.len() as u64;
+        settled.released_rows = released.iter().map(|(_, entry)| entry.rows).sum();
+        settled.discarded_batches = discarded.len() as u64;
+        state.appended_rows += settled.released_rows;
+        let discarded_bytes: u64 = discarded.iter().map(|(_, entry)| entry.bytes).sum();
+        state.bytes = state.bytes.saturating_sub(discarded_bytes);
+        if settled.released_batches > 0 {
+            self.enforce_byte_limit(&mut state, stream)?;
+        }
+        Ok(settled)
     }
 
     fn store(
@@ -269,6 +406,7 @@ impl Outbox {
         stream: &str,
         encoded: Vec<Encoded>,
         now_ms: i64,
+        held: bool,
     ) -> Result<Vec<u64>, OutboxError> {
         let mut state = self.state();
         let mut next_seq = state
@@ -277,10 +415,10 @@ impl Outbox {
             .map_or(state.seq_floor, |s| s.next_seq);
         let priority = state.streams.get(stream).map_or(0, |s| s.priority);
         let waiting = |seq: u64| {
-            state
-                .streams
-                .get(stream)
-                .is_some_and(|s| s.entries.iter().any(|entry| entry.seq == seq))
+            state.streams.get(stream).is_some_and(|s| {
+                s.entries.iter().any(|entry| entry.seq == seq)
+                    || s.held.iter().any(|(_, entry)| entry.seq == seq)
+            })
         };
         let numbered: Vec<(u64, Vec<u8>, u64)> = encoded
             .into_iter()
@@ -303,6 +441,7 @@ impl Outbox {
                 .open_table(BATCHES)
                 .map_err(|e| storage(&self.path, e))?;
             let mut index = txn.open_table(INDEX).map_err(|e| storage(&self.path, e))?;
+            let mut held_table = txn.open_table(HELD).map_err(|e| storage(&self.path, e))?;
             for (seq, payload, rows) in numbered {
                 let frame = Frame {
                     stream: stream.to_owned(),
@@ -319,6 +458,11 @@ impl Outbox {
                 index
                     .insert((stream, seq), (bytes, rows, now_ms))
                     .map_err(|e| storage(&self.path, e))?;
+                if held {
+                    held_table
+                        .insert((stream, seq), OPEN_EPOCH)
+                        .map_err(|e| storage(&self.path, e))?;
+                }
                 added.push(Entry {
                     seq,
                     bytes,
@@ -334,22 +478,38 @@ impl Outbox {
                 .map_err(|e| storage(&self.path, e))?;
         }
         // What the byte limit drops goes in the same commit, so the file never holds more.
+        // Held batches are never dropped for it: they are at most one checkpoint's worth.
         let added_bytes: u64 = added.iter().map(|entry| entry.bytes).sum();
-        let victims = over_limit(&state, stream, &added, self.limits.max_bytes, added_bytes);
+        let candidates: &[Entry] = if held { &[] } else { &added };
+        let victims = over_limit(
+            &state,
+            stream,
+            candidates,
+            self.limits.max_bytes,
+            added_bytes,
+        );
         delete(&txn, &victims).map_err(|e| storage(&self.path, e))?;
         txn.commit().map_err(|e| storage(&self.path, e))?;
 
         let seqs: Vec<u64> = added.iter().map(|entry| entry.seq).collect();
         let stream_state = state.streams.entry(stream.to_owned()).or_default();
         stream_state.next_seq = next_seq;
-        state.appended_rows += added.iter().map(|entry| entry.rows).sum::<u64>();
+        if held {
+            stream_state
+                .held
+                .extend(added.into_iter().map(|entry| (OPEN_EPOCH, entry)));
+        } else {
+            stream_state.entries.extend(added.iter().copied());
+            state.appended_rows += added.iter().map(|entry| entry.rows).sum::<u64>();
+        }
         state.bytes += added_bytes;
-        state
-            .streams
-            .get_mut(stream)
-            .map(|s| s.entries.extend(added))
-            .unwrap_or_default();
         forget(&mut state, &victims, Drop::Bytes);
+        self.warn_full(&victims);
+        Ok(seqs)
+    }
+
+    /// Says what the byte limit dropped, if anything.
+    fn warn_full(&self, victims: &[(String, Entry)]) {
         if !victims.is_empty() {
             tracing::warn!(
                 outbox = %self.path.display(),
@@ -360,7 +520,21 @@ impl Outbox {
                 victims.iter().map(|(_, entry)| entry.rows).sum::<u64>()
             );
         }
-        Ok(seqs)
+    }
+
+    /// Drops the oldest shippable batches, lowest priority first, until the outbox is
+    /// within `max_bytes` again: held batches just released count against it now.
+    fn enforce_byte_limit(&self, state: &mut State, stream: &str) -> Result<(), OutboxError> {
+        let victims = over_limit(state, stream, &[], self.limits.max_bytes, 0);
+        if victims.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| storage(&self.path, e))?;
+        delete(&txn, &victims).map_err(|e| storage(&self.path, e))?;
+        txn.commit().map_err(|e| storage(&self.path, e))?;
+        forget(state, &victims, Drop::Bytes);
+        self.warn_full(&victims);
+        Ok(())
     }
 
     /// Drops the batches older than `max_age` at `now_ms`; returns the rows dropped.
@@ -643,6 +817,13 @@ fn load(path: &Path) -> Result<(Database, State), String> {
                 }
             };
             let index = txn.open_table(INDEX).map_err(|e| e.to_string())?;
+            let held_table = txn.open_table(HELD).map_err(|e| e.to_string())?;
+            let mut held = BTreeMap::new();
+            for row in held_table.iter().map_err(|e| e.to_string())? {
+                let (key, epoch) = row.map_err(|e| e.to_string())?;
+                let (stream, seq) = key.value();
+                held.insert((stream.to_owned(), seq), epoch.value());
+            }
             let streams = txn.open_table(STREAMS).map_err(|e| e.to_string())?;
             for row in streams.iter().map_err(|e| e.to_string())? {
                 let (name, value) = row.map_err(|e| e.to_string())?;
@@ -652,7 +833,7 @@ fn load(path: &Path) -> Result<(Database, State), String> {
                     StreamState {
                         priority,
                         next_seq,
-                        entries: VecDeque::new(),
+                        ..StreamState::default()
                     },
                 );
             }
@@ -661,17 +842,17 @@ fn load(path: &Path) -> Result<(Database, State), String> {
                 let (stream, seq) = key.value();
                 let (bytes, rows, appended_ms) = value.value();
                 state.bytes += bytes;
-                state
-                    .streams
-                    .entry(stream.to_owned())
-                    .or_default()
-                    .entries
-                    .push_back(Entry {
-                        seq,
-                        bytes,
-                        rows,
-                        appended_ms,
-                    });
+                let entry = Entry {
+                    seq,
+                    bytes,
+                    rows,
+                    appended_ms,
+                };
+                let stream_state = state.streams.entry(stream.to_owned()).or_default();
+                match held.get(&(stream.to_owned(), seq)) {
+                    Some(&epoch) => stream_state.held.push((epoch, entry)),
+                    None => stream_state.entries.push_back(entry),
+                }
             }
         }
         txn.commit().map_err(|e| e.to_string())?;
@@ -736,6 +917,9 @@ fn tempfile_next_to(path: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// Moves the damaged file at `path` aside and writes its intact batches to a new one.
+/// Frames do not say whether a batch was held for a checkpoint: salvaged batches all
+/// ship, so one whose checkpoint never completed may reach the hub twice (once more from
+/// the replay). Losing it would be worse.
 fn recover(path: &Path, reason: &str) -> Result<Recovery, OutboxError> {
     let found = salvage_file(path).map_err(|e| storage(path, e))?;
     let stamp = std::time::SystemTime::now()

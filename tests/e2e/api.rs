@@ -325,6 +325,20 @@ fn status_lists_pipelines_operators_schemas_and_retention() {
     );
     assert_eq!(operators[2]["inputs"], serde_json::json!(["readings"]));
     assert_eq!(operators[2]["schema"], serde_json::json!([]));
+    // It checkpoints by default, and its end took a last checkpoint.
+    let checkpoint = &pipeline["checkpoint"];
+    assert_eq!(checkpoint["interval"], "10s", "{checkpoint}");
+    assert!(
+        checkpoint["last_completed_epoch"].as_u64() >= Some(1),
+        "{checkpoint}"
+    );
+    assert!(checkpoint["completed"].as_u64() >= Some(1), "{checkpoint}");
+    assert!(checkpoint["last_bytes"].as_u64() > Some(0), "{checkpoint}");
+    assert_eq!(checkpoint["failures"], 0, "{checkpoint}");
+    assert!(
+        stdout.contains("  checkpoints every 10s: epoch "),
+        "{stdout}"
+    );
     assert_eq!(http_get(&addr, "/readyz"), "ready\n");
 }
 

@@ -16,6 +16,9 @@ const DEVICES: usize = 3;
 const PER_SECOND: usize = 150;
 const SECONDS: usize = 32;
 const KILLS: usize = 6;
+/// What `weir run` logs once its MQTT source is connected, and once a pipeline runs.
+const CONNECTED: &str = "mqtt connected to";
+const STARTED: &str = "pipeline started";
 /// Event time of the first reading; readings are 20 ms of event time apart.
 const START_MS: i64 = 1_767_225_600_000;
 const STEP_MS: i64 = 20;
@@ -60,7 +63,9 @@ sinks:
     file
 }
 
-fn start(file: &Path, state: &Path) -> Running {
+/// Starts `weir run` on `file` with its state under `state`, and waits for the log
+/// line that says it is `ready`.
+fn start(file: &Path, state: &Path, ready: &str) -> Running {
     let mut weir = Running::start(
         &[
             "run",
@@ -71,8 +76,8 @@ fn start(file: &Path, state: &Path) -> Running {
         ],
         &[],
     );
-    weir.wait_for_log("mqtt connected to", Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("weir never connected: {:?}", weir.stderr_seen));
+    weir.wait_for_log(ready, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("weir never logged {ready:?}: {:?}", weir.stderr_seen));
     weir
 }
 
@@ -138,7 +143,7 @@ async fn mqtt_windows_survive_kill_9_exactly_once() {
     let state = dir.path().join("state");
     let out = dir.path().join("windows.jsonl");
 
-    let mut weir = start(&file, &state);
+    let mut weir = start(&file, &state, CONNECTED);
     let port = broker.port();
     let publisher = tokio::spawn(async move {
         for second in 0..SECONDS {
@@ -160,7 +165,7 @@ async fn mqtt_windows_survive_kill_9_exactly_once() {
         tokio::time::sleep(Duration::from_millis(wait)).await;
         weir.child.kill().expect("kill -9");
         weir.child.wait().expect("the killed runtime is reaped");
-        weir = start(&file, &state);
+        weir = start(&file, &state, CONNECTED);
     }
     publisher.await.expect("the publisher finished");
     let total = SECONDS * PER_SECOND;
@@ -208,5 +213,180 @@ async fn mqtt_windows_survive_kill_9_exactly_once() {
     assert_eq!(
         got, want,
         "every window once, with the values of an uninterrupted run"
+    );
+}
+
+/// Lines appended to the followed file: `FOLLOW_RATE` a second for `FOLLOW_SECONDS`.
+const FOLLOW_RATE: usize = 150;
+const FOLLOW_SECONDS: usize = 32;
+/// Event time between lines: each 10 s window of a device holds about 17 lines.
+const FOLLOW_STEP_MS: i64 = 200;
+
+/// A followed JSON lines file, 10 s windows per device, scored by a per-device zscore,
+/// JSON lines appended to the output (so a replay from the file's start would show as
+/// windows written twice); checkpoints every second.
+fn follow_pipeline(dir: &Path, input: &Path, out: &Path) -> std::path::PathBuf {
+    let yaml = format!(
+        r#"version: 1
+name: kill-follow
+checkpoint: {{interval: 1s}}
+sources:
+  readings:
+    kind: file
+    schema: {{device: utf8, ts: timestamp_ms, value: int64}}
+    event_time: {{column: ts, max_out_of_order: 1s}}
+    config: {{path: "{input}", format: json, follow: true, poll_interval: 50ms}}
+transforms:
+  per_device:
+    kind: sql
+    inputs: [readings]
+    window: {{tumbling: 10s}}
+    config:
+      query: SELECT device, count(*) AS n, sum(value) AS total FROM readings GROUP BY device
+  scored:
+    kind: anomaly
+    inputs: [per_device]
+    config: {{value: total, key: device, detector: zscore, zscore: {{min_history: 3}}}}
+sinks:
+  out:
+    kind: file
+    inputs: [scored]
+    config: {{path: "{out}", timestamps: epoch_ms, append: true}}
+"#,
+        input = input.display(),
+        out = out.display(),
+    );
+    let file = dir.join("kill-follow.yaml");
+    std::fs::write(&file, yaml).expect("the pipeline file is written");
+    file
+}
+
+/// Line `i` of the followed file; past `FOLLOW_RATE * FOLLOW_SECONDS`, one closer per
+/// device far ahead in event time, which closes every window before it.
+fn follow_line(i: usize) -> String {
+    let total = FOLLOW_RATE * FOLLOW_SECONDS;
+    let device = format!("d{}", i % DEVICES);
+    if i >= total {
+        let ts = START_MS + 3_600_000;
+        return format!(r#"{{"device":"{device}","ts":{ts},"value":0}}"#);
+    }
+    let ts = START_MS + i as i64 * FOLLOW_STEP_MS;
+    // Mostly steady, with the odd burst for the detector to score.
+    let value = (i as i64 * 7919) % 100 + if i.is_multiple_of(397) { 5000 } else { 0 };
+    format!(r#"{{"device":"{device}","ts":{ts},"value":{value}}}"#)
+}
+
+/// Every scored window in the output by (device, window start); a window written twice
+/// fails the test.
+fn scored_windows(path: &Path) -> BTreeMap<(String, i64), serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut windows = BTreeMap::new();
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a torn or bad line {line:?}: {e}"));
+        let key = (
+            row["device"].as_str().expect("device").to_owned(),
+            row["window_start"].as_i64().expect("window_start"),
+        );
+        assert!(
+            windows.insert(key.clone(), row).is_none(),
+            "window {key:?} written twice"
+        );
+    }
+    windows
+}
+
+/// Runs `file` until the output holds `windows` scored windows, then stops it with
+/// SIGTERM, which drains the closers' windows too.
+fn finish(mut weir: Running, out: &Path, windows: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while scored_windows(out).len() < windows {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {windows} windows written: {:?}",
+            scored_windows(out).len(),
+            weir.stderr_seen
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    weir.signal("TERM");
+    assert_eq!(weir.wait_exit(Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn a_followed_file_scored_per_window_survives_kill_9_exactly_once() {
+    use std::io::Write;
+    let total = FOLLOW_RATE * FOLLOW_SECONDS;
+    let lines: Vec<String> = (0..total + DEVICES).map(follow_line).collect();
+    // Each device's windows over the readings, without the closers'.
+    let windows = DEVICES * (total as i64 * FOLLOW_STEP_MS / 10_000) as usize;
+
+    // The uninterrupted run, over the whole file.
+    let reference = tempfile::tempdir().unwrap();
+    let input = reference.path().join("readings.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = reference.path().join("scored.jsonl");
+    let file = follow_pipeline(reference.path(), &input, &out);
+    finish(
+        start(&file, &reference.path().join("state"), STARTED),
+        &out,
+        windows,
+    );
+    let want = scored_windows(&out);
+    assert!(
+        want.values().any(|row| row["is_anomaly"] == true),
+        "the bursts should be anomalies"
+    );
+
+    // The file grows while the runtime is killed and restarted.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("readings.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let out = dir.path().join("scored.jsonl");
+    let file = follow_pipeline(dir.path(), &input, &out);
+    let state = dir.path().join("state");
+    let mut weir = start(&file, &state, STARTED);
+    let writer = {
+        let lines = lines.clone();
+        let input = input.clone();
+        std::thread::spawn(move || {
+            let mut appending = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&input)
+                .expect("the followed file opens");
+            let per_tick = FOLLOW_RATE / 10;
+            for chunk in lines[..total].chunks(per_tick) {
+                let text: String = chunk.iter().map(|line| format!("{line}\n")).collect();
+                appending
+                    .write_all(text.as_bytes())
+                    .expect("a chunk is appended");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut random = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+    for _ in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(random.random_range(1_500..4_500)));
+        weir.child.kill().expect("kill -9");
+        weir.child.wait().expect("the killed runtime is reaped");
+        weir = start(&file, &state, STARTED);
+    }
+    writer.join().expect("the writer finished");
+    let closers: String = lines[total..]
+        .iter()
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .and_then(|mut file| file.write_all(closers.as_bytes()))
+        .expect("the closers are appended");
+    finish(weir, &out, windows);
+    let got = scored_windows(&out);
+    let missing: Vec<_> = want.keys().filter(|key| !got.contains_key(*key)).collect();
+    assert!(missing.is_empty(), "windows missing: {missing:?}");
+    assert_eq!(
+        got, want,
+        "every window once, scored as in the uninterrupted run"
     );
 }

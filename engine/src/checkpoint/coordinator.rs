@@ -38,8 +38,23 @@ pub struct CheckpointMetrics {
     pub age: IntGauge,
 }
 
+/// The reasons `weir_checkpoint_failures_total` counts under.
+pub const FAILURE_REASONS: [&str; 3] = ["store", "damaged_store", "restore"];
+
 impl CheckpointMetrics {
-    /// Counts a failure under `reason` (`store`, `damaged_store`, `restore`).
+    /// The failures counted for this pipeline, whatever their reason.
+    pub fn failures_total(&self) -> u64 {
+        FAILURE_REASONS
+            .iter()
+            .map(|reason| {
+                self.failures
+                    .with_label_values(&[self.pipeline.as_str(), reason])
+                    .get()
+            })
+            .sum()
+    }
+
+    /// Counts a failure under `reason`, one of [`FAILURE_REASONS`].
     pub fn failed(&self, reason: &str) {
         self.failures
             .with_label_values(&[self.pipeline.as_str(), reason])

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -98,6 +99,18 @@ pub struct Opened {
     pub damaged: Option<Damaged>,
 }
 
+/// Why a store did not open as it is.
+enum OpenFailure {
+    /// This process has it open already.
+    InUse,
+    /// It cannot be read: the reason.
+    Damaged(String),
+}
+
+/// How often, and how long apart, opening a store that is still in use is tried again.
+const IN_USE_RETRIES: usize = 40;
+const IN_USE_WAIT: Duration = Duration::from_millis(50);
+
 impl StateStore {
     /// Opens (or creates) the store at `path` and reads its last checkpoint. A file
     /// that cannot be read is moved aside to `PATH.damaged-MS` and a new, empty store
@@ -111,13 +124,27 @@ impl StateStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| error(format!("cannot create {}: {e}", dir.display())))?;
         }
-        match Self::open_intact(path) {
+        // A run of the same pipeline that was just stopped may still be closing it (its
+        // coordinator ends once its operators have): wait a little rather than take an
+        // open file for a damaged one.
+        let mut opened = Self::open_intact(path);
+        for _ in 0..IN_USE_RETRIES {
+            if !matches!(opened, Err(OpenFailure::InUse)) {
+                break;
+            }
+            std::thread::sleep(IN_USE_WAIT);
+            opened = Self::open_intact(path);
+        }
+        match opened {
             Ok((store, checkpoint)) => Ok(Opened {
                 store,
                 checkpoint,
                 damaged: None,
             }),
-            Err(reason) => {
+            Err(OpenFailure::InUse) => Err(error(
+                "another run of the pipeline still has it open".to_owned(),
+            )),
+            Err(OpenFailure::Damaged(reason)) => {
                 let mut moved_to = path.as_os_str().to_owned();
                 moved_to.push(format!(".damaged-{}", now_ms()));
                 let moved_to = PathBuf::from(moved_to);
@@ -126,7 +153,10 @@ impl StateStore {
                         "it cannot be read ({reason}) and cannot be moved aside: {e}"
                     ))
                 })?;
-                let (store, _) = Self::open_intact(path).map_err(error)?;
+                let (store, _) = Self::open_intact(path).map_err(|failure| match failure {
+                    OpenFailure::InUse => error("it is in use".to_owned()),
+                    OpenFailure::Damaged(reason) => error(reason),
+                })?;
                 Ok(Opened {
                     store,
                     checkpoint: None,
@@ -138,15 +168,22 @@ impl StateStore {
 
     /// Opens the file and reads it whole; any failure, or a panic in the database,
     /// means it is damaged.
-    fn open_intact(path: &Path) -> Result<(StateStore, Option<Checkpoint>), String> {
+    fn open_intact(path: &Path) -> Result<(StateStore, Option<Checkpoint>), OpenFailure> {
         let owned = path.to_owned();
         let opened = std::panic::catch_unwind(move || {
-            let db = Database::create(&owned).map_err(|e| e.to_string())?;
+            let db = Database::create(&owned).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => OpenFailure::InUse,
+                other => OpenFailure::Damaged(other.to_string()),
+            })?;
             let store = StateStore { db, path: owned };
-            let checkpoint = store.read().map_err(|e| e.message)?;
-            Ok::<_, String>((store, checkpoint))
+            let checkpoint = store.read().map_err(|e| OpenFailure::Damaged(e.message))?;
+            Ok::<_, OpenFailure>((store, checkpoint))
         });
-        opened.unwrap_or_else(|_| Err("the database panicked while reading it".into()))
+        opened.unwrap_or_else(|_| {
+            Err(OpenFailure::Damaged(
+                "the database panicked while reading it".into(),
+            ))
+        })
     }
 
     /// What the store at `path` holds, without moving a damaged file aside.
@@ -425,5 +462,32 @@ mod tests {
             .store
             .commit(1, &[("n", "f", &StateChanges::whole(vec![1]))], false)
             .unwrap();
+    }
+
+    #[test]
+    fn a_store_still_open_is_waited_for_and_never_taken_for_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.redb");
+        let first = StateStore::open(&path).unwrap();
+        first
+            .store
+            .commit(3, &[("n", "f", &StateChanges::whole(vec![7]))], false)
+            .unwrap();
+        let error = StateStore::open(&path).err().expect("in use");
+        assert!(error.to_string().contains("still has it open"), "{error}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "nothing moved aside"
+        );
+        // Closed while the next run waits: it opens, with the checkpoint.
+        let closing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let second = StateStore::open(&path).unwrap();
+        closing.join().unwrap();
+        assert!(second.damaged.is_none());
+        assert_eq!(second.checkpoint.map(|c| c.epoch), Some(3));
     }
 }

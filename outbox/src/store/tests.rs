@@ -343,3 +343,97 @@ fn numbered_batches_keep_their_numbers_and_one_still_waiting_is_not_stored_twice
     assert_eq!(numbers(&stored), (0..15).collect::<Vec<_>>());
     assert_eq!(outbox.stats().rows, 15);
 }
+
+#[test]
+fn held_batches_ship_once_their_epoch_completes_and_a_restart_settles_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    let stream = "p/hub";
+    {
+        let outbox = open(&path, unlimited());
+        outbox
+            .append_held(stream, &[(None, batch(0, 10)), (None, batch(10, 10))], T0)
+            .unwrap();
+        assert!(outbox.next(10).unwrap().is_empty(), "held: not shipped");
+        assert_eq!(outbox.stats().batches, 0);
+        outbox.seal_held(stream, 1).unwrap();
+        outbox
+            .append_held(stream, &[(None, batch(20, 5))], T0)
+            .unwrap();
+        // Epoch 1 is not complete yet: nothing ships.
+        assert_eq!(outbox.release_held(stream, 0).unwrap(), (0, 0));
+        assert_eq!(outbox.release_held(stream, 1).unwrap(), (2, 20));
+        assert_eq!(
+            numbers(&outbox.next(10).unwrap()),
+            (0..20).collect::<Vec<_>>()
+        );
+        outbox.seal_held(stream, 2).unwrap();
+        outbox
+            .append_held(stream, &[(None, batch(25, 5))], T0)
+            .unwrap();
+        // Killed here: epoch 2 was sealed, and may or may not have completed; the last
+        // batch's barrier never came.
+    }
+    // (completed epoch at restart, batches released, batches discarded, rows shipped then)
+    for (completed, released, discarded, shipped) in [(1, 0, 2, 20..20), (2, 1, 1, 20..25)] {
+        let copy = dir.path().join(format!("copy-{completed}.redb"));
+        std::fs::copy(&path, &copy).unwrap();
+        let outbox = open(&copy, unlimited());
+        let settled = outbox.settle_held(stream, completed).unwrap();
+        assert_eq!(
+            (settled.released_batches, settled.discarded_batches),
+            (released, discarded),
+            "completed {completed}"
+        );
+        let mut expected: Vec<i64> = (0..20).collect();
+        expected.extend(shipped.clone());
+        assert_eq!(
+            numbers(&outbox.next(10).unwrap()),
+            expected,
+            "completed {completed}"
+        );
+        drop(outbox);
+        // The settling was durable, and the discarded batches' bytes are gone.
+        let outbox = open(&copy, unlimited());
+        assert_eq!(
+            outbox.settle_held(stream, u64::MAX).unwrap(),
+            Settled::default()
+        );
+        assert_eq!(numbers(&outbox.next(10).unwrap()), expected);
+        let stored: u64 = outbox.stats().streams.iter().map(|s| s.bytes).sum();
+        assert_eq!(outbox.stats().bytes, stored);
+    }
+}
+
+#[test]
+fn a_held_number_is_not_stored_twice_and_held_batches_meet_the_byte_limit_once_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    let outbox = open(&path, unlimited());
+    let seqs = outbox
+        .append_held("p/hub", &[(Some(1_000), batch(0, 3))], T0)
+        .unwrap();
+    assert_eq!(seqs, [1_000]);
+    let again = outbox
+        .append_held("p/hub", &[(Some(1_000), batch(0, 3))], T0)
+        .unwrap();
+    assert!(again.is_empty(), "a number still held is not stored again");
+    drop(outbox);
+    let tight = Limits {
+        max_bytes: 1,
+        max_age: None,
+    };
+    let outbox = open(&path, tight);
+    outbox
+        .append_held("p/hub", &[(None, batch(3, 3))], T0)
+        .unwrap();
+    outbox.seal_held("p/hub", 4).unwrap();
+    // Held, they are kept past the limit: they are at most one checkpoint's worth.
+    assert_eq!(outbox.stats().dropped_rows_bytes, 0);
+    assert!(outbox.stats().bytes > 1);
+    // Released, they count against it like any other batch.
+    assert_eq!(outbox.release_held("p/hub", 4).unwrap(), (2, 6));
+    assert_eq!(outbox.stats().dropped_rows_bytes, 6);
+    assert!(outbox.next(10).unwrap().is_empty());
+    assert_eq!(outbox.stats().bytes, 0);
+}

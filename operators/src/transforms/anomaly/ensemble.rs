@@ -11,7 +11,7 @@
 
 use serde::Deserialize;
 
-use super::{Detector, DetectorConfig, DetectorKind, LikelihoodConfig, Verdict};
+use super::{Detector, DetectorConfig, DetectorKind, LikelihoodConfig, StateError, Verdict};
 
 /// The `ensemble` section of an `anomaly` transform's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -100,6 +100,18 @@ impl Detector for Ensemble {
     fn state_bytes(&self) -> usize {
         std::mem::size_of::<Self>() + self.members.iter().map(|m| m.state_bytes()).sum::<usize>()
     }
+
+    /// Each member's state in turn: the config fixes which members there are.
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        self.members.iter().try_for_each(|member| member.save(out))
+    }
+
+    fn load<'a>(&mut self, mut bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        for member in &mut self.members {
+            bytes = member.load(bytes)?;
+        }
+        Ok(bytes)
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +129,16 @@ mod tests {
 
         fn state_bytes(&self) -> usize {
             100
+        }
+
+        fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+            super::super::save_state(&self.0, out)
+        }
+
+        fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+            let (script, rest) = super::super::load_state(bytes)?;
+            self.0 = script;
+            Ok(rest)
         }
     }
 

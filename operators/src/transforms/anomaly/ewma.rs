@@ -8,7 +8,9 @@
 
 use serde::Deserialize;
 
-use super::{Detector, Verdict, normal_score, spread_threshold_problem};
+use super::{
+    Detector, StateError, Verdict, load_state, normal_score, save_state, spread_threshold_problem,
+};
 
 /// The `ewma` section of an `anomaly` transform's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -104,6 +106,16 @@ impl Detector for Ewma {
 
     fn state_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
+    }
+
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        save_state(&(self.count, self.mean, self.variance), out)
+    }
+
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        let ((count, mean, variance), rest) = load_state(bytes)?;
+        (self.count, self.mean, self.variance) = (count, mean, variance);
+        Ok(rest)
     }
 }
 

@@ -16,12 +16,15 @@
 //! `season / interval` bins, at most [`MAX_SEASON_BINS`] (faster series share bins).
 //! Without an event-time column, or with `season: null`, the model has no season.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use weir_engine::config::HumanDuration;
 
-use super::{Detector, Verdict, score_threshold_problem};
+use super::{
+    Detector, StateError, Verdict, check, load_state, save_state, score_threshold_problem,
+};
 
 /// Intervals between a series' first rows that decide its sampling interval.
 pub const STEP_SAMPLES: usize = 32;
@@ -113,7 +116,7 @@ pub fn log_tail_score(z: f64) -> f64 {
 }
 
 /// How a series' timestamps map to season bins, once its sampling interval is known.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Seasons {
     period_ms: i64,
     bin_ms: i64,
@@ -154,7 +157,7 @@ pub struct Forecast {
     intervals: Vec<i64>,
     last_ts: Option<i64>,
     /// The last `smooth` residuals, oldest first, and their sum.
-    residuals: std::collections::VecDeque<f64>,
+    residuals: VecDeque<f64>,
     residual_sum: f64,
     /// The spread of the smoothed residual (an exponentially weighted variance).
     variance: Option<f64>,
@@ -171,7 +174,7 @@ impl Forecast {
             seasons: None,
             intervals: Vec::new(),
             last_ts: None,
-            residuals: std::collections::VecDeque::with_capacity(config.smooth),
+            residuals: VecDeque::with_capacity(config.smooth),
             residual_sum: 0.0,
             variance: None,
         }
@@ -275,6 +278,44 @@ impl Detector for Forecast {
                 .seasons
                 .as_ref()
                 .map_or(0, |s| s.offsets.capacity() * 9)
+    }
+
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        let learnt = (self.rows, self.level, self.trend, &self.seasons);
+        let pending = (&self.intervals, self.last_ts, &self.residuals);
+        save_state(&(learnt, pending, self.residual_sum, self.variance), out)
+    }
+
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        type Learnt = (u64, f64, f64, Option<Seasons>);
+        type Pending = (Vec<i64>, Option<i64>, VecDeque<f64>);
+        type Saved = (Learnt, Pending, f64, Option<f64>);
+        let (((rows, level, trend, seasons), (intervals, last_ts, residuals), sum, variance), rest): (Saved, _) =
+            load_state(bytes)?;
+        if let Some(seasons) = &seasons {
+            check(
+                self.config.season.is_some(),
+                "the forecast has seasons but its config has no season",
+            )?;
+            let bins = seasons.offsets.len();
+            check(
+                seasons.period_ms > 0
+                    && seasons.bin_ms > 0
+                    && (1..=MAX_SEASON_BINS).contains(&bins)
+                    && seasons.seen.len() == bins,
+                "the forecast's season bins are malformed",
+            )?;
+        }
+        check(
+            intervals.len() < STEP_SAMPLES && residuals.len() <= self.config.smooth,
+            "the forecast holds more intervals or residuals than it keeps",
+        )?;
+        (self.rows, self.level, self.trend, self.seasons) = (rows, level, trend, seasons);
+        (self.intervals, self.last_ts) = (intervals, last_ts);
+        self.residuals.clear();
+        self.residuals.extend(residuals);
+        (self.residual_sum, self.variance) = (sum, variance);
+        Ok(rest)
     }
 }
 

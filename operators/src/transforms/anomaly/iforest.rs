@@ -24,9 +24,11 @@ use std::collections::VecDeque;
 use ndarray::{Array2, ArrayView1};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::{Detector, Verdict, score_threshold_problem};
+use super::{
+    Detector, StateError, Verdict, check, load_state, save_state, score_threshold_problem,
+};
 
 /// The `iforest` section of an `anomaly` transform's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -94,8 +96,9 @@ impl IforestConfig {
     }
 }
 
-/// One node of a tree: a leaf when `feature` is [`LEAF`].
-#[derive(Clone, Copy, Debug)]
+/// One node of a tree: a leaf when `feature` is [`LEAF`]. A tree's nodes follow it in
+/// `nodes` (its children come after it), so a tree cannot loop.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct Node {
     split: f64,
     /// The range of the split coordinate among the node's training points.
@@ -350,6 +353,73 @@ impl Detector for Iforest {
             + self.window.len() * std::mem::size_of::<f64>()
             + self.nodes.capacity() * std::mem::size_of::<Node>()
             + self.roots.capacity() * std::mem::size_of::<u32>()
+    }
+
+    /// The window, the forest and the random generator's position in its stream, so
+    /// the forests grown after a restore are those that would have grown without it.
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        let window: Vec<f64> = self.window.iter().copied().collect();
+        let points = (
+            &self.recent,
+            self.window.nrows(),
+            window,
+            self.filled,
+            self.next,
+        );
+        let forest = (&self.nodes, &self.roots, self.normaliser);
+        save_state(
+            &(
+                points,
+                forest,
+                self.rows_since_growth,
+                self.rng.get_word_pos(),
+            ),
+            out,
+        )
+    }
+
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        type Points = (VecDeque<f64>, usize, Vec<f64>, usize, usize);
+        type Forest = (Vec<Node>, Vec<u32>, f64);
+        type Saved = (Points, Forest, u64, u128);
+        let (((recent, rows, window, filled, next), (nodes, roots, normaliser), since, word), rest): (Saved, _) =
+            load_state(bytes)?;
+        let dims = self.config.shingle * self.columns;
+        let window_rows = self.config.window_rows;
+        check(
+            recent.len() <= dims && recent.len() % self.columns.max(1) == 0,
+            "the iforest's recent values do not fit its shingle",
+        )?;
+        check(
+            (rows == 0 && filled == 0 && next == 0 && window.is_empty())
+                || (rows == window_rows && filled <= rows && next < rows),
+            "the iforest's window does not fit window_rows",
+        )?;
+        let window = Array2::from_shape_vec((rows, if rows == 0 { 0 } else { dims }), window)
+            .map_err(|_| StateError::Mismatch("the iforest's window is not rows × dimensions"))?;
+        let len = nodes.len();
+        let well_formed = nodes.iter().enumerate().all(|(at, node)| {
+            node.feature == LEAF
+                || ((node.feature as usize) < dims
+                    && (at + 1..len).contains(&(node.left as usize))
+                    && (at + 1..len).contains(&(node.right as usize)))
+        });
+        check(
+            well_formed && roots.iter().all(|&root| (root as usize) < len),
+            "the iforest's trees are malformed",
+        )?;
+        check(
+            normaliser.is_finite() && normaliser > 0.0,
+            "the iforest's normaliser is not a positive number",
+        )?;
+        self.recent.clear();
+        self.recent.extend(recent);
+        (self.window, self.filled, self.next) = (window, filled, next);
+        (self.nodes, self.roots, self.normaliser) = (nodes, roots, normaliser);
+        self.rows_since_growth = since;
+        self.rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+        self.rng.set_word_pos(word);
+        Ok(rest)
     }
 }
 

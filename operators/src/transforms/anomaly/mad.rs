@@ -12,7 +12,10 @@ use std::collections::VecDeque;
 
 use serde::Deserialize;
 
-use super::{Detector, Verdict, normal_score, spread_threshold_problem};
+use super::{
+    Detector, StateError, Verdict, check, load_state, normal_score, save_state,
+    spread_threshold_problem,
+};
 
 /// Scales a median absolute deviation to a normal standard deviation (1 / 1.4826).
 const MAD_TO_SIGMA: f64 = 0.6745;
@@ -189,6 +192,25 @@ impl Detector for Mad {
     fn state_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
             + (self.arrivals.capacity() + self.sorted.capacity()) * std::mem::size_of::<f64>()
+    }
+
+    /// Only the window in arrival order: the sorted copy is rebuilt from it.
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        save_state(&self.arrivals, out)
+    }
+
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        let (arrivals, rest): (VecDeque<f64>, _) = load_state(bytes)?;
+        check(
+            arrivals.len() <= self.window_rows,
+            "the mad window holds more values than window_rows",
+        )?;
+        self.sorted.clear();
+        self.sorted.extend(arrivals.iter().copied());
+        self.sorted.sort_by(f64::total_cmp);
+        self.arrivals.clear();
+        self.arrivals.extend(arrivals);
+        Ok(rest)
     }
 }
 

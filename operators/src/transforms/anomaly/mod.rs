@@ -41,6 +41,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use lru::LruCache;
 use serde::Deserialize;
+use weir_engine::checkpoint::{NodeState, StateChanges, decode_batches, encode_batches};
 use weir_engine::config::ConfigErrors;
 use weir_engine::metrics::{OperatorMetrics, StateMetrics};
 use weir_engine::registry::{
@@ -218,6 +219,50 @@ pub trait Detector: Send {
 
     /// The memory this series' state holds, in bytes (an estimate).
     fn state_bytes(&self) -> usize;
+
+    /// Appends what the series has learnt to `out`, for a checkpoint. Its parameters are
+    /// not saved: they come from the config, and a checkpoint is only restored under the
+    /// config it was taken with (the engine compares the node's fingerprint).
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError>;
+
+    /// Takes up what [`Detector::save`] wrote at the front of `bytes` and returns the
+    /// bytes after it. On error the detector is half-loaded and must be dropped.
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError>;
+}
+
+/// Why a series' checkpointed state could not be saved or taken up.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The bytes are not what a detector writes.
+    #[error("its bytes do not decode ({0})")]
+    Encoding(#[from] postcard::Error),
+    /// The bytes decode but cannot have come from a detector of this config.
+    #[error("it does not fit the detector's config: {0}")]
+    Mismatch(&'static str),
+}
+
+/// Appends `state` to `out` in the checkpoint encoding (postcard: compact, and floats
+/// are saved bit for bit).
+fn save_state<T: serde::Serialize + ?Sized>(
+    state: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), StateError> {
+    *out = postcard::to_extend(state, std::mem::take(out))?;
+    Ok(())
+}
+
+/// Reads a `T` that [`save_state`] wrote at the front of `bytes`, and the bytes after it.
+fn load_state<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8]), StateError> {
+    Ok(postcard::take_from_bytes(bytes)?)
+}
+
+/// `Ok` when `holds`, else the mismatch `problem`.
+fn check(holds: bool, problem: &'static str) -> Result<(), StateError> {
+    if holds {
+        Ok(())
+    } else {
+        Err(StateError::Mismatch(problem))
+    }
 }
 
 /// The verdict on a value `deviation` from a centre whose spread is `sigma`: an anomaly
@@ -659,6 +704,7 @@ impl PlannedOperator for Plan {
             watermark: Watermark::START,
             state: metrics.state(),
             state_bytes: 0,
+            changes: Changes::default(),
             plan: *self,
         })))
     }
@@ -667,17 +713,58 @@ impl PlannedOperator for Plan {
 /// The running transform.
 struct Anomaly {
     plan: Plan,
-    /// Each keyed series' detector, least recently seen first out.
-    series: LruCache<String, Box<dyn Detector>, foldhash::fast::RandomState>,
+    /// Each keyed series, least recently seen first out.
+    series: LruCache<String, Series, foldhash::fast::RandomState>,
     /// The series of rows without a key (no key column, or a null key).
-    unkeyed: Option<Box<dyn Detector>>,
+    unkeyed: Option<Series>,
     /// Rows waiting for the watermark to pass them.
     pending: Vec<RecordBatch>,
     watermark: Watermark,
     state: StateMetrics,
     /// The state memory last reported.
     state_bytes: i64,
+    /// What changed since the last checkpoint snapshot.
+    changes: Changes,
 }
+
+/// One series' detector, and whether it learnt anything since the last snapshot.
+struct Series {
+    detector: Box<dyn Detector>,
+    changed: bool,
+}
+
+impl Series {
+    fn new(detector: Box<dyn Detector>) -> Self {
+        Series {
+            detector,
+            changed: true,
+        }
+    }
+}
+
+/// What the next snapshot writes besides the series marked changed.
+#[derive(Default)]
+struct Changes {
+    /// Series evicted since: their saved state is deleted.
+    evicted: Vec<String>,
+    /// Whether the rows waiting for the watermark changed.
+    pending: bool,
+    /// The watermark the store has.
+    stored_watermark: Option<Watermark>,
+    /// The recency rank the next saved series gets: ranks rise with each series saved,
+    /// least recently seen first, so a restore rebuilds the eviction order.
+    next_rank: u64,
+}
+
+/// The layout of a series' saved state; a checkpoint of another layout is not restored.
+const STATE_VERSION: u8 = 1;
+/// Keys of the transform's checkpointed state: one part per keyed series (its key's
+/// bytes after the prefix), the series without a key, the rows waiting for the
+/// watermark, and the watermark.
+const SERIES_PREFIX: &[u8] = b"series/";
+const UNKEYED_KEY: &[u8] = b"unkeyed";
+const PENDING_KEY: &[u8] = b"pending";
+const WATERMARK_KEY: &[u8] = b"watermark";
 
 #[async_trait]
 impl Transform for Anomaly {
@@ -691,6 +778,7 @@ impl Transform for Anomaly {
             return self.score_in_order(&batch, out);
         }
         self.pending.push(batch);
+        self.changes.pending = true;
         Ok(())
     }
 
@@ -705,6 +793,7 @@ impl Transform for Anomaly {
         }
         let pending = concat_batches(&self.plan.input_schema, &self.pending)?;
         self.pending.clear();
+        self.changes.pending = true;
         let times = self.event_times(&pending)?;
         let ready: BooleanArray = times
             .iter()
@@ -726,30 +815,213 @@ impl Transform for Anomaly {
         let sorted = take_record_batch(&now, &UInt32Array::from(order))?;
         self.score_in_order(&sorted, out)
     }
+
+    /// The series that learnt since the last snapshot, the series evicted, the rows
+    /// waiting for the watermark when they changed, and the watermark.
+    fn snapshot(&mut self) -> Result<StateChanges, OperatorError> {
+        let mut snapshot = StateChanges::unchanged();
+        for key in self.changes.evicted.drain(..) {
+            snapshot.delete(series_key(&key));
+        }
+        // Least recently seen first: every changed series was seen after every
+        // unchanged one, so fresh ranks above the stored ones keep the order.
+        for (key, series) in self.series.iter_mut().rev() {
+            if series.changed {
+                let mut value = vec![STATE_VERSION];
+                value.extend_from_slice(&self.changes.next_rank.to_be_bytes());
+                series.detector.save(&mut value).map_err(state_error)?;
+                snapshot.put(series_key(key), value);
+                self.changes.next_rank += 1;
+                series.changed = false;
+            }
+        }
+        if let Some(series) = self.unkeyed.as_mut().filter(|series| series.changed) {
+            let mut value = vec![STATE_VERSION];
+            series.detector.save(&mut value).map_err(state_error)?;
+            snapshot.put(UNKEYED_KEY.to_vec(), value);
+            series.changed = false;
+        }
+        if std::mem::take(&mut self.changes.pending) {
+            if self.pending.is_empty() {
+                snapshot.delete(PENDING_KEY.to_vec());
+            } else {
+                let rows = encode_batches(&self.plan.input_schema, &self.pending)?;
+                snapshot.put(PENDING_KEY.to_vec(), rows);
+            }
+        }
+        // The end of the stream is not time a resumed run has reached.
+        if self.watermark != Watermark::END && self.changes.stored_watermark != Some(self.watermark)
+        {
+            let millis = self.watermark.millis().to_be_bytes().to_vec();
+            snapshot.put(WATERMARK_KEY.to_vec(), millis);
+            self.changes.stored_watermark = Some(self.watermark);
+        }
+        Ok(snapshot)
+    }
+
+    /// Takes up the series, waiting rows and watermark of `state`, all or nothing.
+    fn restore(&mut self, state: &NodeState) -> Result<(), OperatorError> {
+        let restored = self.restored(state).map_err(|reason| {
+            OperatorError::User(format!(
+                "anomaly transform: the checkpointed state cannot be used: {reason}"
+            ))
+        })?;
+        let Restored {
+            mut keyed,
+            unkeyed,
+            pending,
+            watermark,
+        } = restored;
+        keyed.sort_by_key(|(rank, ..)| *rank);
+        self.changes = Changes {
+            next_rank: keyed.last().map_or(0, |(rank, ..)| rank + 1),
+            stored_watermark: watermark,
+            ..Changes::default()
+        };
+        self.series.clear();
+        self.state_bytes = 0;
+        for (_, key, detector) in keyed {
+            self.state_bytes += (key.len() + SERIES_OVERHEAD_BYTES + detector.state_bytes()) as i64;
+            let series = Series {
+                detector,
+                changed: false,
+            };
+            if let Some((evicted_key, evicted)) = self.series.push(key, series) {
+                self.state_bytes -= (evicted_key.len()
+                    + SERIES_OVERHEAD_BYTES
+                    + evicted.detector.state_bytes()) as i64;
+                self.changes.evicted.push(evicted_key);
+            }
+        }
+        self.unkeyed = unkeyed.map(|detector| Series {
+            detector,
+            changed: false,
+        });
+        self.pending = pending;
+        self.watermark = watermark.unwrap_or(Watermark::START);
+        self.state.keys.set(self.series.len() as i64);
+        self.state.bytes.set(self.state_bytes.max(0));
+        Ok(())
+    }
+}
+
+/// The state a checkpoint holds, decoded and checked before any of it is taken up.
+struct Restored {
+    /// (recency rank, key, detector) of each keyed series.
+    keyed: Vec<(u64, String, Box<dyn Detector>)>,
+    unkeyed: Option<Box<dyn Detector>>,
+    pending: Vec<RecordBatch>,
+    watermark: Option<Watermark>,
+}
+
+fn series_key(key: &str) -> Vec<u8> {
+    [SERIES_PREFIX, key.as_bytes()].concat()
+}
+
+fn state_error(error: StateError) -> OperatorError {
+    OperatorError::Internal(format!("an anomaly series' state does not save: {error}"))
 }
 
 impl Anomaly {
-    /// The detector of the series named `key` (`None`: no key column, or a null key),
-    /// starting the series, and evicting the least recently seen one, when needed.
-    fn series_of(&mut self, key: Option<&str>) -> &mut Box<dyn Detector> {
+    /// The series named `key` (`None`: no key column, or a null key), starting it, and
+    /// evicting the least recently seen one, when needed.
+    fn series_of(&mut self, key: Option<&str>) -> &mut Series {
         let Some(key) = key else {
             let (detector, columns) = (&self.plan.detector, self.plan.values.len());
             return self
                 .unkeyed
-                .get_or_insert_with(|| detector.new_series(columns));
+                .get_or_insert_with(|| Series::new(detector.new_series(columns)));
         };
         if !self.series.contains(key) {
             let fresh = self.plan.detector.new_series(self.plan.values.len());
             self.state_bytes += (key.len() + SERIES_OVERHEAD_BYTES + fresh.state_bytes()) as i64;
-            if let Some((evicted_key, evicted)) = self.series.push(key.to_owned(), fresh) {
+            if let Some((evicted_key, evicted)) =
+                self.series.push(key.to_owned(), Series::new(fresh))
+            {
                 self.state.evictions.inc();
-                self.state_bytes -=
-                    (evicted_key.len() + SERIES_OVERHEAD_BYTES + evicted.state_bytes()) as i64;
+                self.state_bytes -= (evicted_key.len()
+                    + SERIES_OVERHEAD_BYTES
+                    + evicted.detector.state_bytes()) as i64;
+                self.changes.evicted.push(evicted_key);
             }
         }
         self.series
             .get_mut(key)
             .expect("the series was just looked up or inserted")
+    }
+
+    /// Decodes and checks `state`, a snapshot [`Transform::snapshot`] wrote.
+    fn restored(&self, state: &NodeState) -> Result<Restored, String> {
+        let columns = self.plan.values.len();
+        let mut restored = Restored {
+            keyed: Vec::new(),
+            unkeyed: None,
+            pending: Vec::new(),
+            watermark: None,
+        };
+        let load = |what: &str, value: &[u8]| -> Result<Box<dyn Detector>, String> {
+            let mut detector = self.plan.detector.new_series(columns);
+            let rest = detector
+                .load(value)
+                .map_err(|error| format!("the state of {what}: {error}"))?;
+            if !rest.is_empty() {
+                return Err(format!(
+                    "the state of {what} has {} bytes more than its detector saves",
+                    rest.len()
+                ));
+            }
+            Ok(detector)
+        };
+        let versioned = |what: &str, value: &'_ [u8]| -> Result<Vec<u8>, String> {
+            match value.split_first() {
+                Some((&STATE_VERSION, rest)) => Ok(rest.to_vec()),
+                Some((version, _)) => Err(format!(
+                    "{what} was saved in layout {version}, and this version of Weir reads {STATE_VERSION}"
+                )),
+                None => Err(format!("{what} has no saved state")),
+            }
+        };
+        for (key, value) in state.entries() {
+            if let Some(name) = key.strip_prefix(SERIES_PREFIX) {
+                let name = String::from_utf8(name.to_vec())
+                    .map_err(|_| "a series key is not UTF-8".to_owned())?;
+                let what = format!("series '{name}'");
+                let value = versioned(&what, value)?;
+                let (rank, value) = value
+                    .split_first_chunk::<8>()
+                    .ok_or_else(|| format!("{what} has no recency rank"))?;
+                let detector = load(&what, value)?;
+                restored
+                    .keyed
+                    .push((u64::from_be_bytes(*rank), name, detector));
+            } else if key == UNKEYED_KEY {
+                let what = "the series without a key";
+                restored.unkeyed = Some(load(what, &versioned(what, value)?)?);
+            } else if key == PENDING_KEY {
+                let (_, batches) = decode_batches(value)
+                    .map_err(|error| format!("the rows waiting for the watermark: {error}"))?;
+                for batch in batches {
+                    let batch = RecordBatch::try_new(
+                        self.plan.input_schema.clone(),
+                        batch.columns().to_vec(),
+                    )
+                    .map_err(|error| {
+                        format!("the rows waiting for the watermark do not fit the input: {error}")
+                    })?;
+                    restored.pending.push(batch);
+                }
+            } else if key == WATERMARK_KEY {
+                let millis = value
+                    .try_into()
+                    .map_err(|_| format!("its watermark is {} bytes, not 8", value.len()))?;
+                restored.watermark = Some(Watermark(i64::from_be_bytes(millis)));
+            } else {
+                return Err(format!(
+                    "it has an entry this transform does not know ({key:?})"
+                ));
+            }
+        }
+        Ok(restored)
     }
 
     /// Each row's event time in ms; rows without one sort first.
@@ -823,10 +1095,11 @@ impl Anomaly {
                 continue;
             }
             let key = keys.and_then(|k| (!k.is_null(row)).then(|| k.value(row)));
-            let detector = self.series_of(key);
-            let before = detector.state_bytes() as i64;
-            let verdict = detector.observe(ts, &row_values);
-            let grown = detector.state_bytes() as i64 - before;
+            let series = self.series_of(key);
+            series.changed = true;
+            let before = series.detector.state_bytes() as i64;
+            let verdict = series.detector.observe(ts, &row_values);
+            let grown = series.detector.state_bytes() as i64 - before;
             self.state_bytes += grown;
             scores.append_value(verdict.score);
             flags.append_value(verdict.is_anomaly);

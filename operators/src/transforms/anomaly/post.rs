@@ -26,7 +26,9 @@ use std::collections::VecDeque;
 
 use serde::Deserialize;
 
-use super::{Detector, Verdict, score_threshold_problem};
+use super::{
+    Detector, StateError, Verdict, check, load_state, save_state, score_threshold_problem,
+};
 
 /// The smallest spread of the fitted distribution, as in Numenta's implementation
 /// (variance 0.0003), so a series that has always scored the same is not alarmed by a
@@ -194,6 +196,33 @@ impl Detector for Likelihood {
             + self.recent.capacity() * std::mem::size_of::<f64>()
             + self.inner.state_bytes()
     }
+
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        let averages = (self.rows, &self.recent, self.recent_sum);
+        let fit = (self.running_mean, self.running_variance, self.fitted);
+        save_state(&(averages, fit, self.rows_since_fit), out)?;
+        self.inner.save(out)
+    }
+
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        type Saved = (
+            (u64, VecDeque<f64>, f64),
+            (f64, f64, Option<(f64, f64)>),
+            u64,
+        );
+        let (((rows, recent, sum), (mean, variance, fitted), since), rest): (Saved, _) =
+            load_state(bytes)?;
+        check(
+            recent.len() <= self.config.averaging_rows,
+            "the likelihood holds more scores than averaging_rows",
+        )?;
+        (self.rows, self.recent_sum) = (rows, sum);
+        self.recent.clear();
+        self.recent.extend(recent);
+        (self.running_mean, self.running_variance, self.fitted) = (mean, variance, fitted);
+        self.rows_since_fit = since;
+        self.inner.load(rest)
+    }
 }
 
 /// A detector whose scores count only where they beat the recent ones.
@@ -250,6 +279,21 @@ impl Detector for Onset {
             + self.maxima.capacity() * std::mem::size_of::<(u64, f64)>()
             + self.inner.state_bytes()
     }
+
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        save_state(&(self.seen, &self.maxima), out)?;
+        self.inner.save(out)
+    }
+
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        let ((seen, maxima), rest): ((u64, VecDeque<(u64, f64)>), _) = load_state(bytes)?;
+        check(
+            maxima.len() <= self.rows + 1,
+            "the onset holds more scores than onset_rows",
+        )?;
+        (self.seen, self.maxima) = (seen, maxima);
+        self.inner.load(rest)
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +313,15 @@ mod tests {
 
         fn state_bytes(&self) -> usize {
             0
+        }
+
+        /// An echo learns nothing.
+        fn save(&self, _out: &mut Vec<u8>) -> Result<(), StateError> {
+            Ok(())
+        }
+
+        fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+            Ok(bytes)
         }
     }
 

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 
 use serde::Deserialize;
 
-use super::{Detector, Verdict};
+use super::{Detector, StateError, Verdict, check, load_state, save_state};
 
 /// The `range` section of an `anomaly` transform's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -120,6 +120,26 @@ impl Detector for Range {
 
     fn state_bytes(&self) -> usize {
         std::mem::size_of::<Self>() + self.lagging.capacity() * std::mem::size_of::<f64>()
+    }
+
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        save_state(
+            &(&self.lagging, self.count, self.low, self.high, self.was_out),
+            out,
+        )
+    }
+
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        type Saved = (VecDeque<f64>, u64, f64, f64, bool);
+        let ((lagging, count, low, high, was_out), rest): (Saved, _) = load_state(bytes)?;
+        check(
+            lagging.len() <= self.lag_rows + 1,
+            "the range holds back more rows than lag_rows",
+        )?;
+        self.lagging.clear();
+        self.lagging.extend(lagging);
+        (self.count, self.low, self.high, self.was_out) = (count, low, high, was_out);
+        Ok(rest)
     }
 }
 

@@ -63,25 +63,16 @@ fn transform(config: &str, event_time: bool, metrics: &OperatorMetrics) -> Box<d
     }
 }
 
-/// (device, ts, is_anomaly) of every emitted row.
+/// (device, ts, is_anomaly) of every emitted row, whose scores are all within 0..=1.
 fn flags(out: &mut Collector) -> Vec<(String, i64, bool)> {
-    let mut rows = Vec::new();
-    for (_, b) in out.take_batches() {
-        let device = b.column(0).as_string::<i32>();
-        let ts = b
-            .column(1)
-            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
-        let flag = b.column_by_name(FLAG_COLUMN).unwrap().as_boolean();
-        let score = b
-            .column_by_name(SCORE_COLUMN)
-            .unwrap()
-            .as_primitive::<Float64Type>();
-        for i in 0..b.num_rows() {
-            assert!((0.0..=1.0).contains(&score.value(i)));
-            rows.push((device.value(i).to_owned(), ts.value(i), flag.value(i)));
-        }
-    }
-    rows
+    verdicts(out)
+        .into_iter()
+        .map(|(device, ts, score, flag)| {
+            let score = score.map_or(0.0, f64::from_bits);
+            assert!((0.0..=1.0).contains(&score), "{score}");
+            (device, ts, flag)
+        })
+        .collect()
 }
 
 fn errors(config: &str) -> String {
@@ -249,4 +240,182 @@ async fn the_least_recently_seen_series_is_evicted_and_counted() {
         .unwrap();
     let last: Vec<bool> = flags(&mut out).into_iter().skip(4).map(|r| r.2).collect();
     assert_eq!(last, [true, false]);
+}
+
+/// (device, ts, score bits, is_anomaly) of every emitted row: scores compared exactly.
+fn verdicts(out: &mut Collector) -> Vec<(String, i64, Option<u64>, bool)> {
+    let mut rows = Vec::new();
+    for (_, b) in out.take_batches() {
+        let device = b.column(0).as_string::<i32>();
+        let ts = b
+            .column(1)
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let score = b
+            .column_by_name(SCORE_COLUMN)
+            .unwrap()
+            .as_primitive::<Float64Type>();
+        let flag = b.column_by_name(FLAG_COLUMN).unwrap().as_boolean();
+        for i in 0..b.num_rows() {
+            let score = score.is_valid(i).then(|| score.value(i).to_bits());
+            rows.push((
+                device.value(i).to_owned(),
+                ts.value(i),
+                score,
+                flag.value(i),
+            ));
+        }
+    }
+    rows
+}
+
+/// Batches of a noisy series over five devices seen unevenly (so some series do not
+/// change between snapshots and the eviction order matters), out of order within each
+/// batch, with spikes; each with the watermark that follows it.
+fn uneven_stream() -> Vec<(RecordBatch, Watermark)> {
+    let devices = ["a", "b", "c", "d", "e"];
+    let mut batches = Vec::new();
+    for chunk in 0..40 {
+        let mut rows = Vec::new();
+        for i in 0..25 {
+            let n = chunk * 25 + i;
+            let device = devices[(n * n / 7 + chunk / 9) % devices.len()];
+            // Out of order by up to 30 ms within the batch.
+            let ts = 1_000 + n as i64 * 60_000 - ((n * 13) % 4) as i64 * 10;
+            let spike = if n % 97 == 50 { 40.0 } else { 0.0 };
+            let noise = weir_testkit::noise(n as u64, 7);
+            rows.push((device, ts, 20.0 + noise * 2.0 + spike));
+        }
+        let watermark = Watermark(1_000 + (chunk as i64 * 25 + 20) * 60_000);
+        batches.push((batch(&rows), watermark));
+    }
+    batches
+}
+
+async fn feed(
+    anomaly: &mut dyn Transform,
+    stream: &[(RecordBatch, Watermark)],
+    out: &mut Collector,
+) {
+    for (batch, watermark) in stream {
+        anomaly.process_batch(0, batch.clone(), out).await.unwrap();
+        anomaly.on_watermark(*watermark, out).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn every_detector_goes_on_from_a_checkpoint_as_if_never_stopped() {
+    let stream = uneven_stream();
+    let configs = [
+        "detector: zscore\nzscore: {window_rows: 30}",
+        "detector: zscore\nzscore: {window_duration: 20m}",
+        "detector: zscore",
+        "detector: ewma",
+        "detector: mad\nmad: {window_rows: 40}",
+        "detector: forecast\nforecast: {season: 1h}",
+        "detector: range\nrange: {lag_rows: 3}",
+        "values: [v, v]\ndetector: iforest\niforest: {shingle: 2, window_rows: 64, sample_size: 32, min_history: 32, retrain_rows: 20, trees: 10}",
+        // The default ensemble, post-processed.
+        "likelihood: {learning_rows: 20}\nonset_rows: 4",
+    ];
+    for config in configs {
+        let value = if config.contains("values:") {
+            ""
+        } else {
+            "value: v\n"
+        };
+        let config = format!("{value}key: device\nmax_keys: 4\n{config}\n");
+        let metrics = OperatorMetrics::detached("test", "node");
+        let mut out = Collector::new();
+        let mut reference = transform(&config, true, &metrics);
+        feed(reference.as_mut(), &stream, &mut out).await;
+        reference
+            .on_watermark(Watermark::END, &mut out)
+            .await
+            .unwrap();
+        let expected = verdicts(&mut out);
+        assert_eq!(expected.len(), 1000, "{config}");
+        // The scores depend on what each series learnt, so a lost state would show.
+        assert!(
+            expected
+                .iter()
+                .any(|row| row.2.is_some_and(|bits| f64::from_bits(bits) > 0.1)),
+            "{config}: the series should score"
+        );
+
+        // Snapshots after batches 5, 12 and 23, applied as the store applies them; the
+        // run then stops, and a fresh instance goes on from the last one.
+        let mut interrupted = transform(&config, true, &metrics);
+        let mut state = NodeState::default();
+        let mut emitted = Vec::new();
+        for (index, (batch, watermark)) in stream[..24].iter().enumerate() {
+            interrupted
+                .process_batch(0, batch.clone(), &mut out)
+                .await
+                .unwrap();
+            interrupted
+                .on_watermark(*watermark, &mut out)
+                .await
+                .unwrap();
+            if [5, 12, 23].contains(&index) {
+                state.apply(&interrupted.snapshot().unwrap());
+                emitted.extend(verdicts(&mut out));
+            }
+        }
+        assert!(
+            state.entries().any(|(key, _)| key == b"pending"),
+            "{config}"
+        );
+        let mut resumed = transform(&config, true, &metrics);
+        resumed.restore(&state).unwrap();
+        feed(resumed.as_mut(), &stream[24..], &mut out).await;
+        resumed
+            .on_watermark(Watermark::END, &mut out)
+            .await
+            .unwrap();
+        emitted.extend(verdicts(&mut out));
+        assert_eq!(emitted, expected, "{config}");
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_checkpoint_is_refused_and_the_transform_is_left_as_it_was() {
+    let config = "value: v\nkey: device\ndetector: zscore\n";
+    let metrics = OperatorMetrics::detached("test", "node");
+    let stream = uneven_stream();
+    let mut out = Collector::new();
+    let mut source = transform(config, true, &metrics);
+    feed(source.as_mut(), &stream[..10], &mut out).await;
+    let mut state = NodeState::default();
+    state.apply(&source.snapshot().unwrap());
+    let damaged = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let entries = state
+            .entries()
+            .map(|(key, value)| {
+                let mut value = value.to_vec();
+                if key.starts_with(b"series/") {
+                    edit(&mut value);
+                }
+                (key.to_vec(), value)
+            })
+            .collect();
+        NodeState::from_entries(entries)
+    };
+    /// A change to a series' saved bytes, and the problem it must be refused with.
+    type Damage<'a> = (&'a dyn Fn(&mut Vec<u8>), &'a str);
+    let cases: [Damage<'_>; 3] = [
+        (&|value| value.truncate(12), "do not decode"),
+        (&|value| value[0] = 9, "saved in layout 9"),
+        (&|value| value.push(0), "bytes more than its detector saves"),
+    ];
+    for (edit, problem) in cases {
+        let mut fresh = transform(config, true, &metrics);
+        let error = fresh.restore(&damaged(edit)).unwrap_err().to_string();
+        assert!(error.contains(problem), "{error}");
+        // Nothing was taken up: the transform scores as a fresh one does.
+        let mut expected = transform(config, true, &metrics);
+        let (mut a, mut b) = (Collector::new(), Collector::new());
+        feed(fresh.as_mut(), &stream[10..], &mut a).await;
+        feed(expected.as_mut(), &stream[10..], &mut b).await;
+        assert_eq!(verdicts(&mut a), verdicts(&mut b));
+    }
 }

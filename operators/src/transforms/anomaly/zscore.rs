@@ -13,7 +13,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use weir_engine::config::HumanDuration;
 
-use super::{Detector, Verdict, normal_score, spread_threshold_problem};
+use super::{
+    Detector, StateError, Verdict, check, load_state, normal_score, save_state,
+    spread_threshold_problem,
+};
 
 /// The `zscore` section of an `anomaly` transform's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -205,6 +208,27 @@ impl Detector for Zscore {
 
     fn state_bytes(&self) -> usize {
         std::mem::size_of::<Self>() + self.values.capacity() * std::mem::size_of::<(i64, f64)>()
+    }
+
+    fn save(&self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        save_state(
+            &(self.count, self.mean, self.m2, &self.values, self.departed),
+            out,
+        )
+    }
+
+    fn load<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
+        type Saved = (u64, f64, f64, VecDeque<(i64, f64)>, usize);
+        let ((count, mean, m2, values, departed), rest): (Saved, _) = load_state(bytes)?;
+        let fits = match self.span {
+            Span::All => values.is_empty(),
+            Span::Rows(rows) => values.len() <= rows && values.len() as u64 == count,
+            Span::Millis(_) => values.len() as u64 == count,
+        };
+        check(fits, "the zscore values do not fit its span")?;
+        (self.count, self.mean, self.m2, self.values, self.departed) =
+            (count, mean, m2, values, departed);
+        Ok(rest)
     }
 }
 

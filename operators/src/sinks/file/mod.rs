@@ -18,6 +18,11 @@
 //! CSV, reopened in append mode when its rows come back. A Parquet file cannot be reopened
 //! (its footer ends it), so a templated Parquet sink keeps every file open and fails with
 //! a clear message when the stream needs more than `max_open_files` of them.
+//!
+//! When the pipeline checkpoints, each epoch's output is final only once its checkpoint
+//! completes: JSON lines and CSV files record their lengths at each barrier and are cut
+//! back to them at recovery; Parquet and rotating output is written as parts renamed into
+//! place per checkpoint ([`parts`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -44,6 +49,10 @@ use weir_engine::{OperatorError, OperatorInstance, Sink};
 use crate::format::{TimestampFormat, write_csv, write_json_lines};
 use crate::rejects::RejectLog;
 use crate::template::{Part, Rendered, Template, group_rows};
+
+mod parts;
+
+use parts::{Parts, next_part_number, part_paths};
 
 /// The most rows in one Parquet row group; bounds the rows buffered in memory.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
@@ -414,10 +423,12 @@ impl PlannedOperator for Plan {
                 target,
                 writers,
                 rotation,
+                parts: None,
             }),
             metrics: metrics.clone(),
             snapshotted: false,
             closed_lengths: None,
+            closed_parts: None,
         })))
     }
 }
@@ -631,6 +642,13 @@ impl Writers {
         Ok(())
     }
 
+    /// Forgets a file that is finished for good (a part): it is never reopened.
+    fn forget(&mut self, path: &Path) {
+        self.opened.remove(path);
+        self.lengths.remove(path);
+        self.written.remove(path);
+    }
+
     /// Closes the file at `path`, if it is open, and makes it durable when `fsync`.
     fn close_one(&mut self, path: &Path) -> Result<(), OperatorError> {
         if let Some(mut writer) = self.open.pop(path) {
@@ -728,8 +746,11 @@ impl Writers {
 struct Files {
     target: Target,
     writers: Writers,
-    /// The parts of a fixed path that rotates.
+    /// The parts of a fixed path that rotates, when the pipeline does not checkpoint.
     rotation: Option<Rotation>,
+    /// Parquet and rotating output when the pipeline checkpoints: parts renamed into
+    /// place as their checkpoints complete (see `parts.rs`).
+    parts: Option<Parts>,
 }
 
 /// The numbered parts a rotating fixed path is written as.
@@ -747,62 +768,23 @@ impl Rotation {
     /// Starts after the highest part already in the directory, so a restart never
     /// overwrites a finished part. Blocking.
     fn new(path: &Path, rotate: &RotateConfig) -> Result<Rotation, OperatorError> {
-        let mut rotation = Rotation {
+        Ok(Rotation {
             path: path.to_owned(),
             max_bytes: rotate.max_bytes.map(|size| size.0),
             interval: rotate.interval.map(std::time::Duration::from),
-            part: 0,
+            part: next_part_number(path),
             opened: std::time::Instant::now(),
-        };
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            let (stem, ext) = rotation.name_parts();
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let Some(number) = name
-                    .to_str()
-                    .and_then(|name| name.strip_prefix(&format!("{stem}-")))
-                    .and_then(|rest| rest.strip_suffix(&ext))
-                    .and_then(|number| number.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                rotation.part = rotation.part.max(number + 1);
-            }
-        }
-        Ok(rotation)
-    }
-
-    /// The file stem and the extension with its dot (or nothing).
-    fn name_parts(&self) -> (String, String) {
-        let stem = self
-            .path
-            .file_stem()
-            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-        let ext = self
-            .path
-            .extension()
-            .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
-        (stem, ext)
+        })
     }
 
     /// The finished name of the part being written.
     fn finished(&self) -> PathBuf {
-        let (stem, ext) = self.name_parts();
-        self.path
-            .with_file_name(format!("{stem}-{:05}{ext}", self.part))
+        part_paths(&self.path, self.part).1
     }
 
     /// Where the part being written is, until it is finished.
     fn in_progress(&self) -> PathBuf {
-        let finished = self.finished();
-        let name = finished
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        finished.with_file_name(format!(".{name}.inprogress"))
+        part_paths(&self.path, self.part).0
     }
 
     /// Whether the part of `size` bytes is due to be finished.
@@ -820,16 +802,95 @@ impl Files {
     /// readable (Parquet) or empty (JSON, CSV with its header) file, and a path that
     /// cannot be written fails the start. Blocking.
     fn open_fixed(&mut self) -> Result<(), OperatorError> {
-        if let Target::Fixed(path) = &self.target
-            && self.writers.opened.is_empty()
-        {
-            let current = self
-                .rotation
-                .as_ref()
-                .map_or_else(|| path.clone(), Rotation::in_progress);
+        if let Target::Fixed(path) = &self.target {
+            let current = match (&mut self.parts, &self.rotation) {
+                (Some(parts), _) => parts.current(path),
+                (None, _) if !self.writers.opened.is_empty() => return Ok(()),
+                (None, Some(rotation)) => rotation.in_progress(),
+                (None, None) => path.clone(),
+            };
             self.writers.get(&current)?;
         }
         Ok(())
+    }
+
+    /// Under checkpoints, the file rows for `path` go to: its part being written.
+    fn destination(&mut self, path: &Path) -> PathBuf {
+        match &mut self.parts {
+            Some(parts) => parts.current(path),
+            None => path.to_owned(),
+        }
+    }
+
+    /// Counts `rows` written for `path` and finishes its part when its rotation is due.
+    fn wrote(&mut self, path: &Path, rows: usize) -> Result<(), OperatorError> {
+        if let Some(parts) = &mut self.parts {
+            parts.wrote(path, rows);
+        }
+        self.roll_parts()
+    }
+
+    /// Finishes the parts whose rotation is due. Blocking.
+    fn roll_parts(&mut self) -> Result<(), OperatorError> {
+        let Some(parts) = &self.parts else {
+            return Ok(());
+        };
+        let open = &self.writers.open;
+        let due = parts.due(self.writers.settings.rotate.as_ref(), |file| {
+            open.peek(file).map_or(0, Writer::size)
+        });
+        for path in due {
+            self.seal_part(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the part of `path`: closes it and makes it durable; it is renamed once
+    /// the checkpoint after it completes. Blocking.
+    fn seal_part(&mut self, path: &Path) -> Result<(), OperatorError> {
+        let Some(parts) = &mut self.parts else {
+            return Ok(());
+        };
+        let Some(file) = parts.in_progress(path) else {
+            return Ok(());
+        };
+        self.writers.close_one(&file)?;
+        if !self.writers.settings.fsync {
+            File::open(&file)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| OperatorError::io(format!("cannot fsync {}", file.display()), e))?;
+        }
+        self.writers.forget(&file);
+        parts.seal(path);
+        Ok(())
+    }
+
+    /// Barrier `epoch`: finishes every part holding rows and lists what waits to be
+    /// renamed. Blocking.
+    fn snapshot_parts(&mut self, epoch: Epoch) -> Result<StateChanges, OperatorError> {
+        let with_rows = self
+            .parts
+            .as_ref()
+            .map(Parts::with_rows)
+            .unwrap_or_default();
+        for path in with_rows {
+            self.seal_part(&path)?;
+        }
+        match &mut self.parts {
+            Some(parts) => Ok(parts.snapshot(epoch)),
+            None => Ok(StateChanges::unchanged()),
+        }
+    }
+
+    /// The end of the stream: finishes every part, and hands the parts over for the
+    /// last snapshot and commit. Blocking.
+    fn close_parts(&mut self) -> Result<Option<Parts>, OperatorError> {
+        self.open_fixed()?;
+        let all = self.parts.as_ref().map(Parts::all).unwrap_or_default();
+        for path in all {
+            self.seal_part(&path)?;
+        }
+        Ok(self.parts.take())
     }
 
     /// Finishes the part being written when its size or age says so, or always when
@@ -879,7 +940,8 @@ impl Files {
             Step::Write(batch) => self.write(&batch),
             Step::Flush | Step::Sync => {
                 self.writers.flush()?;
-                self.roll(false).map(|()| Vec::new())
+                self.roll(false)?;
+                self.roll_parts().map(|()| Vec::new())
             }
             Step::Close => {
                 self.open_fixed()?;
@@ -892,16 +954,18 @@ impl Files {
     fn write(&mut self, batch: &RecordBatch) -> Result<Vec<String>, OperatorError> {
         let (template, base_dir, prefix) = match &self.target {
             Target::Fixed(path) => {
-                let path = self
-                    .rotation
-                    .as_ref()
-                    .map_or_else(|| path.clone(), Rotation::in_progress);
+                let path = path.clone();
+                let file = match &self.rotation {
+                    Some(rotation) => rotation.in_progress(),
+                    None => self.destination(&path),
+                };
                 let written = self.writers.project(batch)?;
                 self.writers
-                    .get(&path)?
-                    .perform(Step::Write(written), &path)?;
-                self.writers.written.insert(path);
+                    .get(&file)?
+                    .perform(Step::Write(written), &file)?;
+                self.writers.written.insert(file);
                 self.roll(false)?;
+                self.wrote(&path, batch.num_rows())?;
                 return Ok(Vec::new());
             }
             Target::Template {
@@ -922,6 +986,7 @@ impl Files {
         let groups = group_rows(rendered);
         let written = self.writers.project(batch)?;
         let whole = groups.len() == 1 && problems.is_empty();
+        let base_dir = base_dir.clone();
         for (path, rows) in groups {
             let rows = if whole {
                 written.clone()
@@ -929,8 +994,11 @@ impl Files {
                 arrow::compute::take_record_batch(&written, &UInt32Array::from(rows))?
             };
             let path = base_dir.join(path);
-            self.writers.get(&path)?.perform(Step::Write(rows), &path)?;
-            self.writers.written.insert(path);
+            let file = self.destination(&path);
+            let count = rows.num_rows();
+            self.writers.get(&file)?.perform(Step::Write(rows), &file)?;
+            self.writers.written.insert(file);
+            self.wrote(&path, count)?;
         }
         Ok(problems)
     }
@@ -950,12 +1018,21 @@ struct FileSink {
     snapshotted: bool,
     /// The files' lengths when the sink closed, for the last snapshot.
     closed_lengths: Option<Vec<(PathBuf, u64)>>,
+    /// Under checkpoints, the parts left to rename once the sink has closed.
+    closed_parts: Option<Parts>,
 }
 
 /// The prefix of a file's key in the sink's checkpointed state; the path follows.
 const LENGTH_KEY: &[u8] = b"length/";
 
 impl FileSink {
+    /// Whether the sink writes parts renamed per checkpoint.
+    fn in_parts(&self) -> bool {
+        self.files
+            .as_ref()
+            .is_some_and(|files| files.parts.is_some())
+    }
+
     /// Runs `work` on the files on tokio's blocking pool; the sink is unusable after it
     /// fails.
     async fn blocking<T: Send + 'static>(
@@ -1012,6 +1089,18 @@ impl FileSink {
 
 #[async_trait]
 impl Sink for FileSink {
+    /// Parquet and rotating output are written as parts renamed into place as their
+    /// checkpoints complete; JSON lines and CSV files are cut back at recovery instead.
+    fn checkpointing(&mut self, _completed: Epoch) {
+        if let Some(files) = self.files.as_mut()
+            && (files.writers.settings.format == OutputFormat::Parquet
+                || files.writers.settings.rotate.is_some())
+        {
+            files.parts = Some(Parts::default());
+            files.rotation = None;
+        }
+    }
+
     async fn start(&mut self) -> Result<(), OperatorError> {
         self.blocking(Files::open_fixed).await
     }
@@ -1025,6 +1114,19 @@ impl Sink for FileSink {
     }
 
     async fn close(&mut self) -> Result<(), OperatorError> {
+        if self.in_parts() {
+            let parts = self
+                .blocking(|files| {
+                    let parts = files.close_parts()?;
+                    files.writers.close()?;
+                    Ok(parts)
+                })
+                .await?;
+            self.files = None;
+            self.closed_parts = parts;
+            self.rejects.summarise();
+            return Ok(());
+        }
         // The files' lengths before the close, for the last snapshot.
         let lengths = self.blocking(|files| files.writers.checkpoint()).await?;
         self.run(Step::Close).await?;
@@ -1032,7 +1134,36 @@ impl Sink for FileSink {
         Ok(())
     }
 
-    async fn snapshot(&mut self, _epoch: Epoch) -> Result<StateChanges, OperatorError> {
+    async fn commit(&mut self, epoch: Epoch) -> Result<(), OperatorError> {
+        if let Some(mut parts) = self.closed_parts.take() {
+            let (parts, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = parts.commit(epoch);
+                (parts, outcome)
+            })
+            .await
+            .map_err(|e| OperatorError::Internal(format!("file commit task failed: {e}")))?;
+            self.closed_parts = Some(parts);
+            return outcome;
+        }
+        if !self.in_parts() {
+            return Ok(());
+        }
+        self.blocking(move |files| match files.parts.as_mut() {
+            Some(parts) => parts.commit(epoch),
+            None => Ok(()),
+        })
+        .await
+    }
+
+    async fn snapshot(&mut self, epoch: Epoch) -> Result<StateChanges, OperatorError> {
+        if let Some(parts) = self.closed_parts.as_mut() {
+            return Ok(parts.snapshot(epoch));
+        }
+        if self.in_parts() {
+            return self
+                .blocking(move |files| files.snapshot_parts(epoch))
+                .await;
+        }
         let lengths = match self.closed_lengths.take() {
             Some(lengths) => lengths,
             None => self.blocking(|files| files.writers.checkpoint()).await?,
@@ -1057,19 +1188,15 @@ impl Sink for FileSink {
                 "the file sink restored after it closed".into(),
             ));
         };
-        if files.writers.settings.format == OutputFormat::Parquet {
-            // A Parquet file cannot be cut back to a row group and go on: the pipeline
-            // runs again from its start and rewrites it.
-            return Err(OperatorError::User(format!(
-                "file sink {}: parquet output cannot resume from a checkpoint",
+        if files.parts.is_some() {
+            let renamed = Parts::recover(state).map_err(|reason| {
+                OperatorError::User(format!("file sink {}: {reason}", self.display))
+            })?;
+            debug!(
+                "file sink {}: {renamed} parts of completed checkpoints renamed into place",
                 self.display
-            )));
-        }
-        if files.rotation.is_some() {
-            return Err(OperatorError::User(format!(
-                "file sink {}: rotating output cannot resume from a checkpoint",
-                self.display
-            )));
+            );
+            return Ok(());
         }
         let mut lengths = Vec::new();
         for (key, value) in state.entries() {
@@ -1271,18 +1398,141 @@ mod tests {
         }
     }
 
+    /// The `ts` values of every finished part in `dir`, by part name; fails on any
+    /// in-progress file left behind.
+    fn parts_in(dir: &tempfile::TempDir) -> Vec<(String, Vec<i64>)> {
+        listing(dir)
+            .into_iter()
+            .map(|name| {
+                assert!(!name.ends_with(".inprogress"), "{name} is left in progress");
+                let file = File::open(dir.path().join(&name)).unwrap();
+                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .unwrap_or_else(|e| panic!("{name} is not readable parquet: {e}"))
+                    .build()
+                    .unwrap();
+                let times = reader
+                    .flat_map(|b| {
+                        b.unwrap()
+                            .column(1)
+                            .as_any()
+                            .downcast_ref::<TimestampMillisecondArray>()
+                            .unwrap()
+                            .values()
+                            .to_vec()
+                    })
+                    .collect();
+                (name, times)
+            })
+            .collect()
+    }
+
     #[tokio::test]
-    async fn a_parquet_sink_does_not_resume_from_a_checkpoint() {
+    async fn parquet_parts_are_renamed_as_checkpoints_complete_and_a_crash_leaves_each_row_once() {
+        let config = "{path: r.parquet, format: parquet}";
+        // The run is killed after barrier 2, with part 1 finished for it and part 2 being
+        // written; checkpoint 2 either completed (its commit had not run) or did not.
+        for completed in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut first = sink(&dir, config);
+            first.checkpointing(0);
+            first.start().await.unwrap();
+            let mut stored = NodeState::default();
+            first.write(0, batch(0)).await.unwrap();
+            stored.apply(&first.snapshot(1).await.unwrap());
+            first.commit(1).await.unwrap();
+            assert_eq!(
+                parts_in(&dir),
+                [("r-00000.parquet".to_owned(), vec![0, 1000])]
+            );
+            first.write(0, batch(10_000)).await.unwrap();
+            let at_two = first.snapshot(2).await.unwrap();
+            if completed == 2 {
+                stored.apply(&at_two);
+            }
+            first.write(0, batch(20_000)).await.unwrap();
+            first.flush().await.unwrap();
+            drop(first);
+
+            // The restart replays what came after the checkpoint it restores.
+            let mut second = sink(&dir, config);
+            second.checkpointing(completed);
+            second.restore(&stored).unwrap();
+            second.start().await.unwrap();
+            if completed == 1 {
+                second.write(0, batch(10_000)).await.unwrap();
+            }
+            second.write(0, batch(20_000)).await.unwrap();
+            second.close().await.unwrap();
+            let last = second.snapshot(3).await.unwrap();
+            assert!(!last.is_unchanged());
+            second.commit(3).await.unwrap();
+            let parts = parts_in(&dir);
+            let every: Vec<i64> = parts.iter().flat_map(|(_, ts)| ts.clone()).collect();
+            assert_eq!(
+                every,
+                [0, 1000, 10_000, 11_000, 20_000, 21_000],
+                "completed {completed}: {parts:?}"
+            );
+            let names: Vec<&str> = parts.iter().map(|(name, _)| name.as_str()).collect();
+            let expected: &[&str] = if completed == 2 {
+                &["r-00000.parquet", "r-00001.parquet", "r-00002.parquet"]
+            } else {
+                &["r-00000.parquet", "r-00001.parquet"]
+            };
+            assert_eq!(names, expected, "completed {completed}");
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpointed_parts_of_a_templated_path_roll_at_each_barrier() {
         let dir = tempfile::tempdir().unwrap();
-        let mut first = sink(&dir, "{path: r.parquet, format: parquet}");
-        first.start().await.unwrap();
-        let mut stored = NodeState::default();
-        stored.apply(&first.snapshot(1).await.unwrap());
-        let error = sink(&dir, "{path: r.parquet, format: parquet}")
-            .restore(&stored)
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("cannot resume"), "{error}");
+        let mut sink = sink(&dir, "{path: 'out/{device}.parquet', format: parquet}");
+        sink.checkpointing(0);
+        sink.start().await.unwrap();
+        sink.write(0, rows(&[Some("a"), Some("a"), Some("b")], 0))
+            .await
+            .unwrap();
+        let out = dir.path().join("out");
+        let names = |dir: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names(&out),
+            [".a-00000.parquet.inprogress", ".b-00000.parquet.inprogress"]
+        );
+        // The barrier finishes both parts; they take their names once it completes.
+        sink.snapshot(1).await.unwrap();
+        sink.write(0, rows(&[Some("a")], 5000)).await.unwrap();
+        sink.commit(1).await.unwrap();
+        assert_eq!(
+            names(&out),
+            [
+                ".a-00001.parquet.inprogress",
+                "a-00000.parquet",
+                "b-00000.parquet"
+            ]
+        );
+        sink.close().await.unwrap();
+        sink.snapshot(2).await.unwrap();
+        sink.commit(2).await.unwrap();
+        assert_eq!(
+            names(&out),
+            ["a-00000.parquet", "a-00001.parquet", "b-00000.parquet"]
+        );
+        let rows_of = |name: &str| parquet_rows(&out.join(name));
+        assert_eq!(
+            (
+                rows_of("a-00000.parquet"),
+                rows_of("a-00001.parquet"),
+                rows_of("b-00000.parquet")
+            ),
+            (2, 1, 1)
+        );
     }
 
     #[tokio::test]
