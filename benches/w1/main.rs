@@ -13,6 +13,8 @@
 // `cargo check/clippy --all-targets` builds this harness-less target with cfg(test), which
 // keeps the shared modules' unit-test helpers but drops the tests that use them.
 #[cfg_attr(test, allow(dead_code, unused_imports))]
+mod checkpoints;
+#[cfg_attr(test, allow(dead_code, unused_imports))]
 mod data;
 #[cfg_attr(test, allow(dead_code, unused_imports))]
 mod figures;
@@ -71,6 +73,9 @@ struct Options {
     strict: bool,
     /// `W1_TAP`: also time W1 with and without a live tap on its source.
     tap: bool,
+    /// `W1_CHECKPOINTS`: also time W1 with checkpoints off and every second, and its
+    /// recovery after a `kill -9`.
+    checkpoints: bool,
     /// True under `cargo bench`; figures are judged only then.
     judged: bool,
 }
@@ -91,6 +96,7 @@ impl Options {
             shuffle_ms: env_u64("W1_SHUFFLE_MS", 0)?,
             strict: env_flag("W1_STRICT"),
             tap: env_flag("W1_TAP"),
+            checkpoints: env_flag("W1_CHECKPOINTS"),
             judged,
         })
     }
@@ -182,6 +188,49 @@ fn run() -> Result<ExitCode> {
             slower * 100.0,
             thousands(figures.tap_bytes as u64)
         );
+    }
+
+    if options.checkpoints {
+        let figures =
+            checkpoints::measure(&weir, &pipeline, &input, &weir_out, &work, options.runs)?;
+        let slower = figures.every_second.as_secs_f64() / figures.off.as_secs_f64() - 1.0;
+        println!(
+            "{:<22} {:>14.3} s off, {:.3} s every 1s ({:+.1}%, target at most +10%)",
+            "checkpoint overhead",
+            figures.off.as_secs_f64(),
+            figures.every_second.as_secs_f64(),
+            slower * 100.0
+        );
+        println!(
+            "{:<22} {:>14} taken, {:.1} ms mean, {:.1} ms longest, {} bytes mean",
+            "checkpoints",
+            figures.completed,
+            figures.mean_ms,
+            figures.max_ms,
+            thousands(figures.mean_bytes as u64)
+        );
+        println!(
+            "{:<22} {:>14.3} s from restart to the restored pipeline running (epoch {}), \
+             {:.3} s to the end",
+            "recovery after kill -9",
+            figures.restore.as_secs_f64(),
+            figures.resumed_epoch,
+            figures.rest_of_run.as_secs_f64()
+        );
+        match check_output(&input, &floor_out, &weir_out)? {
+            Check::Failed(mismatch) => {
+                eprintln!(
+                    "w1: error: after a kill -9 and a restart, weir's output {} differs from the floor's: {mismatch}",
+                    weir_out.display()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            Check::Passed(rows) => println!(
+                "{:<22} {:>14} rows after the kill and restart, equal to the floor's",
+                "recovered output", rows
+            ),
+            Check::Skipped => {}
+        }
     }
 
     if let Check::Failed(mismatch) = &check {
