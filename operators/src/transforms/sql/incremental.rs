@@ -158,15 +158,20 @@ impl IncrementalPlan {
         })
     }
 
-    /// The accumulator state of one batch of input number `input`: one row per group.
+    /// The accumulator state of `batches` of input number `input`: one row per group.
     pub(crate) async fn partial(
         &self,
         input: usize,
-        batch: RecordBatch,
+        batches: Vec<RecordBatch>,
     ) -> DfResult<Vec<RecordBatch>> {
         let mut bound = vec![Vec::new(); self.partial.inputs()];
-        bound[input].push(batch);
+        bound[input] = batches;
         self.partial.execute(&bound).await
+    }
+
+    /// The schema each input's rows have, for the inputs the aggregate reads.
+    pub(crate) fn input_schemas(&self) -> Vec<Option<SchemaRef>> {
+        self.partial.input_schemas()
     }
 
     /// Merges state batches into state batches with one row per group.

@@ -295,6 +295,19 @@ impl SqlPlan {
         self.plan.schema()
     }
 
+    /// The schema the batches of each input must have, for the inputs the plan reads.
+    pub(crate) fn input_schemas(&self) -> Vec<Option<SchemaRef>> {
+        let mut schemas = vec![None; self.inputs];
+        let mut found = Vec::new();
+        collect_slots(&self.plan, &mut found);
+        for (input, schema) in found {
+            if let Some(slot) = schemas.get_mut(input) {
+                *slot = Some(schema);
+            }
+        }
+        schemas
+    }
+
     /// Runs the plan once with `inputs[i]` as the rows of input `i`, and returns the
     /// result batches.
     pub(crate) async fn execute(&self, inputs: &[Vec<RecordBatch>]) -> DfResult<Vec<RecordBatch>> {
@@ -318,6 +331,16 @@ impl SqlPlan {
             })?
             .data;
         collect(plan, Arc::clone(&self.task_ctx)).await
+    }
+}
+
+/// The input number and batch schema of every input slot under `node`.
+fn collect_slots(node: &Arc<dyn ExecutionPlan>, found: &mut Vec<(usize, SchemaRef)>) {
+    if let Some(slot) = node.downcast_ref::<InputSlotExec>() {
+        found.push((slot.input, Arc::clone(&slot.schema)));
+    }
+    for child in node.children() {
+        collect_slots(child, found);
     }
 }
 

@@ -910,14 +910,17 @@ async fn runtime_failures_name_the_window() {
         ),
         other => panic!("expected a user error, got {other:?}"),
     }
-    // Aggregated as rows arrive: the failure names the input and where in time.
+    // Aggregated incrementally: the rows fail when they are folded into the state, at
+    // the latest when the watermark passes their pane, and the failure names the input
+    // and where in time.
     let mut t = build(
         "SELECT sum(CAST(device AS INT)) AS total FROM sensors",
         &[sensors()],
         tumbling(10),
     );
+    push(&mut t, 0, readings(&[at("x", 1, 0.0)])).await;
     let error = t
-        .process_batch(0, readings(&[at("x", 1, 0.0)]), &mut out)
+        .on_watermark(Watermark(10 * SECOND), &mut out)
         .await
         .unwrap_err();
     match error {
@@ -1300,11 +1303,21 @@ async fn a_window_snapshot_writes_only_the_panes_that_changed() {
         "a row after the last watermark is on time"
     );
 
-    // A snapshot of other state is refused, and the transform stays usable.
+    // A snapshot of other accumulator state is refused, and the transform stays
+    // usable. Pane [0 s, 10 s) is folded into state when the watermark passes it, and
+    // kept for the window [0 s, 20 s).
+    let (mut hopping_t, _) = build_observed(PER_DEVICE, &[], hopping(20, 10));
+    push(&mut hopping_t, 0, readings(&[at("a", 1, 1.0)])).await;
+    watermark(&mut hopping_t, 10 * SECOND).await;
+    let mut folded = weir_engine::checkpoint::NodeState::default();
+    folded.apply(&hopping_t.snapshot().unwrap());
     let query = "SELECT device, count(*) AS n FROM sensors GROUP BY device";
-    let (mut other, _) = build_observed(query, &[], tumbling(10));
-    let error = other.restore(&stored).unwrap_err().to_string();
-    assert!(error.contains("cannot be used"), "{error}");
+    let (mut other, _) = build_observed(query, &[], hopping(20, 10));
+    let error = other.restore(&folded).unwrap_err().to_string();
+    assert!(
+        error.contains("cannot be used") && error.contains("accumulator state"),
+        "{error}"
+    );
     push(&mut other, 0, readings(&[at("a", 1, 1.0)])).await;
     let mut out = watermark(&mut other, 10 * SECOND).await;
     assert_eq!(window_lines(&mut out).len(), 1);
@@ -1312,24 +1325,48 @@ async fn a_window_snapshot_writes_only_the_panes_that_changed() {
 
 #[tokio::test]
 async fn incremental_state_holds_groups_not_rows() {
+    use super::window::MINI_BATCH_ROWS;
     let (mut t, state) = build_observed(PER_DEVICE, &[], tumbling(3600));
-    // 2,000 batches of 50 rows over 7 devices, all in one window.
-    for batch in mixed_readings(100_000, 3000, 50) {
+    // 6,000 batches of 50 rows over 7 devices, all in one window: the rows are folded
+    // into state every MINI_BATCH_ROWS, so the pane keeps at most that many rows on top
+    // of at most 7 groups per state batch and 17 state batches before a merge.
+    let total = 300_000;
+    let mut most = 0;
+    for batch in mixed_readings(total, 3000, 50) {
         push(&mut t, 0, batch).await;
+        most = most.max(state.keys.get());
     }
-    let keys = state.keys.get();
     assert!(
-        (7..=7 * 17).contains(&keys),
-        "at most 7 groups per state batch, at most 17 batches before a merge: {keys}"
+        most as usize >= MINI_BATCH_ROWS - 50,
+        "rows are gathered: {most}"
     );
-    assert!(state.bytes.get() < 64 << 10, "{} bytes", state.bytes.get());
+    assert!(
+        most as usize <= MINI_BATCH_ROWS + 50 + 7 * 17,
+        "gathered rows are bounded and folded: {most}"
+    );
     let mut out = watermark(&mut t, Watermark::END.millis()).await;
     let counts: i64 = window_lines(&mut out)
         .iter()
         .map(|line| line.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
         .sum();
-    assert_eq!(counts, 100_000);
+    assert_eq!(counts, total as i64);
     assert_eq!((state.keys.get(), state.bytes.get()), (0, 0));
+
+    // A pane the watermark has passed keeps one state row per group while the windows
+    // over it stay open.
+    let (mut t, state) = build_observed(PER_DEVICE, &[], hopping(3600, 1800));
+    for batch in mixed_readings(20_000, 1800, 50) {
+        push(&mut t, 0, batch).await;
+    }
+    assert_eq!(state.keys.get(), 20_000, "rows gathered, not yet folded");
+    let mut out = watermark(&mut t, 1800 * SECOND).await;
+    assert_eq!(
+        window_lines(&mut out).len(),
+        7,
+        "window [-1800 s, 1800 s) closed"
+    );
+    assert_eq!(state.keys.get(), 7, "one state row per device");
+    assert!(state.bytes.get() < 16 << 10, "{} bytes", state.bytes.get());
 
     // A query without an aggregate keeps its rows, and says so.
     let (mut rows, state) = build_observed("SELECT device FROM sensors", &[], tumbling(3600));
@@ -1550,11 +1587,20 @@ async fn a_windowed_aggregate_isolates_bad_rows_and_counts_the_rest() {
         readings(&[at("1", 1, 0.0), at("x", 2, 0.0), at("5", 3, 0.0)]),
     )
     .await;
-    let dead = dead_letters(&out.take_batches(), 2);
+    assert!(
+        out.take_batches().is_empty(),
+        "the rows are gathered, and folded when the watermark passes their pane"
+    );
+    let mut out = watermark(&mut t, Watermark::END.millis()).await;
+    let batches = out.take_batches();
+    let dead = dead_letters(&batches, 2);
     assert_eq!(dead.len(), 1);
     assert!(dead[0].2.contains(r#""device":"x""#), "{dead:?}");
-    let mut out = watermark(&mut t, Watermark::END.millis()).await;
-    let rows = main_rows(&mut out).unwrap();
+    let rows = batches
+        .iter()
+        .find(|(port, _)| *port == 0)
+        .map(|(_, batch)| batch.clone())
+        .unwrap();
     assert_eq!((ints(&rows, "total"), ints(&rows, "n")), (vec![6], vec![2]));
 }
 

@@ -10,10 +10,13 @@
 //!
 //! What a pane keeps depends on the query (see `incremental.rs`). A query whose
 //! aggregate splits into DataFusion's partial and final phases keeps accumulator state
-//! per group key, updated as batches arrive and merged across the window's panes when
-//! it closes. Any other query keeps the pane's rows and runs over them at the close.
-//! Either way the pane's bytes count towards `max_state_bytes` and show in the state
-//! metrics.
+//! per group key, merged across the window's panes when it closes. Arriving rows are
+//! folded into that state in mini-batches: a pane gathers up to [`MINI_BATCH_ROWS`] rows
+//! per input, and folds them in one partial aggregation when it has that many, when the
+//! watermark passes the pane, and at the end. One aggregation over many rows costs far
+//! less than many over a few, and the gathered rows are bounded. Any other query keeps
+//! the pane's rows and runs over them at the close. Either way the pane's bytes count
+//! towards `max_state_bytes` and show in the state metrics.
 //!
 //! A window closes when the watermark reaches its end. Windows without rows emit
 //! nothing. A row whose every window has closed is late: it goes to the `late` port, or
@@ -57,10 +60,18 @@ const FILTER_SPLIT_MAX_PANES: i64 = 8;
 /// How many state batches a pane collects before they are merged into one.
 const REDUCE_AFTER: usize = 16;
 
+/// How many rows of one input a pane of an incremental window gathers before they are
+/// folded into its accumulator state.
+pub(crate) const MINI_BATCH_ROWS: usize = 64 * 1024;
+
 /// What one pane keeps: its rows per input, or (incrementally) accumulator state
-/// batches in `batches[0]`.
+/// batches in `batches[0]` and the rows not folded into them yet in `pending`.
 struct Pane {
     batches: Vec<Vec<RecordBatch>>,
+    /// Rows of each input waiting to be folded into the state (incremental only).
+    pending: Vec<Vec<RecordBatch>>,
+    /// The rows in `pending`, over all inputs.
+    pending_rows: usize,
     /// State batches added since the pane was last reduced.
     unreduced: usize,
     /// Rows kept: input rows, or state rows (one per group and batch until reduced).
@@ -99,6 +110,17 @@ pub(crate) struct Panes {
     bytes: usize,
     /// What changed since the last snapshot, so a checkpoint writes only those panes.
     changes: PaneChanges,
+    /// The parts of panes the store holds, so a snapshot deletes only what it wrote.
+    stored: BTreeSet<(i64, Kept, usize)>,
+}
+
+/// Which list of a pane a snapshot part holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kept {
+    /// `Pane::batches`: rows, or accumulator state.
+    Kept,
+    /// `Pane::pending`: rows not folded into the state yet.
+    Pending,
 }
 
 /// The panes a checkpoint has to write or delete, and whether the store holds an
@@ -115,25 +137,40 @@ struct PaneChanges {
 
 /// The key of the watermark in a windowed transform's snapshot.
 const WATERMARK_KEY: &[u8] = b"watermark";
-/// The prefix of a pane's key; the pane's start and the input number follow.
+/// The prefix of the key of what a pane keeps; the pane's start and the input number
+/// follow.
 const PANE_KEY: &[u8] = b"pane/";
+/// The prefix of the key of a pane's rows not folded into its state yet.
+const PENDING_KEY: &[u8] = b"pending/";
 
-/// The key of what pane `pane` keeps of input `input`. The start's sign bit is flipped
-/// so keys sort in time order.
-fn pane_key(pane: i64, input: usize) -> Vec<u8> {
-    let mut key = PANE_KEY.to_vec();
+impl Kept {
+    fn prefix(self) -> &'static [u8] {
+        match self {
+            Kept::Kept => PANE_KEY,
+            Kept::Pending => PENDING_KEY,
+        }
+    }
+}
+
+/// The key of a snapshot part: what pane `pane` keeps of input `input` in its list
+/// `kept`. The start's sign bit is flipped so keys sort in time order.
+fn pane_key((pane, kept, input): (i64, Kept, usize)) -> Vec<u8> {
+    let mut key = kept.prefix().to_vec();
     key.extend_from_slice(&((pane as u64) ^ (1 << 63)).to_be_bytes());
     key.extend_from_slice(&(input as u32).to_be_bytes());
     key
 }
 
-/// The pane start and input of a key [`pane_key`] made.
-fn parse_pane_key(key: &[u8]) -> Option<(i64, usize)> {
-    let rest = key.strip_prefix(PANE_KEY)?;
+/// The part a key [`pane_key`] made names.
+fn parse_pane_key(key: &[u8]) -> Option<(i64, Kept, usize)> {
+    let (kept, rest) = [Kept::Kept, Kept::Pending]
+        .into_iter()
+        .find_map(|kept| Some((kept, key.strip_prefix(kept.prefix())?)))?;
     let (start, input) = rest.split_first_chunk::<8>()?;
     let input: [u8; 4] = input.try_into().ok()?;
     Some((
         (u64::from_be_bytes(*start) ^ (1 << 63)) as i64,
+        kept,
         u32::from_be_bytes(input) as usize,
     ))
 }
@@ -180,6 +217,7 @@ impl Panes {
             rows: 0,
             bytes: 0,
             changes: PaneChanges::default(),
+            stored: BTreeSet::new(),
         }
     }
 
@@ -212,6 +250,17 @@ impl Panes {
     /// Keeps `batches` (rows of input `input`, or state) in the pane starting at
     /// `pane`, which must not be late, and opens the windows the pane feeds.
     fn insert(&mut self, input: usize, pane: i64, batches: Vec<RecordBatch>) {
+        self.add(Kept::Kept, input, pane, batches);
+    }
+
+    /// Gathers rows of input `input` in the pane starting at `pane`, which must not be
+    /// late, to be folded into its state later; returns how many the pane now gathers.
+    fn insert_pending(&mut self, input: usize, pane: i64, batch: RecordBatch) -> usize {
+        self.add(Kept::Pending, input, pane, vec![batch]);
+        self.panes.get(&pane).map_or(0, |entry| entry.pending_rows)
+    }
+
+    fn add(&mut self, kept: Kept, input: usize, pane: i64, batches: Vec<RecordBatch>) {
         let inputs = self.inputs;
         self.changes.changed.insert(pane);
         let mut created = false;
@@ -219,6 +268,8 @@ impl Panes {
             created = true;
             Pane {
                 batches: vec![Vec::new(); inputs],
+                pending: vec![Vec::new(); inputs],
+                pending_rows: 0,
                 unreduced: 0,
                 rows: 0,
                 bytes: 0,
@@ -226,8 +277,16 @@ impl Panes {
         });
         for batch in batches {
             let (rows, bytes) = (batch.num_rows(), batch_bytes(&batch));
-            entry.batches[input].push(batch);
-            entry.unreduced += 1;
+            match kept {
+                Kept::Kept => {
+                    entry.batches[input].push(batch);
+                    entry.unreduced += 1;
+                }
+                Kept::Pending => {
+                    entry.pending[input].push(batch);
+                    entry.pending_rows += rows;
+                }
+            }
             entry.rows += rows;
             entry.bytes += bytes;
             self.rows += rows;
@@ -252,6 +311,44 @@ impl Panes {
                 }
             }
         }
+    }
+
+    /// Takes the rows the pane starting at `pane` gathers to fold, per input that has
+    /// some.
+    fn take_pending(&mut self, pane: i64) -> Vec<(usize, Vec<RecordBatch>)> {
+        let Some(entry) = self.panes.get_mut(&pane) else {
+            return Vec::new();
+        };
+        if entry.pending_rows == 0 {
+            return Vec::new();
+        }
+        self.changes.changed.insert(pane);
+        entry.pending_rows = 0;
+        let mut taken = Vec::new();
+        for (input, pending) in entry.pending.iter_mut().enumerate() {
+            if pending.is_empty() {
+                continue;
+            }
+            let batches = std::mem::take(pending);
+            for batch in &batches {
+                let (rows, bytes) = (batch.num_rows(), batch_bytes(batch));
+                entry.rows -= rows;
+                entry.bytes -= bytes;
+                self.rows -= rows;
+                self.bytes -= bytes;
+            }
+            taken.push((input, batches));
+        }
+        taken
+    }
+
+    /// The starts of the panes that gather rows to fold and end at or before `end`.
+    fn panes_pending(&self, end: i64) -> Vec<i64> {
+        self.panes
+            .range(..end.saturating_sub(self.pane).saturating_add(1))
+            .filter(|(_, entry)| entry.pending_rows > 0)
+            .map(|(&pane, _)| pane)
+            .collect()
     }
 
     /// The state batches of `pane` when at least `at_least` have gathered since its last
@@ -364,21 +461,38 @@ impl Panes {
             None => StateChanges::cleared(),
         };
         for &pane in &self.changes.removed {
-            for input in 0..self.inputs {
-                snapshot.delete(pane_key(pane, input));
+            let parts: Vec<_> = self
+                .stored
+                .range((pane, Kept::Kept, 0)..=(pane, Kept::Pending, usize::MAX))
+                .copied()
+                .collect();
+            for part in parts {
+                self.stored.remove(&part);
+                snapshot.delete(pane_key(part));
             }
         }
         for &pane in &self.changes.changed {
             let Some(entry) = self.panes.get(&pane) else {
                 continue;
             };
-            for (input, batches) in entry.batches.iter().enumerate() {
-                match batches.first() {
-                    Some(first) => {
-                        let bytes = encode_batches(&first.schema(), batches)?;
-                        snapshot.put(pane_key(pane, input), bytes);
+            for (kept, lists) in [
+                (Kept::Kept, &entry.batches),
+                (Kept::Pending, &entry.pending),
+            ] {
+                for (input, batches) in lists.iter().enumerate() {
+                    let part = (pane, kept, input);
+                    match batches.first() {
+                        Some(first) => {
+                            let bytes = encode_batches(&first.schema(), batches)?;
+                            snapshot.put(pane_key(part), bytes);
+                            self.stored.insert(part);
+                        }
+                        None => {
+                            if self.stored.remove(&part) {
+                                snapshot.delete(pane_key(part));
+                            }
+                        }
                     }
-                    None => snapshot.delete(pane_key(pane, input)),
                 }
             }
         }
@@ -401,11 +515,13 @@ impl Panes {
     }
 
     /// The same windows over the panes of `state`, a snapshot [`Panes::snapshot`] wrote.
-    /// State batches must have `state_schema` when one is given.
+    /// State batches must have `state_schema` when one is given, and rows waiting to be
+    /// folded the schema of their input in `input_schemas`.
     fn restored(
         &self,
         state: &NodeState,
         state_schema: Option<&SchemaRef>,
+        input_schemas: &[Option<SchemaRef>],
     ) -> Result<Self, String> {
         let mut restored = Panes::sized(self.size, self.slide, self.inputs);
         let mut parts = Vec::new();
@@ -417,28 +533,43 @@ impl Panes {
                 restored.watermark = i64::from_be_bytes(bytes);
                 continue;
             }
-            let (pane, input) = parse_pane_key(key)
-                .filter(|&(_, input)| input < self.inputs)
+            let part @ (_, kept, input) = parse_pane_key(key)
+                .filter(|&(_, kept, input)| {
+                    input < self.inputs && (kept == Kept::Kept || state_schema.is_some())
+                })
                 .ok_or_else(|| format!("it has an entry this window does not know ({key:?})"))?;
             let (schema, batches) = decode_batches(value)
                 .map_err(|error| format!("a pane's rows do not decode: {error}"))?;
-            if let Some(expected) = state_schema
+            let expected = match kept {
+                Kept::Kept => state_schema,
+                Kept::Pending => input_schemas.get(input).and_then(Option::as_ref),
+            };
+            if let Some(expected) = expected
                 && !same_columns(&schema, expected)
             {
+                let what = match kept {
+                    Kept::Kept => "accumulator state",
+                    Kept::Pending => "rows waiting to be aggregated",
+                };
                 return Err(format!(
-                    "its accumulator state has columns {schema:?}, and this version of the query keeps {expected:?}"
+                    "its {what} have columns {schema:?}, and this version of the query keeps {expected:?}"
                 ));
             }
-            parts.push((pane, input, batches));
+            parts.push((part, batches));
         }
-        for (pane, input, batches) in parts {
+        let mut removed = BTreeSet::new();
+        for (part @ (pane, kept, input), batches) in parts {
+            restored.stored.insert(part);
             if restored.is_late(pane) {
+                // Nothing of it is needed any more: the next snapshot deletes it.
+                removed.insert(pane);
                 continue;
             }
-            restored.insert(input, pane, batches);
+            restored.add(kept, input, pane, batches);
         }
         restored.changes = PaneChanges {
             stored_watermark: Some(restored.watermark),
+            removed,
             ..PaneChanges::default()
         };
         Ok(restored)
@@ -545,22 +676,43 @@ impl WindowedSql {
         }
         match &self.query {
             WindowQuery::Buffered(_) => self.panes.insert(input, pane, vec![batch]),
-            WindowQuery::Incremental(plan) => {
-                let states = match (plan.partial(input, batch.clone()).await, &self.dead_letters) {
-                    (Ok(states), _) => states,
-                    (Err(error), Some(dead_letters)) if is_data_error(&error) => {
-                        let isolated = bisect(batch, |part| plan.partial(input, part))
-                            .await
-                            .map_err(|error| self.failed_batch(input, pane, error))?;
-                        dead_letters.settle(out, input, isolated)?
-                    }
-                    (Err(error), _) => return Err(self.failed_batch(input, pane, error)),
-                };
-                self.panes.insert(0, pane, states);
-                self.reduce(pane, REDUCE_AFTER).await?;
+            WindowQuery::Incremental(_) => {
+                if self.panes.insert_pending(input, pane, batch) >= MINI_BATCH_ROWS {
+                    self.fold(pane, out).await?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Folds the rows the pane starting at `pane` gathers into its accumulator state.
+    /// With `on_error: dead_letter`, rows the aggregate fails on are isolated and sent
+    /// to `dead_letter`, and the rest are folded.
+    async fn fold(&mut self, pane: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        let WindowQuery::Incremental(plan) = &self.query else {
+            return Ok(());
+        };
+        for (input, batches) in self.panes.take_pending(pane) {
+            let Some(schema) = batches.first().map(RecordBatch::schema) else {
+                continue;
+            };
+            let states = match (
+                plan.partial(input, batches.clone()).await,
+                &self.dead_letters,
+            ) {
+                (Ok(states), _) => states,
+                (Err(error), Some(dead_letters)) if is_data_error(&error) => {
+                    let rows = concat_batches(&schema, &batches)?;
+                    let isolated = bisect(rows, |part| plan.partial(input, vec![part]))
+                        .await
+                        .map_err(|error| self.failed_batch(input, pane, error))?;
+                    dead_letters.settle(out, input, isolated)?
+                }
+                (Err(error), _) => return Err(self.failed_batch(input, pane, error)),
+            };
+            self.panes.insert(0, pane, states);
+        }
+        self.reduce(pane, REDUCE_AFTER).await
     }
 
     /// Merges the state batches of `pane` into one per group when at least `at_least`
@@ -825,6 +977,11 @@ impl Transform for WindowedSql {
         out: &mut Collector,
     ) -> Result<(), OperatorError> {
         let closing = self.panes.advance(watermark.millis());
+        // The watermark has passed these panes: their rows are all here (later ones are
+        // late), and the windows closing now need them folded.
+        for pane in self.panes.panes_pending(self.panes.watermark) {
+            self.fold(pane, out).await?;
+        }
         // A pane the watermark has passed rarely gets more rows, but hopping windows
         // keep it for long: merge what it gathered, so it holds one state row per key.
         let complete: Vec<i64> = self
@@ -867,13 +1024,13 @@ impl Transform for WindowedSql {
     }
 
     fn restore(&mut self, state: &NodeState) -> Result<(), OperatorError> {
-        let state_schema = match &self.query {
-            WindowQuery::Incremental(plan) => Some(plan.state_schema()),
-            WindowQuery::Buffered(_) => None,
+        let (state_schema, input_schemas) = match &self.query {
+            WindowQuery::Incremental(plan) => (Some(plan.state_schema()), plan.input_schemas()),
+            WindowQuery::Buffered(_) => (None, Vec::new()),
         };
         self.panes = self
             .panes
-            .restored(state, state_schema.as_ref())
+            .restored(state, state_schema.as_ref(), &input_schemas)
             .map_err(|reason| {
                 OperatorError::User(format!(
                     "sql transform '{}': the checkpointed window state cannot be used: {reason}",
