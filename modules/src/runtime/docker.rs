@@ -55,6 +55,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use tokio::io::AsyncReadExt;
 
+use super::log_lines::LineSplitter;
 use super::{
     CONTAINER_SOCKET_DIR, ContainerRuntime, ExitInfo, InstanceId, InstanceState, LaunchSpec,
     LogLine, LogStream, Program, RuntimeEvent, RuntimeHealth, Transport, protocol_env,
@@ -75,11 +76,6 @@ const DEFAULT_SOCKET: &str = "unix:///var/run/docker.sock";
 /// bollard's timeout for an answer's headers (its own default). Streams (logs, events,
 /// wait) get their headers at once and then run for as long as they need.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
-
-/// The longest log line passed on whole; a longer one (or output that never ends its
-/// line) is cut into pieces of this size, so a module cannot grow Weir's memory by
-/// printing without newlines.
-const MAX_LOG_LINE: usize = 64 * 1024;
 
 /// How long, and how often, a SIGKILLed container's `OOMKilled` flag is re-read before
 /// the event history is asked (see the module docs).
@@ -463,16 +459,18 @@ impl ContainerRuntime for DockerRuntime {
                             | LogOutput::Console { message }
                             | LogOutput::StdIn { message } => (LogStream::Stdout, message),
                         };
-                        state.lines.push(stream, &bytes, &mut state.ready);
+                        state
+                            .lines
+                            .push(stream, &bytes, |line| state.ready.push_back(Ok(line)));
                     }
                     Some(Err(e)) => {
-                        state.lines.finish(&mut state.ready);
+                        state.lines.finish(|line| state.ready.push_back(Ok(line)));
                         let error = container_error("read the logs of", &state.id, e);
                         state.ready.push_back(Err(error));
                         state.done = true;
                     }
                     None => {
-                        state.lines.finish(&mut state.ready);
+                        state.lines.finish(|line| state.ready.push_back(Ok(line)));
                         state.done = true;
                     }
                 }
@@ -689,70 +687,6 @@ impl EventState {
                 Some(RuntimeEvent::Health(health))
             }
         }
-    }
-}
-
-/// Splits a container's output chunks into lines, one buffer per stream: a chunk may
-/// hold several lines, or part of one.
-#[derive(Default)]
-struct LineSplitter {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-impl LineSplitter {
-    /// Takes a chunk of `stream`, and queues the lines it completes.
-    fn push(
-        &mut self,
-        stream: LogStream,
-        chunk: &[u8],
-        out: &mut VecDeque<Result<LogLine, RuntimeError>>,
-    ) {
-        let buffer = match stream {
-            LogStream::Stdout => &mut self.stdout,
-            LogStream::Stderr => &mut self.stderr,
-        };
-        buffer.extend_from_slice(chunk);
-        let mut start = 0;
-        while let Some(end) = buffer[start..].iter().position(|&b| b == b'\n') {
-            out.push_back(Ok(log_line(stream, &buffer[start..start + end])));
-            start += end + 1;
-        }
-        buffer.drain(..start);
-        while buffer.len() > MAX_LOG_LINE {
-            // Cut on a character boundary so the pieces stay valid UTF-8.
-            let mut cut = MAX_LOG_LINE;
-            while cut > 0 && buffer[cut] & 0xC0 == 0x80 {
-                cut -= 1;
-            }
-            if cut == 0 {
-                cut = MAX_LOG_LINE;
-            }
-            out.push_back(Ok(log_line(stream, &buffer[..cut])));
-            buffer.drain(..cut);
-        }
-    }
-
-    /// Queues what is left of unfinished lines, once the output has ended.
-    fn finish(&mut self, out: &mut VecDeque<Result<LogLine, RuntimeError>>) {
-        for (stream, buffer) in [
-            (LogStream::Stdout, &mut self.stdout),
-            (LogStream::Stderr, &mut self.stderr),
-        ] {
-            if !buffer.is_empty() {
-                out.push_back(Ok(log_line(stream, buffer)));
-                buffer.clear();
-            }
-        }
-    }
-}
-
-/// One line, without its `\r\n` or `\n`; bytes that are not UTF-8 become U+FFFD.
-fn log_line(stream: LogStream, bytes: &[u8]) -> LogLine {
-    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-    LogLine {
-        stream,
-        line: String::from_utf8_lossy(bytes).into_owned(),
     }
 }
 
@@ -1269,46 +1203,6 @@ mod tests {
             .into_iter(),
         );
         assert_eq!(merged, vec!["A=1", "B=3", "C", "D=4"]);
-    }
-
-    #[test]
-    fn lines_split_across_chunks_and_streams() {
-        let mut lines = LineSplitter::default();
-        let mut out = VecDeque::new();
-        lines.push(LogStream::Stdout, b"one\ntw", &mut out);
-        lines.push(LogStream::Stderr, b"err\r\n", &mut out);
-        lines.push(LogStream::Stdout, b"o\nthree", &mut out);
-        lines.finish(&mut out);
-        let got: Vec<_> = out
-            .into_iter()
-            .map(|line| {
-                let line = line.unwrap();
-                (line.stream, line.line)
-            })
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                (LogStream::Stdout, "one".to_owned()),
-                (LogStream::Stderr, "err".to_owned()),
-                (LogStream::Stdout, "two".to_owned()),
-                (LogStream::Stdout, "three".to_owned()),
-            ]
-        );
-    }
-
-    #[test]
-    fn endless_lines_are_cut() {
-        let mut lines = LineSplitter::default();
-        let mut out = VecDeque::new();
-        let long = "é".repeat(MAX_LOG_LINE); // two bytes each
-        lines.push(LogStream::Stdout, long.as_bytes(), &mut out);
-        assert!(lines.stdout.len() <= MAX_LOG_LINE);
-        for line in &out {
-            let line = line.as_ref().unwrap();
-            assert!(!line.line.contains('\u{FFFD}'));
-            assert!(line.line.len() <= MAX_LOG_LINE);
-        }
     }
 
     #[test]

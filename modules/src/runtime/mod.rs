@@ -16,6 +16,7 @@ use futures::stream::BoxStream;
 pub mod docker;
 pub mod fake;
 mod lazy;
+mod log_lines;
 pub mod process;
 
 pub use docker::DockerRuntime;

@@ -1,7 +1,8 @@
 //! The process runtime: modules as local executables, for devices without Docker.
 //!
 //! A process module gets the same protocol environment as a container, its own module
-//! directory for the sockets, and its stdout and stderr read line by line. Stopping
+//! directory for the sockets, and its stdout and stderr read line by line (lines that
+//! are not UTF-8 or never end are handled as for containers: see `log_lines.rs`). Stopping
 //! sends SIGTERM and, after the grace period, SIGKILL. Limits go through util-linux's
 //! `prlimit` wrapper: `memory` is an address-space limit (RLIMIT_AS), so a module that
 //! passes it sees allocations fail rather than being OOM-killed, and `pids` is
@@ -21,9 +22,10 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, watch};
 
+use super::log_lines::LineSplitter;
 use super::{
     ContainerRuntime, ExitInfo, InstanceId, InstanceState, LaunchSpec, LogLine, LogStream, Program,
     RuntimeEvent, protocol_env,
@@ -232,9 +234,11 @@ impl ContainerRuntime for ProcessRuntime {
             instance.logs.lock().expect("never poisoned").open += 1;
             let instance = instance.clone();
             tokio::spawn(async move {
-                let mut lines = BufReader::new(reader).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let line = LogLine { stream, line };
+                // Bytes, not `lines()`: a line that is not UTF-8 must not end the reader.
+                let mut reader = reader;
+                let mut lines = LineSplitter::default();
+                let mut chunk = vec![0; 8192];
+                let publish = |line: LogLine| {
                     let mut logs = instance.logs.lock().expect("never poisoned");
                     if logs.kept.len() == KEPT_LOG_LINES {
                         logs.kept.pop_front();
@@ -243,7 +247,11 @@ impl ContainerRuntime for ProcessRuntime {
                     if let Some(sender) = &logs.sender {
                         let _ = sender.send(line);
                     }
+                };
+                while let Ok(read @ 1..) = reader.read(&mut chunk).await {
+                    lines.push(stream, &chunk[..read], publish);
                 }
+                lines.finish(publish);
                 // The last output stream to end ends the log readers' streams.
                 let mut logs = instance.logs.lock().expect("never poisoned");
                 logs.open -= 1;
@@ -461,6 +469,29 @@ mod tests {
             runtime.inspect(&id).await,
             Err(RuntimeError::NoSuchInstance(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn output_that_is_not_utf8_does_not_stop_the_log_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = ProcessRuntime::new();
+        let spec = spec(
+            &[
+                "sh",
+                "-c",
+                "printf 'bad \\377 byte\\n'; sleep 0.2; echo after; printf unfinished",
+            ],
+            dir.path(),
+        );
+        let id = started(&runtime, &spec).await;
+        let mut logs = runtime.logs(&id);
+        let mut seen = Vec::new();
+        while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(10), logs.next()).await
+        {
+            seen.push(line.expect("a line").line);
+        }
+        assert_eq!(seen, ["bad \u{FFFD} byte", "after", "unfinished"]);
+        runtime.wait(&id).await.unwrap();
     }
 
     #[tokio::test]
