@@ -69,6 +69,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     ca_file: Option<PathBuf>,
 
+    /// Accept a plain `http://` hub that is not on this machine. Without it such a URL
+    /// is refused: the device's tokens and data would cross the network unencrypted.
+    #[arg(long)]
+    insecure_http: bool,
+
     /// Where the agent keeps the last applied deployment (default: weir-agent-state).
     #[arg(long, env = "WEIR_AGENT_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -191,7 +196,12 @@ pub async fn run(args: AgentArgs) -> Outcome {
         Ok(state) => state,
         Err(message) => return Outcome::RuntimeFailure(message),
     };
-    let client = match HubClient::new(
+    let connect = if args.insecure_http {
+        HubClient::new_insecure_http
+    } else {
+        HubClient::new
+    };
+    let client = match connect(
         &settings.hub,
         Credentials::Device {
             id: settings.device.clone(),
@@ -200,8 +210,15 @@ pub async fn run(args: AgentArgs) -> Outcome {
         settings.ca_file.as_deref(),
     ) {
         Ok(client) => client,
+        Err(e @ ClientError::InsecureHttp { .. }) => {
+            eprintln!("error: {e}");
+            return Outcome::ConfigInvalid;
+        }
         Err(e) => return Outcome::RuntimeFailure(e.to_string()),
     };
+    if args.insecure_http && settings.hub.starts_with("http://") {
+        warn!(hub = %settings.hub, "--insecure-http: talking to the hub over plain HTTP");
+    }
 
     let registry = prometheus::Registry::new();
     let metrics = match EngineMetrics::new(&registry) {

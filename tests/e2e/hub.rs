@@ -882,3 +882,43 @@ fn checkpointed_windows_reach_the_hub_once_through_kill_9_and_a_hub_outage() {
         runtime.block_on(running.shutdown());
     }
 }
+
+#[test]
+fn the_agent_refuses_plain_http_to_a_remote_hub_unless_told_to_accept_it() {
+    let state = tempfile::tempdir().expect("a temp dir");
+    let key = "A".repeat(43);
+    let agent = |extra: &[&str]| {
+        let state = state.path().to_string_lossy().into_owned();
+        let mut args = vec![
+            "agent",
+            "--hub",
+            // TEST-NET-1: never on this machine, and nothing answers there.
+            "http://192.0.2.1:8700",
+            "--device",
+            "gw-1",
+            "--state-dir",
+            &state,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Running::start(&args, &[("WEIR_DEVICE_KEY", &key)])
+    };
+    let mut refused = agent(&[]);
+    assert_eq!(refused.wait_exit(Duration::from_secs(30)), Some(78));
+    let said = refused
+        .wait_for_log("refusing plain HTTP", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{:?}", refused.stderr_seen));
+    assert!(said.contains("--insecure-http"), "{said}");
+
+    let mut accepted = agent(&["--insecure-http"]);
+    let warned = accepted.wait_for_log("--insecure-http", Duration::from_secs(30));
+    assert!(warned.is_some(), "{:?}", accepted.stderr_seen);
+    assert_eq!(
+        accepted.wait_exit(Duration::from_millis(500)),
+        None,
+        "it runs and keeps trying the hub"
+    );
+    accepted.signal("TERM");
+    accepted.wait_exit(Duration::from_secs(30));
+}

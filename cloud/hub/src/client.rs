@@ -71,6 +71,45 @@ pub enum ClientError {
     /// The client could not be set up.
     #[error("{0}")]
     Setup(String),
+    /// Plain HTTP to a hub that is not on this machine, without `--insecure-http`: the
+    /// device keys, admin token and fleet data would cross the network in clear.
+    #[error(
+        "refusing plain HTTP to the hub at {url}: it is not on this machine, so tokens and data would cross the network unencrypted; use https://, or pass --insecure-http to accept that"
+    )]
+    InsecureHttp {
+        /// The hub's URL.
+        url: String,
+    },
+}
+
+/// Whether a client may talk to the hub at `url` over it: HTTPS always, plain HTTP to a
+/// loopback address (or `localhost`) always, and plain HTTP elsewhere only when
+/// `insecure_http` says the user accepts it. A URL that does not parse is left for the
+/// HTTP client to refuse with its own message.
+pub fn check_transport(url: &str, insecure_http: bool) -> Result<(), ClientError> {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Ok(());
+    };
+    if parsed.scheme() != "http" || insecure_http {
+        return Ok(());
+    }
+    let host = parsed.host_str().unwrap_or_default();
+    // An IPv6 host comes in brackets.
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    };
+    if loopback {
+        Ok(())
+    } else {
+        Err(ClientError::InsecureHttp {
+            url: url.to_owned(),
+        })
+    }
 }
 
 impl ClientError {
@@ -132,9 +171,22 @@ pub struct HubClient {
 }
 
 impl HubClient {
-    /// A client of the hub at `url` (`http://…` or `https://…`). For HTTPS the system's
-    /// trusted roots are used, and `ca_file` (PEM) is trusted as well when given.
+    /// A client of the hub at `url` (`https://…`, or `http://…` on this machine; see
+    /// [`HubClient::new_insecure_http`] for plain HTTP elsewhere). For HTTPS the
+    /// system's trusted roots are used, and `ca_file` (PEM) is trusted as well when
+    /// given.
     pub fn new(
+        url: &str,
+        credentials: Credentials,
+        ca_file: Option<&Path>,
+    ) -> Result<HubClient, ClientError> {
+        check_transport(url, false)?;
+        HubClient::new_insecure_http(url, credentials, ca_file)
+    }
+
+    /// As [`HubClient::new`], and plain HTTP to a hub on another machine is accepted
+    /// too: what `--insecure-http` asks for.
+    pub fn new_insecure_http(
         url: &str,
         credentials: Credentials,
         ca_file: Option<&Path>,
@@ -597,4 +649,47 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_refused_beyond_this_machine_unless_accepted() {
+        for url in [
+            "https://hub.example.com",
+            "http://127.0.0.1:8700",
+            "http://127.3.4.5",
+            "http://[::1]:8700/",
+            "http://localhost:8700",
+            "http://LOCALHOST.",
+            "http://hub.localhost",
+        ] {
+            assert!(check_transport(url, false).is_ok(), "{url}");
+        }
+        for url in [
+            "http://hub.example.com",
+            "http://10.0.0.5:8700",
+            "http://[2001:db8::1]",
+            "http://localhost.example.com",
+        ] {
+            let error = check_transport(url, false).unwrap_err().to_string();
+            assert!(
+                error.contains(url) && error.contains("--insecure-http"),
+                "{error}"
+            );
+            assert!(check_transport(url, true).is_ok(), "{url}");
+        }
+        let refused = HubClient::new("http://10.0.0.5:8700", Credentials::Admin("t".into()), None);
+        assert!(matches!(refused, Err(ClientError::InsecureHttp { .. })));
+        assert!(
+            HubClient::new_insecure_http(
+                "http://10.0.0.5:8700",
+                Credentials::Admin("t".into()),
+                None
+            )
+            .is_ok()
+        );
+    }
 }

@@ -126,6 +126,10 @@ struct AdminArgs {
     /// A PEM CA certificate to trust for an HTTPS hub (beside the system's roots).
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Accept a plain `http://` hub that is not on this machine. Without it such a URL
+    /// is refused: the admin token would cross the network unencrypted.
+    #[arg(long)]
+    insecure_http: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -476,7 +480,12 @@ fn client(admin: &AdminArgs) -> anyhow::Result<HubClient> {
     let Some(token) = admin.token.clone() else {
         bail!("the admin API needs the admin token: pass --token or set WEIR_HUB_ADMIN_TOKEN");
     };
-    Ok(HubClient::new(
+    let connect = if admin.insecure_http {
+        HubClient::new_insecure_http
+    } else {
+        HubClient::new
+    };
+    Ok(connect(
         &admin.hub,
         Credentials::Admin(token),
         admin.ca_file.as_deref(),
