@@ -8,7 +8,9 @@
 //! - `GET /api/v1/tap/{node}`: a rate-bounded live sample of a node's output.
 //!
 //! With a token set (`--api-token`), everything but the two probes needs
-//! `Authorization: Bearer TOKEN`.
+//! `Authorization: Bearer TOKEN`. Served on loopback, everything but the probes also
+//! needs a loopback `Host` (an IP literal or `localhost`): a web page whose name an
+//! attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name, and is refused.
 
 pub mod client;
 pub mod live;
@@ -166,7 +168,11 @@ pub async fn serve(
         .route("/api/v1/pipelines", get(pipelines))
         .route("/api/v1/query", post(query::query))
         .route("/api/v1/tap/{node}", get(tap::tap))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .route_layer(middleware::from_fn_with_state(
+            bound.ip().is_loopback(),
+            check_host,
+        ));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -208,6 +214,47 @@ pub async fn serve(
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = serde_json::json!({"error": message.into(), "code": code});
     (status, axum::Json(body)).into_response()
+}
+
+/// Whether `host` (a `Host` header: a name or IP literal, maybe with a port) names this
+/// machine's loopback interface.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [IPv6]:port
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    }
+}
+
+/// On a loopback listener, refuses requests whose `Host` is not loopback (DNS
+/// rebinding). HTTP/1.0 requests without a `Host` come from local tools and pass.
+async fn check_host(
+    State(loopback_listener): State<bool>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(|value| value.to_str().unwrap_or("?").to_owned());
+    match host {
+        Some(host) if loopback_listener && !is_loopback_host(&host) => error(
+            StatusCode::FORBIDDEN,
+            "host",
+            format!(
+                "this API serves on loopback and answers only requests for a loopback host \
+                 (127.0.0.1, [::1] or localhost), not {host:?}"
+            ),
+        ),
+        _ => next.run(request).await,
+    }
 }
 
 async fn authorize(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -281,5 +328,34 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             "internal",
             format!("cannot encode metrics: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_hosts_pass_on_a_loopback_listener() {
+        for host in [
+            "127.0.0.1:9464",
+            "127.0.0.1",
+            "[::1]:9464",
+            "localhost:9464",
+            "LocalHost",
+            "app.localhost:80",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:9464",
+            "evil.example",
+            "10.0.0.5:9464",
+            "[2001:db8::1]:9464",
+            "localhost.evil.example",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 }

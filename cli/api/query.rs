@@ -52,19 +52,36 @@ pub(super) async fn query(
     (status, AppendHeaders(encoded.headers()), encoded.body).into_response()
 }
 
+/// Reads the body as JSON (`application/json`) or as SQL text (`application/sql`).
+/// Any other type is refused: a web page can make a browser on the device send
+/// `text/plain` or a form to the API without asking, but not these, so a page cannot
+/// run queries through the device's browser.
 fn read_request(headers: &HeaderMap, body: &[u8]) -> Result<QueryRequest, QueryError> {
-    let is_json = headers
+    let media_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if is_json {
-        return serde_json::from_slice(body).map_err(|e| {
+        .map(|value| {
+            value
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match media_type.as_deref() {
+        Some("application/json") => serde_json::from_slice(body).map_err(|e| {
             QueryError::BadRequest(format!(
                 "the body is not a query: {e}; send {{\"sql\": \"SELECT …\"}}"
             ))
-        });
+        }),
+        Some("application/sql") => {
+            let sql = std::str::from_utf8(body)
+                .map_err(|_| QueryError::BadRequest("the query is not UTF-8 text".to_owned()))?;
+            Ok(QueryRequest::new(sql))
+        }
+        other => Err(QueryError::UnsupportedMediaType(format!(
+            "a query is sent as Content-Type: application/json ({{\"sql\": \"SELECT …\"}}) or application/sql (the SQL as text), not {}",
+            other.map_or_else(|| "without a Content-Type".to_owned(), str::to_owned)
+        ))),
     }
-    let sql = std::str::from_utf8(body)
-        .map_err(|_| QueryError::BadRequest("the query is not UTF-8 text".to_owned()))?;
-    Ok(QueryRequest::new(sql))
 }

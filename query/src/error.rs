@@ -9,6 +9,9 @@ pub enum QueryError {
     /// The request itself is wrong: no SQL, a bad format, limit or timeout.
     #[error("{0}")]
     BadRequest(String),
+    /// The body is of a media type the endpoint does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// The statement would change something; queries only read.
     #[error("{0}")]
     ReadOnly(String),
@@ -37,6 +40,7 @@ impl QueryError {
     pub fn status(&self) -> u16 {
         match self {
             QueryError::BadRequest(_) | QueryError::ReadOnly(_) | QueryError::Sql(_) => 400,
+            QueryError::UnsupportedMediaType(_) => 415,
             QueryError::Timeout(_) => 504,
             QueryError::Memory(_) | QueryError::Execution(_) => 422,
             QueryError::Internal(_) => 500,
@@ -47,6 +51,7 @@ impl QueryError {
     pub fn code(&self) -> &'static str {
         match self {
             QueryError::BadRequest(_) => "bad_request",
+            QueryError::UnsupportedMediaType(_) => "unsupported_media_type",
             QueryError::ReadOnly(_) => "read_only",
             QueryError::Sql(_) => "sql",
             QueryError::Timeout(_) => "timeout",

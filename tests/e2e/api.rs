@@ -227,15 +227,56 @@ fn bad_queries_get_the_documented_errors() {
             .starts_with("SQL syntax error"),
         "{body}"
     );
-    // Plain text bodies are SQL, and Accept picks the format.
+    // application/sql bodies are SQL, and Accept picks the format.
     let (status, body) = http_request(
         &addr,
         "POST",
         "/api/v1/query",
-        &["Accept: text/csv"],
+        &[
+            "Accept: text/csv",
+            "Content-Type: application/sql; charset=utf-8",
+        ],
         "SELECT count(*) AS n FROM readings",
     );
     assert_eq!((status, body.as_str()), (200, "n\n300\n"));
+    // A page whose name was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name
+    // as Host, and is refused; the probes still answer.
+    for (path, expected) in [("/api/v1/pipelines", "403"), ("/healthz", "200")] {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).expect("connects");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: rebound.example:9464\r\nConnection: close\r\n\r\n"
+        )
+        .expect("sends");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("reads");
+        assert!(
+            answer.split_whitespace().nth(1) == Some(expected),
+            "{path}: {answer}"
+        );
+        if expected == "403" {
+            assert!(answer.contains("loopback host"), "{answer}");
+        }
+    }
+    // What a web page can make a browser send without asking (text/plain, a form, no
+    // type at all) is refused, so a page cannot query through a browser on the device.
+    for content_type in [
+        Some("Content-Type: text/plain"),
+        Some("Content-Type: application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let headers: Vec<&str> = content_type.into_iter().collect();
+        let (status, body) = http_request(
+            &addr,
+            "POST",
+            "/api/v1/query",
+            &headers,
+            "SELECT count(*) AS n FROM readings",
+        );
+        assert_eq!(status, 415, "{content_type:?}: {body}");
+        assert!(body.contains("application/sql"), "{body}");
+    }
 }
 
 #[test]
