@@ -224,13 +224,7 @@ fn is_loopback_host(host: &str) -> bool {
         Some(rest) => rest.split(']').next().unwrap_or_default(),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
-    match name.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
-        Err(_) => {
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            name == "localhost" || name.ends_with(".localhost")
-        }
-    }
+    weir_hub::client::is_loopback_name(name)
 }
 
 /// On a loopback listener, refuses requests whose `Host` is not loopback (DNS

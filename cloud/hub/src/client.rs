@@ -82,6 +82,18 @@ pub enum ClientError {
     },
 }
 
+/// Whether `name` (an IP literal without brackets, or a host name) is this machine's
+/// loopback interface: a loopback address, `localhost` or a name under it.
+pub fn is_loopback_name(name: &str) -> bool {
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    }
+}
+
 /// Whether a client may talk to the hub at `url` over it: HTTPS always, plain HTTP to a
 /// loopback address (or `localhost`) always, and plain HTTP elsewhere only when
 /// `insecure_http` says the user accepts it. A URL that does not parse is left for the
@@ -93,17 +105,9 @@ pub fn check_transport(url: &str, insecure_http: bool) -> Result<(), ClientError
     if parsed.scheme() != "http" || insecure_http {
         return Ok(());
     }
-    let host = parsed.host_str().unwrap_or_default();
     // An IPv6 host comes in brackets.
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = match bare.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
-        Err(_) => {
-            let name = host.trim_end_matches('.').to_ascii_lowercase();
-            name == "localhost" || name.ends_with(".localhost")
-        }
-    };
-    if loopback {
+    let host = parsed.host_str().unwrap_or_default();
+    if is_loopback_name(host.trim_start_matches('[').trim_end_matches(']')) {
         Ok(())
     } else {
         Err(ClientError::InsecureHttp {
