@@ -52,6 +52,8 @@ pub struct ApiState {
     pub limits: weir_query::Limits,
     /// False until every pipeline given at start has been started.
     pub started: Arc<std::sync::atomic::AtomicBool>,
+    /// One permit per query that may run at once.
+    pub queries: Arc<tokio::sync::Semaphore>,
 }
 
 /// The local API's settings, shared by `weir run` and `weir agent`.
@@ -84,7 +86,15 @@ pub struct ApiArgs {
     /// The most rows a query answers with; the answer says when it was cut.
     #[arg(long, default_value_t = weir_query::Limits::DEFAULT_MAX_ROWS, value_name = "ROWS")]
     pub query_max_rows: usize,
+
+    /// The most queries that run at once; more get 429 with Retry-After, so queries
+    /// cannot starve the pipelines of CPU and memory.
+    #[arg(long, default_value_t = DEFAULT_CONCURRENT_QUERIES, value_name = "N")]
+    pub max_concurrent_queries: usize,
 }
+
+/// Queries that may run at once unless told otherwise: two per core of a small gateway.
+pub const DEFAULT_CONCURRENT_QUERIES: usize = 4;
 
 /// The address the local API listens on unless told otherwise: loopback only.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:9898";
@@ -115,6 +125,9 @@ impl ApiArgs {
         if self.query_max_rows == 0 {
             return Err("--query-max-rows must be at least 1".to_owned());
         }
+        if self.max_concurrent_queries == 0 {
+            return Err("--max-concurrent-queries must be at least 1".to_owned());
+        }
         let token_digest = match self.api_token.as_deref().map(str::trim) {
             Some("") => return Err("--api-token is empty; give a token or leave it out".into()),
             Some(token) => Some(Arc::from(weir_hub::identity::admin_token_digest(token))),
@@ -136,6 +149,7 @@ impl ApiArgs {
             token_digest,
             limits: self.limits(),
             started,
+            queries: Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_queries)),
         };
         let served = serve(self.metrics_addr, state, stop)
             .await

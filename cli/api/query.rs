@@ -1,9 +1,11 @@
 //! `POST /api/v1/query`: read-only SQL over the retained streams.
 //!
 //! The body is JSON (`{"sql": "SELECT …", "format": "csv", "max_rows": 100,
-//! "timeout": "5s"}`) or, as `text/plain`, the SQL alone. The answer's format is the
+//! "timeout": "5s"}`) or, as `application/sql`, the SQL alone. The answer's format is the
 //! body's `format`, else the `Accept` header's, else JSON. Queries forwarded by the hub
 //! are answered by the same code ([`answer`]).
+
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -40,6 +42,9 @@ pub(super) async fn query(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Some(_running) = admit(&state.queries) else {
+        return busy();
+    };
     let accepted = headers
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok())
@@ -83,5 +88,44 @@ fn read_request(headers: &HeaderMap, body: &[u8]) -> Result<QueryRequest, QueryE
             "a query is sent as Content-Type: application/json ({{\"sql\": \"SELECT …\"}}) or application/sql (the SQL as text), not {}",
             other.map_or_else(|| "without a Content-Type".to_owned(), str::to_owned)
         ))),
+    }
+}
+
+/// A permit to run one query while it is held, unless all are taken. A cancelled
+/// request drops its permit with its query.
+fn admit(queries: &Arc<tokio::sync::Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    Arc::clone(queries).try_acquire_owned().ok()
+}
+
+/// The 429 for a query that finds every permit taken.
+fn busy() -> Response {
+    let mut busy = super::error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "busy",
+        "as many queries as --max-concurrent-queries allows are running; retry in a moment",
+    );
+    busy.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    busy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_beyond_the_limit_are_refused_until_one_ends() {
+        let queries = Arc::new(tokio::sync::Semaphore::new(2));
+        let first = admit(&queries).expect("room for one");
+        let _second = admit(&queries).expect("room for two");
+        assert!(admit(&queries).is_none(), "full");
+        let busy = busy();
+        assert_eq!(busy.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(busy.headers()[header::RETRY_AFTER], "1");
+        drop(first);
+        assert!(
+            admit(&queries).is_some(),
+            "a finished query frees its place"
+        );
     }
 }
