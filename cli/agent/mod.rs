@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use weir_engine::metrics::EngineMetrics;
+use weir_hub::client::check_transport;
 use weir_hub::identity::DeviceKey;
 use weir_hub::protocol::{DesiredState, Report, ReportStatus, now_ms};
 use weir_hub::{ClientError, Credentials, HubClient};
@@ -196,18 +197,14 @@ pub async fn run(args: AgentArgs) -> Outcome {
         Ok(state) => state,
         Err(message) => return Outcome::RuntimeFailure(message),
     };
-    let connect = if args.insecure_http {
-        HubClient::new_insecure_http
-    } else {
-        HubClient::new
-    };
-    let client = match connect(
+    let client = match HubClient::with_transport(
         &settings.hub,
         Credentials::Device {
             id: settings.device.clone(),
             key: settings.key.clone(),
         },
         settings.ca_file.as_deref(),
+        args.insecure_http,
     ) {
         Ok(client) => client,
         Err(e @ ClientError::InsecureHttp { .. }) => {
@@ -216,7 +213,7 @@ pub async fn run(args: AgentArgs) -> Outcome {
         }
         Err(e) => return Outcome::RuntimeFailure(e.to_string()),
     };
-    if args.insecure_http && settings.hub.starts_with("http://") {
+    if check_transport(&settings.hub, false).is_err() {
         warn!(hub = %settings.hub, "--insecure-http: talking to the hub over plain HTTP");
     }
 

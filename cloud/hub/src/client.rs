@@ -175,26 +175,26 @@ pub struct HubClient {
 }
 
 impl HubClient {
-    /// A client of the hub at `url` (`https://…`, or `http://…` on this machine; see
-    /// [`HubClient::new_insecure_http`] for plain HTTP elsewhere). For HTTPS the
-    /// system's trusted roots are used, and `ca_file` (PEM) is trusted as well when
-    /// given.
+    /// A client of the hub at `url` (`https://…`, or `http://…` on this machine). For
+    /// HTTPS the system's trusted roots are used, and `ca_file` (PEM) is trusted as well
+    /// when given.
     pub fn new(
         url: &str,
         credentials: Credentials,
         ca_file: Option<&Path>,
     ) -> Result<HubClient, ClientError> {
-        check_transport(url, false)?;
-        HubClient::new_insecure_http(url, credentials, ca_file)
+        HubClient::with_transport(url, credentials, ca_file, false)
     }
 
-    /// As [`HubClient::new`], and plain HTTP to a hub on another machine is accepted
-    /// too: what `--insecure-http` asks for.
-    pub fn new_insecure_http(
+    /// As [`HubClient::new`]; with `insecure_http` (what `--insecure-http` asks for),
+    /// plain HTTP to a hub on another machine is accepted too.
+    pub fn with_transport(
         url: &str,
         credentials: Credentials,
         ca_file: Option<&Path>,
+        insecure_http: bool,
     ) -> Result<HubClient, ClientError> {
+        check_transport(url, insecure_http)?;
         let http = http_client(ca_file)?;
         Ok(HubClient {
             http,
@@ -688,10 +688,11 @@ mod transport_tests {
         let refused = HubClient::new("http://10.0.0.5:8700", Credentials::Admin("t".into()), None);
         assert!(matches!(refused, Err(ClientError::InsecureHttp { .. })));
         assert!(
-            HubClient::new_insecure_http(
+            HubClient::with_transport(
                 "http://10.0.0.5:8700",
                 Credentials::Admin("t".into()),
-                None
+                None,
+                true
             )
             .is_ok()
         );

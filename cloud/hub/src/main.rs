@@ -480,15 +480,11 @@ fn client(admin: &AdminArgs) -> anyhow::Result<HubClient> {
     let Some(token) = admin.token.clone() else {
         bail!("the admin API needs the admin token: pass --token or set WEIR_HUB_ADMIN_TOKEN");
     };
-    let connect = if admin.insecure_http {
-        HubClient::new_insecure_http
-    } else {
-        HubClient::new
-    };
-    Ok(connect(
+    Ok(HubClient::with_transport(
         &admin.hub,
         Credentials::Admin(token),
         admin.ca_file.as_deref(),
+        admin.insecure_http,
     )?)
 }
 

@@ -94,6 +94,13 @@ fn batch_bytes(batch: &RecordBatch) -> usize {
         .sum()
 }
 
+/// The rows and memory of `batches` together.
+fn sizes(batches: &[RecordBatch]) -> (usize, usize) {
+    batches.iter().fold((0, 0), |(rows, bytes), batch| {
+        (rows + batch.num_rows(), bytes + batch_bytes(batch))
+    })
+}
+
 /// The event-time bookkeeping of a windowed transform: panes with what they keep, the
 /// windows that have rows and are still open, and the last watermark.
 pub(crate) struct Panes {
@@ -330,23 +337,22 @@ impl Panes {
                 continue;
             }
             let batches = std::mem::take(pending);
-            for batch in &batches {
-                let (rows, bytes) = (batch.num_rows(), batch_bytes(batch));
-                entry.rows -= rows;
-                entry.bytes -= bytes;
-                self.rows -= rows;
-                self.bytes -= bytes;
-            }
+            let (rows, bytes) = sizes(&batches);
+            entry.rows -= rows;
+            entry.bytes -= bytes;
+            self.rows -= rows;
+            self.bytes -= bytes;
             taken.push((input, batches));
         }
         taken
     }
 
-    /// The starts of the panes that gather rows to fold and end at or before `end`.
-    fn panes_pending(&self, end: i64) -> Vec<i64> {
+    /// The starts of the panes the watermark has passed that gather rows to fold or
+    /// hold several state batches to merge.
+    fn complete_with_work(&self) -> Vec<i64> {
         self.panes
-            .range(..end.saturating_sub(self.pane).saturating_add(1))
-            .filter(|(_, entry)| entry.pending_rows > 0)
+            .range(..self.watermark.saturating_sub(self.pane).saturating_add(1))
+            .filter(|(_, entry)| entry.pending_rows > 0 || entry.unreduced >= 2)
             .map(|(&pane, _)| pane)
             .collect()
     }
@@ -428,13 +434,11 @@ impl Panes {
         };
         let taken = std::mem::take(&mut entry.batches[input]);
         self.changes.changed.insert(pane);
-        for batch in &taken {
-            let (rows, bytes) = (batch.num_rows(), batch_bytes(batch));
-            entry.rows -= rows;
-            entry.bytes -= bytes;
-            self.rows -= rows;
-            self.bytes -= bytes;
-        }
+        let (rows, bytes) = sizes(&taken);
+        entry.rows -= rows;
+        entry.bytes -= bytes;
+        self.rows -= rows;
+        self.bytes -= bytes;
         taken
     }
 
@@ -534,6 +538,7 @@ impl Panes {
                 continue;
             }
             let part @ (_, kept, input) = parse_pane_key(key)
+                // Only an incremental window (one with a state schema) gathers rows.
                 .filter(|&(_, kept, input)| {
                     input < self.inputs && (kept == Kept::Kept || state_schema.is_some())
                 })
@@ -977,21 +982,12 @@ impl Transform for WindowedSql {
         out: &mut Collector,
     ) -> Result<(), OperatorError> {
         let closing = self.panes.advance(watermark.millis());
-        // The watermark has passed these panes: their rows are all here (later ones are
-        // late), and the windows closing now need them folded.
-        for pane in self.panes.panes_pending(self.panes.watermark) {
+        // The watermark has passed these panes, so their rows are all here (later ones
+        // are late): fold what they gathered, as the windows closing now need, and merge
+        // their state batches, since hopping windows keep a pane for long and it should
+        // hold one state row per key meanwhile.
+        for pane in self.panes.complete_with_work() {
             self.fold(pane, out).await?;
-        }
-        // A pane the watermark has passed rarely gets more rows, but hopping windows
-        // keep it for long: merge what it gathered, so it holds one state row per key.
-        let complete: Vec<i64> = self
-            .panes
-            .panes
-            .range(..watermark.millis().saturating_sub(self.panes.pane))
-            .filter(|(_, pane)| pane.unreduced >= 2)
-            .map(|(&start, _)| start)
-            .collect();
-        for pane in complete {
             self.reduce(pane, 2).await?;
         }
         if closing.is_empty() {
