@@ -46,7 +46,7 @@ pub enum OutboxCommand {
 pub fn run(command: OutboxCommand) -> Outcome {
     let OutboxCommand::Check { path } = command;
     match Outbox::check(&path) {
-        Ok(Check::Sound(stats)) => {
+        Ok(Check::Sound(stats, dead_letters)) => {
             println!(
                 "{}: sound; {} batches, {} rows, {} bytes waiting",
                 path.display(),
@@ -69,6 +69,22 @@ pub fn run(command: OutboxCommand) -> Outcome {
                     "{:<32} {:>8} {:>10} {:>12} {:>12}  {oldest}",
                     stream.stream, stream.priority, stream.batches, stream.rows, stream.bytes
                 );
+            }
+            if !dead_letters.is_empty() {
+                println!(
+                    "{} dead letters (refused for good or unreadable; not shipped):",
+                    dead_letters.len()
+                );
+                println!(
+                    "{:<32} {:>20} {:>10} {:>15}  REASON",
+                    "STREAM", "SEQ", "ROWS", "AT_MS"
+                );
+                for letter in dead_letters {
+                    println!(
+                        "{:<32} {:>20} {:>10} {:>15}  {}",
+                        letter.stream, letter.seq, letter.rows, letter.at_ms, letter.reason
+                    );
+                }
             }
             Outcome::Success
         }

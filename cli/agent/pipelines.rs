@@ -376,7 +376,9 @@ impl PipelineSet {
                 "dropped_rows": {
                     "bytes": stats.outbox.dropped_rows_bytes,
                     "age": stats.outbox.dropped_rows_age,
+                    "refused": stats.outbox.dead_lettered_rows,
                 },
+                "dead_letters": stats.outbox.dead_letters,
             }),
         }
     }

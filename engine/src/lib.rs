@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod graph;
+pub mod ipc;
 pub mod message;
 pub mod metrics;
 pub mod observe;

@@ -7,9 +7,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use weir_engine::config::{HumanDuration, HumanSize};
+use weir_engine::ipc::IpcLimits;
 
 use crate::runtime::Limits;
 use crate::supervisor::{BackoffConfig, HealthConfig, RestartPolicy};
+
+/// Columns (nested fields included) an answer or push may have: far past any declared
+/// output schema, and a bound on what its metadata makes the runtime allocate.
+const MAX_ANSWER_COLUMNS: usize = 1024;
 
 /// The `config` of a `kind: module` node.
 #[derive(Clone, Debug, Deserialize)]
@@ -47,6 +52,11 @@ pub struct ModuleConfig {
     pub max_attempts: u32,
     /// How long a stopping module gets before it is killed.
     pub stop_timeout: HumanDuration,
+    /// The largest body the module may send: a transform's answer or a source's push,
+    /// on the wire and once decoded.
+    pub max_answer_bytes: HumanSize,
+    /// The most rows one answer or push may hold.
+    pub max_answer_rows: u64,
     /// Modules of the same pipeline that must be running before this one starts.
     pub depends_on: Vec<String>,
 }
@@ -68,6 +78,8 @@ impl Default for ModuleConfig {
             timeout: HumanDuration(Duration::from_secs(30)),
             max_attempts: 5,
             stop_timeout: HumanDuration(Duration::from_secs(10)),
+            max_answer_bytes: HumanSize(weir_module_sdk::client::DEFAULT_MAX_ANSWER_BYTES as u64),
+            max_answer_rows: 1_000_000,
             depends_on: Vec::new(),
         }
     }
@@ -172,7 +184,32 @@ impl ModuleConfig {
         if self.max_attempts == 0 {
             push("max_attempts", "max_attempts must be at least 1".to_owned());
         }
+        if self.max_answer_bytes.0 < 1024 {
+            push(
+                "max_answer_bytes",
+                "max_answer_bytes must be at least 1KiB".to_owned(),
+            );
+        }
+        if self.max_answer_rows == 0 {
+            push(
+                "max_answer_rows",
+                "max_answer_rows must be at least 1".to_owned(),
+            );
+        }
         problems
+    }
+
+    /// What the module's answers and pushes may declare. The end-of-stream marker is
+    /// required: an answer cut off between two batches is not taken for a whole one.
+    pub fn answer_limits(&self) -> IpcLimits {
+        IpcLimits {
+            max_rows: self.max_answer_rows,
+            max_columns: MAX_ANSWER_COLUMNS,
+            max_decoded_bytes: self.max_answer_bytes.0,
+            // The protocol has no compression: both peers are on one host.
+            allow_zstd: false,
+            require_end_marker: true,
+        }
     }
 
     /// The limits as the runtimes take them.
@@ -203,6 +240,8 @@ mod tests {
         assert_eq!(config.backoff.reset_after.0, Duration::from_secs(600));
         assert_eq!(config.timeout.0, Duration::from_secs(30));
         assert_eq!(config.max_attempts, 5);
+        assert_eq!(config.max_answer_bytes.0, 64 * 1024 * 1024);
+        assert_eq!(config.max_answer_rows, 1_000_000);
         assert_eq!(config.transport, TransportKind::Unix);
         assert!(config.problems().is_empty());
     }
@@ -223,7 +262,8 @@ mod tests {
             r#"{"image_archive": "x.tar", "create_options": {"HostConfig": {}},
                 "limits": {"cpus": 0, "pids": 0, "memory": 1024},
                 "health": {"retries": 0}, "backoff": {"jitter": 2},
-                "max_attempts": 0, "restart": "on-unhealthy"}"#,
+                "max_attempts": 0, "max_answer_bytes": "100B", "max_answer_rows": 0,
+                "restart": "on-unhealthy"}"#,
         )
         .unwrap();
         let fields: Vec<String> = config.problems().into_iter().map(|(f, _)| f).collect();
@@ -239,7 +279,9 @@ mod tests {
                 "limits.memory",
                 "health.retries",
                 "backoff.jitter",
-                "max_attempts"
+                "max_attempts",
+                "max_answer_bytes",
+                "max_answer_rows"
             ]
         );
         let error = parse(r#"{"command": ["x"], "restart": "sometimes"}"#).unwrap_err();

@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
 use weir_engine::config::ConfigErrors;
+use weir_engine::ipc::{IpcError, IpcLimits, decode_within};
 use weir_engine::metrics::{ModuleMetrics, OperatorMetrics};
 use weir_engine::registry::{
     MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
@@ -30,7 +31,8 @@ use weir_engine::{
     Collector, OperatorError, OperatorInstance, Sink, Source, SourceContext, Transform,
 };
 use weir_module_sdk::client::Client;
-use weir_module_sdk::{Endpoint, decode_stream, encode_stream};
+use weir_module_sdk::client::ClientError;
+use weir_module_sdk::{Endpoint, encode_stream};
 
 use crate::config::{ModuleConfig, TransportKind};
 use crate::runtime::{ContainerRuntime, LaunchSpec, Program, Transport};
@@ -295,6 +297,8 @@ struct Module {
     client: Client,
     timeout: Duration,
     max_attempts: u32,
+    /// What an answer or a push may declare.
+    answer_limits: IpcLimits,
     next_batch_id: u64,
     metrics: ModuleMetrics,
     /// Where a source module pushes to.
@@ -302,6 +306,15 @@ struct Module {
     output_schema: Option<SchemaRef>,
     /// The module directory; removed when the operator goes.
     _dir: tempfile::TempDir,
+}
+
+/// The batches of a module's answer or push: an empty body is none, anything else a
+/// whole IPC stream within `limits`.
+pub(crate) fn decode_answer(body: &[u8], limits: &IpcLimits) -> Result<Vec<RecordBatch>, IpcError> {
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    decode_within(body, limits).map(|(_, batches)| batches)
 }
 
 /// What became of one batch.
@@ -443,9 +456,12 @@ impl Module {
             role,
             supervisor: Some(supervisor),
             status,
-            client: Client::new(module_endpoint),
+            client: Client::new(module_endpoint).with_max_answer_bytes(
+                usize::try_from(config.max_answer_bytes.0).unwrap_or(usize::MAX),
+            ),
             timeout: config.timeout.0,
             max_attempts: config.max_attempts,
+            answer_limits: config.answer_limits(),
             next_batch_id: 0,
             metrics,
             runtime_endpoint,
@@ -497,15 +513,21 @@ impl Module {
                 .await;
             let retryable = match answer {
                 Ok(answer) if answer.status.is_success() => {
-                    return Ok(match decode_stream(&answer.body) {
-                        Ok((_, batches)) => match self.conform_all(batches) {
+                    return Ok(match decode_answer(&answer.body, &self.answer_limits) {
+                        Ok(batches) => match self.conform_all(batches) {
                             Ok(batches) => Delivery::Answered(batches),
                             Err(reason) => Delivery::DeadLetter(reason),
                         },
-                        Err(error) => Delivery::DeadLetter(format!(
-                            "the module answered with a malformed Arrow stream: {error}"
-                        )),
+                        Err(error) => {
+                            Delivery::DeadLetter(format!("the module's answer is refused: {error}"))
+                        }
                     });
+                }
+                Err(error @ ClientError::TooLarge { .. }) => {
+                    // The same batch would be answered the same way again.
+                    return Ok(Delivery::DeadLetter(format!(
+                        "the module's answer is refused: {error} (max_answer_bytes)"
+                    )));
                 }
                 Ok(answer) if answer.status.is_client_error() => {
                     return Ok(Delivery::DeadLetter(format!(
@@ -696,7 +718,12 @@ impl Source for ModuleSource {
             self.module.output_schema.clone().ok_or_else(|| {
                 OperatorError::Internal("a source module has a schema".to_owned())
             })?;
-        let mut endpoint = SourceEndpoint::bind(&self.module.runtime_endpoint, schema).await?;
+        let mut endpoint = SourceEndpoint::bind(
+            &self.module.runtime_endpoint,
+            schema,
+            self.module.answer_limits,
+        )
+        .await?;
         let mut status = self.module.status.clone();
         let result = loop {
             tokio::select! {

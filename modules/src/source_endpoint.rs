@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir_engine::OperatorError;
-use weir_module_sdk::{Endpoint, HEADER_BATCH_ID, PATH_BATCHES, decode_stream};
+use weir_engine::ipc::IpcLimits;
+use weir_module_sdk::{Endpoint, HEADER_BATCH_ID, PATH_BATCHES};
 
 /// Batch ids remembered for spotting repeated pushes.
 const REMEMBERED_IDS: usize = 1024;
@@ -36,6 +37,7 @@ pub struct SourceEndpoint {
 
 struct Shared {
     schema: SchemaRef,
+    limits: IpcLimits,
     batches: mpsc::Sender<Pushed>,
     taken: Mutex<TakenIds>,
 }
@@ -65,14 +67,21 @@ impl TakenIds {
 }
 
 impl SourceEndpoint {
-    /// Listens on `endpoint` for batches of `schema`.
-    pub async fn bind(endpoint: &Endpoint, schema: SchemaRef) -> Result<Self, OperatorError> {
+    /// Listens on `endpoint` for batches of `schema`, each push within `limits` (its
+    /// body at most `limits.max_decoded_bytes` long, else 413).
+    pub async fn bind(
+        endpoint: &Endpoint,
+        schema: SchemaRef,
+        limits: IpcLimits,
+    ) -> Result<Self, OperatorError> {
         let (sender, batches) = mpsc::channel(1);
+        let max_body = usize::try_from(limits.max_decoded_bytes).unwrap_or(usize::MAX);
         let router = Router::new()
             .route(PATH_BATCHES, post(push))
-            .layer(DefaultBodyLimit::disable())
+            .layer(DefaultBodyLimit::max(max_body))
             .with_state(Arc::new(Shared {
                 schema,
+                limits,
                 batches: sender,
                 taken: Mutex::default(),
             }));
@@ -130,11 +139,15 @@ async fn push(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     if batch_id.is_some_and(seen) {
         return StatusCode::OK.into_response();
     }
-    let batches = match decode_stream(&body) {
-        Ok((_, batches)) => batches,
+    let batches = match crate::operator::decode_answer(&body, &shared.limits) {
+        Ok(batches) => batches,
         Err(error) => {
-            let message = format!("the body is not an Arrow IPC stream: {error}");
-            return (StatusCode::BAD_REQUEST, message).into_response();
+            let status = if error.is_over_limit() {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return (status, format!("the push is refused: {error}")).into_response();
         }
     };
     for batch in batches {
@@ -151,4 +164,76 @@ async fn push(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         shared.taken.lock().expect("never poisoned").insert(id);
     }
     StatusCode::OK.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::ipc::writer::StreamWriter;
+    use weir_module_sdk::client::Client;
+    use weir_module_sdk::encode_stream;
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]))
+    }
+
+    fn rows(n: i64) -> RecordBatch {
+        RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from_iter_values(0..n))]).unwrap()
+    }
+
+    /// A pushed batch's answer, with the endpoint's side taking whatever arrives.
+    async fn push_to(endpoint: &mut SourceEndpoint, client: &mut Client, body: Vec<u8>) -> u16 {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let push = client.post_batches(body.into(), id, 1, Duration::from_secs(10));
+        let take = async {
+            while let Some((_, taken)) = endpoint.next().await {
+                let _ = taken.send(true);
+            }
+        };
+        tokio::select! {
+            answer = push => answer.unwrap().status.as_u16(),
+            () = take => unreachable!("the endpoint stays open"),
+        }
+    }
+
+    #[tokio::test]
+    async fn pushes_past_the_limits_or_cut_off_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = Endpoint::Unix(dir.path().join("runtime.sock"));
+        let limits = IpcLimits {
+            max_rows: 100,
+            max_columns: 4,
+            max_decoded_bytes: 64 << 10,
+            allow_zstd: false,
+            require_end_marker: true,
+        };
+        let mut endpoint = SourceEndpoint::bind(&socket, schema(), limits)
+            .await
+            .unwrap();
+        let mut client = Client::new(socket);
+
+        let whole = |n| encode_stream(&schema(), &[rows(n)]).unwrap();
+        assert_eq!(push_to(&mut endpoint, &mut client, whole(100)).await, 200);
+        // An empty body is a push of nothing.
+        assert_eq!(push_to(&mut endpoint, &mut client, Vec::new()).await, 200);
+        // Too many rows, and a body past max_decoded_bytes before it is even decoded.
+        assert_eq!(push_to(&mut endpoint, &mut client, whole(101)).await, 413);
+        let large: Vec<u8> = vec![0; 65 << 10];
+        assert_eq!(push_to(&mut endpoint, &mut client, large).await, 413);
+        // A stream without its end-of-stream marker (cut off between batches).
+        let mut unfinished = Vec::new();
+        {
+            let mut writer = StreamWriter::try_new(&mut unfinished, &schema()).unwrap();
+            writer.write(&rows(3)).unwrap();
+            writer.flush().unwrap();
+        }
+        assert_eq!(push_to(&mut endpoint, &mut client, unfinished).await, 400);
+        endpoint.close().await;
+    }
 }

@@ -14,8 +14,13 @@ pub mod frame;
 mod sink;
 mod store;
 
-pub use sink::{DirectoryUplink, HubSinkConfig, HubSinkFactory, Shipping, ShippingStats, Uplink};
-pub use store::{Check, Limits, Outbox, Recovery, Settled, Stats, Stored, StreamStats};
+pub use sink::{
+    DirectoryUplink, HubSinkConfig, HubSinkFactory, ShipError, Shipping, ShippingStats, Uplink,
+};
+pub use store::{
+    Check, DeadLetter, Limits, MAX_DEAD_LETTERS, Outbox, Recovery, Settled, Stats, Stored,
+    StreamStats,
+};
 
 use std::path::PathBuf;
 

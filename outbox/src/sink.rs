@@ -38,12 +38,25 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// How often the shipper looks at the limits and refreshes metrics while idle.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// Why a batch was not shipped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShipError {
+    /// Not now: the receiver is away, busy, or the credentials are being sorted out.
+    /// The batch is sent again.
+    #[error("{0}")]
+    Retry(String),
+    /// The receiver refuses this batch for good, and would refuse it again: it is set
+    /// aside as a dead letter, and the batches after it ship.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Where shipped batches go: the hub, or a local directory.
 #[async_trait]
 pub trait Uplink: Send + Sync {
     /// Sends one stored batch. `Ok` means the receiver has it durably (or already had
     /// it); only then is it deleted from the outbox.
-    async fn ship(&self, batch: &Stored) -> Result<(), String>;
+    async fn ship(&self, batch: &Stored) -> Result<(), ShipError>;
 
     /// Where batches go, for messages.
     fn describe(&self) -> String;
@@ -66,7 +79,7 @@ impl DirectoryUplink {
 
 #[async_trait]
 impl Uplink for DirectoryUplink {
-    async fn ship(&self, batch: &Stored) -> Result<(), String> {
+    async fn ship(&self, batch: &Stored) -> Result<(), ShipError> {
         let dir = self.dir.join(&batch.stream);
         let name = format!("{:020}.arrows", batch.seq);
         let payload = batch.payload.clone();
@@ -81,8 +94,8 @@ impl Uplink for DirectoryUplink {
             std::fs::File::open(&dir)?.sync_all()
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot write into {}: {e}", self.dir.display()))
+        .map_err(|e| ShipError::Retry(e.to_string()))?
+        .map_err(|e| ShipError::Retry(format!("cannot write into {}: {e}", self.dir.display())))
     }
 
     fn describe(&self) -> String {
@@ -208,7 +221,7 @@ impl Shipping {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -280,6 +293,7 @@ impl Publish for OutboxMetrics {
         for (reason, total) in [
             ("bytes", stats.dropped_rows_bytes),
             ("age", stats.dropped_rows_age),
+            ("refused", stats.dead_lettered_rows),
         ] {
             let counter = self.dropped_rows.with_label_values(&[reason]);
             counter.inc_by(total.saturating_sub(counter.get()));
@@ -341,6 +355,26 @@ async fn ship(
                     Ok(()) => {
                         counted.acked(&batch.stream, batch.rows);
                         shipped.push(batch.seq);
+                    }
+                    Err(ShipError::Refused(reason)) => {
+                        tracing::error!(
+                            stream = %batch.stream,
+                            seq = batch.seq,
+                            "{} refuses the batch for good; it is set aside as a dead letter \
+                             (`weir outbox check` lists it): {reason}",
+                            uplink.describe()
+                        );
+                        let outbox = outbox.clone();
+                        let (stream, seq) = (batch.stream.clone(), batch.seq);
+                        let reason = format!("refused by {}: {reason}", uplink.describe());
+                        let set_aside = tokio::task::spawn_blocking(move || {
+                            outbox.dead_letter(&stream, seq, &reason, now_ms())
+                        })
+                        .await;
+                        if let Ok(Err(error)) = set_aside {
+                            tracing::error!("cannot set the batch aside: {error}");
+                            failed.get_or_insert(ShipError::Retry(error.to_string()));
+                        }
                     }
                     Err(error) => {
                         counted.retried(&batch.stream);
@@ -633,7 +667,73 @@ fn first_millis(batch: &RecordBatch, column: &str) -> Result<u64, OperatorError>
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
     use super::*;
+
+    /// Takes every batch but those of `refused_rows` rows, which it refuses for good.
+    struct Picky {
+        refused_rows: u64,
+        taken: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait]
+    impl Uplink for Picky {
+        async fn ship(&self, batch: &Stored) -> Result<(), ShipError> {
+            if batch.rows == self.refused_rows {
+                return Err(ShipError::Refused("422: a column of another type".into()));
+            }
+            self.taken.lock().unwrap().push(batch.rows);
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "a picky receiver".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_refused_for_good_is_set_aside_and_shipping_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = weir_engine::metrics::EngineMetrics::new(&prometheus::Registry::new())
+            .unwrap()
+            .outbox();
+        let uplink = Arc::new(Picky {
+            refused_rows: 2,
+            taken: Mutex::default(),
+        });
+        let limits = Limits {
+            max_bytes: u64::MAX,
+            max_age: None,
+        };
+        let shipping = Shipping::new(
+            dir.path().join("outbox.redb"),
+            limits,
+            uplink.clone(),
+            metrics,
+        );
+        let outbox = shipping.start().unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let rows = |n: i64| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from_iter_values(0..n))],
+            )
+            .unwrap()
+        };
+        outbox
+            .append("p/hub", &[rows(1), rows(2), rows(3)], now_ms())
+            .unwrap();
+        assert_eq!(shipping.drain(Duration::from_secs(20)).await, 0);
+        assert_eq!(*uplink.taken.lock().unwrap(), [1, 3]);
+        let letters = outbox.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(letters[0].reason.contains("422"), "{letters:?}");
+        assert_eq!(outbox.stats().dead_lettered_rows, 2);
+    }
 
     #[test]
     fn backoff_doubles_to_its_cap_with_jitter_in_the_upper_half() {

@@ -33,10 +33,12 @@ use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use tokio::sync::Semaphore;
+use weir_engine::ipc::{IpcError, IpcLimits, decode_within};
 use weir_query::{QueryError, Session};
 
 use crate::error::StoreError;
-use crate::store::Store;
+use crate::store::{LeaseToken, Store};
 
 /// Why a shipped batch could not be stored.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +57,25 @@ pub enum DataError {
     /// The batch is not Arrow IPC.
     #[error("the batch is not Arrow IPC: {0}")]
     BadBatch(String),
+    /// The batch is Arrow IPC the hub does not take: past its limits, cut off, or in a
+    /// codec it refuses.
+    #[error("the batch is refused: {0}")]
+    Refused(#[from] IpcError),
     /// The object store refused it.
     #[error("cannot store the batch: {0}")]
     Storage(String),
+    /// The batch does not fit its table: a column the table has in another type, a
+    /// column named like the hub's own, or a pipeline named like a namespace.
+    #[error("{0}")]
+    Conflict(String),
+    /// A stored file does not read as Parquet.
+    #[error("{object} is damaged: {message}")]
+    Damaged {
+        /// The file.
+        object: String,
+        /// Why it does not read.
+        message: String,
+    },
     /// The rows cannot be written as Parquet (a type Parquet has no place for).
     #[error("cannot write the batch as Parquet: {0}")]
     Encode(String),
@@ -96,9 +114,20 @@ pub const COMPACT_MIN_FILES: usize = 16;
 /// Files at least this large are left as they are.
 const COMPACT_MAX_FILE_BYTES: u64 = 8 << 20;
 
-/// The most a merged file gathers (as its inputs are stored): what compaction holds in
-/// memory at once.
+/// The most a merged file gathers, as its rows take memory once decoded: what
+/// compaction holds in memory at once (plus one input file).
 pub const COMPACT_TARGET_BYTES: u64 = 64 << 20;
+
+/// What a shipped batch may declare. A device's batches are a sink's output (aggregates,
+/// typically thousands of rows); these leave room for far larger ones while keeping what
+/// one request can make the hub allocate to a known amount.
+pub const INGEST_LIMITS: IpcLimits = IpcLimits {
+    max_rows: 8_000_000,
+    max_columns: 1024,
+    max_decoded_bytes: 512 << 20,
+    allow_zstd: true,
+    require_end_marker: true,
+};
 
 /// What one compaction pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,12 +249,43 @@ const QUERY_ROOT: &str = "weir-fleet://data/";
 /// name made unique per start, so hubs starting together do not trip on each other's).
 const WRITE_CHECK: &str = "weir-hub-write-check";
 
+/// Where unreadable files are moved, under the store's root: outside every table.
+pub const QUARANTINE: &str = "quarantine";
+
+/// What the hub's own columns start with; no shipped column may.
+pub const HUB_COLUMN_PREFIX: &str = "hub_";
+
+/// Names a pipeline cannot have on the hub: the query session's own namespaces. A
+/// pipeline named `public` would otherwise decide what every unqualified table name
+/// means.
+pub const RESERVED_PIPELINES: [&str; 2] = [Session::DEFAULT_NAMESPACE, "information_schema"];
+
 /// The fleet's stored data.
 pub struct FleetData {
     /// The store, rooted at the location.
     objects: Arc<dyn ObjectStore>,
+    /// The directory, when the store is the local file system: object_store writes
+    /// files without syncing them, so the hub syncs each before it acknowledges.
+    local_root: Option<PathBuf>,
     /// What is known of each table's schema, so a query does not read every file's footer.
     schemas: Arc<SchemaCache>,
+    /// What a shipped batch may declare.
+    ingest_limits: IpcLimits,
+    /// Batches being decoded and converted to Parquet at once: each may take up to
+    /// `ingest_limits.max_decoded_bytes`, so this bounds the memory ingest takes.
+    converting: Arc<Semaphore>,
+    /// See [`COMPACT_TARGET_BYTES`].
+    compact_target_bytes: u64,
+    /// A merged file no record names is deleted once it is this old: it was left by a
+    /// pass that stopped before pointing the records at it. A younger one may be
+    /// another hub's, about to be pointed at; past twice the lease, that hub's pointing
+    /// would be refused.
+    stale_merged_after_ms: i64,
+    /// Files quarantined since start.
+    quarantined: std::sync::atomic::AtomicU64,
+    /// The columns each table is known to have taken (they only ever grow), so a batch
+    /// in a known shape is admitted without asking the database.
+    admitted: Mutex<HashMap<(String, String), SchemaRef>>,
 }
 
 /// Each table's schema as last read from its files, by (pipeline, sink).
@@ -253,7 +313,9 @@ impl FleetData {
         let root = dir.canonicalize().map_err(|e| unreachable(e.to_string()))?;
         let objects =
             LocalFileSystem::new_with_prefix(&root).map_err(|e| unreachable(e.to_string()))?;
-        Ok(FleetData::new(Arc::new(objects)))
+        let mut data = FleetData::new(Arc::new(objects));
+        data.local_root = Some(root);
+        Ok(data)
     }
 
     /// Opens the data at `location`, checking that the hub can list it and write to it:
@@ -322,10 +384,38 @@ impl FleetData {
     }
 
     fn new(objects: Arc<dyn ObjectStore>) -> FleetData {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         FleetData {
             objects,
+            local_root: None,
             schemas: Arc::default(),
+            ingest_limits: INGEST_LIMITS,
+            converting: Arc::new(Semaphore::new(cores)),
+            compact_target_bytes: COMPACT_TARGET_BYTES,
+            stale_merged_after_ms: 2 * 5 * 60 * 1000,
+            quarantined: std::sync::atomic::AtomicU64::new(0),
+            admitted: Mutex::default(),
         }
+    }
+
+    /// The same data, with other limits on what a shipped batch may declare.
+    pub fn with_ingest_limits(mut self, limits: IpcLimits) -> FleetData {
+        self.ingest_limits = limits;
+        self
+    }
+
+    /// The same data, compacted under a lease of `lease`.
+    pub fn with_compaction_lease(mut self, lease: Duration) -> FleetData {
+        self.stale_merged_after_ms = i64::try_from(lease.as_millis())
+            .unwrap_or(i64::MAX / 2)
+            .saturating_mul(2);
+        self
+    }
+
+    /// The same data, compacted into merged files of about `bytes` (decoded) each.
+    pub fn with_compact_target(mut self, bytes: u64) -> FleetData {
+        self.compact_target_bytes = bytes;
+        self
     }
 
     /// Stores a shipped batch (zstd Arrow IPC, as the device's outbox holds it) once.
@@ -333,17 +423,41 @@ impl FleetData {
         &self,
         store: &Store,
         id: BatchId<'_>,
-        payload: &[u8],
+        payload: bytes::Bytes,
         now_ms: i64,
     ) -> Result<Ingested, DataError> {
         let seq = i64::try_from(id.seq).map_err(|_| DataError::BadBatch("seq too large".into()))?;
+        if RESERVED_PIPELINES.contains(&id.pipeline) {
+            return Err(DataError::Conflict(format!(
+                "a pipeline cannot be named `{}` on the hub: it is a namespace of the fleet's \
+                 tables; rename the pipeline",
+                id.pipeline
+            )));
+        }
         if store.ingested(id.device, id.pipeline, id.sink, seq).await? {
             return Ok(Ingested::Duplicate);
         }
-        let (_, batches) = weir_outbox::frame::decode_batches(payload)
-            .map_err(|e| DataError::BadBatch(e.to_string()))?;
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let (parquet, schema) = to_parquet(&batches, id.device, now_ms)?;
+        // Decoding and encoding are CPU work of up to the limits' size: off the async
+        // workers, a few at a time.
+        let _permit = self
+            .converting
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| DataError::Storage("the hub is shutting down".into()))?;
+        let limits = self.ingest_limits;
+        let device = id.device.to_owned();
+        let (rows, parquet, schema) = tokio::task::spawn_blocking(move || {
+            let (_, batches) = decode_within(&payload, &limits)?;
+            let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+            let (parquet, schema) = to_parquet(&batches, &device, now_ms)?;
+            Ok::<_, DataError>((rows, parquet, schema))
+        })
+        .await
+        .map_err(|e| DataError::Encode(format!("converting the batch failed: {e}")))??;
+        drop(_permit);
+        self.admit_columns(store, (id.pipeline, id.sink), &schema)
+            .await?;
         let date = chrono::DateTime::from_timestamp_millis(id.appended_ms)
             .unwrap_or_default()
             .format("%Y-%m-%d")
@@ -363,6 +477,7 @@ impl FleetData {
                 ))
             })?
             .map_err(|e| DataError::Storage(e.to_string()))?;
+        self.make_durable(&object).await?;
         self.schemas
             .forget_unless_it_holds((id.pipeline, id.sink), &schema);
         store
@@ -375,6 +490,82 @@ impl FleetData {
             )
             .await?;
         Ok(Ingested::Stored(rows as u64))
+    }
+
+    /// Checks that `schema` (a stored file's, with the hub's columns) fits the table of
+    /// `pipeline/sink`: no column it shares with the table has another type. Its new
+    /// columns become the table's.
+    async fn admit_columns(
+        &self,
+        store: &Store,
+        (pipeline, sink): (&str, &str),
+        schema: &Schema,
+    ) -> Result<(), DataError> {
+        let key = (pipeline.to_owned(), sink.to_owned());
+        let shipped: Vec<&arrow::datatypes::FieldRef> = schema
+            .fields()
+            .iter()
+            .filter(|field| !field.name().starts_with(HUB_COLUMN_PREFIX))
+            .collect();
+        let fits = |known: &Schema| {
+            shipped.iter().all(|field| {
+                known
+                    .field_with_name(field.name())
+                    .is_ok_and(|known| known.data_type() == field.data_type())
+            })
+        };
+        if self
+            .lock_admitted()
+            .get(&key)
+            .is_some_and(|known| fits(known))
+        {
+            return Ok(());
+        }
+        // Another hub may take new columns for the same table at once: whoever loses
+        // the compare-and-set reads the columns again.
+        for _ in 0..8 {
+            let text = store.stream_columns((pipeline, sink)).await?;
+            let mut columns: Vec<arrow::datatypes::FieldRef> = match &text {
+                Some(text) => decode_columns(text)?.fields().to_vec(),
+                None => Vec::new(),
+            };
+            let mut grew = text.is_none();
+            for field in &shipped {
+                match columns.iter().find(|known| known.name() == field.name()) {
+                    Some(known) if known.data_type() != field.data_type() => {
+                        return Err(DataError::Conflict(format!(
+                            "column `{}` is {} in this batch, but {} in the table \
+                             {pipeline}.{sink}: a column keeps its type (give the new one \
+                             another name)",
+                            field.name(),
+                            field.data_type(),
+                            known.data_type()
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        columns.push(Arc::clone(field));
+                        grew = true;
+                    }
+                }
+            }
+            let known = Arc::new(Schema::new(columns));
+            if !grew
+                || store
+                    .set_stream_columns((pipeline, sink), text.as_deref(), &encode_columns(&known)?)
+                    .await?
+            {
+                self.lock_admitted().insert(key, known);
+                return Ok(());
+            }
+        }
+        Err(DataError::Storage(format!(
+            "the columns of {pipeline}.{sink} keep changing under other hubs"
+        )))
+    }
+
+    fn lock_admitted(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), SchemaRef>> {
+        self.admitted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Merges the small files of `directory`, [`COMPACT_MIN_FILES`] or more at a time,
@@ -392,10 +583,17 @@ impl FleetData {
     ///
     /// So a pass that stops anywhere loses no row and, once the next pass has run,
     /// leaves none twice. (A query running in between can see some rows twice.)
+    ///
+    /// Only the holder of the compaction lease compacts, and `fence` is its token: the
+    /// records are pointed at a merged file only while the lease is still as it took it,
+    /// and a merged file no record names is deleted only once it is older than
+    /// twice the compaction lease (by the database's clock), so a hub that lost its lease
+    /// midway can neither repoint records nor delete another hub's file in the making.
     pub async fn compact_directory(
         &self,
         store: &Store,
         directory: &str,
+        fence: &LeaseToken,
     ) -> Result<usize, DataError> {
         use futures::TryStreamExt;
         let Some((pipeline, sink, device)) = directory_stream(directory) else {
@@ -408,6 +606,7 @@ impl FleetData {
             batches.iter().map(|(_, object)| object.as_str()).collect();
         let recorded: std::collections::HashSet<i64> =
             batches.iter().map(|(seq, _)| *seq).collect();
+        let stale_before = store.database_now_ms().await? - self.stale_merged_after_ms;
         let prefix = ObjectPath::from(directory);
         let listed: Vec<object_store::ObjectMeta> = self
             .objects
@@ -430,7 +629,8 @@ impl FleetData {
                 if file.size < COMPACT_MAX_FILE_BYTES {
                     live.push(file);
                 }
-            } else if merged_name(&stem).is_some()
+            } else if merged_name(&stem)
+                .is_some_and(|_| file.last_modified.timestamp_millis() < stale_before)
                 || batch_name(&stem).is_some_and(|seq| recorded.contains(&seq))
             {
                 stale.push(file);
@@ -442,45 +642,79 @@ impl FleetData {
                 .map_err(|e| DataError::Storage(e.to_string()))?;
         }
         live.sort_by(|a, b| a.location.cmp(&b.location));
-        let groups = groups_of_at_most(live, COMPACT_TARGET_BYTES);
+        // Groups are sized by what their rows take decoded, not by their compressed
+        // files: a few megabytes of zstd can hold gigabytes of repeated values. Each
+        // file is read once, and a group is merged before the next file would take it
+        // past the target.
         let mut merged = 0;
-        for group in groups
-            .iter()
-            .filter(|group| group.len() >= COMPACT_MIN_FILES)
-        {
-            merged += self
-                .merge(store, device, (pipeline, sink), directory, group)
-                .await?;
+        let mut group = Group::default();
+        for file in live {
+            let batches = match self.read_parquet(&file.location).await {
+                Ok(batches) => batches,
+                Err(DataError::Damaged { object, message }) => {
+                    self.quarantine(&file.location, &message).await?;
+                    tracing::error!("quarantined {object}, which does not read: {message}");
+                    continue;
+                }
+                Err(other) => return Err(other),
+            };
+            let bytes: u64 = batches
+                .iter()
+                .map(|batch| batch.get_array_memory_size() as u64)
+                .sum();
+            if !group.files.is_empty() && group.bytes + bytes > self.compact_target_bytes {
+                merged += self
+                    .merge(
+                        store,
+                        (device, pipeline, sink),
+                        directory,
+                        std::mem::take(&mut group),
+                        fence,
+                    )
+                    .await?;
+            }
+            group.files.push(file);
+            group.batches.extend(batches);
+            group.bytes += bytes;
         }
+        merged += self
+            .merge(store, (device, pipeline, sink), directory, group, fence)
+            .await?;
         Ok(merged)
     }
 
-    /// Merges `files` (sorted) of `directory` into one; returns how many were merged.
+    /// The rows of the Parquet file `object`.
+    async fn read_parquet(&self, object: &ObjectPath) -> Result<Vec<RecordBatch>, DataError> {
+        let bytes = self
+            .objects
+            .get(object)
+            .await
+            .map_err(|e| DataError::Storage(e.to_string()))?
+            .bytes()
+            .await
+            .map_err(|e| DataError::Storage(e.to_string()))?;
+        let damaged = |e: &dyn std::fmt::Display| DataError::Damaged {
+            object: object.to_string(),
+            message: e.to_string(),
+        };
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|builder| builder.build())
+            .map_err(|e| damaged(&e))?;
+        reader.map(|batch| batch.map_err(|e| damaged(&e))).collect()
+    }
+
+    /// Merges a group of files (sorted) of `directory` into one, when it has at least
+    /// [`COMPACT_MIN_FILES`]; returns how many were merged.
     async fn merge(
         &self,
         store: &Store,
-        device: &str,
-        (pipeline, sink): (&str, &str),
+        (device, pipeline, sink): (&str, &str, &str),
         directory: &str,
-        files: &[object_store::ObjectMeta],
+        Group { files, batches, .. }: Group,
+        fence: &LeaseToken,
     ) -> Result<usize, DataError> {
-        let mut batches = Vec::new();
-        for file in files {
-            let bytes = self
-                .objects
-                .get(&file.location)
-                .await
-                .map_err(|e| DataError::Storage(e.to_string()))?
-                .bytes()
-                .await
-                .map_err(|e| DataError::Storage(e.to_string()))?;
-            let reader =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-                    .and_then(|builder| builder.build())
-                    .map_err(|e| DataError::Storage(e.to_string()))?;
-            for batch in reader {
-                batches.push(batch.map_err(|e| DataError::Storage(e.to_string()))?);
-            }
+        if files.len() < COMPACT_MIN_FILES {
+            return Ok(0);
         }
         let Some(schema) = batches.first().map(RecordBatch::schema) else {
             return Ok(0);
@@ -508,20 +742,67 @@ impl FleetData {
             return Ok(0);
         }
         let merged = write_parquet(&schema, &batches)?;
+        drop(batches);
         self.objects
             .put(&target, merged.into())
             .await
             .map_err(|e| DataError::Storage(e.to_string()))?;
+        // On disk before any record names it instead of its inputs.
+        self.make_durable(&target).await?;
         let inputs: Vec<String> = files.iter().map(|file| file.location.to_string()).collect();
         store
-            .repoint_batches(device, (pipeline, sink), &inputs, target.as_ref())
+            .repoint_batches(device, (pipeline, sink), &inputs, target.as_ref(), fence)
             .await?;
-        for file in files {
+        for file in &files {
             self.delete(&file.location)
                 .await
                 .map_err(|e| DataError::Storage(e.to_string()))?;
         }
         Ok(files.len())
+    }
+
+    /// Moves the unreadable file `object` under `quarantine/` (same path), where queries
+    /// do not read it and an operator can look at it; counted in
+    /// `weir_hub_quarantined_files`.
+    async fn quarantine(&self, object: &ObjectPath, why: &str) -> Result<(), DataError> {
+        let to = ObjectPath::from(format!("{QUARANTINE}/{object}"));
+        self.objects
+            .rename(object, &to)
+            .await
+            .map_err(|e| DataError::Storage(format!("cannot quarantine {object} ({why}): {e}")))?;
+        self.quarantined
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Files this hub has quarantined since it started.
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Syncs a file just written to the local file system, and the directories that
+    /// hold it up to the root (they may be new), so that it survives a power cut. An
+    /// object store (S3) answers a write only once it is durable.
+    async fn make_durable(&self, object: &ObjectPath) -> Result<(), DataError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let path = object
+            .parts()
+            .fold(root.clone(), |path, part| path.join(part.as_ref()));
+        tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&path)?.sync_all()?;
+            for dir in path.ancestors().skip(1) {
+                std::fs::File::open(dir)?.sync_all()?;
+                if dir == root {
+                    break;
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(|e| DataError::Storage(e.to_string()))?
+        .map_err(|e| DataError::Storage(format!("cannot sync {object} to disk: {e}")))
     }
 
     /// Deletes `object`; one already gone is fine.
@@ -553,9 +834,10 @@ impl FleetData {
         let mut namespaces: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
         for (pipeline, sink) in &streams {
             let stream = (pipeline.clone(), sink.clone());
-            // DataFusion keeps `information_schema` for itself: such a pipeline's tables
-            // go by their plain names only.
-            if pipeline != "information_schema" {
+            // The session's own namespaces are not a pipeline's: data such a pipeline
+            // shipped before the hub refused the names goes by plain names only, and
+            // cannot decide what another table's plain name means.
+            if !RESERVED_PIPELINES.contains(&pipeline.as_str()) {
                 namespaces
                     .entry(pipeline.clone())
                     .or_default()
@@ -712,27 +994,15 @@ impl SchemaProvider for FleetTables {
     }
 }
 
-/// `files` in order, in groups of at most `bytes` each (a larger file alone), so
-/// compaction never holds a whole day's data in memory at once.
-fn groups_of_at_most(
+/// Files of one directory read for merging, with their rows.
+#[derive(Default)]
+struct Group {
+    /// The files, in order.
     files: Vec<object_store::ObjectMeta>,
+    /// Their rows.
+    batches: Vec<RecordBatch>,
+    /// What the rows take in memory.
     bytes: u64,
-) -> Vec<Vec<object_store::ObjectMeta>> {
-    let mut groups: Vec<Vec<object_store::ObjectMeta>> = Vec::new();
-    let mut group_bytes = 0;
-    for file in files {
-        match groups.last_mut() {
-            Some(group) if group_bytes + file.size <= bytes => {
-                group_bytes += file.size;
-                group.push(file);
-            }
-            _ => {
-                group_bytes = file.size;
-                groups.push(vec![file]);
-            }
-        }
-    }
-    groups
 }
 
 /// The sequence number a batch's file is named after: 20 digits.
@@ -770,8 +1040,19 @@ fn to_parquet(
             "the batch holds no record batch".into(),
         ));
     };
-    let mut fields: Vec<Field> = first
-        .schema()
+    let first_schema = first.schema();
+    if let Some(field) = first_schema
+        .fields()
+        .iter()
+        .find(|f| f.name().to_ascii_lowercase().starts_with(HUB_COLUMN_PREFIX))
+    {
+        return Err(DataError::Conflict(format!(
+            "the batch has a column `{}`: names starting with `{HUB_COLUMN_PREFIX}` are the \
+             hub's own (`hub_device`, `hub_arrived_at`); rename it",
+            field.name()
+        )));
+    }
+    let mut fields: Vec<Field> = first_schema
         .fields()
         .iter()
         .map(|f| f.as_ref().clone())
@@ -798,6 +1079,35 @@ fn to_parquet(
         with_hub_columns.push(batch);
     }
     Ok((write_parquet(&schema, &with_hub_columns)?, schema))
+}
+
+/// A table's columns as [`Store::set_stream_columns`] keeps them: the Arrow IPC schema
+/// message, base64, so the text does not depend on how Arrow prints a type.
+fn encode_columns(schema: &Schema) -> Result<String, DataError> {
+    use base64::Engine;
+    let bytes = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)
+        .and_then(|writer| writer.into_inner())
+        .map_err(|e| DataError::Encode(e.to_string()))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// The columns [`encode_columns`] wrote.
+fn decode_columns(text: &str) -> Result<SchemaRef, DataError> {
+    use base64::Engine;
+    let unreadable = |message: String| {
+        DataError::Store(StoreError::Corrupt {
+            what: "the recorded columns of a fleet table".into(),
+            message,
+        })
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| unreadable(e.to_string()))?;
+    match decode_within(&bytes, &IpcLimits::generous()) {
+        Ok((Some(schema), _)) => Ok(schema),
+        Ok((None, _)) => Err(unreadable("no schema".into())),
+        Err(e) => Err(unreadable(e.to_string())),
+    }
 }
 
 /// `batches` as one Parquet file, zstd-compressed.
@@ -875,31 +1185,93 @@ mod tests {
         assert!(refused("s3://b#x/a").contains("a bucket name is"));
     }
 
-    #[test]
-    fn compaction_merges_in_bounded_groups() {
-        let file = |n: u64, size: u64| object_store::ObjectMeta {
-            location: ObjectPath::from(format!("d/{n:020}.parquet")),
-            last_modified: chrono::DateTime::UNIX_EPOCH,
-            size,
-            e_tag: None,
-            version: None,
-        };
-        let sizes = |groups: Vec<Vec<object_store::ObjectMeta>>| -> Vec<Vec<u64>> {
-            groups
-                .into_iter()
-                .map(|group| group.iter().map(|file| file.size).collect())
-                .collect()
-        };
-        let files = vec![file(0, 4), file(1, 4), file(2, 3), file(3, 12), file(4, 1)];
-        assert_eq!(
-            sizes(groups_of_at_most(files, 10)),
-            [vec![4, 4], vec![3], vec![12], vec![1]]
-        );
-        assert_eq!(
-            sizes(groups_of_at_most(vec![file(0, 1), file(1, 1)], 10)),
-            [vec![1, 1]]
-        );
-        assert!(groups_of_at_most(Vec::new(), 10).is_empty());
+    /// A shipped batch of `rows` rows whose text compresses to almost nothing: what a
+    /// device sends when a column repeats one long value.
+    fn compressible_batch(rows: usize) -> bytes::Bytes {
+        let schema = Arc::new(Schema::new(vec![Field::new("note", DataType::Utf8, false)]));
+        let note = "x".repeat(1000);
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(StringArray::from_iter_values(
+                std::iter::repeat_n(note.as_str(), rows),
+            ))],
+        )
+        .unwrap();
+        weir_outbox::frame::encode_batch(&batch).unwrap().into()
+    }
+
+    #[tokio::test]
+    async fn compaction_groups_are_sized_by_decoded_bytes() {
+        use futures::TryStreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::Database::choose(None, dir.path()))
+            .await
+            .unwrap();
+        // 40 files of about 100 KB decoded each, a few KB on disk: by their stored size
+        // all would go into one merged file.
+        let target = 2_500_000;
+        let data = FleetData::local(&dir.path().join("fleet"))
+            .unwrap()
+            .with_compact_target(target);
+        for seq in 0..40 {
+            let id = BatchId {
+                device: "edge-a",
+                pipeline: "plant",
+                sink: "notes",
+                seq,
+                appended_ms: 1_767_225_600_000,
+            };
+            let stored = data
+                .ingest(&store, id, compressible_batch(100), 1)
+                .await
+                .unwrap();
+            assert_eq!(stored, Ingested::Stored(100));
+        }
+        let directory = "pipeline=plant/sink=notes/date=2026-01-01/device=edge-a";
+        // One file is damaged: it is quarantined, and the rest are merged.
+        let damaged = format!("{directory}/00000000000000000005.parquet");
+        std::fs::write(dir.path().join("fleet").join(&damaged), b"not parquet").unwrap();
+        let fence = store
+            .take_lease("compaction", "test", 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let merged = data
+            .compact_directory(&store, directory, &fence)
+            .await
+            .unwrap();
+        assert!(merged >= 32, "{merged} files merged");
+        assert_eq!(data.quarantined(), 1);
+        assert!(dir.path().join("fleet/quarantine").join(&damaged).exists());
+        let files: Vec<object_store::ObjectMeta> = data
+            .objects
+            .list(Some(&ObjectPath::from(directory)))
+            .try_collect()
+            .await
+            .unwrap();
+        let mut rows = 0;
+        let mut merged_files = 0;
+        for file in &files {
+            let batches = data.read_parquet(&file.location).await.unwrap();
+            rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+            let stem = file
+                .location
+                .filename()
+                .unwrap()
+                .trim_end_matches(".parquet");
+            if let Some((first, last)) = merged_name(stem) {
+                // Each input holds at least 100 KB of text.
+                merged_files += 1;
+                let inputs = last - first + 1;
+                assert!(
+                    inputs as u64 <= target / 100_000,
+                    "{} merges {inputs}",
+                    file.location
+                );
+            }
+        }
+        assert!(merged_files >= 2, "{files:?}");
+        assert_eq!(rows, 3900);
     }
 
     #[tokio::test]

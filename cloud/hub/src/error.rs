@@ -35,6 +35,13 @@ pub enum StoreError {
         /// Why it cannot be read.
         message: String,
     },
+    /// A job's lease was lost (it expired, or another hub took it) before a step only
+    /// its holder may take: the step was not taken.
+    #[error("the {lease} lease is no longer held by this hub")]
+    LeaseLost {
+        /// The lease.
+        lease: String,
+    },
     /// Any other database error.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

@@ -19,7 +19,7 @@ use crate::identity::{self, DeviceKey, HubSecret, KeySlot};
 use crate::metrics::HubMetrics;
 use crate::protocol::{Connection, PipelineDocument};
 use crate::relay::QueryRelay;
-use crate::store::{Database, DeviceCredentials, Store};
+use crate::store::{Database, DeviceCredentials, LeaseToken, Store};
 
 /// The setting that holds the SHA-256 of a generated admin token.
 const ADMIN_TOKEN_SETTING: &str = "admin_token_sha256";
@@ -57,6 +57,10 @@ pub struct HubConfig {
     pub fleet_data: FleetLocation,
     /// The bounds on a query over the fleet's data; a request may ask for less.
     pub query_limits: weir_query::Limits,
+    /// How long the compaction lease lasts without renewal: a hub that stops while
+    /// compacting holds the job up this long. Its files no record names are deleted
+    /// only once twice as old.
+    pub compaction_lease: Duration,
 }
 
 impl HubConfig {
@@ -73,6 +77,7 @@ impl HubConfig {
             sync_interval: Duration::from_secs(1),
             offline_after: Duration::from_secs(90),
             max_poll_wait: Duration::from_secs(60),
+            compaction_lease: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -110,10 +115,9 @@ pub struct Opened {
 /// How often the shipped data's small files are looked at for compaction.
 const COMPACT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The lease that lets one hub at a time compact, and how long a holder keeps it
-/// without renewing: a hub that stops holds it this long at most.
+/// The lease that lets one hub at a time compact ([`HubConfig::compaction_lease`] says
+/// for how long without renewing).
 const COMPACT_LEASE: &str = "compaction_lease";
-const COMPACT_LEASE_MS: i64 = 5 * 60 * 1000;
 
 /// How far back a hub's first pass looks (and the most a later one does).
 const COMPACT_LOOKBACK_MS: i64 = 2 * 24 * 3600 * 1000;
@@ -152,7 +156,9 @@ impl Hub {
         registry.register(Arc::new(ModuleFactory::new(modules)));
         // Deployments may ship to the hub; the hub itself never runs them.
         registry.register(Arc::new(weir_outbox::HubSinkFactory::new(None)));
-        let data = FleetData::open(&config.fleet_data).await?;
+        let data = FleetData::open(&config.fleet_data)
+            .await?
+            .with_compaction_lease(config.compaction_lease);
         let (changes, _) = watch::channel(-1);
         let hub = Arc::new(Hub {
             store,
@@ -236,9 +242,7 @@ impl Hub {
     /// that fails is logged and left for a later batch to bring back. `None` when the
     /// pass did not run or stopped.
     pub async fn compact_once(&self, since_ms: i64) -> Option<Compacted> {
-        if !self.hold_compaction_lease().await {
-            return None;
-        }
+        self.hold_compaction_lease().await?;
         let directories = match self.store.directories_ingested_since(since_ms).await {
             Ok(directories) => directories,
             Err(e) => {
@@ -248,10 +252,12 @@ impl Hub {
         };
         let mut done = Compacted::default();
         for directory in directories {
-            if !self.hold_compaction_lease().await {
-                return None;
-            }
-            match self.data.compact_directory(&self.store, &directory).await {
+            let fence = self.hold_compaction_lease().await?;
+            match self
+                .data
+                .compact_directory(&self.store, &directory, &fence)
+                .await
+            {
                 Ok(0) => {}
                 Ok(files) => {
                     done.directories += 1;
@@ -270,18 +276,22 @@ impl Hub {
         Some(done)
     }
 
-    /// Takes or renews the compaction lease for [`COMPACT_LEASE_MS`] from now.
-    async fn hold_compaction_lease(&self) -> bool {
-        let now = crate::protocol::now_ms();
+    /// Takes or renews the compaction lease for [`HubConfig::compaction_lease`], by the
+    /// database's clock; gives the token that fences this hub's compaction steps.
+    async fn hold_compaction_lease(&self) -> Option<LeaseToken> {
         match self
             .store
-            .try_lease(COMPACT_LEASE, &self.instance, now, now + COMPACT_LEASE_MS)
+            .take_lease(
+                COMPACT_LEASE,
+                &self.instance,
+                i64::try_from(self.config.compaction_lease.as_millis()).unwrap_or(i64::MAX),
+            )
             .await
         {
-            Ok(held) => held,
+            Ok(token) => token,
             Err(e) => {
                 tracing::warn!("cannot take the compaction lease: {e}");
-                false
+                None
             }
         }
     }

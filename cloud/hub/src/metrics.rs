@@ -21,6 +21,8 @@ pub struct HubMetrics {
     deployments: IntGaugeVec,
     rollout: IntGaugeVec,
     ingested: IntCounterVec,
+    refused: IntCounterVec,
+    quarantined: prometheus::IntGauge,
 }
 
 impl Default for HubMetrics {
@@ -86,9 +88,26 @@ impl HubMetrics {
             &["unit"],
         )
         .expect("valid metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "weir_hub_ingest_refused_total",
+                "Shipped batches the hub refused, by reason: malformed, over-limit, conflict \
+                 (a column of another type, a hub_* column, a reserved pipeline name).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let quarantined = prometheus::IntGauge::new(
+            "weir_hub_quarantined_files",
+            "Files of the fleet's data this hub found unreadable and moved under quarantine/ \
+             since it started.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ingested.clone()),
+            Box::new(refused.clone()),
+            Box::new(quarantined.clone()),
             Box::new(latency.clone()),
             Box::new(devices.clone()),
             Box::new(deployments.clone()),
@@ -107,7 +126,20 @@ impl HubMetrics {
             deployments,
             rollout,
             ingested,
+            refused,
+            quarantined,
         }
+    }
+
+    /// Counts one refused batch.
+    pub fn refused(&self, reason: &str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Sets how many files were quarantined.
+    pub fn set_quarantined(&self, files: u64) {
+        self.quarantined
+            .set(i64::try_from(files).unwrap_or(i64::MAX));
     }
 
     /// Counts one stored batch.

@@ -52,6 +52,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "compaction and the fleet's tables",
         include_str!("../migrations/0003_compaction.sql"),
     ),
+    (
+        4,
+        "the columns of the fleet's tables",
+        include_str!("../migrations/0004_stream_columns.sql"),
+    ),
 ];
 
 /// How long a SQLite connection waits for another writer before giving up.
@@ -239,22 +244,47 @@ pub struct Store {
     pool: AnyPool,
     /// For writes: on SQLite one connection, on PostgreSQL the same pool as reads.
     writer: AnyPool,
+    /// Which engine, for the few statements the two spell differently.
+    backend: Backend,
 }
 
-/// A SQLite connection as the hub wants it: WAL, and a generous busy timeout.
-fn sqlite_pool() -> AnyPoolOptions {
-    AnyPoolOptions::new().after_connect(|connection, _| {
+/// A job's lease as its holder last took or renewed it: a step only the holder may take
+/// is fenced by it ([`Store::repoint_batches`]). Two takings never give equal tokens: the
+/// expiry moves forward with every one, and the holder is a hub's run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseToken {
+    /// The lease.
+    pub name: String,
+    /// The lease's stored value when it was taken: expiry and holder.
+    value: String,
+}
+
+impl LeaseToken {
+    /// When the lease expires, ms since the Unix epoch by the database's clock.
+    pub fn expires_ms(&self) -> i64 {
+        self.value
+            .get(..20)
+            .and_then(|until| until.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A SQLite connection as the hub wants it: WAL, and a generous busy timeout. Writes
+/// are synchronous FULL: a commit (an acknowledged batch's record) is on disk before
+/// the hub answers, and survives a power cut.
+fn sqlite_pool(synchronous: &'static str) -> AnyPoolOptions {
+    AnyPoolOptions::new().after_connect(move |connection, _| {
         Box::pin(async move {
             let busy = format!("PRAGMA busy_timeout = {}", SQLITE_BUSY_TIMEOUT.as_millis());
             sqlx::query(sqlx::AssertSqlSafe(busy))
                 .execute(&mut *connection)
                 .await?;
             // WAL: readers do not wait for the writer, and a commit is an append.
-            // NORMAL syncs at checkpoints, which WAL keeps safe from corruption.
             sqlx::query("PRAGMA journal_mode = WAL")
                 .execute(&mut *connection)
                 .await?;
-            sqlx::query("PRAGMA synchronous = NORMAL")
+            let synchronous = format!("PRAGMA synchronous = {synchronous}");
+            sqlx::query(sqlx::AssertSqlSafe(synchronous))
                 .execute(&mut *connection)
                 .await?;
             Ok(())
@@ -307,8 +337,11 @@ impl Store {
             // busy sleeps and retries: every write goes through one connection, so
             // writes queue in the pool instead. Readers (WAL) never wait for it.
             Backend::Sqlite => {
-                let writer = connect(sqlite_pool().max_connections(1), options.clone()).await?;
-                let readers = connect(sqlite_pool().max_connections(8), options).await?;
+                // FULL for the writer: in WAL mode each commit syncs the log. Readers
+                // write nothing.
+                let writer =
+                    connect(sqlite_pool("FULL").max_connections(1), options.clone()).await?;
+                let readers = connect(sqlite_pool("NORMAL").max_connections(8), options).await?;
                 (readers, writer)
             }
             Backend::Postgres => {
@@ -316,7 +349,11 @@ impl Store {
                 (pool.clone(), pool)
             }
         };
-        let store = Store { pool, writer };
+        let store = Store {
+            pool,
+            writer,
+            backend,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -857,8 +894,33 @@ impl Store {
         (pipeline, sink): (&str, &str),
         objects: &[String],
         merged: &str,
+        fence: &LeaseToken,
     ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
+        // The lease must still be as its holder took it, and unexpired by the database's
+        // clock. On PostgreSQL the row stays locked until the commit, so no hub takes
+        // the lease between this check and the records moving.
+        let lock = match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        };
+        let held = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT value FROM hub_settings WHERE name = $1{lock}"
+        )))
+        .bind(&fence.name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| row.try_get::<String, _>(0))
+        .transpose()?;
+        let now: i64 = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {}", self.now_sql())))
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        if held.as_deref() != Some(fence.value.as_str()) || fence.expires_ms() < now {
+            return Err(StoreError::LeaseLost {
+                lease: fence.name.clone(),
+            });
+        }
         for object in objects {
             sqlx::query(
                 "UPDATE hub_ingested SET object = $1 \
@@ -874,6 +936,43 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The database's clock, ms since the Unix epoch: what leases are judged by, so hubs
+    /// whose clocks disagree still agree on who holds one.
+    pub async fn database_now_ms(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {}", self.now_sql())))
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// SQL for the database's clock in ms.
+    fn now_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS BIGINT)",
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
+    /// Takes or renews lease `name` for `holder` for `duration_ms` by the database's
+    /// clock; gives the token that fences the holder's steps, or `None` when another
+    /// holder has it.
+    pub async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        duration_ms: i64,
+    ) -> Result<Option<LeaseToken>, StoreError> {
+        let now = self.database_now_ms().await?;
+        let until = now.saturating_add(duration_ms);
+        Ok(self
+            .try_lease(name, holder, now, until)
+            .await?
+            .then(|| LeaseToken {
+                name: name.to_owned(),
+                value: lease_value(until, holder),
+            }))
     }
 
     /// Takes or renews lease `name` for `holder` until `until_ms`, unless another holder
@@ -895,12 +994,63 @@ impl Store {
              WHERE hub_settings.value < $3 OR substr(hub_settings.value, 22) = $4",
         )
         .bind(name)
-        .bind(format!("{until_ms:020}:{holder}"))
+        .bind(lease_value(until_ms, holder))
         .bind(format!("{now_ms:020}"))
         .bind(holder)
         .execute(&self.writer)
         .await?;
         Ok(taken.rows_affected() == 1)
+    }
+
+    /// The columns the table of `pipeline/sink` has taken, as
+    /// [`Store::set_stream_columns`] last wrote them; `None` before its first batch.
+    pub async fn stream_columns(
+        &self,
+        (pipeline, sink): (&str, &str),
+    ) -> Result<Option<String>, StoreError> {
+        let row =
+            sqlx::query("SELECT columns FROM hub_stream_columns WHERE pipeline = $1 AND sink = $2")
+                .bind(pipeline)
+                .bind(sink)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|row| row.try_get(0)).transpose()?)
+    }
+
+    /// Sets the columns of `pipeline/sink` to `columns` if they are still `previous`
+    /// (`None`: no columns yet); gives whether they were. Two hubs taking new columns for
+    /// one table at once cannot both win: the loser reads them again.
+    pub async fn set_stream_columns(
+        &self,
+        (pipeline, sink): (&str, &str),
+        previous: Option<&str>,
+        columns: &str,
+    ) -> Result<bool, StoreError> {
+        let done =
+            match previous {
+                None => sqlx::query(
+                    "INSERT INTO hub_stream_columns (pipeline, sink, columns) VALUES ($1, $2, $3) \
+                     ON CONFLICT (pipeline, sink) DO NOTHING",
+                )
+                .bind(pipeline)
+                .bind(sink)
+                .bind(columns)
+                .execute(&self.writer)
+                .await?,
+                Some(previous) => {
+                    sqlx::query(
+                        "UPDATE hub_stream_columns SET columns = $3 \
+                     WHERE pipeline = $1 AND sink = $2 AND columns = $4",
+                    )
+                    .bind(pipeline)
+                    .bind(sink)
+                    .bind(columns)
+                    .bind(previous)
+                    .execute(&self.writer)
+                    .await?
+                }
+            };
+        Ok(done.rows_affected() == 1)
     }
 
     /// Every (pipeline, sink) devices have shipped data for.
@@ -918,6 +1068,12 @@ impl Store {
         self.pool.close().await;
         self.writer.close().await;
     }
+}
+
+/// A lease's stored value: the expiry, zero-padded so that comparing text compares
+/// times, then the holder.
+fn lease_value(until_ms: i64, holder: &str) -> String {
+    format!("{until_ms:020}:{holder}")
 }
 
 /// Bumps the fleet's change generation inside `tx` and returns the new value.
@@ -1018,6 +1174,27 @@ mod tests {
             Database::choose(None, Path::new("/var/lib/weir-hub")).describe(),
             "SQLite database /var/lib/weir-hub/hub.db"
         );
+    }
+
+    #[tokio::test]
+    async fn sqlite_writes_are_synced_before_they_are_acknowledged() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&Database::Sqlite(dir.path().join("hub.db")))
+            .await
+            .expect("opens");
+        let synchronous = |pool: AnyPool| async move {
+            sqlx::query("PRAGMA synchronous")
+                .fetch_one(&pool)
+                .await
+                .expect("reads")
+                .try_get::<i64, _>(0)
+                .expect("a number")
+        };
+        // 2 is FULL: every commit syncs the write-ahead log.
+        assert_eq!(synchronous(store.writer.clone()).await, 2);
+        let now = store.database_now_ms().await.expect("the clock");
+        let ours = crate::protocol::now_ms();
+        assert!((now - ours).abs() < 5_000, "database {now}, hub {ours}");
     }
 
     #[tokio::test]

@@ -37,6 +37,27 @@ fn shipped_batch(from: i64, rows: i64) -> Vec<u8> {
     weir_outbox::frame::encode_batch(&batch).expect("encodes")
 }
 
+/// `batch` as Arrow IPC with `codec`, with or without the end-of-stream marker.
+fn ipc_of(
+    batch: &weir_engine::arrow::record_batch::RecordBatch,
+    codec: Option<weir_engine::arrow::ipc::CompressionType>,
+    finish: bool,
+) -> Vec<u8> {
+    use weir_engine::arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
+    let options = IpcWriteOptions::default()
+        .try_with_compression(codec)
+        .expect("a codec");
+    let mut out = Vec::new();
+    let mut writer =
+        StreamWriter::try_new_with_options(&mut out, &batch.schema(), options).expect("a writer");
+    writer.write(batch).expect("writes");
+    if finish {
+        writer.finish().expect("finishes");
+    }
+    drop(writer);
+    out
+}
+
 /// An S3 location in `server`'s `bucket`, under `prefix`.
 fn s3_location(server: &S3Server, bucket: &str, prefix: &str) -> FleetLocation {
     FleetLocation::S3(S3Location {
@@ -89,6 +110,136 @@ async fn shipped_batches_in_an_s3_bucket() {
     shipped_batches_are_stored_once_per_device_and_queryable(Db::Sqlite, Storage::S3(server)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_past_the_hubs_limits_are_refused_and_the_hub_goes_on() {
+    use weir_engine::arrow::array::Int8Array;
+    use weir_engine::arrow::datatypes::{DataType, Field, Schema};
+    use weir_engine::arrow::ipc::CompressionType;
+    use weir_engine::arrow::record_batch::RecordBatch;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(Db::Sqlite, dir.path()).await;
+    let (hub, _) = Setup::new(dir.path(), &database.database).start().await;
+    let a = hub.register("edge-a", &[]).await;
+    let as_a = hub.device("edge-a", &a.keys.primary);
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int8, false)]));
+    let rows = |n: usize| {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int8Array::from(vec![0i8; n]))],
+        )
+        .expect("a batch")
+    };
+    let ship = |seq: u64, body: Vec<u8>| as_a.ship("edge-a", ("plant", "uplink", seq), DAY, body);
+    // More rows than a batch may hold: 8 MB of zeros that zstd sends in a few KB.
+    let many = ipc_of(&rows(8_000_001), Some(CompressionType::ZSTD), true);
+    assert!(many.len() < 64 << 10, "{} bytes", many.len());
+    assert_eq!(refusal_status(ship(0, many).await), 413);
+    // A stream cut off between messages.
+    assert_eq!(
+        refusal_status(ship(1, ipc_of(&rows(10), Some(CompressionType::ZSTD), false)).await),
+        400
+    );
+    // Neither was recorded: the same sequence numbers, sent well, are stored.
+    for seq in 0..2 {
+        let stored = ship(seq, ipc_of(&rows(10), Some(CompressionType::ZSTD), true))
+            .await
+            .expect("stored");
+        assert_eq!((stored.stored, stored.rows), (true, 10));
+    }
+}
+
+on_both_databases!(a_device_cannot_break_or_spoof_a_shared_table);
+
+async fn a_device_cannot_break_or_spoof_a_shared_table(db: Db) {
+    use weir_engine::arrow::array::{ArrayRef, Int64Array, StringArray};
+    use weir_engine::arrow::datatypes::{Field, Schema};
+    use weir_engine::arrow::record_batch::RecordBatch;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(db, dir.path()).await;
+    let (hub, _) = Setup::new(dir.path(), &database.database).start().await;
+    let a = hub.register("edge-a", &[]).await;
+    let b = hub.register("edge-b", &[]).await;
+    let as_a = hub.device("edge-a", &a.keys.primary);
+    let as_b = hub.device("edge-b", &b.keys.primary);
+    let batch = |columns: Vec<(&str, ArrayRef)>| {
+        let schema = Arc::new(Schema::new(
+            columns
+                .iter()
+                .map(|(name, array)| Field::new(*name, array.data_type().clone(), false))
+                .collect::<Vec<_>>(),
+        ));
+        let arrays = columns.into_iter().map(|(_, array)| array).collect();
+        let batch = RecordBatch::try_new(schema, arrays).expect("a batch");
+        weir_outbox::frame::encode_batch(&batch).expect("encodes")
+    };
+    let numbers = |n: i64| -> ArrayRef { Arc::new(Int64Array::from(vec![n])) };
+    let text = |t: &str| -> ArrayRef { Arc::new(StringArray::from(vec![t])) };
+    as_a.ship(
+        "edge-a",
+        ("plant", "uplink", 0),
+        DAY,
+        batch(vec![("n", numbers(1))]),
+    )
+    .await
+    .expect("stored");
+    // Another type for a column the table has: refused, and the table still reads.
+    assert_eq!(
+        refusal_status(
+            as_b.ship(
+                "edge-b",
+                ("plant", "uplink", 0),
+                DAY,
+                batch(vec![("n", text("x"))])
+            )
+            .await
+        ),
+        422
+    );
+    // A column of the hub's own, to pass rows off as another device's.
+    assert_eq!(
+        refusal_status(
+            as_b.ship(
+                "edge-b",
+                ("plant", "uplink", 0),
+                DAY,
+                batch(vec![("n", numbers(2)), ("hub_device", text("edge-a"))])
+            )
+            .await
+        ),
+        422
+    );
+    // A pipeline named like the namespace of unqualified names.
+    assert_eq!(
+        refusal_status(
+            as_b.ship(
+                "edge-b",
+                ("public", "uplink", 0),
+                DAY,
+                batch(vec![("n", numbers(3))])
+            )
+            .await
+        ),
+        422
+    );
+    // A new column is taken, and the table has both.
+    as_b.ship(
+        "edge-b",
+        ("plant", "uplink", 0),
+        DAY,
+        batch(vec![("n", numbers(4)), ("site", text("north"))]),
+    )
+    .await
+    .expect("stored");
+    let mut request =
+        weir_query::QueryRequest::new("SELECT hub_device, n, site FROM uplink ORDER BY hub_device");
+    request.format = Some(weir_query::Format::Csv);
+    let answer = hub.admin.query(&request).await.expect("the fleet answers");
+    assert_eq!(
+        String::from_utf8(answer.body).unwrap(),
+        "hub_device,n,site\nedge-a,1,\nedge-b,4,north\n"
+    );
+}
+
 async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storage: Storage) {
     let dir = tempfile::tempdir().expect("temp dir");
     let database = TestDatabase::new(db, dir.path()).await;
@@ -96,6 +247,8 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
     if let Storage::S3(server) = &storage {
         setup.fleet_data = Some(s3_location(server, "fleet", "plant-hub"));
     }
+    // Short, so that a merged file no record names is soon old enough to delete.
+    setup.compaction_lease = Duration::from_secs(2);
     let (hub, _) = setup.start().await;
     let files: Arc<dyn ObjectStore> = match &storage {
         Storage::Directory => Arc::new(
@@ -249,8 +402,9 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
         .expect("stored");
     assert!(resent.stored);
     // What a compaction stopped halfway leaves: an original whose record now names the
-    // merged file, and a merged file no record names. The next pass deletes both, as
-    // their rows are held elsewhere.
+    // merged file, and a merged file no record names. A pass deletes both, as their
+    // rows are held elsewhere, once the merged one is older than twice the lease (until
+    // then it may be another hub's, about to be pointed at).
     let stale = [
         ObjectPath::from(format!("{day_dir}/00000000000000000002.parquet")),
         ObjectPath::from(format!(
@@ -263,6 +417,7 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
             .await
             .expect("a stale file");
     }
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let compacted = hub
         .hub
         .compact_once(0)
@@ -335,6 +490,92 @@ async fn shipped_batches_are_stored_once_per_device_and_queryable(db: Db, storag
         );
     }
     hub.stop().await;
+    database.drop_database().await;
+}
+
+on_both_databases!(a_hub_that_lost_its_lease_midway_cannot_repoint_or_delete);
+
+/// Two hubs race on one directory under a short lease: the one whose lease expired
+/// while it compacted changes nothing, and a merged file in the making is not taken
+/// for a stale one.
+async fn a_hub_that_lost_its_lease_midway_cannot_repoint_or_delete(db: Db) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(db, dir.path()).await;
+    let first = Setup::new(dir.path(), &database.database).start().await.0;
+    let second = Setup::new(dir.path(), &database.database).start().await.0;
+    let created = first.register("edge-a", &[]).await;
+    let device = first.device("edge-a", &created.keys.primary);
+    for seq in 0..20 {
+        device
+            .ship(
+                "edge-a",
+                ("plant", "uplink", seq),
+                DAY,
+                shipped_batch(seq as i64, 1),
+            )
+            .await
+            .expect("stored");
+    }
+    let store = first.hub.store();
+    let day_dir = "pipeline=plant/sink=uplink/date=2026-01-01/device=edge-a";
+    let files = LocalFileSystem::new_with_prefix(dir.path().join("fleet")).expect("the directory");
+    // The first hub's lease runs out (a long pause); the second takes it.
+    let lost = store
+        .take_lease("race", "first", 200)
+        .await
+        .expect("the lease")
+        .expect("free");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let held = store
+        .take_lease("race", "second", 60_000)
+        .await
+        .expect("the lease")
+        .expect("expired, so free");
+    // A merged file the second hub is about to point records at.
+    let in_the_making = ObjectPath::from(format!(
+        "{day_dir}/00000000000000000100-00000000000000000101.parquet"
+    ));
+    files
+        .put(&in_the_making, b"rows in the making".to_vec().into())
+        .await
+        .expect("a merged file");
+    // The first hub resumes: it writes its merged file, but cannot point the records at
+    // it, so deletes none of the inputs. (Its file, named by no record, is deleted once
+    // old, or replaced by the holder's merge of the same batches.)
+    let error = first
+        .hub
+        .data()
+        .compact_directory(store, day_dir, &lost)
+        .await
+        .expect_err("the lease is lost");
+    assert!(error.to_string().contains("no longer held"), "{error}");
+    assert_eq!(objects_under(&files, day_dir).await.len(), 22);
+    // The second hub compacts, and leaves the young merged file alone.
+    let merged = second
+        .hub
+        .data()
+        .compact_directory(second.hub.store(), day_dir, &held)
+        .await
+        .expect("compacts");
+    assert_eq!(merged, 20);
+    assert_eq!(
+        objects_under(&files, day_dir).await,
+        [
+            format!("{day_dir}/00000000000000000000-00000000000000000019.parquet"),
+            in_the_making.to_string()
+        ]
+    );
+    files.delete(&in_the_making).await.expect("deleted");
+    let mut count =
+        weir_query::QueryRequest::new("SELECT count(*) AS rows, sum(n) AS total FROM uplink");
+    count.format = Some(weir_query::Format::Csv);
+    let answer = first.admin.query(&count).await.expect("the fleet answers");
+    assert_eq!(
+        String::from_utf8(answer.body).unwrap(),
+        "rows,total\n20,190\n"
+    );
+    first.stop().await;
+    second.stop().await;
     database.drop_database().await;
 }
 

@@ -23,7 +23,16 @@ pub enum ClientError {
     /// No complete answer within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The answer's body is larger than the client takes.
+    #[error("the answer is larger than the {limit} bytes allowed")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
 }
+
+/// The largest answer body a [`Client`] reads unless told otherwise.
+pub const DEFAULT_MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// An answer: its status and whole body.
 #[derive(Clone, Debug)]
@@ -45,15 +54,25 @@ impl Answer {
 pub struct Client {
     endpoint: Endpoint,
     sender: Option<SendRequest<Full<Bytes>>>,
+    max_answer_bytes: usize,
 }
 
 impl Client {
-    /// A client of `endpoint`; it dials on the first request.
+    /// A client of `endpoint` that reads answers of up to [`DEFAULT_MAX_ANSWER_BYTES`];
+    /// it dials on the first request.
     pub fn new(endpoint: Endpoint) -> Self {
         Client {
             endpoint,
             sender: None,
+            max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
         }
+    }
+
+    /// The same client, reading answers of up to `bytes`: a larger one is
+    /// [`ClientError::TooLarge`], and no more of it is read.
+    pub fn with_max_answer_bytes(mut self, bytes: usize) -> Self {
+        self.max_answer_bytes = bytes;
+        self
     }
 
     /// Where it sends.
@@ -131,11 +150,17 @@ impl Client {
         sender.ready().await.map_err(broken)?;
         let response = sender.send_request(request).await.map_err(broken)?;
         let status = response.status();
-        let body = response
-            .into_body()
+        let limit = self.max_answer_bytes;
+        let body = http_body_util::Limited::new(response.into_body(), limit)
             .collect()
             .await
-            .map_err(broken)?
+            .map_err(|error| {
+                if error.is::<http_body_util::LengthLimitError>() {
+                    ClientError::TooLarge { limit }
+                } else {
+                    ClientError::Unreachable(format!("{endpoint}: {error}"))
+                }
+            })?
             .to_bytes();
         Ok(Answer { status, body })
     }
@@ -183,4 +208,40 @@ where
         let _ = connection.await;
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A peer that answers every request on one connection with `body`.
+    async fn answering(body: Vec<u8>) -> Endpoint {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+        });
+        Endpoint::Tcp(addr)
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_the_limit_is_refused() {
+        let timeout = Duration::from_secs(10);
+        let mut small = Client::new(answering(vec![7; 2048]).await).with_max_answer_bytes(2048);
+        let answer = small.health(timeout).await.unwrap();
+        assert_eq!(answer.body.len(), 2048);
+        let mut small = Client::new(answering(vec![7; 2049]).await).with_max_answer_bytes(2048);
+        let error = small.health(timeout).await.unwrap_err();
+        assert!(
+            matches!(error, ClientError::TooLarge { limit: 2048 }),
+            "{error}"
+        );
+    }
 }

@@ -276,7 +276,10 @@ fn check_reports_a_sound_outbox_and_what_a_damaged_one_would_keep() {
         }
     }
     match Outbox::check(&path).unwrap() {
-        Check::Sound(stats) => assert_eq!((stats.batches, stats.rows), (5, 50)),
+        Check::Sound(stats, dead) => {
+            assert_eq!((stats.batches, stats.rows), (5, 50));
+            assert!(dead.is_empty());
+        }
         other => panic!("{other:?}"),
     }
     let bytes = std::fs::read(&path).unwrap();
@@ -302,6 +305,29 @@ fn check_reports_a_sound_outbox_and_what_a_damaged_one_would_keep() {
 }
 
 #[test]
+fn an_outbox_in_use_is_refused_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    let first = open(&path, unlimited());
+    first.append("p/hub", &[batch(0, 3)], T0).unwrap();
+    // A second runtime on the same state directory: not a damaged file.
+    let Err(error) = Outbox::open(&path, unlimited()) else {
+        panic!("a second open succeeded");
+    };
+    assert!(error.to_string().contains("another process"), "{error}");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["outbox.redb"], "nothing was moved or salvaged");
+    assert_eq!(first.stats().rows, 3);
+    drop(first);
+    let (again, recovery) = Outbox::open(&path, unlimited()).unwrap();
+    assert!(recovery.is_none());
+    assert_eq!(again.stats().rows, 3);
+}
+
+#[test]
 fn garbage_where_the_outbox_should_be_is_moved_aside_and_a_new_one_starts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox.redb");
@@ -315,6 +341,14 @@ fn garbage_where_the_outbox_should_be_is_moved_aside_and_a_new_one_starts() {
     );
     outbox.append("p/hub", &[batch(0, 1)], T0).unwrap();
     assert_eq!(outbox.stats().rows, 1);
+    // The salvage was written beside it and moved in: nothing else is left.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[1].starts_with("outbox.redb.damaged-"), "{names:?}");
 }
 
 #[test]
@@ -436,4 +470,64 @@ fn a_held_number_is_not_stored_twice_and_held_batches_meet_the_byte_limit_once_r
     assert_eq!(outbox.stats().dropped_rows_bytes, 6);
     assert!(outbox.next(10).unwrap().is_empty());
     assert_eq!(outbox.stats().bytes, 0);
+}
+
+#[test]
+fn a_batch_refused_for_good_is_set_aside_and_the_rest_ship() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    {
+        let outbox = open(&path, unlimited());
+        for i in 0..3 {
+            outbox
+                .append("p/hub", &[batch(i * 10, 10)], T0 + i)
+                .unwrap();
+        }
+        let first = outbox.next(10).unwrap();
+        assert_eq!(first.len(), 3);
+        outbox
+            .dead_letter(
+                "p/hub",
+                first[1].seq,
+                "refused by the hub: 422 bad column",
+                T0 + 5,
+            )
+            .unwrap();
+        let rest = outbox.next(10).unwrap();
+        assert_eq!(numbers(&rest), (0..10).chain(20..30).collect::<Vec<_>>());
+        let stats = outbox.stats();
+        assert_eq!(
+            (stats.rows, stats.dead_lettered_rows, stats.dead_letters),
+            (20, 10, 1)
+        );
+        // A frame that does not read is set aside too, instead of stopping its stream.
+        {
+            let txn = outbox.db.begin_write().unwrap();
+            txn.open_table(BATCHES)
+                .unwrap()
+                .insert(("p/hub", first[2].seq), &b"garbage"[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let rest = outbox.next(10).unwrap();
+        assert_eq!(numbers(&rest), (0..10).collect::<Vec<_>>());
+        assert_eq!(outbox.stats().dead_letters, 2);
+    }
+    // Kept across a restart, listed by `weir outbox check`, never shipped.
+    match Outbox::check(&path).unwrap() {
+        Check::Sound(stats, dead) => {
+            assert_eq!((stats.batches, stats.dead_letters), (1, 2));
+            assert_eq!(dead.len(), 2);
+            let refused = dead
+                .iter()
+                .find(|d| d.reason.contains("422"))
+                .expect("listed");
+            assert_eq!((refused.rows, refused.at_ms), (10, T0 + 5));
+            assert!(
+                dead.iter().any(|d| d.reason.contains("does not read")),
+                "{dead:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -27,7 +27,8 @@ use crate::protocol::{APPENDED_MS_HEADER, IngestAnswer, now_ms};
     security(("device" = [])),
     responses((status = 200, body = IngestAnswer), (status = 400, body = crate::protocol::ErrorBody),
         (status = 401, body = crate::protocol::ErrorBody), (status = 403, body = crate::protocol::ErrorBody),
-        (status = 422, description = "The rows cannot be stored as Parquet", body = crate::protocol::ErrorBody),
+        (status = 413, description = "The batch declares more rows, columns or decoded bytes than the hub takes", body = crate::protocol::ErrorBody),
+        (status = 422, description = "The rows do not fit their table (a column of another type, a hub_* column, a reserved pipeline name) or cannot be stored as Parquet", body = crate::protocol::ErrorBody),
         (status = 503, description = "The fleet's data store is unavailable: send the batch again later", body = crate::protocol::ErrorBody)))]
 pub async fn ingest(
     caller: Caller,
@@ -66,20 +67,39 @@ pub async fn ingest(
         seq,
         appended_ms,
     };
-    match hub.data().ingest(hub.store(), id, &body, now_ms()).await {
+    let body_len = body.len();
+    match hub.data().ingest(hub.store(), id, body, now_ms()).await {
         Ok(Ingested::Stored(rows)) => {
-            hub.metrics().ingested(rows, body.len());
+            hub.metrics().ingested(rows, body_len);
             Ok(Json(IngestAnswer { stored: true, rows }))
         }
         Ok(Ingested::Duplicate) => Ok(Json(IngestAnswer {
             stored: false,
             rows: 0,
         })),
-        Err(DataError::BadBatch(message)) => Err(ApiError::BadRequest(message)),
-        Err(error @ DataError::Encode(_)) => Err(ApiError::Rejected {
-            status: axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            message: error.to_string(),
-        }),
+        Err(DataError::BadBatch(message)) => {
+            hub.metrics().refused("malformed");
+            Err(ApiError::BadRequest(message))
+        }
+        Err(DataError::Refused(why)) => {
+            let (status, reason) = if why.is_over_limit() {
+                (StatusCode::PAYLOAD_TOO_LARGE, "over-limit")
+            } else {
+                (StatusCode::BAD_REQUEST, "malformed")
+            };
+            hub.metrics().refused(reason);
+            Err(ApiError::Rejected {
+                status,
+                message: DataError::Refused(why).to_string(),
+            })
+        }
+        Err(error @ (DataError::Encode(_) | DataError::Conflict(_))) => {
+            hub.metrics().refused("conflict");
+            Err(ApiError::Rejected {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: error.to_string(),
+            })
+        }
         Err(DataError::Store(error)) => Err(error.into()),
         Err(other) => {
             // The object store is away (an S3 outage): the device keeps the batch in its

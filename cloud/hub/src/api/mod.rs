@@ -217,6 +217,7 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Result<Response, ApiError> {
     if hub.metrics().fleet_due(crate::protocol::now_ms()) {
         admin::update_fleet_metrics(&hub).await?;
     }
+    hub.metrics().set_quarantined(hub.data().quarantined());
     let mut response = hub.metrics().render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

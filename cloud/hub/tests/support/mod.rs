@@ -146,6 +146,8 @@ pub struct Setup<'a> {
     pub fleet_data: Option<FleetLocation>,
     /// The bounds on fleet queries.
     pub query_limits: weir_query::Limits,
+    /// How long the compaction lease lasts.
+    pub compaction_lease: Duration,
 }
 
 impl<'a> Setup<'a> {
@@ -161,6 +163,7 @@ impl<'a> Setup<'a> {
             sync_interval: Duration::from_millis(200),
             fleet_data: None,
             query_limits: weir_query::Limits::default(),
+            compaction_lease: Duration::from_secs(300),
         }
     }
 
@@ -176,6 +179,7 @@ impl<'a> Setup<'a> {
             config.fleet_data = location;
         }
         config.query_limits = self.query_limits;
+        config.compaction_lease = self.compaction_lease;
         let opened = Hub::open(config).await.expect("open the hub");
         let hub = opened.hub.clone();
         let running = weir_hub::serve(
