@@ -134,6 +134,7 @@ pub fn windowed_transform(
         window,
         on_error: weir_engine::registry::OnError::Fail,
         base_dir: Path::new("."),
+        peers: &[],
     };
     let planned = factory
         .plan(&node)

@@ -115,6 +115,20 @@ pub struct NodeContext<'a> {
     pub on_error: OnError,
     /// The directory relative paths in the config are resolved against.
     pub base_dir: &'a Path,
+    /// Every node of the pipeline, this one included: for a kind whose config names
+    /// other nodes (a module's `depends_on`).
+    pub peers: &'a [PeerNode<'a>],
+}
+
+/// A node of the pipeline as another node's factory sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerNode<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its kind.
+    pub kind: &'a str,
+    /// Its `config`.
+    pub config: &'a ConfigValue,
 }
 
 impl NodeContext<'_> {

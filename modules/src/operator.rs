@@ -21,7 +21,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
-use weir_engine::config::ConfigErrors;
+use weir_engine::config::{ConfigErrors, choices_hint};
 use weir_engine::ipc::{IpcError, IpcLimits, decode_within};
 use weir_engine::metrics::{ModuleMetrics, OperatorMetrics};
 use weir_engine::registry::{
@@ -143,6 +143,96 @@ impl ModuleHost {
     }
 }
 
+/// What is wrong with a module's `depends_on`: a name that is not a node of the
+/// pipeline, a node that is not a module, or modules that wait for each other.
+fn dependency_problems(node: &NodeContext<'_>, depends_on: &[String]) -> ConfigErrors {
+    let mut errors = ConfigErrors::new();
+    let modules: Vec<&str> = node
+        .peers
+        .iter()
+        .filter(|peer| peer.kind == KIND && peer.name != node.name)
+        .map(|peer| peer.name)
+        .collect();
+    for (position, name) in depends_on.iter().enumerate() {
+        let at = position.to_string();
+        if name == node.name {
+            errors.push(node.field_error(&["depends_on", &at], "a module cannot depend on itself"));
+            continue;
+        }
+        match node.peers.iter().find(|peer| peer.name == name) {
+            None => errors.push(
+                node.field_error(
+                    &["depends_on", &at],
+                    format!("no node '{name}' in this pipeline"),
+                )
+                .with_hint(choices_hint(
+                    name,
+                    &modules,
+                    "modules of this pipeline",
+                )),
+            ),
+            Some(peer) if peer.kind != KIND => errors.push(node.field_error(
+                &["depends_on", &at],
+                format!(
+                    "'{name}' is a {} node, not a module: depends_on names modules to run first",
+                    peer.kind
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    if let Some(cycle) = dependency_cycle(node, depends_on) {
+        errors.push(node.field_error(
+            &["depends_on"],
+            format!(
+                "modules wait for each other in a cycle and none would start: {}",
+                cycle.join(" → ")
+            ),
+        ));
+    }
+    errors
+}
+
+/// A path of `depends_on` from this module back to itself, if there is one (itself
+/// named directly is reported on its own).
+fn dependency_cycle(node: &NodeContext<'_>, depends_on: &[String]) -> Option<Vec<String>> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Dependencies {
+        depends_on: Vec<String>,
+    }
+    let dependencies_of = |name: &str| -> Vec<String> {
+        node.peers
+            .iter()
+            .find(|peer| peer.name == name && peer.kind == KIND)
+            .and_then(|peer| peer.config.deserialize_into::<Dependencies>("").ok())
+            .map(|found| found.depends_on)
+            .unwrap_or_default()
+    };
+    // Depth first from each dependency, with the path that led there.
+    let mut stack: Vec<Vec<String>> = depends_on
+        .iter()
+        .filter(|name| *name != node.name)
+        .map(|name| vec![node.name.to_owned(), name.clone()])
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(path) = stack.pop() {
+        let last = path.last().expect("paths are never empty").clone();
+        if !seen.insert(last.clone()) {
+            continue;
+        }
+        for next in dependencies_of(&last) {
+            let mut longer = path.clone();
+            longer.push(next.clone());
+            if next == node.name {
+                return Some(longer);
+            }
+            stack.push(longer);
+        }
+    }
+    None
+}
+
 /// Builds `module` nodes.
 pub struct ModuleFactory {
     host: Arc<ModuleHost>,
@@ -178,9 +268,7 @@ impl OperatorFactory for ModuleFactory {
                 node.field_error(&keys, message)
             })
             .collect();
-        if config.depends_on.iter().any(|d| d == node.name) {
-            errors.push(node.field_error(&["depends_on"], "a module cannot depend on itself"));
-        }
+        errors.extend(dependency_problems(node, &config.depends_on));
         let mut outputs = Vec::new();
         match node.role {
             Role::Source => match &node.schema {
@@ -299,7 +387,12 @@ struct Module {
     max_attempts: u32,
     /// What an answer or a push may declare.
     answer_limits: IpcLimits,
+    /// The id the next batch gets: counting up from a random start chosen when the
+    /// operator starts, so ids do not repeat across restarts of the runtime (a module
+    /// that dedups by id would otherwise drop new batches as repeats).
     next_batch_id: u64,
+    /// The run that timed out on a batch, until a newer one is ready.
+    replaced: Option<u64>,
     metrics: ModuleMetrics,
     /// Where a source module pushes to.
     runtime_endpoint: Endpoint,
@@ -315,6 +408,13 @@ pub(crate) fn decode_answer(body: &[u8], limits: &IpcLimits) -> Result<Vec<Recor
         return Ok(Vec::new());
     }
     decode_within(body, limits).map(|(_, batches)| batches)
+}
+
+/// Where a run's batch ids start: random in the lower half of the range (so counting up
+/// from it never wraps), a "run id" that keeps ids of different runs apart.
+fn first_batch_id() -> u64 {
+    use rand::Rng;
+    rand::rng().random_range(1..1u64 << 62)
 }
 
 /// What became of one batch.
@@ -462,7 +562,8 @@ impl Module {
             timeout: config.timeout.0,
             max_attempts: config.max_attempts,
             answer_limits: config.answer_limits(),
-            next_batch_id: 0,
+            next_batch_id: first_batch_id(),
+            replaced: None,
             metrics,
             runtime_endpoint,
             output_schema: outputs.first().map(|o| o.stream.schema.clone()),
@@ -474,7 +575,13 @@ impl Module {
     /// run newer than that generation, so a retry does not go to a module that has
     /// crashed but is not yet seen to be down.
     async fn ready(&mut self, after: Option<(u64, Duration)>) -> Result<(), OperatorError> {
-        if let Some((generation, wait)) = after {
+        if let Some(hung) = self.replaced.take() {
+            // A run that timed out is being stopped: only a newer one takes batches.
+            let replaced = self
+                .status
+                .wait_for(|s| s.finished || (s.is_ready() && s.generation > hung));
+            let _ = replaced.await;
+        } else if let Some((generation, wait)) = after {
             let newer = self
                 .status
                 .wait_for(|s| s.finished || (s.is_ready() && s.generation > generation));
@@ -500,8 +607,8 @@ impl Module {
     /// Sends `batch` until the module answers it, it is rejected, or the attempts run out.
     async fn deliver(&mut self, batch: &RecordBatch) -> Result<Delivery, OperatorError> {
         let body = Bytes::from(encode_stream(&batch.schema(), std::slice::from_ref(batch))?);
-        self.next_batch_id += 1;
         let batch_id = self.next_batch_id;
+        self.next_batch_id = self.next_batch_id.wrapping_add(1).max(1);
         let mut after = None;
         let mut last_error = String::new();
         for attempt in 1..=self.max_attempts {
@@ -537,6 +644,17 @@ impl Module {
                     )));
                 }
                 Ok(answer) => format!("the module failed ({}): {}", answer.status, answer.text()),
+                Err(ClientError::Timeout(timeout)) => {
+                    // The instance may still be working on the batch (hung, or slow): it
+                    // is failed under the restart policy, and the retry goes to the next
+                    // one, never to this one.
+                    let reason = format!("batch {batch_id} got no answer within {timeout:?}");
+                    if let Some(supervisor) = &self.supervisor {
+                        supervisor.report_hung(generation, reason.clone());
+                    }
+                    self.replaced = Some(generation);
+                    format!("the module did not answer: {reason}")
+                }
                 Err(error) => format!("the module did not answer: {error}"),
             };
             tracing::warn!(

@@ -4,7 +4,7 @@
 //! repeats the `Weir-Batch-Id` of one already taken (a retry whose answer was lost) is
 //! answered without being taken again.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -42,26 +42,47 @@ struct Shared {
     taken: Mutex<TakenIds>,
 }
 
-/// The ids of the latest batches taken, oldest first.
+/// The ids of the latest pushes, oldest first: taken, or being taken right now.
 #[derive(Default)]
 struct TakenIds {
     order: VecDeque<u64>,
-    set: HashSet<u64>,
+    states: HashMap<u64, Taking>,
+}
+
+/// Where a push with a given id stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Taking {
+    /// Its batches are going into the pipeline now.
+    InProgress,
+    /// All of them were taken.
+    Taken,
 }
 
 impl TakenIds {
-    fn contains(&self, id: u64) -> bool {
-        self.set.contains(&id)
+    /// Claims `id` for a push about to be taken; gives what already holds it instead.
+    fn claim(&mut self, id: u64) -> Option<Taking> {
+        if let Some(state) = self.states.get(&id) {
+            return Some(*state);
+        }
+        self.states.insert(id, Taking::InProgress);
+        self.order.push_back(id);
+        while self.order.len() > REMEMBERED_IDS {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.states.remove(&oldest);
+        }
+        None
     }
 
-    fn insert(&mut self, id: u64) {
-        if self.set.insert(id) {
-            self.order.push_back(id);
-            if self.order.len() > REMEMBERED_IDS
-                && let Some(oldest) = self.order.pop_front()
-            {
-                self.set.remove(&oldest);
+    /// Settles a claimed push: taken, or released so that a retry takes it.
+    fn settle(&mut self, id: u64, taken: bool) {
+        if taken {
+            if let Some(state) = self.states.get_mut(&id) {
+                *state = Taking::Taken;
             }
+        } else if self.states.remove(&id).is_some() {
+            self.order.retain(|other| *other != id);
         }
     }
 }
@@ -135,10 +156,6 @@ async fn push(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         .get(HEADER_BATCH_ID)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let seen = |id| shared.taken.lock().expect("never poisoned").contains(id);
-    if batch_id.is_some_and(seen) {
-        return StatusCode::OK.into_response();
-    }
     let batches = match crate::operator::decode_answer(&body, &shared.limits) {
         Ok(batches) => batches,
         Err(error) => {
@@ -150,20 +167,54 @@ async fn push(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
             return (status, format!("the push is refused: {error}")).into_response();
         }
     };
-    for batch in batches {
-        let batch = match crate::operator::conform(&batch, &shared.schema) {
-            Ok(batch) => batch,
-            Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
-        };
-        let (taken, answer) = oneshot::channel();
-        if shared.batches.send((batch, taken)).await.is_err() || answer.await != Ok(true) {
-            return (StatusCode::SERVICE_UNAVAILABLE, "the pipeline is stopping").into_response();
+    let batches = match batches
+        .iter()
+        .map(|batch| crate::operator::conform(batch, &shared.schema))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(batches) => batches,
+        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+    };
+    if let Some(id) = batch_id {
+        // Claimed before any batch is taken: a retry that arrives while the first try
+        // is still being taken is told to wait, not taken a second time.
+        match shared.taken.lock().expect("never poisoned").claim(id) {
+            Some(Taking::Taken) => return StatusCode::OK.into_response(),
+            Some(Taking::InProgress) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "a push with this Weir-Batch-Id is being taken; send it again shortly",
+                )
+                    .into_response();
+            }
+            None => {}
         }
     }
-    if let Some(id) = batch_id {
-        shared.taken.lock().expect("never poisoned").insert(id);
+    // Taken, and its id settled, on a task of its own: a module that hangs up mid-push
+    // does not cancel it halfway, so the id says truly whether the whole push is in.
+    let taking = tokio::spawn(async move {
+        let mut taken = true;
+        for batch in batches {
+            let (took, answer) = oneshot::channel();
+            if shared.batches.send((batch, took)).await.is_err() || answer.await != Ok(true) {
+                taken = false;
+                break;
+            }
+        }
+        if let Some(id) = batch_id {
+            shared
+                .taken
+                .lock()
+                .expect("never poisoned")
+                .settle(id, taken);
+        }
+        taken
+    });
+    if taking.await.unwrap_or(false) {
+        StatusCode::OK.into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the pipeline is stopping").into_response()
     }
-    StatusCode::OK.into_response()
 }
 
 #[cfg(test)]
@@ -234,6 +285,52 @@ mod tests {
             writer.flush().unwrap();
         }
         assert_eq!(push_to(&mut endpoint, &mut client, unfinished).await, 400);
+        endpoint.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_push_is_taken_once_even_when_retried_while_in_progress_or_hung_up_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = Endpoint::Unix(dir.path().join("runtime.sock"));
+        let mut endpoint = SourceEndpoint::bind(&socket, schema(), IpcLimits::generous())
+            .await
+            .unwrap();
+        let body = || Bytes::from(encode_stream(&schema(), &[rows(2), rows(3)]).unwrap());
+        // The module gives up waiting (hangs up) while the pipeline is slow to take the
+        // push: it is taken whole all the same.
+        let mut impatient = Client::new(socket.clone());
+        let gave_up = impatient
+            .post_batches(body(), 7, 1, Duration::from_millis(100))
+            .await;
+        assert!(gave_up.is_err(), "the pipeline has not taken it yet");
+        // Its retry while the first try is still being taken is told to wait.
+        let mut retrying = Client::new(socket.clone());
+        let answer = retrying
+            .post_batches(body(), 7, 2, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(answer.status.as_u16(), 503);
+        let mut taken = 0;
+        for _ in 0..2 {
+            let (batch, took) = endpoint.next().await.unwrap();
+            taken += batch.num_rows();
+            took.send(true).unwrap();
+        }
+        assert_eq!(taken, 5);
+        // Once taken, the same id is answered without being taken again.
+        let answer = loop {
+            let answer = retrying
+                .post_batches(body(), 7, 3, Duration::from_secs(10))
+                .await
+                .unwrap();
+            if answer.status.as_u16() != 503 {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(answer.status.as_u16(), 200);
+        let nothing_more = tokio::time::timeout(Duration::from_millis(200), endpoint.next()).await;
+        assert!(nothing_more.is_err(), "taken twice");
         endpoint.close().await;
     }
 }

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,8 @@ impl RestartPolicy {
             (_, RunEnd::StartFailed(_)) => true,
             (RestartPolicy::OnFailure, RunEnd::Unhealthy) => false,
             (RestartPolicy::OnUnhealthy, RunEnd::Unhealthy) => true,
+            // A run that stopped answering is a failed run, whatever its health says.
+            (_, RunEnd::Hung(_)) => true,
         }
     }
 
@@ -295,12 +297,21 @@ pub struct SupervisorHandle {
     status: watch::Receiver<ModuleStatus>,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
+    hung: mpsc::UnboundedSender<(u64, String)>,
 }
 
 impl SupervisorHandle {
     /// A receiver of the module's status.
     pub fn status(&self) -> watch::Receiver<ModuleStatus> {
         self.status.clone()
+    }
+
+    /// Says that run `generation` of the module stopped answering (a batch timed out):
+    /// that run is stopped and counts as failed, and the restart policy decides what
+    /// follows, so a retry never goes to an instance that may still be working on the
+    /// same batch. A report about an earlier run is ignored.
+    pub fn report_hung(&self, generation: u64, reason: String) {
+        let _ = self.hung.send((generation, reason));
     }
 
     /// Stops the module (within its stop timeout) and the supervisor.
@@ -330,7 +341,9 @@ pub fn supervise(
 ) -> SupervisorHandle {
     let (status, receiver) = watch::channel(ModuleStatus::new());
     let cancel = CancellationToken::new();
+    let (hung, hung_reports) = mpsc::unbounded_channel();
     let supervisor = Supervisor {
+        hung: hung_reports,
         rng: ChaCha8Rng::seed_from_u64(config.seed),
         runtime,
         spec,
@@ -344,6 +357,7 @@ pub fn supervise(
         status: receiver,
         cancel,
         task: Some(tokio::spawn(supervisor.run())),
+        hung,
     }
 }
 
@@ -356,11 +370,15 @@ enum RunEnd {
     Exited(ExitInfo),
     /// It failed its health checks and the policy stopped it.
     Unhealthy,
+    /// It stopped answering batches, and was stopped.
+    Hung(String),
     /// The runtime is stopping it.
     Cancelled,
 }
 
 struct Supervisor {
+    /// Reports of runs that stopped answering: (generation, why).
+    hung: mpsc::UnboundedReceiver<(u64, String)>,
     runtime: Arc<dyn ContainerRuntime>,
     spec: LaunchSpec,
     config: SupervisorConfig,
@@ -395,6 +413,7 @@ impl Supervisor {
                 RunEnd::StartFailed(reason) => reason.clone(),
                 RunEnd::Exited(exit) => exit.to_string(),
                 RunEnd::Unhealthy => "stopped for failing its health checks".to_owned(),
+                RunEnd::Hung(reason) => format!("stopped for not answering: {reason}"),
                 RunEnd::Cancelled => unreachable!("handled above"),
             };
             let healthy_for = healthy_at.map_or(Duration::ZERO, |at| at.elapsed());
@@ -535,6 +554,12 @@ impl Supervisor {
                     }));
                 }
                 () = self.cancel.cancelled() => break RunEnd::Cancelled,
+                Some((generation, reason)) = self.hung.recv() => {
+                    if generation == self.status.borrow().generation {
+                        tracing::warn!(module = %self.spec.module, "module stopped answering: {reason}");
+                        break RunEnd::Hung(reason);
+                    }
+                }
                 Some(event) = events.next() => {
                     if let RuntimeEvent::Health(RuntimeHealth::Unhealthy) = event
                         && self.unhealthy("the container's HEALTHCHECK reports unhealthy")
@@ -581,7 +606,7 @@ impl Supervisor {
                 }
             }
         };
-        if matches!(end, RunEnd::Unhealthy | RunEnd::Cancelled)
+        if matches!(end, RunEnd::Unhealthy | RunEnd::Hung(_) | RunEnd::Cancelled)
             && let Err(error) = self.runtime.stop(&id, self.config.stop_timeout).await
         {
             tracing::warn!(module = %self.spec.module, "cannot stop module: {error}");
@@ -918,6 +943,45 @@ mod tests {
             assert_eq!(status.borrow().restarts > 0, restarted, "{policy:?}");
             // Either way it is running and healthy again.
             assert_eq!(status.borrow().state, ModuleState::Running, "{policy:?}");
+            handle.shutdown().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_reported_hung_is_stopped_and_the_policy_decides_what_follows() {
+        for (policy, restarted) in [
+            (RestartPolicy::Always, true),
+            (RestartPolicy::OnFailure, true),
+            (RestartPolicy::Never, false),
+        ] {
+            let runtime = FakeRuntime::new();
+            let handle = supervise_fake(&runtime, policy, 0.0, 300);
+            let mut status = handle.status();
+            let running = wait_until(&mut status, |s| s.state == ModuleState::Running).await;
+            // A report about a run that is already gone changes nothing.
+            handle.report_hung(running.generation - 1, "an old run".into());
+            handle.report_hung(
+                running.generation,
+                "batch 7 got no answer within 30s".into(),
+            );
+            let after = wait_until(&mut status, |s| {
+                s.finished || (s.state == ModuleState::Running && s.generation > running.generation)
+            })
+            .await;
+            let stops = runtime
+                .calls()
+                .iter()
+                .filter(|(_, c)| matches!(c, FakeCall::Stop(_)))
+                .count();
+            assert_eq!(stops, 1, "{policy:?}");
+            assert_eq!(after.restarts > 0, restarted, "{policy:?}");
+            if !restarted {
+                assert_eq!(after.state, ModuleState::Failed);
+                assert!(
+                    after.reason.unwrap().contains("not answering"),
+                    "{policy:?}"
+                );
+            }
             handle.shutdown().await;
         }
     }

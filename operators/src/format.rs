@@ -259,6 +259,7 @@ pub(crate) mod test_support {
             window: None,
             on_error: weir_engine::registry::OnError::Fail,
             base_dir,
+            peers: &[],
         };
         factory.plan(&node)
     }

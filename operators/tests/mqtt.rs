@@ -108,6 +108,7 @@ fn start_stalled(yaml: &str, stall: Option<Duration>) -> Running {
         window: None,
         on_error: weir_engine::registry::OnError::Fail,
         base_dir: Path::new("."),
+        peers: &[],
     };
     let planned = match factory.plan(&node) {
         Ok(planned) => planned,

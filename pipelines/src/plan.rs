@@ -19,7 +19,7 @@ use weir_engine::graph::{InputRef, Pipeline, PipelineBuilder};
 use weir_engine::metrics::EngineMetrics;
 use weir_engine::observe::RetainSpec;
 use weir_engine::registry::{
-    InputStream, MAIN_PORT_NAME, NodeContext, OnError, OperatorFactory, OutputSpec,
+    InputStream, MAIN_PORT_NAME, NodeContext, OnError, OperatorFactory, OutputSpec, PeerNode,
     PlannedOperator, StreamInfo,
 };
 use weir_engine::time::EventTimeSpec;
@@ -247,6 +247,15 @@ pub(crate) fn check(
         .map(|node| resolve_inputs(node, nodes, &index, errors))
         .collect();
 
+    let peers: Vec<PeerNode<'_>> = nodes
+        .iter()
+        .map(|node| PeerNode {
+            name: &node.name,
+            kind: &node.kind,
+            config: &node.config,
+        })
+        .collect();
+
     let in_cycle = report_cycles(nodes, &upstreams, errors);
     let order = topological_order(nodes.len(), &upstreams, &in_cycle);
 
@@ -259,7 +268,7 @@ pub(crate) fn check(
         let state = match (factories[i], ready) {
             (Some(factory), true) => plan_node(
                 document,
-                node,
+                (node, &peers),
                 factory,
                 &upstreams[i],
                 &states,
@@ -595,7 +604,7 @@ fn topological_order(
 
 fn plan_node(
     document: &Document,
-    node: &NodeSpec,
+    (node, peers): (&NodeSpec, &[PeerNode<'_>]),
     factory: &dyn OperatorFactory,
     upstreams: &Option<Vec<usize>>,
     states: &[Option<State>],
@@ -671,6 +680,7 @@ fn plan_node(
         window: node.window,
         on_error: node.on_error,
         base_dir,
+        peers,
     };
     if !inputs_known {
         if let Err(problems) = factory.plan(&context) {

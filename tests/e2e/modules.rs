@@ -394,6 +394,49 @@ fn module_configs_are_validated_with_every_problem_named() {
     }
 }
 
+#[test]
+fn depends_on_and_create_options_mistakes_are_validate_errors() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = dir.path().join("pipeline.yaml");
+    let module = |depends_on: &str| {
+        format!(
+            "    kind: module\n    inputs: [readings]\n    config:\n      command: [./m]\n      depends_on: {depends_on}\n"
+        )
+    };
+    let yaml = format!(
+        "version: 1\nname: deps\nsources:\n  readings:\n    kind: generator\n    config: {{count: 1}}\n\
+         transforms:\n  first:\n{}  second:\n{}  third:\n{}  boxed:\n    kind: module\n    \
+         inputs: [readings]\n    config:\n      image: weir/none:1\n      \
+         create_options: {{HostConfig: {{Memory: lots}}}}\n\
+         sinks:\n  out:\n    kind: blackhole\n    inputs: [first, second, third, boxed]\n",
+        module("[second]"),
+        module("[first]"),
+        module("[readings, secnd]"),
+    );
+    std::fs::write(&file, yaml).expect("written");
+    let output = weir()
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .expect("weir runs");
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
+    for expected in [
+        "transforms.first.config.depends_on",
+        "first → second → first",
+        "second → first → second",
+        "transforms.third.config.depends_on.0",
+        "'readings' is a generator node, not a module",
+        "transforms.third.config.depends_on.1",
+        "no node 'secnd' in this pipeline",
+        "second",
+        "transforms.boxed.config.create_options",
+        "HostConfig.Memory",
+    ] {
+        assert!(stderr.contains(expected), "{expected} in {stderr}");
+    }
+}
+
 /// A pipeline through the Python SDK's `scale.py` example with `env`; its exit code and
 /// standard error.
 fn run_scale(dir: &Path, rows: u32, env: &str) -> (Option<i32>, String) {
@@ -422,6 +465,77 @@ fn a_python_module_built_on_the_python_sdk_transforms_the_rows() {
         let t = row["temperature"].as_f64().expect("a temperature");
         assert!((175.0..=225.0).contains(&t), "scaled by 10: {t}");
     }
+}
+
+#[test]
+fn a_batch_that_times_out_is_retried_on_a_new_instance_never_beside_the_hung_one() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let script = dir.path().join("hangs_once.py");
+    // Hangs on the first batch it ever sees (across restarts: the marker stays); then
+    // passes every batch through. Each instance logs its pid as it starts and ends one.
+    std::fs::write(
+        &script,
+        r#"import os, time
+import weir_module
+
+def handle(batch):
+    with open(os.environ["LOG"], "a") as log:
+        log.write(f"{os.getpid()} start {os.environ.get('WEIR_MODULE_NAME')}\n")
+    if not os.path.exists(os.environ["MARKER"]):
+        open(os.environ["MARKER"], "w").close()
+        time.sleep(120)
+    with open(os.environ["LOG"], "a") as log:
+        log.write(f"{os.getpid()} done\n")
+    return batch
+
+weir_module.serve_transform(handle)
+"#,
+    )
+    .expect("the module is written");
+    let log = dir.path().join("calls.log");
+    let module = format!(
+        "      command: [python3, \"{}\"]\n      env: {{LOG: \"{}\", MARKER: \"{}\"}}\n      \
+         timeout: 1s\n      stop_timeout: 1s\n      health: {{interval: 100ms}}\n      \
+         backoff: {{initial: 100ms}}",
+        script.display(),
+        log.display(),
+        dir.path().join("hung").display()
+    );
+    let file = pipeline(dir.path(), 8, "5ms", &module);
+    let sdk = repo().join("modules/sdk/python");
+    let (code, stderr) = run_to_end(&file, &[("PYTHONPATH", sdk.as_os_str())]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        distinct_rows(&dir.path().join("out.jsonl")).len(),
+        8,
+        "every row, once"
+    );
+    assert!(read_json_lines(&dir.path().join("dead.jsonl")).is_empty());
+    let calls = std::fs::read_to_string(&log).expect("the module's log");
+    let hung = calls
+        .lines()
+        .next()
+        .expect("a first call")
+        .split(' ')
+        .next()
+        .unwrap();
+    assert!(
+        !calls.lines().any(|line| line == format!("{hung} done")),
+        "the hung instance answered: {calls}"
+    );
+    // The instance that hung was stopped before any retry went out: no other instance
+    // started a batch while it lived, and it is gone.
+    let answering: std::collections::BTreeSet<&str> = calls
+        .lines()
+        .skip(1)
+        .map(|line| line.split(' ').next().unwrap())
+        .collect();
+    assert!(!answering.contains(hung), "{calls}");
+    assert!(
+        !Path::new(&format!("/proc/{hung}")).exists(),
+        "the hung instance still runs"
+    );
+    assert!(stderr.contains("no answer within 1s"), "{stderr}");
 }
 
 #[test]

@@ -12,7 +12,10 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use crate::{ARROW_STREAM, Endpoint, HEADER_ATTEMPT, HEADER_BATCH_ID, PATH_BATCHES, PATH_HEALTH};
+use crate::{
+    ARROW_STREAM, Endpoint, HEADER_ATTEMPT, HEADER_BATCH_ID, HEADER_TIMEOUT_MS, PATH_BATCHES,
+    PATH_HEALTH,
+};
 
 /// A request could not be made or was not answered.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,7 @@ impl Client {
         let headers = [
             (HEADER_BATCH_ID, batch_id.to_string()),
             (HEADER_ATTEMPT, attempt.to_string()),
+            (HEADER_TIMEOUT_MS, timeout.as_millis().to_string()),
         ];
         self.send(Method::POST, PATH_BATCHES, &headers, body, timeout)
             .await

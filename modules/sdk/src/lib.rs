@@ -49,6 +49,8 @@ pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 pub const HEADER_BATCH_ID: &str = "weir-batch-id";
 /// The header counting attempts at a batch, from 1.
 pub const HEADER_ATTEMPT: &str = "weir-attempt";
+/// The header telling a module how long the runtime waits for its answer, in ms.
+pub const HEADER_TIMEOUT_MS: &str = "weir-timeout-ms";
 /// The health endpoint.
 pub const PATH_HEALTH: &str = "/v1/health";
 /// The batch endpoint (on the module for transforms and sinks, on the runtime for

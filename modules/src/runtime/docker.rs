@@ -703,7 +703,9 @@ fn not_an_image(command: &[String]) -> RuntimeError {
 /// Reads `create_options` (the Engine API's create body) into bollard's type, naming
 /// the field that does not fit: an unknown one (which serde would silently drop, and
 /// with it what the user meant) or one of the wrong type.
-fn parse_create_options(options: &Map<String, Value>) -> Result<ContainerCreateBody, String> {
+pub(crate) fn parse_create_options(
+    options: &Map<String, Value>,
+) -> Result<ContainerCreateBody, String> {
     // HostConfig first: the top-level check would otherwise report its errors without
     // saying which of its fields is wrong.
     if let Some(host_config) = options.get("HostConfig") {

@@ -1183,6 +1183,7 @@ anomalies: {probability: 2}
             window: None,
             on_error: weir_engine::registry::OnError::Fail,
             base_dir: std::path::Path::new("."),
+            peers: &[],
         };
         let mut generator = Generator::new(validate(&config, &node).unwrap());
         let started = std::time::Instant::now();

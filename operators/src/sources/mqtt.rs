@@ -1404,6 +1404,7 @@ mod tests {
             window: None,
             on_error: weir_engine::registry::OnError::Fail,
             base_dir: std::path::Path::new("."),
+            peers: &[],
         };
         let (connection, config) = node.config_split()?;
         validate(&connection, &config, &node)

@@ -79,6 +79,7 @@ fn plan_on_error(
         window,
         on_error,
         base_dir: Path::new("."),
+        peers: &[],
     };
     SqlFactory.plan(&node)
 }
