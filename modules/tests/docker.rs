@@ -600,9 +600,9 @@ async fn create_options_are_honoured_under_what_weir_owns() {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&socket_dir).unwrap().permissions().mode();
         assert_eq!(
-            mode & 0o777,
-            0o777,
-            "the module directory is world-writable"
+            mode & 0o7777,
+            0o700,
+            "the module directory is the module's alone (it runs as root here)"
         );
 
         // The module directory is writable at /run/weir, though the root is read-only.
@@ -611,6 +611,40 @@ async fn create_options_are_honoured_under_what_weir_owns() {
         assert!(exit.is_success(), "{exit:?}");
         let hello = std::fs::read_to_string(socket_dir.join("hello")).expect("/run/weir/hello");
         assert_eq!(hello, "hi\n");
+        runtime.remove(&id).await.expect("remove");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_container_running_as_another_user_gets_a_directory_of_its_own() {
+    use std::os::unix::fs::MetadataExt;
+    let fx = Fixture::new("nonroot").await;
+    support::within(TEST_LIMIT, async {
+        let runtime = &fx.runtime;
+        let mut spec = fx.spec("nonroot", &["touch"]);
+        spec.create_options = serde_json::json!({"User": "1000:1000"})
+            .as_object()
+            .cloned()
+            .unwrap();
+        let id = runtime.create(&spec).await.expect("create");
+        runtime.start(&id).await.expect("start");
+        let exit = runtime.wait(&id).await.expect("wait");
+        assert_eq!(
+            exit.code,
+            Some(0),
+            "the module could write its directory: {exit:?}"
+        );
+        let dir = std::fs::metadata(&spec.socket_dir).expect("the directory");
+        let written = std::fs::metadata(spec.socket_dir.join("hello")).expect("its file");
+        assert_eq!(written.uid(), 1000);
+        if std::fs::metadata(fx.dir.path()).expect("the root").uid() == 0 {
+            // The runtime is root: the directory is the module user's, and no one else's.
+            assert_eq!(
+                (dir.uid(), dir.gid(), dir.mode() & 0o7777),
+                (1000, 1000, 0o700)
+            );
+        }
         runtime.remove(&id).await.expect("remove");
     })
     .await;

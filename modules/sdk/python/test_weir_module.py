@@ -290,8 +290,10 @@ class TransformTests(ModuleTestCase):
     def test_echo_over_unix_socket_returns_the_batch_on_one_keepalive_connection(self):
         module = self.start(ECHO)
         module.wait_for_health()
-        self.assertEqual(os.stat(module.socket_path).st_mode & 0o666, 0o666,
-                         "socket must be connectable by a runtime running as another user")
+        # The test's directory is private (as the runtime makes it): so is the socket.
+        directory_mode = os.stat(os.path.dirname(module.socket_path)).st_mode
+        expected = 0o666 if directory_mode & 0o002 else 0o600
+        self.assertEqual(os.stat(module.socket_path).st_mode & 0o777, expected)
         batch = sample_batch()
         conn = module.connect()
         self.addCleanup(conn.close)

@@ -721,10 +721,13 @@ class _UnixServer(_ServerMixin, socketserver.ThreadingMixIn, socketserver.UnixSt
     def server_bind(self) -> None:
         _remove_stale_socket(self.server_address)
         super().server_bind()
-        # The runtime may run as a different user than the module (the socket directory is
-        # world-writable for that reason); connecting needs write permission on the socket.
+        # The runtime gives the module a directory of its own (0700), which already keeps
+        # other users away; the socket is the module's alone too. Only where the runtime
+        # could not make the directory private (it is world-writable and sticky) must the
+        # socket let a runtime of another user connect.
         try:
-            os.chmod(self.server_address, 0o666)
+            shared = os.stat(os.path.dirname(self.server_address) or ".").st_mode & 0o002
+            os.chmod(self.server_address, 0o666 if shared else 0o600)
         except OSError as exc:
             log.warning("could not chmod %s: %s", self.server_address, exc)
         self.bound_inode = os.stat(self.server_address).st_ino

@@ -265,7 +265,19 @@ impl ContainerRuntime for DockerRuntime {
                 operation: operation.clone(),
                 message: format!("create_options: {message}"),
             })?;
-        let socket_dir = prepare_socket_dir(&spec.socket_dir).await?;
+        let configured_user = match body.user.clone() {
+            Some(user) => Some(user),
+            None => self
+                .docker
+                .inspect_image(&image)
+                .await
+                .ok()
+                .and_then(|inspected| inspected.config)
+                .and_then(|config| config.user),
+        };
+        let socket_dir =
+            prepare_socket_dir(&spec.socket_dir, container_user(configured_user.as_deref()))
+                .await?;
         apply_launch_spec(&mut body, spec, &socket_dir);
 
         // A container left over with this name (Weir crashed, or was killed, before it
@@ -820,16 +832,66 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-/// Makes the module directory exist, world-writable (a module running as any user must
-/// be able to create its socket there, see docs/module-protocol.md), and returns its
+/// The user a container runs as, as numbers: `User` from `create_options`, else the
+/// image's. `None` for a user given by name (only the image's /etc/passwd knows it).
+/// No user at all is root.
+fn container_user(configured: Option<&str>) -> Option<(u32, Option<u32>)> {
+    let user = configured.map(str::trim).filter(|u| !u.is_empty());
+    let Some(user) = user else {
+        return Some((0, Some(0)));
+    };
+    let (uid, gid) = match user.split_once(':') {
+        Some((uid, gid)) => (uid, Some(gid)),
+        None => (user, None),
+    };
+    let uid = uid.parse().ok()?;
+    match gid {
+        Some(gid) => Some((uid, Some(gid.parse().ok()?))),
+        None => Some((uid, None)),
+    }
+}
+
+/// Makes the module directory exist, private to the module's user, and returns its
 /// absolute path: Docker takes a relative bind source for a volume name.
-async fn prepare_socket_dir(dir: &Path) -> Result<PathBuf, RuntimeError> {
+///
+/// The directory holds the sockets both sides listen on, so no other local user may
+/// create, replace or reach them: it is `0700`, owned by the container's user (the
+/// runtime, as root, gives it to that user; root still reaches it). Only when that
+/// cannot be done (a user known by name only, or a runtime that is not root and not
+/// that user) is it left open to everyone, sticky, with a warning.
+async fn prepare_socket_dir(
+    dir: &Path,
+    user: Option<(u32, Option<u32>)>,
+) -> Result<PathBuf, RuntimeError> {
+    use std::os::unix::fs::MetadataExt;
     let operation = || format!("prepare module directory {}", dir.display());
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| RuntimeError::io(operation(), e))?;
+    // The directory was made by the runtime: its owner is the runtime's user.
+    let runtime_uid = tokio::fs::metadata(dir)
+        .await
+        .map_err(|e| RuntimeError::io(operation(), e))?
+        .uid();
+    let mode = match user {
+        Some((uid, _)) if uid == runtime_uid || uid == 0 => 0o700,
+        Some((uid, gid)) if runtime_uid == 0 => {
+            std::os::unix::fs::chown(dir, Some(uid), gid)
+                .map_err(|e| RuntimeError::io(operation(), e))?;
+            0o700
+        }
+        _ => {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the module's container runs as a user the runtime cannot give its \
+                 directory to (a user named rather than numbered, or a runtime that is not \
+                 root): its sockets' directory is left open to every local user (sticky)"
+            );
+            0o1777
+        }
+    };
     // create_dir_all obeys the umask; the mode has to be set afterwards.
-    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
         .await
         .map_err(|e| RuntimeError::io(operation(), e))?;
     let absolute = tokio::fs::canonicalize(dir)
@@ -1162,6 +1224,42 @@ mod tests {
         named.transport = tcp;
         let host = body_for(&named).host_config.unwrap();
         assert_eq!(host.network_mode.as_deref(), Some("plant"));
+    }
+
+    #[test]
+    fn container_users_are_read_as_numbers_where_they_are_numbers() {
+        assert_eq!(container_user(None), Some((0, Some(0))));
+        assert_eq!(container_user(Some("")), Some((0, Some(0))));
+        assert_eq!(container_user(Some("1000")), Some((1000, None)));
+        assert_eq!(container_user(Some("1000:2000")), Some((1000, Some(2000))));
+        assert_eq!(container_user(Some("nobody")), None);
+        assert_eq!(container_user(Some("1000:staff")), None);
+    }
+
+    #[tokio::test]
+    async fn the_socket_directory_is_private_to_the_modules_user() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::fs::metadata(dir.path()).unwrap().uid();
+        let mine = dir.path().join("mine");
+        prepare_socket_dir(&mine, Some((me, None))).await.unwrap();
+        let meta = std::fs::metadata(&mine).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o700, me));
+        let named = dir.path().join("named");
+        prepare_socket_dir(&named, None).await.unwrap();
+        assert_eq!(std::fs::metadata(&named).unwrap().mode() & 0o7777, 0o1777);
+        if me == 0 {
+            // As root, the directory is given to the container's user.
+            let theirs = dir.path().join("theirs");
+            prepare_socket_dir(&theirs, Some((1000, Some(1000))))
+                .await
+                .unwrap();
+            let meta = std::fs::metadata(&theirs).unwrap();
+            assert_eq!(
+                (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+                (0o700, 1000, 1000)
+            );
+        }
     }
 
     #[test]
