@@ -90,6 +90,7 @@ impl ModuleHost {
     /// Containers on the local Docker engine (connected on first use), processes as
     /// children, module directories under `root`.
     pub fn new(root: PathBuf) -> Self {
+        crate::runtime::process::sweep_leftovers(&root);
         ModuleHost {
             root,
             docker: Arc::new(crate::runtime::LazyDocker::default()),
@@ -436,9 +437,12 @@ impl Module {
             base_dir,
             outputs,
         } = planned;
-        let dir = tempfile::Builder::new()
-            .prefix("weir-mod-")
-            .tempdir_in(&host.root)
+        let dir = std::fs::create_dir_all(&host.root)
+            .and_then(|()| {
+                tempfile::Builder::new()
+                    .prefix(crate::runtime::process::MODULE_DIR_PREFIX)
+                    .tempdir_in(&host.root)
+            })
             .map_err(|e| {
                 OperatorError::io(
                     format!(
@@ -499,8 +503,9 @@ impl Module {
             Program::Image { .. } => host.docker.clone(),
             Program::Process { .. } => host.process.clone(),
         };
+        let owner = crate::runtime::owner::Owner::current();
         let spec = LaunchSpec {
-            name: container_name(&pipeline, &name),
+            name: container_name(&pipeline, &name, owner.as_ref()),
             module: name.clone(),
             program,
             env: config.env.clone(),
@@ -509,10 +514,19 @@ impl Module {
             role: role_name(role),
             limits: config.limits(),
             create_options: config.create_options.clone(),
-            labels: BTreeMap::from([
-                ("io.weir.pipeline".to_owned(), pipeline.clone()),
-                ("io.weir.module".to_owned(), name.clone()),
-            ]),
+            labels: BTreeMap::from_iter(
+                [
+                    ("io.weir.pipeline".to_owned(), pipeline.clone()),
+                    ("io.weir.module".to_owned(), name.clone()),
+                ]
+                .into_iter()
+                .chain(owner.map(|owner| {
+                    (
+                        crate::runtime::owner::OWNER_LABEL.to_owned(),
+                        owner.to_string(),
+                    )
+                })),
+            ),
         };
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -737,7 +751,13 @@ fn free_loopback_port() -> Result<std::net::SocketAddr, OperatorError> {
 }
 
 /// A container name unique to the pipeline and node, in Docker's allowed characters.
-fn container_name(pipeline: &str, node: &str) -> String {
+/// `weir-PIPELINE-NODE-RUNTIME`: the runtime's part keeps two runtimes on one host that
+/// run the same pipeline from taking each other's containers for leftovers.
+fn container_name(
+    pipeline: &str,
+    node: &str,
+    owner: Option<&crate::runtime::owner::Owner>,
+) -> String {
     let clean = |text: &str| -> String {
         text.chars()
             .map(|c| {
@@ -749,7 +769,10 @@ fn container_name(pipeline: &str, node: &str) -> String {
             })
             .collect()
     };
-    format!("weir-{}-{}", clean(pipeline), clean(node))
+    match owner {
+        Some(owner) => format!("weir-{}-{}-{}", clean(pipeline), clean(node), owner.tag()),
+        None => format!("weir-{}-{}", clean(pipeline), clean(node)),
+    }
 }
 
 fn role_name(role: Role) -> &'static str {

@@ -651,6 +651,40 @@ async fn a_container_running_as_another_user_gets_a_directory_of_its_own() {
 }
 
 #[tokio::test]
+async fn only_the_containers_of_a_runtime_that_is_gone_are_swept() {
+    use weir_modules::runtime::owner::{OWNER_LABEL, Owner};
+    let fx = Fixture::new("sweep").await;
+    support::within(TEST_LIMIT, async {
+        let runtime = &fx.runtime;
+        // A runtime that has ended (a process started and reaped), and this one.
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("true runs");
+        let gone = Owner::of_process(child.id()).expect("it has a start time");
+        child.wait().expect("reaped");
+        let alive = Owner::current().expect("this process");
+        let mut ids = Vec::new();
+        for (role, owner) in [("gone", gone), ("alive", alive)] {
+            let mut spec = fx.spec(role, &["sleep"]);
+            spec.labels
+                .insert(OWNER_LABEL.to_owned(), owner.to_string());
+            let id = runtime.create(&spec).await.expect("create");
+            runtime.start(&id).await.expect("start");
+            ids.push(id);
+        }
+        let swept = runtime.sweep_leftovers().await.expect("sweeps");
+        assert!(swept >= 1, "{swept}");
+        assert!(matches!(
+            runtime.inspect(&ids[0]).await,
+            Err(RuntimeError::NoSuchInstance(_))
+        ));
+        assert!(runtime.inspect(&ids[1]).await.expect("still there").running);
+        runtime.remove(&ids[1]).await.expect("remove");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn bad_create_options_are_refused_with_the_field_named() {
     let fx = Fixture::new("badoptions").await;
     support::within(TEST_LIMIT, async {

@@ -245,6 +245,60 @@ fn a_killed_module_is_restarted_and_no_batch_is_lost_or_duplicated() {
 }
 
 #[test]
+fn process_modules_a_killed_runtime_left_running_are_ended_by_the_next_one() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let echo = private_echo(dir.path());
+    let modules = dir.path().join("modules");
+    let file = pipeline(dir.path(), 100_000, "50ms", &process_module(&echo, ""));
+    let modules_env = modules.to_str().expect("a UTF-8 path");
+    let mut killed = Running::start(
+        &["run", "--no-metrics", file.to_str().expect("a UTF-8 path")],
+        &[("WEIR_MODULE_DIR", modules_env)],
+    );
+    let module = wait_for_pid(&echo, Duration::from_secs(20));
+    killed.signal("KILL");
+    // Reaped here (a killed process has no exit code).
+    assert_eq!(killed.wait_exit(Duration::from_secs(10)), None);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        Path::new(&format!("/proc/{module}")).exists(),
+        "the module outlives a SIGKILLed runtime (it has a process group of its own)"
+    );
+    // Any runtime that starts on the same module directory ends it, and removes what
+    // the killed one left there. One that is still running is not touched: this one.
+    let mut other = Running::start(
+        &["run", "--no-metrics", file.to_str().expect("a UTF-8 path")],
+        &[("WEIR_MODULE_DIR", modules_env)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{module}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !Path::new(&format!("/proc/{module}")).exists(),
+        "the leftover still runs"
+    );
+    let second = wait_for_pid(&echo, Duration::from_secs(20));
+    let validated = weir()
+        .arg("validate")
+        .arg(&file)
+        .env("WEIR_MODULE_DIR", modules_env)
+        .status()
+        .expect("weir validate runs");
+    assert!(validated.success());
+    assert!(
+        Path::new(&format!("/proc/{second}")).exists(),
+        "a running runtime's module was ended"
+    );
+    other.signal("TERM");
+    assert_eq!(other.wait_exit(Duration::from_secs(20)), Some(0));
+    let left: Vec<_> = std::fs::read_dir(&modules)
+        .expect("the module directory")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
 fn an_unhealthy_module_is_restarted_under_on_unhealthy() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let echo = private_echo(dir.path());

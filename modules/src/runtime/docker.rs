@@ -45,8 +45,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, EventsOptionsBuilder, ImportImageOptionsBuilder,
-    InspectContainerOptions, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    InspectContainerOptions, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::{ClientVersion, Docker};
 use bytes::{Bytes, BytesMut};
@@ -100,6 +100,50 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// Removes the module containers whose runtime is gone (it crashed or was killed
+    /// before it removed them); gives how many. Containers of a runtime that still runs,
+    /// on this host or in another PID namespace, are left alone.
+    pub async fn sweep_leftovers(&self) -> Result<usize, RuntimeError> {
+        use crate::runtime::owner::{OWNER_LABEL, Owner};
+        let filters = HashMap::from([("label", vec![OWNER_LABEL])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let listed = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| docker_error("list module containers".to_owned(), e))?;
+        let mut removed = 0;
+        for container in listed {
+            let owner = container
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(OWNER_LABEL))
+                .and_then(|text| Owner::parse(text));
+            let (Some(owner), Some(id)) = (owner, container.id) else {
+                continue;
+            };
+            if !owner.is_gone() {
+                continue;
+            }
+            let options = RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build();
+            match self.docker.remove_container(&id, Some(options)).await {
+                Ok(()) => removed += 1,
+                Err(e) if is_no_such_container(&e) => {}
+                Err(e) => return Err(docker_error(format!("remove leftover container {id}"), e)),
+            }
+        }
+        if removed > 0 {
+            tracing::info!("removed {removed} module containers a stopped runtime left behind");
+        }
+        Ok(removed)
+    }
+
     /// Connects to the local engine: `DOCKER_HOST` when it is a `unix://` socket, else
     /// `/var/run/docker.sock`. Checks that the engine answers, and settles on an API
     /// version it speaks. Fails with [`RuntimeError::DockerUnavailable`] when there is no

@@ -23,7 +23,16 @@ pub struct LazyDocker {
 
 impl LazyDocker {
     async fn docker(&self) -> Result<&DockerRuntime, RuntimeError> {
-        self.docker.get_or_try_init(DockerRuntime::connect).await
+        self.docker
+            .get_or_try_init(|| async {
+                let docker = DockerRuntime::connect().await?;
+                // What a runtime that crashed left behind goes before anything starts.
+                if let Err(error) = docker.sweep_leftovers().await {
+                    tracing::warn!("cannot remove leftover module containers: {error}");
+                }
+                Ok(docker)
+            })
+            .await
     }
 
     /// The connected runtime, for the calls made after `prepare` (which connects).

@@ -17,6 +17,7 @@ pub mod docker;
 pub mod fake;
 mod lazy;
 mod log_lines;
+pub mod owner;
 pub mod process;
 
 pub use docker::DockerRuntime;

@@ -20,8 +20,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+
+use super::owner::Owner;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, watch};
 
@@ -201,6 +203,9 @@ impl ContainerRuntime for ProcessRuntime {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // A process group of its own: stopping the module stops what it started,
+            // and a runtime that starts after a crash can find and end it.
+            .process_group(0)
             .kill_on_drop(true);
         if let Program::Process {
             working_dir: Some(dir),
@@ -214,6 +219,7 @@ impl ContainerRuntime for ProcessRuntime {
             reason: error.to_string(),
         })?;
         *instance.pid.lock().expect("never poisoned") = child.id();
+        record_owner(&spec.socket_dir, child.id());
         for (stream, reader) in [
             (
                 LogStream::Stdout,
@@ -304,12 +310,13 @@ impl ContainerRuntime for ProcessRuntime {
             return Ok(());
         }
         let pid = Pid::from_raw(pid as i32);
-        let _ = kill(pid, Signal::SIGTERM);
+        // The module's whole process group: what it started goes with it.
+        let _ = killpg(pid, Signal::SIGTERM);
         if tokio::time::timeout(grace, exit.wait_for(Option::is_some))
             .await
             .is_err()
         {
-            let _ = kill(pid, Signal::SIGKILL);
+            let _ = killpg(pid, Signal::SIGKILL);
             let _ = exit.wait_for(Option::is_some).await;
         }
         Ok(())
@@ -392,6 +399,63 @@ impl ContainerRuntime for ProcessRuntime {
         })
         .boxed()
     }
+}
+
+/// The file in a process module's directory that says which runtime started which
+/// process group: `RUNTIME MODULE`, each an [`Owner`].
+const OWNER_FILE: &str = "owner";
+
+/// What every module directory's name starts with, under the module root.
+pub const MODULE_DIR_PREFIX: &str = "weir-mod-";
+
+/// Records in the module's directory that this runtime started process `pid` (the
+/// leader of its group), for [`sweep_leftovers`] after a crash.
+fn record_owner(dir: &Path, pid: Option<u32>) {
+    let (Some(runtime), Some(module)) = (Owner::current(), pid.and_then(Owner::of_process)) else {
+        return;
+    };
+    if let Err(error) = std::fs::write(dir.join(OWNER_FILE), format!("{runtime} {module}\n")) {
+        tracing::warn!(dir = %dir.display(), "cannot record the module's owner: {error}");
+    }
+}
+
+/// Ends the process modules, and removes the module directories, that a runtime which
+/// is gone left under `root` (it was killed before it could stop them); gives how many
+/// process groups were ended. What a running runtime started is left alone.
+pub fn sweep_leftovers(root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut ended = 0;
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(MODULE_DIR_PREFIX)
+        {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
+            continue;
+        };
+        let mut owners = text.split_whitespace().map(Owner::parse);
+        let (Some(Some(runtime)), Some(Some(module))) = (owners.next(), owners.next()) else {
+            continue;
+        };
+        if !runtime.is_gone() {
+            continue;
+        }
+        if !module.is_gone() {
+            let _ = killpg(Pid::from_raw(module.pid() as i32), Signal::SIGKILL);
+            ended += 1;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if ended > 0 {
+        tracing::info!("ended {ended} process modules a stopped runtime left running");
+    }
+    ended
 }
 
 #[cfg(test)]
