@@ -596,8 +596,10 @@ async fn send_reports(
             Err(error) => {
                 let delay = backoff.next_delay();
                 log_hub_error("send a report", &error, delay);
-                // A newer report replaces this one; otherwise try this one again.
-                let _ = tokio::time::timeout(delay, reports.changed()).await;
+                // The whole delay, even when a newer report comes (it replaces this one
+                // in the meantime): a hub that refuses, or answers 429, is not sent
+                // reports as fast as they change.
+                tokio::time::sleep(delay).await;
                 reports.mark_changed();
             }
         }

@@ -57,6 +57,8 @@ pub struct HubConfig {
     pub fleet_data: FleetLocation,
     /// The bounds on a query over the fleet's data; a request may ask for less.
     pub query_limits: weir_query::Limits,
+    /// What the fleet may ask of this hub at once, and each device's quotas.
+    pub limits: crate::limits::RequestLimits,
     /// How long the compaction lease lasts without renewal: a hub that stops while
     /// compacting holds the job up this long. Its files no record names are deleted
     /// only once twice as old.
@@ -78,6 +80,7 @@ impl HubConfig {
             offline_after: Duration::from_secs(90),
             max_poll_wait: Duration::from_secs(60),
             compaction_lease: Duration::from_secs(5 * 60),
+            limits: crate::limits::RequestLimits::default(),
         }
     }
 }
@@ -100,7 +103,14 @@ pub struct Hub {
     data: FleetData,
     /// This hub among those sharing the database (random, per start).
     instance: String,
+    /// Counts requests against the configured limits.
+    limiter: crate::limits::Limiter,
+    /// The fleet's status as last computed, and when: `/status` and `/metrics` share it.
+    status_cache: tokio::sync::Mutex<Option<StatusCacheEntry>>,
 }
+
+/// The fleet's status as computed at a fleet generation, at a time (ms).
+pub type StatusCacheEntry = (i64, i64, crate::protocol::FleetStatus);
 
 /// A hub that has just been opened.
 pub struct Opened {
@@ -160,6 +170,7 @@ impl Hub {
             .await?
             .with_compaction_lease(config.compaction_lease);
         let (changes, _) = watch::channel(-1);
+        let config_limits = config.limits;
         let hub = Arc::new(Hub {
             store,
             secret,
@@ -174,6 +185,8 @@ impl Hub {
             relay: QueryRelay::default(),
             data,
             instance: identity::instance_id()?,
+            limiter: crate::limits::Limiter::new(config_limits),
+            status_cache: tokio::sync::Mutex::new(None),
         });
         hub.reload().await?;
         Ok(Opened {
@@ -294,6 +307,16 @@ impl Hub {
                 None
             }
         }
+    }
+
+    /// Counts requests against the configured limits.
+    pub fn limiter(&self) -> &crate::limits::Limiter {
+        &self.limiter
+    }
+
+    /// The fleet's status as last computed: (fleet generation, when, status).
+    pub fn status_cache(&self) -> &tokio::sync::Mutex<Option<StatusCacheEntry>> {
+        &self.status_cache
     }
 
     /// The store.

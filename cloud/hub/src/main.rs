@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weir_hub::data::FleetLocation;
 use weir_hub::identity::{DeviceKey, device_resource, sign_token};
+use weir_hub::limits::RequestLimits;
 use weir_hub::protocol::{DeploymentSpec, DevicePatch, NewDevice, PipelineDocument, Rollout};
 use weir_hub::store::Database;
 use weir_hub::{ClientError, Credentials, Hub, HubClient, HubConfig, SecretSource, TlsFiles};
@@ -113,6 +114,33 @@ struct ServeArgs {
     #[arg(long, default_value_t = weir_query::Limits::DEFAULT_MAX_ROWS, value_name = "ROWS",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     query_max_rows: usize,
+    /// Batches (up to 64 MiB each) read and stored at once; more get 429.
+    #[arg(long, default_value_t = RequestLimits::default().max_concurrent_ingest, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_concurrent_ingest: usize,
+    /// Long polls of each kind (desired state, queries) one device may hold; more get 429.
+    #[arg(long, default_value_t = RequestLimits::default().max_polls_per_device, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_polls_per_device: usize,
+    /// Reports one device may send a minute (bursts of 10 pass); more get 429.
+    #[arg(long, default_value_t = RequestLimits::default().reports_per_minute, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    reports_per_minute: u32,
+    /// Streams (pipeline/sink) one device may ship to; a batch to one more gets 422.
+    #[arg(long, default_value_t = RequestLimits::default().max_streams_per_device, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_streams_per_device: usize,
+    /// Bytes one device may ship a day (UTC), e.g. 4GiB; past it, 429 until the next day.
+    #[arg(long, default_value = "4GiB", value_parser = byte_size, value_name = "SIZE")]
+    max_bytes_per_device_day: u64,
+}
+
+/// A size such as `4GiB` or `500MB`.
+fn byte_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| format!("'{text}' is not a size: write e.g. 4GiB or 500MB"))
 }
 
 #[derive(Args, Clone)]
@@ -427,6 +455,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         timeout: args.query_timeout,
         max_rows: args.query_max_rows,
         ..weir_query::Limits::default()
+    };
+    config.limits = RequestLimits {
+        max_concurrent_ingest: args.max_concurrent_ingest,
+        max_polls_per_device: args.max_polls_per_device,
+        reports_per_minute: args.reports_per_minute,
+        max_streams_per_device: args.max_streams_per_device,
+        max_bytes_per_device_day: args.max_bytes_per_device_day,
     };
     let database = config.database.describe();
     let fleet_data = config.fleet_data.to_string();

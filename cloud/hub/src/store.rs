@@ -1053,6 +1053,18 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// The (pipeline, sink) streams `device` has shipped batches to.
+    pub async fn device_streams(&self, device: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT DISTINCT pipeline, sink FROM hub_ingested WHERE device = $1")
+                .bind(device)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
     /// Every (pipeline, sink) devices have shipped data for.
     pub async fn shipped_streams(&self) -> Result<Vec<(String, String)>, StoreError> {
         let rows = sqlx::query("SELECT pipeline, sink FROM hub_streams ORDER BY pipeline, sink")

@@ -989,3 +989,113 @@ async fn the_openapi_document_describes_every_route() {
     assert!(body.contains("/api/v1/nothing-here"), "{body}");
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_past_its_limits_gets_429_or_422_and_others_are_not_held_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(Db::Sqlite, dir.path()).await;
+    let mut setup = Setup::new(dir.path(), &database.database);
+    setup.limits = weir_hub::limits::RequestLimits {
+        max_polls_per_device: 1,
+        max_streams_per_device: 1,
+        ..weir_hub::limits::RequestLimits::default()
+    };
+    let (hub, _) = setup.start().await;
+    let a = hub.register("dev-a", &[]).await;
+    let b = hub.register("dev-b", &[]).await;
+    let as_a = hub.device("dev-a", &a.keys.primary);
+    let as_b = hub.device("dev-b", &b.keys.primary);
+
+    // Reports: a burst of 10 passes, then the rate applies; another device has its own.
+    let report = Report {
+        revision: None,
+        status: ReportStatus::Applied,
+        error: None,
+        health: serde_json::Value::Null,
+    };
+    for _ in 0..10 {
+        as_a.report("dev-a", &report)
+            .await
+            .expect("within the burst");
+    }
+    assert_eq!(refusal_status(as_a.report("dev-a", &report).await), 429);
+    as_b.report("dev-b", &report)
+        .await
+        .expect("its own allowance");
+
+    // Long polls: one held open at a time per kind.
+    let etag = as_a
+        .desired("dev-a", None, Duration::ZERO)
+        .await
+        .expect("desired")
+        .expect("a state")
+        .etag;
+    let held = {
+        let as_a = hub.device("dev-a", &a.keys.primary);
+        let etag = etag.clone();
+        tokio::spawn(async move {
+            as_a.desired("dev-a", Some(&etag), Duration::from_secs(3))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        refusal_status(
+            as_a.desired("dev-a", Some(&etag), Duration::from_secs(3))
+                .await
+        ),
+        429
+    );
+    as_b.desired("dev-b", None, Duration::ZERO)
+        .await
+        .expect("another device polls");
+    held.await
+        .expect("the held poll")
+        .expect("ends at its wait");
+    as_a.desired("dev-a", Some(&etag), Duration::ZERO)
+        .await
+        .expect("free again");
+
+    // Streams: one per device here; a second is refused for good.
+    let batch = {
+        use weir_engine::arrow::array::Int64Array;
+        use weir_engine::arrow::datatypes::{DataType, Field, Schema};
+        let schema =
+            std::sync::Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch = weir_engine::arrow::record_batch::RecordBatch::try_new(
+            schema,
+            vec![std::sync::Arc::new(Int64Array::from(vec![1]))],
+        )
+        .expect("a batch");
+        weir_outbox::frame::encode_batch(&batch).expect("encodes")
+    };
+    let day = 1_767_225_600_000;
+    as_a.ship("dev-a", ("plant", "uplink", 0), day, batch.clone())
+        .await
+        .expect("the first stream");
+    assert_eq!(
+        refusal_status(
+            as_a.ship("dev-a", ("plant", "junk", 0), day, batch.clone())
+                .await
+        ),
+        422
+    );
+    as_b.ship("dev-b", ("plant", "junk", 0), day, batch)
+        .await
+        .expect("another device's first stream");
+    let metrics = hub
+        .raw()
+        .get(format!("{}/metrics", hub.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("weir_hub_ingest_refused_total{reason=\"quota\"} 1"),
+        "{metrics}"
+    );
+    hub.stop().await;
+    database.drop_database().await;
+}

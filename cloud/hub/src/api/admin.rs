@@ -417,7 +417,30 @@ pub async fn update_fleet_metrics(hub: &Hub) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// How stale `/status` and the fleet gauges may be in what devices report and when they
+/// were last heard from. A change of deployments or devices shows at once.
+const STATUS_MAX_AGE_MS: i64 = 1_000;
+
+/// The fleet at a glance, computed at most once a second however many ask (one at a
+/// time; the others wait and share it): reading every device row for each request
+/// would make `/status` and `/metrics` the heaviest calls of a hub with thousands of
+/// devices.
 async fn fleet_summary(hub: &Hub) -> Result<FleetStatus, ApiError> {
+    let mut cache = hub.status_cache().lock().await;
+    let generation = hub.with_fleet(|fleet| fleet.generation);
+    let now = now_ms();
+    if let Some((at_generation, at, status)) = cache.as_ref()
+        && *at_generation == generation
+        && now.saturating_sub(*at) < STATUS_MAX_AGE_MS
+    {
+        return Ok(status.clone());
+    }
+    let status = compute_fleet_summary(hub).await?;
+    *cache = Some((generation, now, status.clone()));
+    Ok(status)
+}
+
+async fn compute_fleet_summary(hub: &Hub) -> Result<FleetStatus, ApiError> {
     let devices = hub.store().devices().await?;
     let (rollouts, summaries) = hub.with_fleet(|fleet| {
         let rollouts = fleet.rollouts(&devices);

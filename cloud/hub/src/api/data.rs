@@ -13,6 +13,7 @@ use weir_query::{Encoded, Format, QueryError, QueryRequest};
 use super::{ApiError, Caller, PathParams};
 use crate::data::{BatchId, DataError, Ingested};
 use crate::hub::Hub;
+use crate::limits::Quota;
 use crate::protocol::{APPENDED_MS_HEADER, IngestAnswer, now_ms};
 
 /// Stores one batch a device's `hub` sink shipped: the zstd Arrow IPC its outbox holds,
@@ -28,6 +29,7 @@ use crate::protocol::{APPENDED_MS_HEADER, IngestAnswer, now_ms};
     responses((status = 200, body = IngestAnswer), (status = 400, body = crate::protocol::ErrorBody),
         (status = 401, body = crate::protocol::ErrorBody), (status = 403, body = crate::protocol::ErrorBody),
         (status = 413, description = "The batch declares more rows, columns or decoded bytes than the hub takes", body = crate::protocol::ErrorBody),
+        (status = 429, description = "The hub takes as many batches as it may at once, or the device shipped its bytes for the day: send it again after Retry-After", body = crate::protocol::ErrorBody),
         (status = 422, description = "The rows do not fit their table (a column of another type, a hub_* column, a reserved pipeline name) or cannot be stored as Parquet", body = crate::protocol::ErrorBody),
         (status = 503, description = "The fleet's data store is unavailable: send the batch again later", body = crate::protocol::ErrorBody)))]
 pub async fn ingest(
@@ -60,6 +62,26 @@ pub async fn ingest(
                  since the Unix epoch"
             ))
         })?;
+    // The device's quotas: streams (read from the database the first time), bytes a day.
+    let limiter = hub.limiter();
+    if !limiter.knows_streams(&id) {
+        limiter.know_streams(&id, hub.store().device_streams(&id).await?);
+    }
+    let day = now_ms().div_euclid(86_400_000);
+    match limiter.charge(&id, (&pipeline, &sink), body.len() as u64, day) {
+        Ok(()) => {}
+        Err(Quota::Later(busy)) => {
+            hub.metrics().refused("quota");
+            return Err(ApiError::Busy(busy));
+        }
+        Err(Quota::Refused(message)) => {
+            hub.metrics().refused("quota");
+            return Err(ApiError::Rejected {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message,
+            });
+        }
+    }
     let id = BatchId {
         device: &id,
         pipeline: &pipeline,

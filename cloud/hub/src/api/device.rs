@@ -51,6 +51,10 @@ pub async fn desired(
         .map_or(DEFAULT_POLL_WAIT, Duration::from_secs)
         .min(hub.config().max_poll_wait);
     let deadline = tokio::time::Instant::now() + wait;
+    let _slot = match &caller {
+        Caller::Admin => None,
+        _ => Some(hub.limiter().poll(&id, "desired state")?),
+    };
     // Subscribed before the first look, so a change in between is not missed.
     let mut changes = hub.subscribe();
     // A device registered through another hub may not have reached this one's fleet.
@@ -101,6 +105,9 @@ pub async fn report(
     JsonBody(report): JsonBody<Report>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_device(&id)?;
+    // Every report is a write through the database's one writer: a device may not send
+    // them faster than its rate.
+    hub.limiter().report(&id, now_ms())?;
     hub.store().record_report(&id, &report, now_ms()).await?;
     if let Some(error) = &report.error {
         tracing::info!(device = %id, status = ?report.status, "device reports: {error}");

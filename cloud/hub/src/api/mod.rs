@@ -140,7 +140,13 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/devices/{id}/query", post(queries::query_device))
         .route(
             "/devices/{id}/data/{pipeline}/{sink}/{seq}",
-            post(data::ingest).layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BYTES)),
+            post(data::ingest)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BYTES))
+                // Outside the body limit: a slot is taken before the body is read.
+                .layer(axum::middleware::from_fn_with_state(
+                    Arc::clone(&hub),
+                    ingest_slot,
+                )),
         )
         .route("/query", post(data::query))
         .route("/devices/{id}/queries", get(queries::poll_queries))
@@ -209,6 +215,18 @@ async fn observe(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> R
     response
 }
 
+/// Holds one of the hub's ingest slots while a batch's body is read and stored: past
+/// `--max-concurrent-ingest` at once, a batch gets 429 before its body is read.
+async fn ingest_slot(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
+    match hub.limiter().ingest() {
+        Ok(_slot) => next.run(request).await,
+        Err(busy) => {
+            hub.metrics().refused("busy");
+            ApiError::Busy(busy).into_response()
+        }
+    }
+}
+
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -271,8 +289,16 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// 429: past a limit of the hub's; the caller sends it again after a while.
+    Busy(crate::limits::Busy),
     /// 500: the hub's own failure (logged; the caller is told only that it happened).
     Internal(String),
+}
+
+impl From<crate::limits::Busy> for ApiError {
+    fn from(busy: crate::limits::Busy) -> Self {
+        ApiError::Busy(busy)
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -289,6 +315,10 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry_after = match &self {
+            ApiError::Busy(busy) => Some(busy.retry_after.as_secs().max(1)),
+            _ => None,
+        };
         let (status, message, diagnostics) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m, Vec::new()),
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m, Vec::new()),
@@ -300,6 +330,7 @@ impl IntoResponse for ApiError {
                 diagnostics,
             } => (StatusCode::UNPROCESSABLE_ENTITY, message, diagnostics),
             ApiError::Rejected { status, message } => (status, message, Vec::new()),
+            ApiError::Busy(busy) => (StatusCode::TOO_MANY_REQUESTS, busy.message, Vec::new()),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the hub failed to answer; its log says why".to_owned(),
@@ -314,6 +345,11 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -190,6 +190,7 @@ pub async fn poll_queries(
         .wait
         .map_or(DEFAULT_QUERY_POLL_WAIT, Duration::from_secs)
         .min(hub.config().max_poll_wait);
+    let _slot = hub.limiter().poll(&id, "queries")?;
     let queries = hub.relay().take(&id, wait).await;
     if queries.is_empty() {
         Ok(StatusCode::NO_CONTENT.into_response())

@@ -148,6 +148,8 @@ pub struct Setup<'a> {
     pub query_limits: weir_query::Limits,
     /// How long the compaction lease lasts.
     pub compaction_lease: Duration,
+    /// What the fleet may ask of the hub.
+    pub limits: weir_hub::limits::RequestLimits,
 }
 
 impl<'a> Setup<'a> {
@@ -164,6 +166,7 @@ impl<'a> Setup<'a> {
             fleet_data: None,
             query_limits: weir_query::Limits::default(),
             compaction_lease: Duration::from_secs(300),
+            limits: weir_hub::limits::RequestLimits::default(),
         }
     }
 
@@ -180,6 +183,7 @@ impl<'a> Setup<'a> {
         }
         config.query_limits = self.query_limits;
         config.compaction_lease = self.compaction_lease;
+        config.limits = self.limits;
         let opened = Hub::open(config).await.expect("open the hub");
         let hub = opened.hub.clone();
         let running = weir_hub::serve(
