@@ -9,7 +9,7 @@
 //! the same database) shows as a gap in the change generation, and the fleet is read
 //! again whole.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::condition::Condition;
 use crate::protocol::{DesiredDeployment, DesiredState, ReportStatus, Rollout};
@@ -22,6 +22,34 @@ pub struct ActiveDeployment {
     pub record: DeploymentRecord,
     /// Its target condition.
     pub condition: Condition,
+    /// The (pipeline, sink) of each of its `hub` sinks: what a device running it ships.
+    pub shipping: BTreeSet<(String, String)>,
+}
+
+/// The `hub` sinks of `record`'s pipelines, by (pipeline, sink). A pipeline that does
+/// not read (it was validated when written, so only a newer hub's) ships nothing here.
+fn hub_sinks(record: &DeploymentRecord) -> BTreeSet<(String, String)> {
+    let any_value = |_: &str| Some(String::new());
+    record
+        .pipelines
+        .iter()
+        .filter_map(|document| {
+            weir_pipelines::load_str(
+                std::path::Path::new(&document.name),
+                &document.yaml,
+                &any_value,
+            )
+            .ok()
+        })
+        .flat_map(|pipeline| {
+            pipeline
+                .nodes
+                .iter()
+                .filter(|node| node.role == weir_engine::Role::Sink && node.kind == "hub")
+                .map(|node| (pipeline.name.clone(), node.name.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// The deployments and device tags, at one change generation.
@@ -46,7 +74,11 @@ impl Fleet {
         let mut active: Vec<ActiveDeployment> = deployments
             .into_iter()
             .filter_map(|record| match Condition::parse(&record.target_condition) {
-                Ok(condition) => Some(ActiveDeployment { record, condition }),
+                Ok(condition) => Some(ActiveDeployment {
+                    shipping: hub_sinks(&record),
+                    record,
+                    condition,
+                }),
                 Err(e) => {
                     tracing::error!(deployment = %record.name, "skipping deployment: {e}");
                     None
@@ -71,6 +103,18 @@ impl Fleet {
         self.deployments
             .iter()
             .find(|deployment| deployment.condition.matches(tags))
+    }
+
+    /// Whether device `id`'s deployment has the `hub` sink `sink` in pipeline `pipeline`.
+    pub fn ships(&self, id: &str, (pipeline, sink): (&str, &str)) -> bool {
+        self.tags
+            .get(id)
+            .and_then(|tags| self.deployment_for(tags))
+            .is_some_and(|deployment| {
+                deployment
+                    .shipping
+                    .contains(&(pipeline.to_owned(), sink.to_owned()))
+            })
     }
 
     /// What device `id` should run; none when the fleet does not know it.

@@ -59,6 +59,8 @@ pub struct HubConfig {
     pub query_limits: weir_query::Limits,
     /// What the fleet may ask of this hub at once, and each device's quotas.
     pub limits: crate::limits::RequestLimits,
+    /// The streams a device may ship to (any, by default).
+    pub accept_streams: Vec<crate::limits::StreamRule>,
     /// How long the compaction lease lasts without renewal: a hub that stops while
     /// compacting holds the job up this long. Its files no record names are deleted
     /// only once twice as old.
@@ -81,6 +83,7 @@ impl HubConfig {
             max_poll_wait: Duration::from_secs(60),
             compaction_lease: Duration::from_secs(5 * 60),
             limits: crate::limits::RequestLimits::default(),
+            accept_streams: vec![crate::limits::StreamRule::any()],
         }
     }
 }

@@ -38,6 +38,45 @@ impl Default for RequestLimits {
     }
 }
 
+/// Which streams a device may ship to: a batch to any other is refused for good (422).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamRule {
+    /// The `hub` sinks of the device's desired deployment, and any stream it has
+    /// shipped to before (an outbox may still hold an earlier deployment's batches).
+    Deployed,
+    /// `PIPELINE/SINK`, each part a glob (`*` for any, `plant-*`).
+    Pattern(glob::Pattern, glob::Pattern),
+}
+
+impl std::str::FromStr for StreamRule {
+    type Err = String;
+
+    /// `deployed`, or `PIPELINE/SINK` globs.
+    fn from_str(text: &str) -> Result<StreamRule, String> {
+        let text = text.trim();
+        if text == "deployed" {
+            return Ok(StreamRule::Deployed);
+        }
+        let (pipeline, sink) = text.split_once('/').ok_or_else(|| {
+            format!("'{text}' is not a stream rule: write `deployed` or PIPELINE/SINK (globs, e.g. plant-*/*)")
+        })?;
+        let glob = |part: &str| {
+            glob::Pattern::new(part).map_err(|e| format!("'{text}': `{part}` is not a glob: {e}"))
+        };
+        Ok(StreamRule::Pattern(glob(pipeline)?, glob(sink)?))
+    }
+}
+
+impl StreamRule {
+    /// Every stream.
+    pub fn any() -> StreamRule {
+        StreamRule::Pattern(
+            glob::Pattern::new("*").expect("a glob"),
+            glob::Pattern::new("*").expect("a glob"),
+        )
+    }
+}
+
 /// Reports a device may send at once before the rate applies.
 const REPORT_BURST: f64 = 10.0;
 
@@ -178,6 +217,30 @@ impl Limiter {
         })
     }
 
+    /// Whether `rules` let `device` ship to `stream`; `deployed` says whether its
+    /// desired deployment has that `hub` sink.
+    pub fn accepts(
+        &self,
+        rules: &[StreamRule],
+        device: &str,
+        (pipeline, sink): (&str, &str),
+        deployed: bool,
+    ) -> bool {
+        rules.iter().any(|rule| match rule {
+            StreamRule::Deployed => {
+                deployed
+                    || lock(&self.usage).get(device).is_some_and(|usage| {
+                        usage.streams.as_ref().is_some_and(|streams| {
+                            streams.contains(&(pipeline.to_owned(), sink.to_owned()))
+                        })
+                    })
+            }
+            StreamRule::Pattern(pipelines, sinks) => {
+                pipelines.matches(pipeline) && sinks.matches(sink)
+            }
+        })
+    }
+
     /// Whether `device` knows its streams here yet (see [`Limiter::know_streams`]).
     pub fn knows_streams(&self, device: &str) -> bool {
         lock(&self.usage)
@@ -299,6 +362,24 @@ mod tests {
         // One a second comes back.
         assert!(limiter.report("a", 1000).is_ok());
         assert!(limiter.report("a", 1000).is_err());
+    }
+
+    #[test]
+    fn streams_are_accepted_by_rule() {
+        let limiter = Limiter::new(limits());
+        let rules: Vec<StreamRule> = ["deployed", "lab-*/*"]
+            .iter()
+            .map(|rule| rule.parse().unwrap())
+            .collect();
+        assert!(limiter.accepts(&rules, "a", ("plant", "uplink"), true));
+        assert!(!limiter.accepts(&rules, "a", ("plant", "uplink"), false));
+        assert!(limiter.accepts(&rules, "a", ("lab-3", "x"), false));
+        // Shipped before: still accepted after the deployment moved on.
+        limiter.know_streams("a", [("plant".to_owned(), "old".to_owned())]);
+        assert!(limiter.accepts(&rules, "a", ("plant", "old"), false));
+        assert!(limiter.accepts(&[StreamRule::any()], "b", ("any", "thing"), false));
+        assert!("plant".parse::<StreamRule>().is_err());
+        assert!("[/x".parse::<StreamRule>().is_err());
     }
 
     #[test]

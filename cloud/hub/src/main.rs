@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weir_hub::data::FleetLocation;
 use weir_hub::identity::{DeviceKey, device_resource, sign_token};
-use weir_hub::limits::RequestLimits;
+use weir_hub::limits::{RequestLimits, StreamRule};
 use weir_hub::protocol::{DeploymentSpec, DevicePatch, NewDevice, PipelineDocument, Rollout};
 use weir_hub::store::Database;
 use weir_hub::{ClientError, Credentials, Hub, HubClient, HubConfig, SecretSource, TlsFiles};
@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Runs the hub.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Registers, lists, tags and removes devices.
     #[command(subcommand)]
     Devices(DevicesCommand),
@@ -130,6 +130,16 @@ struct ServeArgs {
     #[arg(long, default_value_t = RequestLimits::default().max_streams_per_device, value_name = "N",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_streams_per_device: usize,
+    /// The streams devices may ship to, comma-separated: `deployed` (the hub sinks of the
+    /// device's deployment, and streams it shipped to before) and PIPELINE/SINK globs.
+    /// The default takes any stream.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "*/*",
+        value_name = "RULES"
+    )]
+    accept_streams: Vec<StreamRule>,
     /// Bytes one device may ship a day (UTC), e.g. 4GiB; past it, 429 until the next day.
     #[arg(long, default_value = "4GiB", value_parser = byte_size, value_name = "SIZE")]
     max_bytes_per_device_day: u64,
@@ -405,7 +415,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Devices(command) => devices(command).await,
         Command::Deployments(command) => deployments(command).await,
         Command::Query(args) => query(args).await,
@@ -463,6 +473,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_streams_per_device: args.max_streams_per_device,
         max_bytes_per_device_day: args.max_bytes_per_device_day,
     };
+    config.accept_streams = args.accept_streams;
     let database = config.database.describe();
     let fleet_data = config.fleet_data.to_string();
     let opened = Hub::open(config).await?;

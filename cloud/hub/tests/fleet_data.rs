@@ -148,6 +148,48 @@ async fn batches_past_the_hubs_limits_are_refused_and_the_hub_goes_on() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_accept_streams_deployed_a_device_ships_only_its_deployments_hub_sinks() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(Db::Sqlite, dir.path()).await;
+    let mut setup = Setup::new(dir.path(), &database.database);
+    setup.accept_streams = vec!["deployed".parse().expect("a rule")];
+    let (hub, _) = setup.start().await;
+    let yaml = "version: 1\nname: plant\nsources:\n  readings:\n    kind: generator\n\
+                sinks:\n  uplink:\n    kind: hub\n    inputs: [readings]\n";
+    hub.admin
+        .put_deployment(
+            "ship",
+            &support::deployment("site = 'a'", 0, &[("plant", yaml)]),
+        )
+        .await
+        .expect("deployed");
+    let a = hub.register("edge-a", &[("site", "a")]).await;
+    let b = hub.register("edge-b", &[("site", "b")]).await;
+    let as_a = hub.device("edge-a", &a.keys.primary);
+    let as_b = hub.device("edge-b", &b.keys.primary);
+    as_a.ship("edge-a", ("plant", "uplink", 0), DAY, shipped_batch(0, 1))
+        .await
+        .expect("its deployment's hub sink");
+    assert_eq!(
+        refusal_status(
+            as_a.ship("edge-a", ("plant", "junk", 0), DAY, shipped_batch(0, 1))
+                .await
+        ),
+        422
+    );
+    // Not its deployment: refused, though another device ships there.
+    assert_eq!(
+        refusal_status(
+            as_b.ship("edge-b", ("plant", "uplink", 0), DAY, shipped_batch(0, 1))
+                .await
+        ),
+        422
+    );
+    hub.stop().await;
+    database.drop_database().await;
+}
+
 on_both_databases!(a_device_cannot_break_or_spoof_a_shared_table);
 
 async fn a_device_cannot_break_or_spoof_a_shared_table(db: Db) {

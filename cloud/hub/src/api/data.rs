@@ -67,6 +67,22 @@ pub async fn ingest(
     if !limiter.knows_streams(&id) {
         limiter.know_streams(&id, hub.store().device_streams(&id).await?);
     }
+    let deployed = hub.with_fleet(|fleet| fleet.ships(&id, (&pipeline, &sink)));
+    if !limiter.accepts(
+        &hub.config().accept_streams,
+        &id,
+        (&pipeline, &sink),
+        deployed,
+    ) {
+        hub.metrics().refused("not-accepted");
+        return Err(ApiError::Rejected {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: format!(
+                "the hub does not take {pipeline}/{sink} from device '{id}': it is not a hub \
+                 sink of the device's deployment (see weir-hub serve --accept-streams)"
+            ),
+        });
+    }
     let day = now_ms().div_euclid(86_400_000);
     match limiter.charge(&id, (&pipeline, &sink), body.len() as u64, day) {
         Ok(()) => {}

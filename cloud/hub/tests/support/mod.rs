@@ -150,6 +150,8 @@ pub struct Setup<'a> {
     pub compaction_lease: Duration,
     /// What the fleet may ask of the hub.
     pub limits: weir_hub::limits::RequestLimits,
+    /// The streams devices may ship to.
+    pub accept_streams: Vec<weir_hub::limits::StreamRule>,
 }
 
 impl<'a> Setup<'a> {
@@ -167,6 +169,7 @@ impl<'a> Setup<'a> {
             query_limits: weir_query::Limits::default(),
             compaction_lease: Duration::from_secs(300),
             limits: weir_hub::limits::RequestLimits::default(),
+            accept_streams: vec![weir_hub::limits::StreamRule::any()],
         }
     }
 
@@ -184,6 +187,7 @@ impl<'a> Setup<'a> {
         config.query_limits = self.query_limits;
         config.compaction_lease = self.compaction_lease;
         config.limits = self.limits;
+        config.accept_streams = self.accept_streams;
         let opened = Hub::open(config).await.expect("open the hub");
         let hub = opened.hub.clone();
         let running = weir_hub::serve(
