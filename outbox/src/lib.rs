@@ -18,8 +18,8 @@ pub use sink::{
     DirectoryUplink, HubSinkConfig, HubSinkFactory, ShipError, Shipping, ShippingStats, Uplink,
 };
 pub use store::{
-    Check, DeadLetter, Limits, MAX_DEAD_LETTERS, Outbox, Recovery, Settled, Stats, Stored,
-    StreamStats,
+    Check, DeadLetter, Limits, MAX_DEAD_LETTERS, Outbox, PLAUSIBLE_SINCE_MS, Recovery, Settled,
+    Stats, Stored, StreamStats,
 };
 
 use std::path::PathBuf;

@@ -570,6 +570,11 @@ impl Outbox {
         let Some(max_age) = self.limits.max_age else {
             return Ok(0);
         };
+        if now_ms < PLAUSIBLE_SINCE_MS {
+            // The clock is not set yet (a device without a battery-backed clock, before
+            // NTP): ages mean nothing.
+            return Ok(0);
+        }
         let cutoff = now_ms.saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
         let mut state = self.state();
         let victims: Vec<(String, Entry)> = state
@@ -579,7 +584,11 @@ impl Outbox {
                 stream
                     .entries
                     .iter()
-                    .take_while(|entry| entry.appended_ms < cutoff)
+                    // A batch stored while the clock was not set cannot be dated: it is
+                    // kept, and so is everything after it.
+                    .take_while(|entry| {
+                        entry.appended_ms >= PLAUSIBLE_SINCE_MS && entry.appended_ms < cutoff
+                    })
                     .map(|entry| (name.clone(), *entry))
             })
             .collect();
@@ -883,11 +892,30 @@ fn forget(state: &mut State, victims: &[(String, Entry)], why: Drop) {
     }
 }
 
-/// Microseconds since the Unix epoch: where a new file's sequence numbers start.
+/// Times before this (2024-01-01) are a clock that is not set yet: a device without a
+/// battery-backed clock boots at 1970 and learns the time from NTP later. Such times are
+/// not used to judge ages, and the hub files such batches by their arrival.
+pub const PLAUSIBLE_SINCE_MS: i64 = 1_704_067_200_000;
+
+/// Where a new file's sequence numbers start: the time in µs, so they pass every number
+/// an earlier file (deleted, or lost with its disk) can have given. With the clock not
+/// set, the time says nothing: a random start high above any time (2^61 to 2^62) keeps
+/// the numbers apart from those of every other file instead.
 fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+    seq_floor(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2)),
+    )
+}
+
+/// The first sequence number of a file created at `micros` (see [`now_micros`]).
+fn seq_floor(micros: u64) -> u64 {
+    if micros < PLAUSIBLE_SINCE_MS as u64 * 1000 {
+        use rand::Rng;
+        return rand::rng().random_range(1u64 << 61..1u64 << 62);
+    }
+    micros
 }
 
 /// The page size redb writes in: a file of another length was cut short.

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -172,6 +173,10 @@ pub struct HubClient {
     http: reqwest::Client,
     base: String,
     credentials: Credentials,
+    /// How far the hub's clock is ahead of this machine's, in seconds, as its last
+    /// answer's `Date` said: device tokens are signed by the hub's clock, so a device
+    /// whose clock is not set yet (booted at 1970, before NTP) still gets in.
+    clock_offset: Arc<AtomicI64>,
 }
 
 impl HubClient {
@@ -200,6 +205,7 @@ impl HubClient {
             http,
             base: url.trim_end_matches('/').to_owned(),
             credentials,
+            clock_offset: Arc::default(),
         })
     }
 
@@ -210,6 +216,7 @@ impl HubClient {
             http: self.http.clone(),
             base: self.base.clone(),
             credentials,
+            clock_offset: self.clock_offset.clone(),
         }
     }
 
@@ -222,10 +229,37 @@ impl HubClient {
         match &self.credentials {
             Credentials::Admin(token) => format!("Bearer {token}"),
             Credentials::Device { id, key } => {
-                let expiry = crate::protocol::now_secs() + DEVICE_TOKEN_LIFETIME.as_secs();
+                let hub_now = crate::protocol::now_secs()
+                    .saturating_add_signed(self.clock_offset.load(Ordering::Relaxed));
+                let expiry = hub_now + DEVICE_TOKEN_LIFETIME.as_secs();
                 sign_token(&device_resource(id), key, expiry)
             }
         }
+    }
+
+    /// Takes the hub's clock from `response`'s `Date`; gives whether it moved by more
+    /// than the skew tokens allow (a token signed before may have been refused for it).
+    fn learn_clock(&self, response: &reqwest::Response) -> bool {
+        let Some(hub_now) = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|date| date.to_str().ok())
+            .and_then(|date| httpdate::parse_http_date(date).ok())
+            .and_then(|date| date.duration_since(std::time::UNIX_EPOCH).ok())
+        else {
+            return false;
+        };
+        let offset = i64::try_from(hub_now.as_secs()).unwrap_or(i64::MAX)
+            - i64::try_from(crate::protocol::now_secs()).unwrap_or(i64::MAX);
+        let before = self.clock_offset.swap(offset, Ordering::Relaxed);
+        if offset.abs_diff(0) > crate::identity::TOKEN_CLOCK_SKEW && before == 0 {
+            tracing::warn!(
+                "this machine's clock is {offset} s off the hub's at {}: signing by the \
+                 hub's (is NTP running?)",
+                self.base
+            );
+        }
+        offset.abs_diff(before) > crate::identity::TOKEN_CLOCK_SKEW
     }
 
     async fn send(
@@ -237,21 +271,34 @@ impl HubClient {
         timeout: Duration,
     ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}/api/v1{path}", self.base);
-        let mut request = self
-            .http
-            .request(method, &url)
-            .header(reqwest::header::AUTHORIZATION, self.authorization())
-            .timeout(timeout);
-        if !query.is_empty() {
-            request = request.query(query);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            message: error_chain(&e),
-        })?;
+        let mut retried = false;
+        let response = loop {
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .header(reqwest::header::AUTHORIZATION, self.authorization())
+                .timeout(timeout);
+            if !query.is_empty() {
+                request = request.query(query);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request.send().await.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                message: error_chain(&e),
+            })?;
+            // Refused for a token signed by a clock far off the hub's: signed again by
+            // the hub's, once.
+            if self.learn_clock(&response)
+                && response.status() == StatusCode::UNAUTHORIZED
+                && !retried
+            {
+                retried = true;
+                continue;
+            }
+            break response;
+        };
         let status = response.status();
         if status.is_success() || status == StatusCode::NOT_MODIFIED {
             return Ok(response);
@@ -535,19 +582,31 @@ impl HubClient {
         headers: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<reqwest::Response, ClientError> {
-        let mut request = self
-            .http
-            .post(format!("{}/api/v1{path}", self.base))
-            .header(reqwest::header::AUTHORIZATION, self.authorization())
-            .timeout(REQUEST_TIMEOUT)
-            .body(body);
-        for (name, value) in headers {
-            request = request.header(*name, value);
-        }
-        let response = request.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            message: error_chain(&e),
-        })?;
+        let body = bytes::Bytes::from(body);
+        let mut retried = false;
+        let response = loop {
+            let mut request = self
+                .http
+                .post(format!("{}/api/v1{path}", self.base))
+                .header(reqwest::header::AUTHORIZATION, self.authorization())
+                .timeout(REQUEST_TIMEOUT)
+                .body(body.clone());
+            for (name, value) in headers {
+                request = request.header(*name, value);
+            }
+            let response = request.send().await.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                message: error_chain(&e),
+            })?;
+            if self.learn_clock(&response)
+                && response.status() == StatusCode::UNAUTHORIZED
+                && !retried
+            {
+                retried = true;
+                continue;
+            }
+            break response;
+        };
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -696,5 +755,75 @@ mod transport_tests {
             )
             .is_ok()
         );
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// The `se` (expiry) of the device token in a raw request.
+    fn token_expiry(request: &str) -> u64 {
+        let header = request
+            .lines()
+            .find(|line| line.to_ascii_lowercase().starts_with("authorization:"))
+            .expect("an Authorization header");
+        let se = header.split("se=").nth(1).expect("an expiry");
+        se.split('&')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .expect("digits")
+    }
+
+    #[tokio::test]
+    async fn a_token_refused_for_a_clock_far_off_is_signed_again_by_the_hubs() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A hub whose clock reads a day ahead of this machine's (as a device booted at
+        // 1970 would see any hub): it refuses a token that has expired by its clock.
+        let hub_now = crate::protocol::now_secs() + 86_400;
+        let server = tokio::spawn(async move {
+            let date =
+                httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(hub_now));
+            let mut expiries = Vec::new();
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut request = vec![0u8; 8192];
+                let read = stream.read(&mut request).await.unwrap();
+                let expiry = token_expiry(&String::from_utf8_lossy(&request[..read]));
+                expiries.push(expiry);
+                let status = if expiry <= hub_now {
+                    "401 Unauthorized"
+                } else {
+                    "204 No Content"
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ndate: {date}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                stream.write_all(answer.as_bytes()).await.unwrap();
+            }
+            expiries
+        });
+        let key = DeviceKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let client = HubClient::new(
+            &format!("http://{addr}"),
+            Credentials::Device {
+                id: "edge-1".into(),
+                key,
+            },
+            None,
+        )
+        .unwrap();
+        client
+            .heartbeat("edge-1")
+            .await
+            .expect("signed again by the hub's clock");
+        let expiries = server.await.unwrap();
+        assert!(expiries[0] <= hub_now, "{expiries:?}");
+        assert!(expiries[1] > hub_now, "{expiries:?}");
     }
 }

@@ -458,7 +458,16 @@ impl FleetData {
         drop(_permit);
         self.admit_columns(store, (id.pipeline, id.sink), &schema)
             .await?;
-        let date = chrono::DateTime::from_timestamp_millis(id.appended_ms)
+        // A device whose clock was not set when it stored the batch (booted at 1970,
+        // before NTP), or runs far ahead, says nothing true about its day: the batch is
+        // filed by its arrival.
+        let plausible = weir_outbox::PLAUSIBLE_SINCE_MS..=now_ms.saturating_add(86_400_000);
+        let filed_ms = if plausible.contains(&id.appended_ms) {
+            id.appended_ms
+        } else {
+            now_ms
+        };
+        let date = chrono::DateTime::from_timestamp_millis(filed_ms)
             .unwrap_or_default()
             .format("%Y-%m-%d")
             .to_string();
@@ -1222,7 +1231,7 @@ mod tests {
                 appended_ms: 1_767_225_600_000,
             };
             let stored = data
-                .ingest(&store, id, compressible_batch(100), 1)
+                .ingest(&store, id, compressible_batch(100), 1_767_225_600_000)
                 .await
                 .unwrap();
             assert_eq!(stored, Ingested::Stored(100));

@@ -74,9 +74,11 @@
 //!
 //! The hub checks, in this order: the signature against both of the device's current keys
 //! (constant-time), then that the token has not expired, then that the expiry is at most
-//! [`MAX_TOKEN_LIFETIME`] (365 days) ahead, so that a leaked token cannot live forever. The hub
-//! allows no clock skew: sign with an expiry minutes to hours ahead and sign again before it
-//! passes.
+//! [`MAX_TOKEN_LIFETIME`] (365 days) ahead, so that a leaked token cannot live forever. Both
+//! checks allow [`TOKEN_CLOCK_SKEW`] (60 s) of difference between the device's clock and the
+//! hub's. Sign with an expiry minutes to hours ahead and sign again before it passes. The
+//! hub's `Date` header says what its clock reads: Weir's client signs by it, so a device
+//! whose clock is not set (booted at 1970, before NTP) still gets in.
 //!
 //! Test vector (device key = the bytes 0, 1, ..., 31):
 //!
@@ -131,6 +133,9 @@ pub const TOKEN_PREFIX: &str = "SharedAccessSignature ";
 
 /// The longest time, in seconds (365 days), a device token may still be valid when verified.
 pub const MAX_TOKEN_LIFETIME: u64 = 365 * 24 * 3600;
+
+/// How far a device's clock may be from the hub's, in seconds, for its tokens' expiry.
+pub const TOKEN_CLOCK_SKEW: u64 = 60;
 
 /// The most characters a device id may have.
 pub const MAX_DEVICE_ID_LEN: usize = 128;
@@ -711,8 +716,8 @@ impl DeviceToken {
     ///
     /// The signature is checked first, in constant time, so a forged token only ever learns
     /// [`TokenError::BadSignature`]. A genuine token is then refused if it has expired
-    /// (`expiry <= now`) or if its expiry is more than [`MAX_TOKEN_LIFETIME`] ahead. An empty
-    /// key list refuses every token.
+    /// (`expiry + TOKEN_CLOCK_SKEW <= now`) or if its expiry is more than
+    /// [`MAX_TOKEN_LIFETIME`] (plus the skew) ahead. An empty key list refuses every token.
     pub fn verify(&self, keys: &[&DeviceKey], now_unix: u64) -> Result<(), TokenError> {
         let input = signing_input(&self.resource, self.expiry);
         let signed_by_a_key = keys
@@ -722,10 +727,10 @@ impl DeviceToken {
             return Err(TokenError::BadSignature);
         }
         let (expiry, now) = (self.expiry, now_unix);
-        if expiry <= now {
+        if expiry.saturating_add(TOKEN_CLOCK_SKEW) <= now {
             return Err(TokenError::Expired { expiry, now });
         }
-        if expiry - now > MAX_TOKEN_LIFETIME {
+        if expiry.saturating_sub(now) > MAX_TOKEN_LIFETIME + TOKEN_CLOCK_SKEW {
             return Err(TokenError::TooLong { expiry, now });
         }
         Ok(())
@@ -913,9 +918,14 @@ mod tests {
             error.to_string(),
             "the token expired at 1764180000 (now 1764180300)"
         );
-        // The expiry second itself is already too late.
+        // Within the allowed skew of the hub's clock it still passes; at the skew's end
+        // it is too late.
+        assert_eq!(
+            token.verify(&[&primary], NOW + TOKEN_CLOCK_SKEW - 1),
+            Ok(())
+        );
         assert!(matches!(
-            token.verify(&[&primary], NOW),
+            token.verify(&[&primary], NOW + TOKEN_CLOCK_SKEW),
             Err(TokenError::Expired { .. })
         ));
     }
@@ -1069,14 +1079,16 @@ mod tests {
     #[test]
     fn a_token_living_longer_than_a_year_is_refused() {
         let (primary, _) = keys();
-        let at_limit = token_for(&primary, NOW + MAX_TOKEN_LIFETIME);
+        // The limit, plus the clock skew a device's clock may have.
+        let limit = NOW + MAX_TOKEN_LIFETIME + TOKEN_CLOCK_SKEW;
+        let at_limit = token_for(&primary, limit);
         assert_eq!(at_limit.verify(&[&primary], NOW), Ok(()));
-        let too_long = token_for(&primary, NOW + MAX_TOKEN_LIFETIME + 1);
+        let too_long = token_for(&primary, limit + 1);
         let error = too_long.verify(&[&primary], NOW).expect_err("too long");
         assert_eq!(
             error,
             TokenError::TooLong {
-                expiry: NOW + MAX_TOKEN_LIFETIME + 1,
+                expiry: limit + 1,
                 now: NOW
             }
         );

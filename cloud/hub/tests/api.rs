@@ -204,10 +204,11 @@ async fn devices_act_only_as_themselves_with_valid_tokens(db: Db) {
     let key_a = DeviceKey::from_base64(&a.keys.primary).expect("key");
     let key_b = DeviceKey::from_base64(&b.keys.primary).expect("key");
     let now = weir_hub::protocol::now_secs();
+    // Expired by more than the clock skew the hub allows.
     let expired = get(Some(sign_token(
         &device_resource("dev-a"),
         &key_a,
-        now - 10,
+        now - weir_hub::identity::TOKEN_CLOCK_SKEW - 10,
     )))
     .await
     .expect("request");

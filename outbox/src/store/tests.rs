@@ -209,6 +209,48 @@ fn batches_older_than_max_age_are_dropped_and_counted() {
 }
 
 #[test]
+fn a_device_that_boots_at_1970_and_then_learns_the_time_drops_nothing_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(
+        &dir.path().join("outbox.redb"),
+        Limits {
+            max_bytes: u64::MAX,
+            max_age: Some(Duration::from_secs(60)),
+        },
+    );
+    // Stored before NTP: the clock reads minutes after the epoch.
+    let boot = 120_000;
+    outbox.append("p/hub", &[batch(0, 10)], boot).unwrap();
+    assert_eq!(
+        outbox.expire(boot + 3_600_000).unwrap(),
+        0,
+        "no age while unset"
+    );
+    // Then the clock is set, and batches are stored with real times.
+    outbox.append("p/hub", &[batch(10, 10)], T0).unwrap();
+    assert_eq!(outbox.expire(T0 + 30_000).unwrap(), 0);
+    // Days later: the real-time batch is old, but it comes after one that cannot be
+    // dated, so both wait; nothing is taken for 56 years old.
+    assert_eq!(outbox.expire(T0 + 86_400_000).unwrap(), 0);
+    assert_eq!(outbox.stats().rows, 20);
+    // Once the undated one has shipped, age applies again.
+    let first = outbox.next(1).unwrap();
+    outbox.ack("p/hub", &[first[0].seq]).unwrap();
+    assert_eq!(outbox.expire(T0 + 86_400_000).unwrap(), 10);
+}
+
+#[test]
+fn a_file_created_before_the_clock_is_set_numbers_apart_from_every_other() {
+    let set = T0 as u64 * 1000;
+    assert_eq!(seq_floor(set), set);
+    let unset: Vec<u64> = (0..4).map(|_| seq_floor(120_000_000)).collect();
+    for floor in &unset {
+        assert!((1u64 << 61..1u64 << 62).contains(floor), "{floor}");
+    }
+    assert!(unset.windows(2).any(|w| w[0] != w[1]), "random: {unset:?}");
+}
+
+#[test]
 fn an_outbox_cut_at_any_byte_still_opens_and_keeps_what_is_intact() {
     let dir = tempfile::tempdir().unwrap();
     let original = dir.path().join("original.redb");
