@@ -6,6 +6,7 @@ mod agent;
 mod api;
 mod exit;
 mod logging;
+mod module_policy;
 mod outbox;
 mod progress;
 mod query;

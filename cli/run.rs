@@ -42,6 +42,9 @@ pub struct RunArgs {
     #[command(flatten)]
     outbox_limits: crate::outbox::OutboxLimits,
 
+    #[command(flatten)]
+    module_policy: crate::module_policy::ModulePolicyArgs,
+
     /// Where each pipeline keeps its checkpoints (`PIPELINE.checkpoints.redb`), so a
     /// restart, even after a crash, resumes from the last complete one.
     #[arg(
@@ -88,7 +91,11 @@ pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
 
 /// Runs the pipelines in `args` to completion.
 pub async fn run(args: RunArgs) -> Outcome {
-    let modules = Arc::new(ModuleHost::new(ModuleHost::default_root()));
+    let policy = match args.module_policy.policy() {
+        Ok(policy) => policy,
+        Err(message) => return Outcome::RuntimeFailure(message),
+    };
+    let modules = Arc::new(ModuleHost::new(ModuleHost::default_root()).with_policy(policy));
     let registry = prometheus::Registry::new();
     let metrics = match EngineMetrics::new(&registry) {
         Ok(metrics) => metrics,

@@ -85,6 +85,9 @@ pub struct AgentArgs {
     #[command(flatten)]
     outbox_limits: crate::outbox::OutboxLimits,
 
+    #[command(flatten)]
+    module_policy: crate::module_policy::ModulePolicyArgs,
+
     /// How long each poll for the desired state waits for a change (whole seconds).
     #[arg(long, default_value = "30s", value_parser = crate::run::positive_duration, value_name = "DURATION")]
     poll_wait: Duration,
@@ -222,7 +225,11 @@ pub async fn run(args: AgentArgs) -> Outcome {
         Ok(metrics) => metrics,
         Err(error) => return Outcome::RuntimeFailure(format!("cannot register metrics: {error}")),
     };
-    let modules = Arc::new(ModuleHost::new(state.path().join("modules")));
+    let policy = match args.module_policy.policy() {
+        Ok(policy) => policy,
+        Err(message) => return Outcome::RuntimeFailure(message),
+    };
+    let modules = Arc::new(ModuleHost::new(state.path().join("modules")).with_policy(policy));
     let stop_background = CancellationToken::new();
     let live = Arc::new(LivePipelines::default());
     let started = Arc::new(AtomicBool::new(false));

@@ -12,8 +12,10 @@
 pub mod config;
 pub mod error;
 pub mod operator;
+pub mod policy;
 pub mod runtime;
 mod source_endpoint;
 pub mod supervisor;
 
 pub use operator::{ModuleFactory, ModuleHost, ModuleReport};
+pub use policy::ModulePolicy;

@@ -81,6 +81,7 @@ pub struct ModuleHost {
     docker: Arc<dyn ContainerRuntime>,
     process: Arc<dyn ContainerRuntime>,
     modules: Mutex<BTreeMap<ModuleKey, (&'static str, watch::Receiver<ModuleStatus>)>>,
+    policy: crate::policy::ModulePolicy,
 }
 
 /// A module by pipeline and node name.
@@ -96,7 +97,14 @@ impl ModuleHost {
             docker: Arc::new(crate::runtime::LazyDocker::default()),
             process: Arc::new(crate::runtime::ProcessRuntime::new()),
             modules: Mutex::default(),
+            policy: crate::policy::ModulePolicy::permissive(),
         }
+    }
+
+    /// The same host, running only what `policy` allows.
+    pub fn with_policy(mut self, policy: crate::policy::ModulePolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// A host whose modules all run on `runtime` (tests, with the fake).
@@ -106,6 +114,7 @@ impl ModuleHost {
             docker: runtime.clone(),
             process: runtime,
             modules: Mutex::default(),
+            policy: crate::policy::ModulePolicy::permissive(),
         }
     }
 
@@ -270,6 +279,9 @@ impl OperatorFactory for ModuleFactory {
             })
             .collect();
         errors.extend(dependency_problems(node, &config.depends_on));
+        for (field, message) in self.host.policy.problems(&config, node.base_dir) {
+            errors.push(node.field_error(&[&field], message));
+        }
         let mut outputs = Vec::new();
         match node.role {
             Role::Source => match &node.schema {

@@ -449,6 +449,42 @@ fn module_configs_are_validated_with_every_problem_named() {
 }
 
 #[test]
+fn a_module_the_devices_policy_refuses_does_not_run() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let echo = private_echo(dir.path());
+    let file = pipeline(dir.path(), 10, "5ms", &process_module(&echo, ""));
+    let output = weir()
+        .args([
+            "run",
+            "--no-metrics",
+            "--module-commands",
+            "/opt/weir/modules/*",
+        ])
+        .arg(&file)
+        .output()
+        .expect("weir runs");
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("transforms.module.config.command"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--module-commands /opt/weir/modules/*"),
+        "{stderr}"
+    );
+    assert!(pids_of(&echo).is_empty(), "the module ran");
+    // Allowed by its directory, it runs.
+    let allowed = format!("{}/*", dir.path().display());
+    let output = weir()
+        .args(["run", "--no-metrics", "--module-commands", &allowed])
+        .arg(&file)
+        .output()
+        .expect("weir runs");
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+}
+
+#[test]
 fn depends_on_and_create_options_mistakes_are_validate_errors() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let file = dir.path().join("pipeline.yaml");

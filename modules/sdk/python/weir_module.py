@@ -74,6 +74,8 @@ _TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 #: Upper bound on a request body. A peer that announces more gets ``413`` instead of
 #: making the module allocate it; edge batches are far smaller.
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+# The most of the runtime's answer to a push that is read (it is a short text).
+_MAX_ANSWER_BYTES = 64 * 1024
 
 _ROLES = ("source", "transform", "sink")
 
@@ -1010,7 +1012,11 @@ class _Pusher:
                 },
             )
             response = self.connection.getresponse()
-            answer = response.read()
+            # The runtime answers a push with a short text; more is not read.
+            answer = response.read(_MAX_ANSWER_BYTES)
+            if response.read(1):
+                response.close()
+                self.close()
         except (OSError, http.client.HTTPException) as exc:
             self.close()  # reconnect on the next attempt
             return f"cannot reach the runtime at {self.endpoint}: {type(exc).__name__}: {exc}"

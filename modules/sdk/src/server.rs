@@ -89,6 +89,17 @@ where
     .await
 }
 
+/// The largest request body served, as the Python SDK's default: 256 MiB, or
+/// `WEIR_MODULE_MAX_BODY_BYTES`.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 256 << 20;
+
+fn max_body_bytes() -> usize {
+    std::env::var("WEIR_MODULE_MAX_BODY_BYTES")
+        .ok()
+        .and_then(|bytes| bytes.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_BODY_BYTES)
+}
+
 /// Serves a module whose health the author controls through `health`.
 pub async fn serve_with<F>(handler: F, health: Health) -> Result<(), SdkError>
 where
@@ -102,8 +113,9 @@ where
     let router = Router::new()
         .route(PATH_HEALTH, get(health_check))
         .route(PATH_BATCHES, post(batches))
-        // Batches are as large as the pipeline makes them.
-        .layer(DefaultBodyLimit::disable())
+        // Batches are as large as the pipeline makes them, within a bound: a larger
+        // body is answered 413 before it is read.
+        .layer(DefaultBodyLimit::max(max_body_bytes()))
         .with_state(app);
     let io = |operation: String| move |source| SdkError::Io { operation, source };
     match &endpoint {

@@ -435,6 +435,24 @@ struct BadMessage {
     payload: String,
 }
 
+/// Decodes one message payload in `format` into rows of `schema`, as an `mqtt` source
+/// without topic columns would: for tools, and for fuzzing the decoders with what a
+/// broker may deliver. The error says why the payload would be dead-lettered.
+pub fn decode_payload(
+    format: PayloadFormat,
+    schema: SchemaRef,
+    payload: &[u8],
+) -> Result<RecordBatch, String> {
+    let decoder = PayloadDecoder {
+        format,
+        payload_schema: schema.clone(),
+        schema,
+        pattern: None,
+        max_payload_bytes: usize::MAX,
+    };
+    decoder.decode_payloads(&[payload]).map(|(batch, _)| batch)
+}
+
 /// Decodes the payloads of a batch of messages into the declared schema.
 #[derive(Clone, Debug)]
 struct PayloadDecoder {
