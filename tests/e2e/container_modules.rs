@@ -78,8 +78,22 @@ fn docker_kill_mid_stream_restarts_the_module_without_losing_or_repeating_a_row(
     let healthy = weir.wait_for_log("module is running and healthy", Duration::from_secs(60));
     assert!(healthy.is_some(), "{:?}", weir.stderr_seen);
     std::thread::sleep(Duration::from_millis(700));
+    // Found by its labels: its name carries the runtime process's tag.
+    let listed = Command::new("docker")
+        .args([
+            "ps",
+            "-q",
+            "--filter",
+            "label=io.weir.pipeline=ctr-kill",
+            "--filter",
+            "label=io.weir.module=module",
+        ])
+        .output()
+        .expect("docker runs");
+    let id = String::from_utf8_lossy(&listed.stdout).trim().to_owned();
+    assert!(!id.is_empty(), "the module's container runs");
     let killed = Command::new("docker")
-        .args(["kill", "weir-ctr-kill-module"])
+        .args(["kill", &id])
         .output()
         .expect("docker runs");
     assert!(
