@@ -128,13 +128,27 @@ pub fn decode_within(
     if ended.is_none() {
         return Ok((None, Vec::new()));
     }
-    let reader = StreamReader::try_new(Cursor::new(bytes), None)
-        .map_err(|e| IpcError::Decode(e.to_string()))?;
-    let schema = reader.schema();
-    let batches = reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IpcError::Decode(e.to_string()))?;
-    Ok((Some(schema), batches))
+    // Arrow's reader panics on some malformed buffers (a validity bitmap shorter than
+    // its rows) instead of answering an error: the panic is that error here, so a
+    // peer's bad bytes never take the task that reads them down.
+    let decoded = std::panic::catch_unwind(|| {
+        let reader = StreamReader::try_new(Cursor::new(bytes), None)?;
+        let schema = reader.schema();
+        let batches = reader.collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, arrow::error::ArrowError>((schema, batches))
+    });
+    match decoded {
+        Ok(Ok((schema, batches))) => Ok((Some(schema), batches)),
+        Ok(Err(e)) => Err(IpcError::Decode(e.to_string())),
+        Err(panic) => Err(IpcError::Decode(format!(
+            "its buffers do not fit its rows ({})",
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("arrow refused it")
+        ))),
+    }
 }
 
 /// Walks every message's framing and metadata. Gives `None` for empty input that may be
@@ -581,6 +595,15 @@ mod tests {
         let error = decode_within(&bytes, &IpcLimits::generous()).unwrap_err();
         assert!(matches!(error, IpcError::Malformed(_)), "{error}");
         assert!(error.to_string().contains("message body"), "{error}");
+    }
+
+    /// Found by the `hub_ingest_body` fuzz target: a validity bitmap shorter than its
+    /// rows, which Arrow's reader panics on.
+    #[test]
+    fn a_null_buffer_shorter_than_its_rows_is_refused_not_a_panic() {
+        let bytes = include_bytes!("../tests/data/ipc_fuzz_null_buffer_too_short.arrows");
+        let error = decode_within(bytes, &IpcLimits::generous()).unwrap_err();
+        assert!(matches!(error, IpcError::Decode(_)), "{error}");
     }
 
     #[test]
