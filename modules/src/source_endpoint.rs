@@ -5,6 +5,7 @@
 //! answered without being taken again.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -87,6 +88,52 @@ impl TakenIds {
     }
 }
 
+/// The runtime's socket for a source module, taking only connections from the module's
+/// user (the owner of its private directory), the runtime's own, or root. In a shared
+/// directory (the module's user could not be given one) anyone may connect, as the
+/// directory already lets them.
+struct PeerChecked {
+    listener: tokio::net::UnixListener,
+    dir: std::path::PathBuf,
+}
+
+impl PeerChecked {
+    /// Whether a peer of `uid` may push.
+    fn admits(&self, uid: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(dir) = std::fs::metadata(&self.dir) else {
+            return false;
+        };
+        let runtime = std::fs::metadata("/proc/self").map(|me| me.uid()).ok();
+        dir.mode() & 0o002 != 0 || uid == 0 || uid == dir.uid() || Some(uid) == runtime
+    }
+}
+
+impl axum::serve::Listener for PeerChecked {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = axum::serve::Listener::accept(&mut self.listener).await;
+            match stream.peer_cred() {
+                Ok(peer) if self.admits(peer.uid()) => return (stream, addr),
+                Ok(peer) => tracing::warn!(
+                    socket = %self.dir.display(),
+                    uid = peer.uid(),
+                    "refused a connection to a source module's socket from a user that is \
+                     neither the module's nor the runtime's"
+                ),
+                Err(error) => tracing::warn!("cannot read a connection's peer: {error}"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
 impl SourceEndpoint {
     /// Listens on `endpoint` for batches of `schema`, each push within `limits` (its
     /// body at most `limits.max_decoded_bytes` long, else 413).
@@ -114,6 +161,10 @@ impl SourceEndpoint {
                 let listener = tokio::net::UnixListener::bind(path).map_err(|e| {
                     OperatorError::io(format!("cannot listen on {}", path.display()), e)
                 })?;
+                let listener = PeerChecked {
+                    listener,
+                    dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+                };
                 tokio::spawn(async move {
                     let _ = axum::serve(listener, router)
                         .with_graceful_shutdown(stopped)
@@ -286,6 +337,30 @@ mod tests {
         }
         assert_eq!(push_to(&mut endpoint, &mut client, unfinished).await, 400);
         endpoint.close().await;
+    }
+
+    #[test]
+    fn only_the_modules_user_the_runtimes_or_root_may_connect() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).unwrap());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let checked = PeerChecked {
+            listener: tokio::net::UnixListener::bind(dir.path().join("s")).unwrap(),
+            dir: dir.path().to_owned(),
+        };
+        assert!(checked.admits(me));
+        assert!(checked.admits(0));
+        let stranger = if me == 4242 { 4343 } else { 4242 };
+        assert!(!checked.admits(stranger));
+        // A shared directory lets anyone in already.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(checked.admits(stranger));
     }
 
     #[tokio::test]
