@@ -251,9 +251,11 @@ fn process_modules_a_killed_runtime_left_running_are_ended_by_the_next_one() {
     let modules = dir.path().join("modules");
     let file = pipeline(dir.path(), 100_000, "50ms", &process_module(&echo, ""));
     let modules_env = modules.to_str().expect("a UTF-8 path");
+    // Without util-linux's setpriv on its PATH, the runtime cannot give the module a
+    // parent-death signal: the module outlives it.
     let mut killed = Running::start(
         &["run", "--no-metrics", file.to_str().expect("a UTF-8 path")],
-        &[("WEIR_MODULE_DIR", modules_env)],
+        &[("WEIR_MODULE_DIR", modules_env), ("PATH", "/nonexistent")],
     );
     let module = wait_for_pid(&echo, Duration::from_secs(20));
     killed.signal("KILL");
@@ -296,6 +298,28 @@ fn process_modules_a_killed_runtime_left_running_are_ended_by_the_next_one() {
         .expect("the module directory")
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_process_module_ends_with_a_runtime_killed_by_sigkill() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let echo = private_echo(dir.path());
+    let file = pipeline(dir.path(), 100_000, "50ms", &process_module(&echo, ""));
+    let mut weir = Running::start(
+        &["run", "--no-metrics", file.to_str().expect("a UTF-8 path")],
+        &[],
+    );
+    let module = wait_for_pid(&echo, Duration::from_secs(20));
+    weir.signal("KILL");
+    assert_eq!(weir.wait_exit(Duration::from_secs(10)), None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{module}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !Path::new(&format!("/proc/{module}")).exists(),
+        "the module outlived its runtime (setpriv gives it a parent-death signal)"
+    );
 }
 
 #[test]

@@ -90,6 +90,17 @@ impl ProcessRuntime {
             });
         };
         let mut line = Vec::new();
+        // util-linux's setpriv (beside prlimit) gives the module a parent-death signal:
+        // a runtime killed with SIGKILL takes its process modules with it. Without it,
+        // the next runtime on the module directory ends them (`sweep_leftovers`).
+        if let Ok(setpriv) = resolve("setpriv", None) {
+            line.extend([
+                setpriv.display().to_string(),
+                "--pdeathsig".to_owned(),
+                "KILL".to_owned(),
+                "--".to_owned(),
+            ]);
+        }
         if spec.limits.memory_bytes.is_some() || spec.limits.pids.is_some() {
             line.push("prlimit".to_owned());
             if let Some(bytes) = spec.limits.memory_bytes {
@@ -612,7 +623,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_run_the_module_under_prlimit() {
+    fn limits_run_the_module_under_prlimit_with_a_parent_death_signal() {
         let dir = std::env::temp_dir();
         let mut limited = spec(&["./module", "--flag"], &dir);
         limited.limits = Limits {
@@ -620,20 +631,37 @@ mod tests {
             cpus: None,
             pids: Some(32),
         };
+        // setpriv comes first where it is installed (util-linux, as prlimit).
+        let wrapper: Vec<String> = match resolve("setpriv", None) {
+            Ok(setpriv) => vec![
+                setpriv.display().to_string(),
+                "--pdeathsig".into(),
+                "KILL".into(),
+                "--".into(),
+            ],
+            Err(_) => Vec::new(),
+        };
+        let expected = |rest: &[&str]| -> Vec<String> {
+            wrapper
+                .iter()
+                .cloned()
+                .chain(rest.iter().map(|part| (*part).to_owned()))
+                .collect()
+        };
         assert_eq!(
             ProcessRuntime::command_line(&limited).unwrap(),
-            [
+            expected(&[
                 "prlimit",
                 "--as=67108864",
                 "--nproc=32",
                 "--",
                 "./module",
                 "--flag"
-            ]
+            ])
         );
         assert_eq!(
             ProcessRuntime::command_line(&spec(&["./module"], &dir)).unwrap(),
-            ["./module"]
+            expected(&["./module"])
         );
     }
 }
