@@ -606,6 +606,15 @@ mod tests {
         assert!(matches!(error, IpcError::Decode(_)), "{error}");
     }
 
+    /// Found by the `module_answer_body` fuzz target: an integer column of a width no
+    /// Arrow type has, which Arrow's schema reader panics on.
+    #[test]
+    fn an_integer_of_a_width_arrow_has_no_type_for_is_refused_not_a_panic() {
+        let bytes = include_bytes!("../tests/data/ipc_fuzz_int_of_odd_width.arrows");
+        let error = decode_within(bytes, &IpcLimits::generous()).unwrap_err();
+        assert!(matches!(error, IpcError::Decode(_)), "{error}");
+    }
+
     #[test]
     fn garbage_is_malformed_not_a_panic() {
         for bytes in [

@@ -6,6 +6,12 @@ use weir_engine::ipc::decode_within;
 use weir_modules::config::ModuleConfig;
 
 fuzz_target!(|data: &[u8]| {
+    // Arrow panics on some malformed streams; `decode_within` catches those panics and
+    // refuses the stream, as the hub and the runtime run it. libfuzzer's panic hook
+    // would abort first: the default hook lets the catch work, and a panic anywhere
+    // else still ends the run as a crash.
+    static DEFAULT_HOOK: std::sync::Once = std::sync::Once::new();
+    DEFAULT_HOOK.call_once(|| drop(std::panic::take_hook()));
     let limits = ModuleConfig::default().answer_limits();
     if let Ok((_, batches)) = decode_within(data, &limits) {
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
