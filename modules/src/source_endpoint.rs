@@ -95,6 +95,14 @@ impl TakenIds {
 struct PeerChecked {
     listener: tokio::net::UnixListener,
     dir: std::path::PathBuf,
+    /// The runtime's own user, read once.
+    runtime_uid: Option<u32>,
+}
+
+/// The user this process runs as: the owner of `/proc/self`.
+fn runtime_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|me| me.uid()).ok()
 }
 
 impl PeerChecked {
@@ -104,8 +112,7 @@ impl PeerChecked {
         let Ok(dir) = std::fs::metadata(&self.dir) else {
             return false;
         };
-        let runtime = std::fs::metadata("/proc/self").map(|me| me.uid()).ok();
-        dir.mode() & 0o002 != 0 || uid == 0 || uid == dir.uid() || Some(uid) == runtime
+        dir.mode() & 0o002 != 0 || uid == 0 || uid == dir.uid() || Some(uid) == self.runtime_uid
     }
 }
 
@@ -164,6 +171,7 @@ impl SourceEndpoint {
                 let listener = PeerChecked {
                     listener,
                     dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+                    runtime_uid: runtime_uid(),
                 };
                 tokio::spawn(async move {
                     let _ = axum::serve(listener, router)
@@ -353,6 +361,7 @@ mod tests {
         let checked = PeerChecked {
             listener: tokio::net::UnixListener::bind(dir.path().join("s")).unwrap(),
             dir: dir.path().to_owned(),
+            runtime_uid: runtime_uid(),
         };
         assert!(checked.admits(me));
         assert!(checked.admits(0));

@@ -237,6 +237,30 @@ impl HubClient {
         }
     }
 
+    /// Sends the request `build` makes (signing it as it builds). Refused for a token
+    /// signed by a clock far off the hub's, it is built and sent once more, signed by the
+    /// hub's clock as the refusal's `Date` gave it.
+    async fn send_signed(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut retried = false;
+        loop {
+            let response = build().send().await.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                message: error_chain(&e),
+            })?;
+            if self.learn_clock(&response)
+                && response.status() == StatusCode::UNAUTHORIZED
+                && !retried
+            {
+                retried = true;
+                continue;
+            }
+            return Ok(response);
+        }
+    }
+
     /// Takes the hub's clock from `response`'s `Date`; gives whether it moved by more
     /// than the skew tokens allow (a token signed before may have been refused for it).
     fn learn_clock(&self, response: &reqwest::Response) -> bool {
@@ -271,34 +295,22 @@ impl HubClient {
         timeout: Duration,
     ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}/api/v1{path}", self.base);
-        let mut retried = false;
-        let response = loop {
-            let mut request = self
-                .http
-                .request(method.clone(), &url)
-                .header(reqwest::header::AUTHORIZATION, self.authorization())
-                .timeout(timeout);
-            if !query.is_empty() {
-                request = request.query(query);
-            }
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let response = request.send().await.map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                message: error_chain(&e),
-            })?;
-            // Refused for a token signed by a clock far off the hub's: signed again by
-            // the hub's, once.
-            if self.learn_clock(&response)
-                && response.status() == StatusCode::UNAUTHORIZED
-                && !retried
-            {
-                retried = true;
-                continue;
-            }
-            break response;
-        };
+        let response = self
+            .send_signed(|| {
+                let mut request = self
+                    .http
+                    .request(method.clone(), &url)
+                    .header(reqwest::header::AUTHORIZATION, self.authorization())
+                    .timeout(timeout);
+                if !query.is_empty() {
+                    request = request.query(query);
+                }
+                if let Some(body) = body {
+                    request = request.json(body);
+                }
+                request
+            })
+            .await?;
         let status = response.status();
         if status.is_success() || status == StatusCode::NOT_MODIFIED {
             return Ok(response);
@@ -583,30 +595,20 @@ impl HubClient {
         body: Vec<u8>,
     ) -> Result<reqwest::Response, ClientError> {
         let body = bytes::Bytes::from(body);
-        let mut retried = false;
-        let response = loop {
-            let mut request = self
-                .http
-                .post(format!("{}/api/v1{path}", self.base))
-                .header(reqwest::header::AUTHORIZATION, self.authorization())
-                .timeout(REQUEST_TIMEOUT)
-                .body(body.clone());
-            for (name, value) in headers {
-                request = request.header(*name, value);
-            }
-            let response = request.send().await.map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                message: error_chain(&e),
-            })?;
-            if self.learn_clock(&response)
-                && response.status() == StatusCode::UNAUTHORIZED
-                && !retried
-            {
-                retried = true;
-                continue;
-            }
-            break response;
-        };
+        let response = self
+            .send_signed(|| {
+                let mut request = self
+                    .http
+                    .post(format!("{}/api/v1{path}", self.base))
+                    .header(reqwest::header::AUTHORIZATION, self.authorization())
+                    .timeout(REQUEST_TIMEOUT)
+                    .body(body.clone());
+                for (name, value) in headers {
+                    request = request.header(*name, value);
+                }
+                request
+            })
+            .await?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
