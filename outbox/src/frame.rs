@@ -9,6 +9,7 @@
 //! appended_ms i64 | rows u32 | payload length u32 | CRC-32 of everything from the stream
 //! length to the end of the payload, u32 (placed before the payload) | payload.
 
+use std::io::Read;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -154,28 +155,22 @@ pub fn salvage_file(path: &std::path::Path) -> std::io::Result<Salvaged> {
 const MAX_FRAME: usize = 1 << 30;
 
 /// Every intact frame in what `file` reads, read in pieces of 8 MiB.
-fn salvage_from(mut file: impl std::io::Read) -> std::io::Result<Salvaged> {
+fn salvage_from(mut file: impl Read) -> std::io::Result<Salvaged> {
     const CHUNK: usize = 8 << 20;
     let mut found = Salvaged::default();
     let mut seen = std::collections::HashSet::new();
     let mut buf: Vec<u8> = Vec::new();
     let mut at = 0;
     let mut eof = false;
-    // Reads more of the file into `buf`, dropping what was scanned; false at the end.
+    // Reads up to `want` (at least a piece) more of the file into `buf`, dropping what was
+    // scanned; false at the end. `read_to_end` grows `buf` only as bytes arrive, so a
+    // damaged header claiming a huge frame costs what the file holds, not what it claims.
     let mut fill = |buf: &mut Vec<u8>, at: &mut usize, want: usize| -> std::io::Result<bool> {
         buf.drain(..*at);
         *at = 0;
-        let before = buf.len();
-        buf.resize(before + want.max(CHUNK), 0);
-        let mut filled = before;
-        while filled < buf.len() {
-            match file.read(&mut buf[filled..])? {
-                0 => break,
-                n => filled += n,
-            }
-        }
-        buf.truncate(filled);
-        Ok(filled > before)
+        let limit = u64::try_from(want.max(CHUNK)).unwrap_or(u64::MAX);
+        let read = file.by_ref().take(limit).read_to_end(buf)?;
+        Ok(read > 0)
     };
     loop {
         if !eof && buf.len() - at < FIXED {
@@ -311,5 +306,45 @@ mod tests {
         let seqs: Vec<u64> = found.frames.iter().map(|f| f.seq).collect();
         assert_eq!(seqs, [0, 2]);
         assert_eq!(found.broken_frames, 1);
+    }
+
+    /// A reader that notes the largest buffer it is asked to fill.
+    struct Recording<'a> {
+        data: &'a [u8],
+        largest_request: usize,
+    }
+
+    impl Read for Recording<'_> {
+        fn read(&mut self, into: &mut [u8]) -> std::io::Result<usize> {
+            self.largest_request = self.largest_request.max(into.len());
+            self.data.read(into)
+        }
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_frame_costs_what_the_file_holds() {
+        // A damaged header that claims a frame of almost 1 GiB in a file of a few KiB: the
+        // scan must neither reserve nor zero the claimed size (it did, 8 MiB per call at
+        // least, which made the fuzzer run at 60 inputs a second).
+        let mut bytes = frame(0).to_bytes();
+        let mut liar = frame(1).to_bytes();
+        let payload_len_at = 4 + 2 + "plant/hub".len() + 20;
+        liar[payload_len_at..payload_len_at + 4].copy_from_slice(&(1u32 << 29).to_le_bytes());
+        bytes.extend(&liar);
+        bytes.extend(frame(2).to_bytes());
+        let mut reader = Recording {
+            data: &bytes,
+            largest_request: 0,
+        };
+        let found = salvage_from(&mut reader).unwrap();
+        let seqs: Vec<u64> = found.frames.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [0, 2]);
+        assert_eq!(found.broken_frames, 1);
+        assert!(
+            reader.largest_request < 1 << 20,
+            "asked the reader to fill {} bytes for a {}-byte file",
+            reader.largest_request,
+            bytes.len()
+        );
     }
 }
