@@ -23,6 +23,7 @@ pub struct HubMetrics {
     ingested: IntCounterVec,
     refused: IntCounterVec,
     quarantined: prometheus::IntGauge,
+    fleet_scans: prometheus::IntCounter,
 }
 
 impl Default for HubMetrics {
@@ -103,11 +104,18 @@ impl HubMetrics {
              since it started.",
         )
         .expect("valid metric");
+        let fleet_scans = prometheus::IntCounter::new(
+            "weir_hub_fleet_scans_total",
+            "Times this hub read every device row to summarise the fleet for /status and the \
+             fleet gauges; at most once a second, however often they are asked for.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ingested.clone()),
             Box::new(refused.clone()),
             Box::new(quarantined.clone()),
+            Box::new(fleet_scans.clone()),
             Box::new(latency.clone()),
             Box::new(devices.clone()),
             Box::new(deployments.clone()),
@@ -128,7 +136,13 @@ impl HubMetrics {
             ingested,
             refused,
             quarantined,
+            fleet_scans,
         }
+    }
+
+    /// Counts one read of every device row.
+    pub fn fleet_scanned(&self) {
+        self.fleet_scans.inc();
     }
 
     /// Counts one refused batch.

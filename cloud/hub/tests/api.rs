@@ -25,6 +25,7 @@ on_both_databases!(
     a_long_poll_answers_when_the_desired_state_changes,
     a_generated_admin_token_is_printed_once_and_kept_hashed,
     silent_devices_go_offline_and_metrics_count_them,
+    scrapes_and_status_calls_share_one_read_of_the_fleet,
 );
 
 fn refusal_message(result: Result<impl std::fmt::Debug, ClientError>) -> String {
@@ -784,6 +785,60 @@ async fn silent_devices_go_offline_and_metrics_count_them(db: Db) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    hub.stop().await;
+    database.drop_database().await;
+}
+
+/// `/metrics` needs no token, so however often it and `/status` are asked for, the hub
+/// reads every device row at most once a second (issue 18: cheap at 10,000 devices).
+async fn scrapes_and_status_calls_share_one_read_of_the_fleet(db: Db) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = TestDatabase::new(db, dir.path()).await;
+    let hub = TestHub::start(dir.path(), &database.database).await;
+    for id in ["one", "two", "three"] {
+        hub.register(id, &[]).await;
+    }
+    let scrape = || {
+        let client = hub.raw();
+        let url = format!("{}/metrics", hub.url);
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text")
+        }
+    };
+    let scans = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("weir_hub_fleet_scans_total "))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no fleet scan count in {metrics}"))
+    };
+    let before = scans(&scrape().await);
+    let started = Instant::now();
+    let calls = 40;
+    let scrapes = futures::future::join_all((0..calls).map(|_| scrape()));
+    let statuses = futures::future::join_all((0..calls).map(|_| hub.admin.status()));
+    let (_, statuses) = tokio::join!(scrapes, statuses);
+    for status in statuses {
+        assert_eq!(status.expect("status").devices, 3);
+    }
+    let elapsed = started.elapsed();
+    let made = scans(&scrape().await) - before;
+    assert!(
+        made <= elapsed.as_secs() + 2,
+        "{made} reads of every device for {} calls in {elapsed:?}",
+        2 * calls
+    );
+
+    // A change to the fleet shows at once all the same.
+    hub.register("four", &[]).await;
+    assert_eq!(hub.admin.status().await.expect("status").devices, 4);
     hub.stop().await;
     database.drop_database().await;
 }

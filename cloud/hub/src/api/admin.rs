@@ -442,6 +442,7 @@ async fn fleet_summary(hub: &Hub) -> Result<FleetStatus, ApiError> {
 
 async fn compute_fleet_summary(hub: &Hub) -> Result<FleetStatus, ApiError> {
     let devices = hub.store().devices().await?;
+    hub.metrics().fleet_scanned();
     let (rollouts, summaries) = hub.with_fleet(|fleet| {
         let rollouts = fleet.rollouts(&devices);
         let summaries: Vec<(String, u64, i64)> = fleet
