@@ -22,7 +22,7 @@ use weir_hub::identity::DeviceKey;
 use weir_hub::protocol::{DesiredState, Report, ReportStatus, now_ms};
 use weir_hub::{ClientError, Credentials, HubClient};
 use weir_modules::ModuleHost;
-use weir_operators::mqtt::{Backoff, BackoffBounds};
+use weir_operators::backoff::{Backoff, BackoffBounds};
 
 use crate::api::live::LivePipelines;
 use crate::exit::Outcome;

@@ -221,6 +221,9 @@ pub trait OperatorFactory: Send + Sync {
 #[derive(Clone, Default)]
 pub struct Registry {
     factories: BTreeMap<(Role, &'static str), Arc<dyn OperatorFactory>>,
+    /// Kinds this build of Weir leaves out, with the Cargo feature that brings each in, so a
+    /// pipeline that names one is told why rather than that the kind does not exist.
+    left_out: BTreeMap<(Role, &'static str), &'static str>,
 }
 
 impl Registry {
@@ -236,6 +239,21 @@ impl Registry {
             self.factories
                 .insert((*role, factory.kind()), factory.clone());
         }
+    }
+
+    /// Records that this build leaves out `kind` in the section of `role`, and that the
+    /// Cargo feature `feature` brings it in.
+    pub fn leave_out(&mut self, role: Role, kind: &'static str, feature: &'static str) {
+        self.left_out.insert((role, kind), feature);
+    }
+
+    /// The Cargo feature that would bring `kind` into the section of `role`, when this build
+    /// leaves it out.
+    pub fn left_out_feature(&self, role: Role, kind: &str) -> Option<&'static str> {
+        self.left_out
+            .iter()
+            .find(|((r, k), _)| *r == role && *k == kind)
+            .map(|(_, feature)| *feature)
     }
 
     /// The factory for `kind` in the section of `role`, if any.

@@ -130,11 +130,16 @@ impl ModuleConfig {
                 "command must name a program, e.g. [./my-module, --flag]".to_owned(),
             );
         }
+        #[cfg(feature = "docker")]
         if self.image.is_some()
             && let Err(message) = crate::runtime::docker::parse_create_options(&self.create_options)
         {
             // What `docker create` would refuse at start is a mistake `weir validate` shows.
             push("create_options", message);
+        }
+        #[cfg(not(feature = "docker"))]
+        if self.image.is_some() {
+            push("image", crate::operator::NO_DOCKER.to_owned());
         }
         if self.image.is_none() {
             if self.image_archive.is_some() {

@@ -78,11 +78,29 @@ pub struct ModuleReport {
 /// root of the module directories, and every module's status.
 pub struct ModuleHost {
     root: PathBuf,
-    docker: Arc<dyn ContainerRuntime>,
+    /// `None` in a build without the `docker` feature.
+    docker: Option<Arc<dyn ContainerRuntime>>,
     process: Arc<dyn ContainerRuntime>,
     modules: Mutex<BTreeMap<ModuleKey, (&'static str, watch::Receiver<ModuleStatus>)>>,
     policy: crate::policy::ModulePolicy,
 }
+
+/// Containers on the local Docker engine, connected on first use.
+#[cfg(feature = "docker")]
+fn docker_runtime() -> Option<Arc<dyn ContainerRuntime>> {
+    Some(Arc::new(crate::runtime::LazyDocker::default()))
+}
+
+/// No container runtime: this build has no Docker support.
+#[cfg(not(feature = "docker"))]
+fn docker_runtime() -> Option<Arc<dyn ContainerRuntime>> {
+    None
+}
+
+/// Why a container module cannot run in a build without the `docker` feature.
+pub(crate) const NO_DOCKER: &str = "this build of weir cannot run container modules: it was \
+     built without the `docker` feature; run the module as a process (`command:`), or use \
+     the default build";
 
 /// A module by pipeline and node name.
 type ModuleKey = (String, String);
@@ -94,7 +112,7 @@ impl ModuleHost {
         crate::runtime::process::sweep_leftovers(&root);
         ModuleHost {
             root,
-            docker: Arc::new(crate::runtime::LazyDocker::default()),
+            docker: docker_runtime(),
             process: Arc::new(crate::runtime::ProcessRuntime::new()),
             modules: Mutex::default(),
             policy: crate::policy::ModulePolicy::permissive(),
@@ -111,7 +129,7 @@ impl ModuleHost {
     pub fn with_runtime(root: PathBuf, runtime: Arc<dyn ContainerRuntime>) -> Self {
         ModuleHost {
             root,
-            docker: runtime.clone(),
+            docker: Some(runtime.clone()),
             process: runtime,
             modules: Mutex::default(),
             policy: crate::policy::ModulePolicy::permissive(),
@@ -512,7 +530,12 @@ impl Module {
             }
         };
         let runtime = match program {
-            Program::Image { .. } => host.docker.clone(),
+            // `weir validate` refuses an image in a build without Docker; this is the
+            // same answer for a caller that did not validate.
+            Program::Image { .. } => host
+                .docker
+                .clone()
+                .ok_or_else(|| OperatorError::User(format!("module '{name}': {NO_DOCKER}")))?,
             Program::Process { .. } => host.process.clone(),
         };
         let owner = crate::runtime::owner::Owner::current();

@@ -1,7 +1,9 @@
 //! Weir's built-in operators: sources, transforms and sinks, and [`registry::builtin`],
 //! the one list that registers them.
 
+pub mod backoff;
 pub mod format;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod registry;
 pub mod rejects;

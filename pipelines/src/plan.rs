@@ -321,6 +321,23 @@ fn check_kind<'r>(
     let path = format!("{}.kind", node.path());
     let elsewhere = registry.roles_of(&node.kind);
     match registry.get(node.role, &node.kind) {
+        None if let Some(feature) = registry.left_out_feature(node.role, &node.kind) => {
+            errors.push(
+                ConfigError::new(
+                    path,
+                    node.kind_location,
+                    format!(
+                        "this build of weir has no '{}' {noun}: it was built without the \
+                         `{feature}` feature",
+                        node.kind
+                    ),
+                )
+                .with_hint(format!(
+                    "the default build has it; or build with `--features {feature}`"
+                )),
+            );
+            None
+        }
         Some(factory) => {
             // Only a kind whose output Weir cannot derive (a module) declares it.
             if node.role == Role::Transform

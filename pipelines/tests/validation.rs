@@ -657,6 +657,35 @@ fn unknown_kind_lists_the_kinds_of_its_section() {
 }
 
 #[test]
+fn a_kind_this_build_left_out_names_the_feature_that_brings_it_in() {
+    let mut slim = registry();
+    slim.leave_out(Role::Source, "mqtt", "mqtt");
+    let problems_in_slim =
+        |text: &str| match validate_str(Path::new(FILE), text, &slim, &env, Path::new("pipes")) {
+            Ok(pipeline) => panic!("expected problems, got {pipeline:?}"),
+            Err(found) => found,
+        };
+    let text = with("kind: gen", "kind: mqtt");
+    let found = problems_in_slim(&text);
+    assert_eq!(found.len(), 1, "{}", render(&found));
+    assert_problem(
+        &found[0],
+        pos(&text, "mqtt"),
+        "sources.sensors.kind",
+        "this build of weir has no 'mqtt' source: it was built without the `mqtt` feature",
+        Some("the default build has it; or build with `--features mqtt`"),
+    );
+    // Left out as a source only: as a sink it is an unknown kind, as before.
+    let text = with("{kind: print,", "{kind: mqtt,");
+    let found = problems_in_slim(&text);
+    assert!(
+        found[0].message.starts_with("unknown sink kind 'mqtt'"),
+        "{}",
+        render(&found)
+    );
+}
+
+#[test]
 fn unknown_input_names_the_nodes_that_can_be_read() {
     let text = with("inputs: [sensors]", "inputs: [sensor]");
     assert_problem(

@@ -13,15 +13,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
+#[cfg(feature = "docker")]
 pub mod docker;
 pub mod fake;
+#[cfg(feature = "docker")]
 mod lazy;
 mod log_lines;
 pub mod owner;
 pub mod process;
 
+#[cfg(feature = "docker")]
 pub use docker::DockerRuntime;
 pub use fake::{FakeCall, FakeRun, FakeRuntime};
+#[cfg(feature = "docker")]
 pub use lazy::LazyDocker;
 pub use process::ProcessRuntime;
 

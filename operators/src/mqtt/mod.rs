@@ -1,6 +1,6 @@
 //! What every MQTT operator shares: the connection options (broker URL, client id,
-//! credentials, TLS, keep-alive), their validation at plan time, the rumqttc options built
-//! from them at instantiate time, and the reconnect backoff.
+//! credentials, TLS, keep-alive), their validation at plan time, and the rumqttc options
+//! built from them at instantiate time.
 //!
 //! Users write the connection fields at the top level of an operator's `config`, beside
 //! the operator's own, so the YAML stays flat; [`ConnectionConfig`] reads them from there.
@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, EventLoop, MqttOptions, QoS, TlsConfiguration,
@@ -23,6 +22,8 @@ use weir_engine::OperatorError;
 use weir_engine::config::{ConfigErrors, HumanDuration};
 use weir_engine::metrics::ConnectionMetrics;
 use weir_engine::registry::NodeContext;
+
+use crate::backoff::{Backoff, BackoffBounds};
 
 /// The largest packet MQTT can carry (the protocol's remaining-length limit). rumqttc drops
 /// the connection on a bigger packet, so its limit is set this high and operators enforce
@@ -231,15 +232,6 @@ pub struct ConnectionPlan {
     keep_alive: Duration,
     /// The reconnect backoff bounds.
     pub backoff: BackoffBounds,
-}
-
-/// The bounds of the reconnect backoff.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackoffBounds {
-    /// The first delay.
-    pub initial: Duration,
-    /// The longest delay.
-    pub max: Duration,
 }
 
 impl ConnectionConfig {
@@ -654,67 +646,6 @@ impl ConnectionMonitor {
     }
 }
 
-/// A seed for the backoff jitter that differs between clients and between runs.
-fn jitter_seed(client_id: &str) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write(client_id.as_bytes());
-    hasher.finish()
-}
-
-/// Exponential reconnect backoff with jitter: each delay is drawn from the upper half of a
-/// window that doubles from `initial` up to `max`, so clients that lost the broker together
-/// do not all return at the same instant.
-pub struct Backoff<R> {
-    bounds: BackoffBounds,
-    attempt: u32,
-    rng: R,
-}
-
-impl Backoff<ChaCha8Rng> {
-    /// A backoff whose jitter differs between clients (named by `client_id`) and between
-    /// runs: for anything that reconnects to a shared server, not only MQTT.
-    pub fn for_client(bounds: BackoffBounds, client_id: &str) -> Self {
-        Backoff::new(bounds, ChaCha8Rng::seed_from_u64(jitter_seed(client_id)))
-    }
-}
-
-impl<R: Rng> Backoff<R> {
-    /// A backoff that draws its jitter from `rng` (injected, so tests are deterministic).
-    pub fn new(bounds: BackoffBounds, rng: R) -> Self {
-        Backoff {
-            bounds,
-            attempt: 0,
-            rng,
-        }
-    }
-
-    /// The delay before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
-        let window = self
-            .bounds
-            .initial
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.bounds.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = window / 2;
-        let jitter_ns = self
-            .rng
-            .random_range(0..=half.as_nanos().min(u64::MAX as u128) as u64);
-        window - half + Duration::from_nanos(jitter_ns)
-    }
-
-    /// How many delays were handed out since the last reset.
-    pub fn attempts(&self) -> u32 {
-        self.attempt
-    }
-
-    /// Starts over from `initial`, after a successful connection.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -751,33 +682,6 @@ mod tests {
         assert!(err("mqtt://:1883").contains("no host"));
         assert!(err("mqtt://u:p@h").contains("credentials"));
         assert!(err("mqtt://h/topic").contains("path"));
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
-        let bounds = BackoffBounds {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(30),
-        };
-        let mut backoff = Backoff::new(bounds, ChaCha8Rng::seed_from_u64(7));
-        let windows = [1, 2, 4, 8, 16, 30, 30, 30];
-        for window in windows {
-            let window = Duration::from_secs(window);
-            let delay = backoff.next_delay();
-            assert!(
-                delay >= window / 2 && delay <= window,
-                "{delay:?} in {window:?}"
-            );
-        }
-        assert_eq!(backoff.attempts(), 8);
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_secs(1));
-        // Jitter: two clients seeded differently do not retry in lock step.
-        let mut other = Backoff::new(bounds, ChaCha8Rng::seed_from_u64(8));
-        let mut same = Backoff::new(bounds, ChaCha8Rng::seed_from_u64(7));
-        let a: Vec<_> = (0..5).map(|_| same.next_delay()).collect();
-        let b: Vec<_> = (0..5).map(|_| other.next_delay()).collect();
-        assert_ne!(a, b);
     }
 
     #[test]

@@ -2,5 +2,6 @@
 
 pub mod blackhole;
 pub mod file;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod stdout;

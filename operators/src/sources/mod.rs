@@ -2,4 +2,5 @@
 
 pub mod file;
 pub mod generator;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
