@@ -1,6 +1,6 @@
 //! What the end-to-end benchmarks share: pinning to one core, where their files go, W1's
-//! generated input (`benches/w1/data.rs`), made once and reused, and planning a
-//! transform from YAML as a pipeline would.
+//! generated input (`benches/w1/data.rs`), made once and reused, planning a transform
+//! from YAML as a pipeline would, and reading sizes from the environment.
 
 use std::fs::{self, File};
 use std::io::BufWriter;
@@ -156,4 +156,16 @@ pub fn readings_schema(value: &str) -> SchemaRef {
         ),
         Field::new(value, DataType::Float64, false),
     ]))
+}
+
+/// A whole number from the environment, or `default` when unset or empty.
+pub fn env_u64(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Ok(text) if !text.trim().is_empty() => {
+            text.trim().replace('_', "").parse().with_context(|| {
+                format!("{name} must be a whole number, e.g. 5000000; got '{text}'")
+            })
+        }
+        _ => Ok(default),
+    }
 }

@@ -19,7 +19,7 @@ mod support;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::data::W1Spec;
-use crate::support::{ensure_input, target_dir};
+use crate::support::{ensure_input, env_u64, target_dir};
 
 /// Issue 19's targets.
 const TARGET_BINARY_MIB: f64 = 60.0;
@@ -151,7 +151,7 @@ fn idle_rss(weir: &Path, work: &Path, idle: Duration) -> Result<Idle> {
     let pipeline = work.join("idle.yaml");
     fs::write(&pipeline, IDLE_PIPELINE)
         .with_context(|| format!("cannot write {}", pipeline.display()))?;
-    let addr = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], weir_testkit::free_port()));
     let state_dir = work.join("idle-state");
     let _ = fs::remove_dir_all(&state_dir);
     eprintln!("footprint: idling for {} s ...", idle.as_secs());
@@ -255,26 +255,8 @@ fn scrape(addr: SocketAddr) -> Result<usize> {
     Ok(body.len())
 }
 
-/// A port free now, on loopback.
-fn free_port() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a free port")?;
-    Ok(listener.local_addr()?)
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// A whole number from the environment, or `default` when unset or empty.
-fn env_u64(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Ok(text) if !text.trim().is_empty() => text
-            .trim()
-            .replace('_', "")
-            .parse()
-            .with_context(|| format!("{name} must be a whole number; got '{text}'")),
-        _ => Ok(default),
-    }
 }
 
 /// Stops the child if the benchmark fails midway, so no pipeline is left running.

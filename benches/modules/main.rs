@@ -47,11 +47,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let judged = std::env::args().any(|arg| arg == "--bench");
-    let lines = match std::env::var("MODULES_LINES") {
-        Ok(text) => text.parse().context("MODULES_LINES is a number")?,
-        Err(_) if judged => 2_000_000,
-        Err(_) => 20_000,
-    };
+    let lines = support::env_u64("MODULES_LINES", if judged { 2_000_000 } else { 20_000 })?;
     // WEIR_BIN runs another build of `weir` (and the echo module beside it), e.g. a
     // release build measured by a quick debug build of this harness.
     let weir = std::env::var_os("WEIR_BIN")
@@ -72,14 +68,8 @@ fn run() -> Result<()> {
         "| batch rows | without the module (rows/s) | with the echo module (rows/s) | cost | target |"
     );
     println!("| ---: | ---: | ---: | ---: | --- |");
-    let runs = match std::env::var("MODULES_RUNS") {
-        Ok(text) => text
-            .parse::<u32>()
-            .context("MODULES_RUNS is a number")?
-            .max(1),
-        Err(_) if judged => 3,
-        Err(_) => 1,
-    };
+    let runs = u32::try_from(support::env_u64("MODULES_RUNS", if judged { 3 } else { 1 })?.max(1))
+        .context("MODULES_RUNS is too large")?;
     for batch_rows in [1024usize, 8192] {
         // Runs alternate between the two pipelines, and each keeps its best time, so a
         // burst of load elsewhere on the machine does not decide the comparison.

@@ -38,7 +38,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use data::W1Spec;
 use figures::{elf_loadable_bytes, thousands};
 use reference::{REL_TOLERANCE, WINDOW_MS, WindowRow};
-use support::{ensure_input, pin_to_cpu0, target_dir};
+use support::{ensure_input, env_u64, pin_to_cpu0, target_dir};
 
 /// W1's targets. Throughput is per core: everything runs pinned to one CPU.
 const TARGET_EVENTS_PER_S: f64 = 1_000_000.0;
@@ -99,18 +99,6 @@ impl Options {
             checkpoints: env_flag("W1_CHECKPOINTS"),
             judged,
         })
-    }
-}
-
-/// A whole number from the environment, or `default` when unset or empty.
-fn env_u64(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Ok(text) if !text.trim().is_empty() => {
-            text.trim().replace('_', "").parse().with_context(|| {
-                format!("{name} must be a whole number, e.g. 5000000; got '{text}'")
-            })
-        }
-        _ => Ok(default),
     }
 }
 

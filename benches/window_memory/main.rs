@@ -55,13 +55,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let judged = std::env::args().any(|arg| arg == "--bench");
-    let seconds: u64 = match std::env::var("WINDOW_MEMORY_SECONDS") {
-        Ok(text) => text
-            .parse()
-            .context("WINDOW_MEMORY_SECONDS is a whole number")?,
-        Err(_) if judged => 60,
-        Err(_) => 3,
-    };
+    let seconds = support::env_u64("WINDOW_MEMORY_SECONDS", if judged { 60 } else { 3 })?;
     support::pin_to_cpu0();
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let hour = Duration::from_secs(3600);
