@@ -2,6 +2,7 @@
 //!
 //! One file per subcommand; [`exit`] is the one place that maps outcomes to exit codes.
 
+#[cfg(feature = "hub")]
 mod agent;
 mod api;
 mod exit;
@@ -78,7 +79,15 @@ enum Command {
     /// pipelines (unchanged ones keep running), reports the outcome and sends heartbeats.
     /// The last applied deployment is kept in --state-dir, so the agent boots into it and
     /// keeps running it while the hub is out of reach.
+    #[cfg(feature = "hub")]
     Agent(agent::AgentArgs),
+    /// `weir agent` in a build without it: says so, and which feature brings it in.
+    #[cfg(not(feature = "hub"))]
+    #[command(hide = true)]
+    Agent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,12 +103,22 @@ fn main() -> ExitCode {
                 exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
             }
         },
+        #[cfg(feature = "hub")]
         Command::Agent(args) => match runtime(cli.threads) {
             Ok(runtime) => runtime.block_on(agent::run(args)),
             Err(error) => {
                 exit::Outcome::RuntimeFailure(format!("cannot start the runtime: {error}"))
             }
         },
+        #[cfg(not(feature = "hub"))]
+        Command::Agent { .. } => {
+            eprintln!(
+                "error: this build of weir has no `agent`: it was built without the `hub` \
+                 feature (build with `--features hub`)"
+            );
+            // A configuration problem: a service manager should not restart it.
+            exit::Outcome::ConfigInvalid
+        }
         Command::Status(args) => client_runtime(status::run(args)),
         Command::Query(args) => client_runtime(query::run(args)),
         Command::Tap(args) => client_runtime(tap::run(args)),

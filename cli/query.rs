@@ -3,9 +3,10 @@
 
 use std::io::{Read, Write};
 
+use hyper::Method;
 use weir_query::{Format, QueryRequest};
 
-use crate::api::client::{ClientArgs, LocalClient};
+use crate::api::client::{self, ClientArgs, LocalClient};
 use crate::exit::Outcome;
 
 /// How `weir query` prints the answer.
@@ -58,10 +59,7 @@ pub async fn run(args: QueryArgs) -> Outcome {
     } else {
         args.sql.clone()
     };
-    let client = match LocalClient::new(&args.client) {
-        Ok(client) => client,
-        Err(error) => return Outcome::RuntimeFailure(error),
-    };
+    let client = LocalClient::new(&args.client);
     let format = match args.format {
         Output::Table | Output::Arrow => Format::Arrow,
         Output::Json => Format::Json,
@@ -73,10 +71,11 @@ pub async fn run(args: QueryArgs) -> Outcome {
         max_rows: args.max_rows,
         timeout: args.timeout.clone(),
     };
-    let call = client
-        .request(reqwest::Method::POST, "/api/v1/query")
-        .json(&request);
-    let response = match client.send(call).await {
+    let json = match serde_json::to_vec(&request) {
+        Ok(json) => json,
+        Err(error) => return Outcome::RuntimeFailure(format!("cannot write the query: {error}")),
+    };
+    let response = match client.send(Method::POST, "/api/v1/query", Some(json)).await {
         Ok(response) => response,
         Err(error) => return Outcome::RuntimeFailure(error),
     };
@@ -84,7 +83,7 @@ pub async fn run(args: QueryArgs) -> Outcome {
         .headers()
         .get(weir_query::TRUNCATED_HEADER)
         .is_some_and(|value| value == "true");
-    let body = match response.bytes().await {
+    let body = match client::read_body(response).await {
         Ok(body) => body,
         Err(error) => {
             return Outcome::RuntimeFailure(format!("the answer was cut off: {error}"));

@@ -18,10 +18,7 @@ pub struct StatusArgs {
 
 /// Fetches `/api/v1/pipelines` and prints it.
 pub async fn run(args: StatusArgs) -> Outcome {
-    let client = match LocalClient::new(&args.client) {
-        Ok(client) => client,
-        Err(error) => return Outcome::RuntimeFailure(error),
-    };
+    let client = LocalClient::new(&args.client);
     let status: StatusBody = match client.get_json("/api/v1/pipelines").await {
         Ok(status) => status,
         Err(error) => return Outcome::RuntimeFailure(error),

@@ -3,7 +3,9 @@
 
 use std::io::Write;
 
-use crate::api::client::{ClientArgs, LocalClient};
+use hyper::Method;
+
+use crate::api::client::{self, ClientArgs, LocalClient};
 use crate::exit::Outcome;
 
 /// Arguments of `weir tap`.
@@ -31,17 +33,17 @@ pub struct TapArgs {
 
 /// Streams the tap to standard output.
 pub async fn run(args: TapArgs) -> Outcome {
-    let client = match LocalClient::new(&args.client) {
-        Ok(client) => client,
-        Err(error) => return Outcome::RuntimeFailure(error),
-    };
+    let client = LocalClient::new(&args.client);
     let mut query = vec![("rate", args.rate.to_string())];
     if let Some(pipeline) = &args.pipeline {
         query.push(("pipeline", pipeline.clone()));
     }
-    let path = format!("/api/v1/tap/{}", args.node);
-    let call = client.request(reqwest::Method::GET, &path).query(&query);
-    let mut response = match client.send(call).await {
+    let path = format!(
+        "/api/v1/tap/{}{}",
+        client::path_segment(&args.node),
+        client::query_string(&query)
+    );
+    let mut response = match client.send(Method::GET, &path, None).await {
         Ok(response) => response,
         Err(error) => return Outcome::RuntimeFailure(error),
     };
@@ -49,7 +51,7 @@ pub async fn run(args: TapArgs) -> Outcome {
     let mut shown = 0u64;
     let mut stdout = std::io::stdout().lock();
     loop {
-        let chunk = match response.chunk().await {
+        let chunk = match client::next_chunk(&mut response).await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => {
                 eprintln!("weir tap: the connection closed");

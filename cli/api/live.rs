@@ -251,7 +251,7 @@ impl LivePipelines {
                 file: shape.file,
                 state: PipelineState::Running,
                 error: None,
-                since_ms: now_ms(),
+                since_ms: weir_engine::time::wall_clock_ms(),
                 nodes,
             },
         );
@@ -270,12 +270,16 @@ impl LivePipelines {
         }
     }
 
-    /// Forgets pipeline `name` (it was stopped for good or replaced).
+    /// Forgets pipeline `name` (it was stopped for good or replaced). Only the agent
+    /// swaps pipelines while it runs.
+    #[cfg(feature = "hub")]
     pub fn remove(&self, name: &str) {
         write(&self.pipelines).remove(name);
     }
 
-    /// The state of pipeline `name`, with its error and start time.
+    /// The state of pipeline `name`, with its error and start time, for the agent's
+    /// reports.
+    #[cfg(feature = "hub")]
     pub fn state(&self, name: &str) -> Option<(PipelineState, Option<String>, i64)> {
         read(&self.pipelines)
             .get(name)
@@ -362,9 +366,4 @@ impl Node {
             }),
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> i64 {
-    weir_hub::protocol::now_ms()
 }

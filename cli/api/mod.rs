@@ -130,7 +130,7 @@ impl ApiArgs {
         }
         let token_digest = match self.api_token.as_deref().map(str::trim) {
             Some("") => return Err("--api-token is empty; give a token or leave it out".into()),
-            Some(token) => Some(Arc::from(weir_hub::identity::admin_token_digest(token))),
+            Some(token) => Some(Arc::from(weir_query::access::token_digest(token))),
             None => {
                 if !self.metrics_addr.ip().is_loopback() {
                     tracing::warn!(
@@ -238,7 +238,7 @@ fn is_loopback_host(host: &str) -> bool {
         Some(rest) => rest.split(']').next().unwrap_or_default(),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
-    weir_hub::client::is_loopback_name(name)
+    weir_query::access::is_loopback_name(name)
 }
 
 /// On a loopback listener, refuses requests whose `Host` is not loopback (DNS
@@ -276,9 +276,7 @@ async fn authorize(State(state): State<ApiState>, request: Request, next: Next) 
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(token) if weir_hub::identity::admin_token_matches(token, digest) => {
-            next.run(request).await
-        }
+        Some(token) if weir_query::access::token_matches(token, digest) => next.run(request).await,
         Some(_) => error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

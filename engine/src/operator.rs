@@ -167,15 +167,6 @@ pub trait Sink: Send {
     }
 }
 
-/// Milliseconds since the Unix epoch by the wall clock.
-fn wall_clock_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| {
-            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
-        })
-}
-
 /// What a transform emits while handling one message. The engine forwards it afterwards.
 #[derive(Default)]
 pub struct Collector {
@@ -261,7 +252,7 @@ impl SourceContext {
             return Ok(());
         }
         let observed = match (&mut self.watermarks, port) {
-            (Some(generator), MAIN_PORT) => generator.observe(batch, wall_clock_ms()),
+            (Some(generator), MAIN_PORT) => generator.observe(batch, crate::time::wall_clock_ms()),
             _ => return self.outputs.send_batch(port, batch, &self.metrics).await,
         };
         if let Some(future) = observed.future {

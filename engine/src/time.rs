@@ -13,6 +13,16 @@ use arrow::datatypes::{
     TimestampNanosecondType, TimestampSecondType,
 };
 
+/// Milliseconds since the Unix epoch by the wall clock: 0 before it, `i64::MAX` past
+/// what an `i64` holds.
+pub fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
 /// A stream's event-time column, how far out of order its rows may arrive, and how its
 /// watermark treats rows from the future and quiet periods.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -8,7 +8,10 @@
 //! runs it within the timeout and keeps at most the row limit, and [`Answer::encode`]
 //! writes the rows in the asked [`Format`]. Every failure is a [`QueryError`] whose
 //! message says what is wrong, and which maps to one HTTP status.
+//!
+//! Both APIs check who asks the same way, with [`access`].
 
+pub mod access;
 #[cfg(feature = "engine")]
 mod answer;
 mod error;

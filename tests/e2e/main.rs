@@ -10,6 +10,7 @@ mod container_modules;
 mod examples;
 mod files;
 mod golden;
+#[cfg(feature = "hub")]
 mod hub;
 mod metrics;
 mod modules;

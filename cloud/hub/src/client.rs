@@ -9,6 +9,8 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use weir_query::access::is_loopback_name;
+
 use crate::identity::{DeviceKey, device_resource, sign_token};
 use crate::protocol::{
     ANSWER_STATUS_HEADER, APPENDED_MS_HEADER, CreatedDevice, DeploymentDevice, DeploymentSpec,
@@ -81,18 +83,6 @@ pub enum ClientError {
         /// The hub's URL.
         url: String,
     },
-}
-
-/// Whether `name` (an IP literal without brackets, or a host name) is this machine's
-/// loopback interface: a loopback address, `localhost` or a name under it.
-pub fn is_loopback_name(name: &str) -> bool {
-    match name.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
-        Err(_) => {
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            name == "localhost" || name.ends_with(".localhost")
-        }
-    }
 }
 
 /// Whether a client may talk to the hub at `url` over it: HTTPS always, plain HTTP to a

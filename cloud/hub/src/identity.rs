@@ -125,8 +125,12 @@ use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{
     GeneralPurpose, GeneralPurposeConfig, STANDARD, URL_SAFE_NO_PAD,
 };
+use ring::hmac;
 use ring::rand::{SecureRandom as _, SystemRandom};
-use ring::{digest, hmac};
+// The admin token's digest and its constant-time check are the local API's too.
+pub use weir_query::access::{
+    token_digest as admin_token_digest, token_matches as admin_token_matches,
+};
 
 /// The authorization scheme and separating space that start a device token header value.
 pub const TOKEN_PREFIX: &str = "SharedAccessSignature ";
@@ -158,10 +162,6 @@ const KEY_LEN: usize = 32;
 
 /// A hub secret file is a few dozen bytes; reading no more keeps a wrong path from eating memory.
 const MAX_SECRET_FILE_LEN: u64 = 4096;
-
-/// Key used only to blind both sides of the admin digest comparison (see
-/// [`admin_token_matches`]); it protects nothing by being secret.
-const ADMIN_COMPARE_KEY: &[u8] = b"weir-admin-token-compare";
 
 /// Accepts base64 pasted from anywhere: standard padded keys (Azure style) or unpadded ones.
 const LENIENT_STANDARD: GeneralPurpose = GeneralPurpose::new(
@@ -749,27 +749,6 @@ pub fn generate_admin_token() -> Result<String, IdentityError> {
         "{ADMIN_TOKEN_PREFIX}{}",
         URL_SAFE_NO_PAD.encode(random)
     ))
-}
-
-/// The SHA-256 of an admin token as 64 lowercase hex characters: what the hub stores.
-pub fn admin_token_digest(token: &str) -> String {
-    hex(digest::digest(&digest::SHA256, token.as_bytes()).as_ref())
-}
-
-/// Whether `token` hashes to `digest_hex` (hex, either case, surrounding whitespace ignored).
-/// An empty token never matches.
-///
-/// The comparison takes the same time wherever the digests first differ: both sides are put
-/// through HMAC and compared with `ring::hmac::verify`, ring's supported constant-time check.
-pub fn admin_token_matches(token: &str, digest_hex: &str) -> bool {
-    if token.is_empty() {
-        return false;
-    }
-    let actual = admin_token_digest(token);
-    let expected = digest_hex.trim().to_ascii_lowercase();
-    let key = hmac::Key::new(hmac::HMAC_SHA256, ADMIN_COMPARE_KEY);
-    let expected_tag = hmac::sign(&key, expected.as_bytes());
-    hmac::verify(&key, actual.as_bytes(), expected_tag.as_ref()).is_ok()
 }
 
 /// A random id for one run of a hub, telling it from others sharing its database.
@@ -1374,13 +1353,5 @@ mod tests {
         assert!(!admin_token_matches(&other, &digest));
         assert!(!admin_token_matches(&token, ""));
         assert!(!admin_token_matches("", &admin_token_digest("")));
-    }
-
-    #[test]
-    fn the_admin_token_digest_is_hex_sha256() {
-        assert_eq!(
-            admin_token_digest("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

@@ -382,11 +382,8 @@ fn remove_node(
 }
 
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
+    // Never negative: the wall clock reads 0 before the epoch.
+    crate::time::wall_clock_ms().unsigned_abs()
 }
 
 #[cfg(test)]
