@@ -5,7 +5,6 @@
 //! answered without being taken again.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -21,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir_engine::OperatorError;
 use weir_engine::ipc::IpcLimits;
+use weir_module_sdk::peer::PeerCheckedListener;
 use weir_module_sdk::{Endpoint, HEADER_BATCH_ID, PATH_BATCHES};
 
 /// Batch ids remembered for spotting repeated pushes.
@@ -88,59 +88,6 @@ impl TakenIds {
     }
 }
 
-/// The runtime's socket for a source module, taking only connections from the module's
-/// user (the owner of its private directory), the runtime's own, or root. In a shared
-/// directory (the module's user could not be given one) anyone may connect, as the
-/// directory already lets them.
-struct PeerChecked {
-    listener: tokio::net::UnixListener,
-    dir: std::path::PathBuf,
-    /// The runtime's own user, read once.
-    runtime_uid: Option<u32>,
-}
-
-/// The user this process runs as: the owner of `/proc/self`.
-fn runtime_uid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|me| me.uid()).ok()
-}
-
-impl PeerChecked {
-    /// Whether a peer of `uid` may push.
-    fn admits(&self, uid: u32) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(dir) = std::fs::metadata(&self.dir) else {
-            return false;
-        };
-        dir.mode() & 0o002 != 0 || uid == 0 || uid == dir.uid() || Some(uid) == self.runtime_uid
-    }
-}
-
-impl axum::serve::Listener for PeerChecked {
-    type Io = tokio::net::UnixStream;
-    type Addr = tokio::net::unix::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (stream, addr) = axum::serve::Listener::accept(&mut self.listener).await;
-            match stream.peer_cred() {
-                Ok(peer) if self.admits(peer.uid()) => return (stream, addr),
-                Ok(peer) => tracing::warn!(
-                    socket = %self.dir.display(),
-                    uid = peer.uid(),
-                    "refused a connection to a source module's socket from a user that is \
-                     neither the module's nor the runtime's"
-                ),
-                Err(error) => tracing::warn!("cannot read a connection's peer: {error}"),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.listener.local_addr()
-    }
-}
-
 impl SourceEndpoint {
     /// Listens on `endpoint` for batches of `schema`, each push within `limits` (its
     /// body at most `limits.max_decoded_bytes` long, else 413).
@@ -168,11 +115,11 @@ impl SourceEndpoint {
                 let listener = tokio::net::UnixListener::bind(path).map_err(|e| {
                     OperatorError::io(format!("cannot listen on {}", path.display()), e)
                 })?;
-                let listener = PeerChecked {
-                    listener,
-                    dir: path.parent().map(Path::to_owned).unwrap_or_default(),
-                    runtime_uid: runtime_uid(),
-                };
+                // Only the module's user (the owner of its private directory), the
+                // runtime's own, or root may push.
+                let listener = PeerCheckedListener::new(listener, path).map_err(|e| {
+                    OperatorError::io(format!("cannot read the owner of {}", path.display()), e)
+                })?;
                 tokio::spawn(async move {
                     let _ = axum::serve(listener, router)
                         .with_graceful_shutdown(stopped)
@@ -345,31 +292,6 @@ mod tests {
         }
         assert_eq!(push_to(&mut endpoint, &mut client, unfinished).await, 400);
         endpoint.close().await;
-    }
-
-    #[test]
-    fn only_the_modules_user_the_runtimes_or_root_may_connect() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).unwrap());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let _guard = runtime.enter();
-        let checked = PeerChecked {
-            listener: tokio::net::UnixListener::bind(dir.path().join("s")).unwrap(),
-            dir: dir.path().to_owned(),
-            runtime_uid: runtime_uid(),
-        };
-        assert!(checked.admits(me));
-        assert!(checked.admits(0));
-        let stranger = if me == 4242 { 4343 } else { 4242 };
-        assert!(!checked.admits(stranger));
-        // A shared directory lets anyone in already.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
-        assert!(checked.admits(stranger));
     }
 
     #[tokio::test]

@@ -233,6 +233,44 @@ class ModuleTestCase(unittest.TestCase):
             self.assertRegex(line, LOG_LINE, f"stderr line is not a one-line log entry:\n{text}")
 
 
+class PeerCheckTests(ModuleTestCase):
+    def test_root_the_owner_and_the_module_get_in_and_others_only_through_an_open_directory(self):
+        private, open_ = 0o040700, 0o041777
+        for peer in (0, 1000, 2000):
+            self.assertTrue(weir_module._admits(peer, private, 1000, 2000), peer)
+        self.assertFalse(weir_module._admits(3000, private, 1000, 2000))
+        self.assertFalse(weir_module._admits(3000, 0o040755, 1000, 2000))
+        self.assertTrue(weir_module._admits(3000, open_, 1000, 2000))
+
+    @unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+    def test_a_connection_from_another_user_is_dropped_unanswered(self):
+        # A directory others may enter but not write: only the credentials check stands
+        # between another user and the module once the socket is opened to all.
+        os.chmod(self.tmp, 0o755)
+        module = self.start(ECHO)
+        module.wait_for_health()
+        os.chmod(module.socket_path, 0o777)
+        ask = (
+            "import socket,sys\n"
+            "s=socket.socket(socket.AF_UNIX)\n"
+            "s.connect(sys.argv[1])\n"
+            "try:\n"
+            " s.sendall(b'GET /v1/health HTTP/1.1\\r\\nHost: weir\\r\\n\\r\\n')\n"
+            " print(s.recv(4096).decode().split('\\r\\n')[0])\n"
+            "except OSError:\n"
+            " pass\n"
+        )
+
+        def ask_as(uid):
+            # Debian's Python: a pyenv one may live where the other user cannot read.
+            command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            command += ["/usr/bin/python3", "-c", ask, module.socket_path]
+            return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+        self.assertEqual(ask_as(0), "HTTP/1.1 200 OK")
+        self.assertEqual(ask_as(65534), "", "a user who is neither root nor the owner was answered")
+
+
 # --------------------------------------------------------------------------------------
 # IPC helpers (in process)
 

@@ -717,8 +717,33 @@ class _ServerMixin:
         log.error("error serving a connection: %s", _describe_exception(sys.exc_info()[1]))
 
 
+def _admits(peer_uid: int, dir_mode: int, dir_uid: int, own_uid: int) -> bool:
+    """Whether a peer of ``peer_uid`` may call a module whose socket is in a directory of
+    ``dir_mode`` owned by ``dir_uid``: root, the directory's owner and the module's own user
+    always may; anyone may when the directory lets anyone in. The Rust SDK's rule too."""
+    return bool(dir_mode & 0o002) or peer_uid in (0, dir_uid, own_uid)
+
+
 class _UnixServer(_ServerMixin, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """A threading HTTP server on a Unix socket (``http.server`` only ships TCP ones)."""
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # The peer's credentials, as the kernel saw them at connect (struct ucred).
+        try:
+            creds = request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            peer_uid = int.from_bytes(creds[4:8], sys.byteorder)
+            directory = os.stat(os.path.dirname(self.server_address) or ".")
+        except OSError as exc:
+            log.warning("cannot read a connection's peer: %s", exc)
+            return False
+        if _admits(peer_uid, directory.st_mode, directory.st_uid, os.geteuid()):
+            return True
+        log.warning(
+            "refused a connection from uid %d: neither root, the socket directory's owner "
+            "nor this module's user",
+            peer_uid,
+        )
+        return False
 
     def server_bind(self) -> None:
         _remove_stale_socket(self.server_address)

@@ -19,6 +19,7 @@
 
 pub mod client;
 mod codec;
+pub mod peer;
 mod server;
 
 pub use codec::{decode_stream, encode_stream};

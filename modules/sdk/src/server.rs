@@ -124,6 +124,10 @@ where
             let _ = std::fs::remove_file(path);
             let listener = tokio::net::UnixListener::bind(path)
                 .map_err(io(format!("listen on {}", path.display())))?;
+            // Only the runtime (root or the directory's owner) and this module's own user
+            // may call it.
+            let listener = crate::peer::PeerCheckedListener::new(listener, path)
+                .map_err(io(format!("read the owner of {}", path.display())))?;
             axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown_signal())
                 .await
