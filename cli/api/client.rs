@@ -130,7 +130,7 @@ impl LocalClient {
 }
 
 /// The whole body of `answer`.
-pub async fn read_body(answer: Response<Incoming>) -> Result<Bytes, hyper::Error> {
+pub async fn read_body(answer: Answer) -> Result<Bytes, hyper::Error> {
     Ok(answer.into_body().collect().await?.to_bytes())
 }
 

@@ -382,8 +382,8 @@ fn remove_node(
 }
 
 pub(crate) fn now_ms() -> u64 {
-    // Never negative: the wall clock reads 0 before the epoch.
-    crate::time::wall_clock_ms().unsigned_abs()
+    // The wall clock reads 0 before the epoch, so this never falls back.
+    u64::try_from(crate::time::wall_clock_ms()).unwrap_or(0)
 }
 
 #[cfg(test)]
