@@ -85,3 +85,49 @@ fn features_by_crate(selection: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
     }
     crates
 }
+
+/// `build.rs` links `weir` with packed relative relocations where the build machine's glibc
+/// loads them (2.36 and later) and leaves them unpacked before that, where glibc would refuse
+/// to start the binary. Either way the binary must start.
+#[test]
+fn weir_packs_its_relative_relocations_where_glibc_can_load_them() {
+    let weir = env!("CARGO_BIN_EXE_weir");
+    let started = Command::new(weir)
+        .arg("--version")
+        .output()
+        .expect("cannot run weir");
+    assert!(
+        started.status.success(),
+        "weir --version failed: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let Ok(getconf) = Command::new("getconf").arg("GNU_LIBC_VERSION").output() else {
+        return; // not glibc: build.rs leaves the relocations as they are
+    };
+    let glibc = String::from_utf8_lossy(&getconf.stdout).trim().to_owned();
+    let Some((major, minor)) = glibc
+        .strip_prefix("glibc ")
+        .and_then(|version| version.split_once('.'))
+        .and_then(|(major, minor)| Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?)))
+    else {
+        return;
+    };
+    let dynamic = Command::new("readelf")
+        .args(["--dynamic", weir])
+        .output()
+        .expect("cannot run readelf (binutils)");
+    let dynamic = String::from_utf8_lossy(&dynamic.stdout);
+    let packed = dynamic.contains("(RELR)");
+    let turned_off = std::env::var("WEIR_PACK_RELOCS").is_ok_and(|value| value.trim() == "0");
+    if (major, minor) >= (2, 36) && !turned_off {
+        assert!(
+            packed,
+            "{glibc} loads DT_RELR, but weir has none:\n{dynamic}"
+        );
+    } else {
+        assert!(
+            !packed,
+            "{glibc} cannot load DT_RELR, but weir has it:\n{dynamic}"
+        );
+    }
+}

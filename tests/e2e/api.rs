@@ -553,7 +553,7 @@ fn the_readmes_query_against_the_quickstart_prints_what_the_readme_shows() {
     let readme = std::fs::read_to_string(crate::support::repo().join("README.md")).expect("README");
     let command = readme
         .lines()
-        .find(|line| line.starts_with("cargo run --release -- query "))
+        .find(|line| line.starts_with("cargo run -- query "))
         .expect("the README shows a weir query");
     let sql = command
         .split('"')
