@@ -12,6 +12,7 @@ mod outbox;
 mod progress;
 mod query;
 mod run;
+mod start_up;
 mod state;
 mod status;
 mod tap;

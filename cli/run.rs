@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -67,6 +66,12 @@ pub struct RunArgs {
     /// How long a shutdown may take to drain in-flight data and flush sinks.
     #[arg(long, default_value = "10s", value_parser = humantime_duration, value_name = "DURATION")]
     shutdown_timeout: Duration,
+
+    /// Keep the pages of start-up code resident. By default `weir` asks the kernel to
+    /// reclaim its own code pages once the pipelines run (they fault back in as needed),
+    /// so an idle device holds only the code its pipelines keep running.
+    #[arg(long)]
+    keep_start_up_code: bool,
 }
 
 pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -115,14 +120,14 @@ pub async fn run(args: RunArgs) -> Outcome {
     };
     let stop_background = CancellationToken::new();
     let live = Arc::new(LivePipelines::default());
-    let started = Arc::new(AtomicBool::new(false));
+    let startup = crate::api::Startup::default();
     let http = match args
         .api
         .serve(
             registry.clone(),
             modules.clone(),
             live.clone(),
-            started.clone(),
+            startup.clone(),
             stop_background.clone(),
         )
         .await
@@ -178,7 +183,8 @@ pub async fn run(args: RunArgs) -> Outcome {
         running.spawn(async move { (name, pipeline.run(token).await) });
     }
 
-    started.store(true, Ordering::Relaxed);
+    startup.end();
+    crate::start_up::release(args.keep_start_up_code).await;
 
     let outcome = supervise(
         &mut running,

@@ -1,6 +1,7 @@
 //! Footprint: what Weir costs a small device. It prints the `weir` binary's size, the RSS of
-//! `weir run` idling on a small realtime pipeline with `/metrics` served, and W1's peak RSS,
-//! beside the targets of issue 19.
+//! `weir run` idling on a small realtime pipeline with `/metrics` served (as weir runs by
+//! default, and with `--keep-start-up-code` beside it), and W1's peak RSS, beside the
+//! targets of issue 19.
 //!
 //! `cargo bench --bench footprint` measures the binary Cargo built for the benchmark (the
 //! `bench` profile); `FOOTPRINT_BIN=target/dist/weir` measures another build, such as a
@@ -32,10 +33,10 @@ use nix::unistd::Pid;
 use crate::data::W1Spec;
 use crate::support::{ensure_input, env_u64, target_dir};
 
-/// Issue 19's targets.
-const TARGET_BINARY_MIB: f64 = 60.0;
-const TARGET_IDLE_RSS_MIB: f64 = 20.0;
-const TARGET_W1_PEAK_RSS_MIB: f64 = 150.0;
+/// Issue 19's targets, in MB (10^6 bytes) as the issue gives them.
+const TARGET_BINARY_MB: f64 = 60.0;
+const TARGET_IDLE_RSS_MB: f64 = 20.0;
+const TARGET_W1_PEAK_RSS_MB: f64 = 150.0;
 
 /// The smoke run's sizes, so `cargo test` stays quick.
 const SMOKE_IDLE_SECS: u64 = 3;
@@ -99,34 +100,42 @@ fn run() -> Result<ExitCode> {
         .len());
     // W1 first: getrusage reports the largest child so far, so it must be the first child.
     let w1_peak_mib = w1_peak_rss(&weir, &work, w1_lines)?;
-    let idle = idle_rss(&weir, &work, Duration::from_secs(idle_secs))?;
+    let (idle, idle_kept) = idle_rss(&weir, &work, Duration::from_secs(idle_secs))?;
 
     println!("footprint of {}", weir.display());
     println!("| figure | Weir | target | verdict |");
     println!("| --- | ---: | ---: | --- |");
     let mut missed = false;
-    let mut row = |name: &str, value: f64, target: f64| {
-        let met = value <= target;
+    let mut row = |name: &str, value: f64, target_mb: f64| {
+        let target = target_mb * 1e6 / MIB;
+        let met = value < target;
         missed |= !met;
         let verdict = if met { "met" } else { "missed" };
-        println!("| {name} | {value:.1} MiB | {target:.0} MiB | {verdict} |");
+        println!("| {name} | {value:.1} MiB | {target:.1} MiB ({target_mb:.0} MB) | {verdict} |");
     };
-    row("binary size", binary_mib, TARGET_BINARY_MIB);
+    row("binary size", binary_mib, TARGET_BINARY_MB);
     row(
         &format!("idle RSS after {idle_secs} s"),
         idle.rss_mib,
-        TARGET_IDLE_RSS_MIB,
+        TARGET_IDLE_RSS_MB,
     );
     row(
         &format!("W1 peak RSS ({w1_lines} lines)"),
         w1_peak_mib,
-        TARGET_W1_PEAK_RSS_MIB,
+        TARGET_W1_PEAK_RSS_MB,
     );
-    println!(
-        "idle: {:.1} MiB anonymous + {:.1} MiB of mapped files (the binary's pages), \
-         peak {:.1} MiB, {} threads, /metrics {} bytes",
-        idle.anon_mib, idle.file_mib, idle.peak_mib, idle.threads, idle.metrics_bytes
-    );
+    for (name, idle) in [("idle", &idle), ("idle, --keep-start-up-code", &idle_kept)] {
+        println!(
+            "{name}: {:.1} MiB = {:.1} MiB anonymous + {:.1} MiB of mapped files (the \
+             binary's and libraries' pages), peak {:.1} MiB, {} threads, /metrics {} bytes",
+            idle.rss_mib,
+            idle.anon_mib,
+            idle.file_mib,
+            idle.peak_mib,
+            idle.threads,
+            idle.metrics_bytes
+        );
+    }
     if missed && judged {
         println!("(figures only; targets are judged by reading them, not by the exit code)");
     }
@@ -145,43 +154,90 @@ struct Idle {
     metrics_bytes: usize,
 }
 
-/// Runs the idle pipeline for `idle`, reads its RSS from /proc, and checks that `/metrics`
-/// answers (so the figure includes serving it).
-fn idle_rss(weir: &Path, work: &Path, idle: Duration) -> Result<Idle> {
+/// An idle pipeline being measured.
+struct IdleRun {
+    child: KillOnDrop,
+    addr: SocketAddr,
+    metrics_bytes: usize,
+}
+
+/// Runs the idle pipeline for `idle` twice at once, as weir runs by default and with
+/// `--keep-start-up-code`, reads their RSS from /proc, and checks that `/metrics` answers
+/// (so the figures include serving it).
+fn idle_rss(weir: &Path, work: &Path, idle: Duration) -> Result<(Idle, Idle)> {
     let pipeline = work.join("idle.yaml");
     fs::write(&pipeline, IDLE_PIPELINE)
         .with_context(|| format!("cannot write {}", pipeline.display()))?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], weir_testkit::free_port()));
-    let state_dir = work.join("idle-state");
-    let _ = fs::remove_dir_all(&state_dir);
     eprintln!("footprint: idling for {} s ...", idle.as_secs());
+    let mut runs = [
+        start_idle(weir, work, &pipeline, "idle-state", &[])?,
+        start_idle(
+            weir,
+            work,
+            &pipeline,
+            "idle-kept-state",
+            &["--keep-start-up-code"],
+        )?,
+    ];
+    let started = Instant::now();
+    while started.elapsed() < idle {
+        std::thread::sleep(Duration::from_millis(250));
+        for run in &mut runs {
+            if let Some(status) = run.child.0.try_wait()? {
+                bail!("an idle pipeline exited early ({status}); its messages are above");
+            }
+            if run.metrics_bytes == 0 {
+                run.metrics_bytes = scrape(run.addr).unwrap_or(0);
+            }
+        }
+    }
+    let [default, kept] = runs;
+    Ok((finish_idle(default)?, finish_idle(kept)?))
+}
+
+/// Starts the idle pipeline `pipeline` with its state in `work/state`, and `extra` flags.
+fn start_idle(
+    weir: &Path,
+    work: &Path,
+    pipeline: &Path,
+    state: &str,
+    extra: &[&str],
+) -> Result<IdleRun> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], weir_testkit::free_port()));
+    let state_dir = work.join(state);
+    let _ = fs::remove_dir_all(&state_dir);
     let child = Command::new(weir)
         .arg("run")
-        .arg(&pipeline)
+        .arg(pipeline)
+        .args(extra)
         .arg("--metrics-addr")
         .arg(addr.to_string())
         .arg("--state-dir")
         .arg(&state_dir)
+        .arg("--outbox")
+        .arg(state_dir.with_extension("outbox.redb"))
         .arg("--progress-interval")
         .arg("0s")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {}", weir.display()))?;
-    let mut child = KillOnDrop(child);
-    let started = Instant::now();
-    let mut metrics_bytes = 0;
-    while started.elapsed() < idle {
-        std::thread::sleep(Duration::from_millis(250));
-        if let Some(status) = child.0.try_wait()? {
-            bail!("the idle pipeline exited early ({status}); its messages are above");
-        }
-        if metrics_bytes == 0 {
-            metrics_bytes = scrape(addr).unwrap_or(0);
-        }
-    }
+    Ok(IdleRun {
+        child: KillOnDrop(child),
+        addr,
+        metrics_bytes: 0,
+    })
+}
+
+/// Scrapes the idle pipeline once more, reads its figures, and stops it.
+fn finish_idle(run: IdleRun) -> Result<Idle> {
+    let IdleRun {
+        mut child,
+        addr,
+        metrics_bytes,
+    } = run;
     // One more scrape at the end, as Prometheus would make every few seconds.
-    metrics_bytes = scrape(addr)
+    let metrics_bytes = scrape(addr)
         .context("/metrics did not answer")?
         .max(metrics_bytes);
     let status = fs::read_to_string(format!("/proc/{}/status", child.0.id()))
@@ -255,8 +311,11 @@ fn scrape(addr: SocketAddr) -> Result<usize> {
     Ok(body.len())
 }
 
+/// Bytes in a MiB.
+const MIB: f64 = 1024.0 * 1024.0;
+
 fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
+    bytes as f64 / MIB
 }
 
 /// Stops the child if the benchmark fails midway, so no pipeline is left running.

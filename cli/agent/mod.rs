@@ -9,7 +9,6 @@ mod state;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -104,6 +103,12 @@ pub struct AgentArgs {
     /// How long stopping a pipeline may take to drain.
     #[arg(long, default_value = "10s", value_parser = crate::run::humantime_duration, value_name = "DURATION")]
     shutdown_timeout: Duration,
+
+    /// Keep the pages of start-up code resident. By default `weir` asks the kernel to
+    /// reclaim its own code pages once the pipelines run (they fault back in as needed),
+    /// so an idle device holds only the code its pipelines keep running.
+    #[arg(long)]
+    keep_start_up_code: bool,
 }
 
 /// A flag's value that must not show in debug output (clap's `Args` are `Debug`).
@@ -232,14 +237,14 @@ pub async fn run(args: AgentArgs) -> Outcome {
     let modules = Arc::new(ModuleHost::new(state.path().join("modules")).with_policy(policy));
     let stop_background = CancellationToken::new();
     let live = Arc::new(LivePipelines::default());
-    let started = Arc::new(AtomicBool::new(false));
+    let startup = crate::api::Startup::default();
     if let Err(message) = args
         .api
         .serve(
             registry.clone(),
             modules.clone(),
             live.clone(),
-            started.clone(),
+            startup.clone(),
             stop_background.clone(),
         )
         .await
@@ -278,6 +283,7 @@ pub async fn run(args: AgentArgs) -> Outcome {
         target: None,
         apply_error: None,
         outbox_reported: serde_json::Value::Null,
+        keep_start_up_code: args.keep_start_up_code,
     };
 
     // Boot into the last applied deployment, before the hub is even asked. If it no
@@ -294,7 +300,7 @@ pub async fn run(args: AgentArgs) -> Outcome {
     }
     // Ready once the stored deployment (if any) has been started: the agent then runs
     // what it last knew, with or without the hub.
-    started.store(true, Ordering::Relaxed);
+    startup.end();
 
     let (desired_tx, mut desired_rx) = mpsc::channel::<DesiredState>(1);
     let poller = tokio::spawn(poll_desired(
@@ -369,6 +375,8 @@ struct Agent {
     apply_error: Option<String>,
     /// The outbox's figures as last reported.
     outbox_reported: serde_json::Value,
+    /// Whether to keep start-up code resident after applying (`--keep-start-up-code`).
+    keep_start_up_code: bool,
 }
 
 impl Agent {
@@ -397,6 +405,9 @@ impl Agent {
                     "applied: started {:?}, replaced {:?}, stopped {:?}, kept {:?}",
                     swap.started, swap.replaced, swap.stopped, swap.kept
                 );
+                if !swap.started.is_empty() || !swap.replaced.is_empty() {
+                    crate::start_up::release(self.keep_start_up_code).await;
+                }
                 // A pipeline that cannot even start (a file that is not there, a
                 // refused connection) fails within moments: wait that long, so the
                 // report says so rather than "applied".

@@ -37,6 +37,51 @@ use live::{LivePipelines, StatusBody};
 /// How often retained streams that went quiet let go of what aged out.
 const EVICTION_SWEEP: Duration = Duration::from_secs(1);
 
+/// Whether the pipelines given at start have all been started. The API listens before
+/// they are built, so that probes answer during a long start; queries and taps wait a
+/// while for the start to end, so that a client that calls as soon as the address is
+/// announced finds the streams rather than an empty runtime.
+#[derive(Clone)]
+pub struct Startup(Arc<tokio::sync::watch::Sender<bool>>);
+
+/// How long a query or a tap waits for the pipelines to start before it is refused.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(10);
+
+impl Default for Startup {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+}
+
+impl Startup {
+    /// Marks the start as over: every pipeline given at start has been started.
+    pub fn end(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether the start is over.
+    pub fn is_over(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits up to `limit` for the start to end; false when it has not by then.
+    pub async fn wait(&self, limit: Duration) -> bool {
+        let mut over = self.0.subscribe();
+        tokio::time::timeout(limit, over.wait_for(|over| *over))
+            .await
+            .is_ok_and(|waited| waited.is_ok())
+    }
+}
+
+/// The refusal of a request that needs the pipelines while they are still starting.
+pub fn still_starting() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "starting",
+        "the pipelines are still starting; try again shortly",
+    )
+}
+
 /// What the API serves from.
 #[derive(Clone)]
 pub struct ApiState {
@@ -50,8 +95,8 @@ pub struct ApiState {
     pub token_digest: Option<Arc<str>>,
     /// The bounds on every query.
     pub limits: weir_query::Limits,
-    /// False until every pipeline given at start has been started.
-    pub started: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether every pipeline given at start has been started.
+    pub startup: Startup,
     /// One permit per query that may run at once.
     pub queries: Arc<tokio::sync::Semaphore>,
 }
@@ -116,7 +161,7 @@ impl ApiArgs {
         registry: Registry,
         modules: Arc<ModuleHost>,
         pipelines: Arc<LivePipelines>,
-        started: Arc<std::sync::atomic::AtomicBool>,
+        startup: Startup,
         stop: CancellationToken,
     ) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>, String> {
         if self.no_metrics {
@@ -148,7 +193,7 @@ impl ApiArgs {
             pipelines,
             token_digest,
             limits: self.limits(),
-            started,
+            startup,
             queries: Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_queries)),
         };
         let served = serve(self.metrics_addr, state, stop)
@@ -298,12 +343,8 @@ async fn authorize(State(state): State<ApiState>, request: Request, next: Next) 
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {
-    if !state.started.load(std::sync::atomic::Ordering::Relaxed) {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "starting",
-            "the pipelines are still starting",
-        );
+    if !state.startup.is_over() {
+        return still_starting();
     }
     let failed = state.pipelines.failed();
     if failed.is_empty() {
@@ -339,7 +380,24 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::is_loopback_host;
+    use std::time::Duration;
+
+    use super::{Startup, is_loopback_host};
+
+    #[tokio::test]
+    async fn a_request_during_start_up_waits_for_it_to_end_but_not_forever() {
+        let startup = Startup::default();
+        assert!(!startup.wait(Duration::from_millis(50)).await);
+        let ending = startup.clone();
+        let waiting = tokio::spawn(async move { startup.wait(Duration::from_secs(30)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        ending.end();
+        assert!(waiting.await.unwrap());
+        assert!(ending.is_over());
+        // Once over, it stays over: later requests do not wait at all.
+        assert!(ending.wait(Duration::ZERO).await);
+    }
 
     #[test]
     fn only_loopback_hosts_pass_on_a_loopback_listener() {
