@@ -118,6 +118,8 @@ pub async fn run(args: RunArgs) -> Outcome {
         Ok(pipelines) => pipelines,
         Err(outcome) => return outcome,
     };
+    // Caught from here on, so a signal during start-up drains what started.
+    let mut signals = Signals::new();
     let stop_background = CancellationToken::new();
     let live = Arc::new(LivePipelines::default());
     let startup = crate::api::Startup::default();
@@ -184,7 +186,7 @@ pub async fn run(args: RunArgs) -> Outcome {
     }
 
     startup.end();
-    crate::start_up::release(args.keep_start_up_code).await;
+    tokio::spawn(crate::start_up::release(args.keep_start_up_code));
 
     let outcome = supervise(
         &mut running,
@@ -192,6 +194,7 @@ pub async fn run(args: RunArgs) -> Outcome {
         args.shutdown_timeout,
         &progress,
         &live,
+        &mut signals,
     )
     .await;
     if let Some(shipping) = &shipping {
@@ -210,7 +213,7 @@ pub async fn run(args: RunArgs) -> Outcome {
             "every pipeline has ended; the local API keeps serving their retained streams \
              until SIGINT or SIGTERM (--keep-serving)"
         );
-        let signal = Signals::new().next().await;
+        let signal = signals.next().await;
         info!("received {signal}: stopping");
     }
     stop_background.cancel();
@@ -227,6 +230,7 @@ async fn supervise(
     deadline: Duration,
     progress: &[crate::progress::PipelineProgress],
     live: &LivePipelines,
+    signals: &mut Signals,
 ) -> Outcome {
     let started = tokio::time::Instant::now();
     let finished = |name: &str| {
@@ -243,7 +247,6 @@ async fn supervise(
         );
     };
     let mut failures: Vec<String> = Vec::new();
-    let mut signals = Signals::new();
     let mut draining_since: Option<tokio::time::Instant> = None;
     loop {
         let deadline_passed = async {
@@ -294,35 +297,42 @@ async fn supervise(
     }
 }
 
-/// SIGINT and SIGTERM as one stream of names.
+/// SIGINT and SIGTERM as one stream of names. Both are caught from the moment this is
+/// made: make it before anything a signal should not cut short, since until then a
+/// signal ends the process at once.
 pub(crate) struct Signals {
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
     pub(crate) fn new() -> Self {
+        #[cfg(unix)]
+        use tokio::signal::unix::{SignalKind, signal};
         Signals {
             #[cfg(unix)]
-            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            #[cfg(unix)]
+            terminate: signal(SignalKind::terminate()).ok(),
         }
     }
 
     pub(crate) async fn next(&mut self) -> &'static str {
         #[cfg(unix)]
         {
-            let terminate = async {
-                match &mut self.terminate {
+            async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
                     Some(signal) => {
                         signal.recv().await;
                     }
                     None => std::future::pending::<()>().await,
                 }
-            };
+            }
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                () = terminate => "SIGTERM",
+                () = received(&mut self.interrupt) => "SIGINT",
+                () = received(&mut self.terminate) => "SIGTERM",
             }
         }
         #[cfg(not(unix))]

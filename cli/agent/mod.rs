@@ -235,6 +235,8 @@ pub async fn run(args: AgentArgs) -> Outcome {
         Err(message) => return Outcome::RuntimeFailure(message),
     };
     let modules = Arc::new(ModuleHost::new(state.path().join("modules")).with_policy(policy));
+    // Caught from here on, so a signal while the stored deployment starts stops it cleanly.
+    let mut signals = crate::run::Signals::new();
     let stop_background = CancellationToken::new();
     let live = Arc::new(LivePipelines::default());
     let startup = crate::api::Startup::default();
@@ -329,7 +331,6 @@ pub async fn run(args: AgentArgs) -> Outcome {
         args.retry_interval,
     );
     retries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut signals = crate::run::Signals::new();
     loop {
         tokio::select! {
             desired = desired_rx.recv() => {
@@ -406,7 +407,7 @@ impl Agent {
                     swap.started, swap.replaced, swap.stopped, swap.kept
                 );
                 if !swap.started.is_empty() || !swap.replaced.is_empty() {
-                    crate::start_up::release(self.keep_start_up_code).await;
+                    tokio::spawn(crate::start_up::release(self.keep_start_up_code));
                 }
                 // A pipeline that cannot even start (a file that is not there, a
                 // refused connection) fails within moments: wait that long, so the
