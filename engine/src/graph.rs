@@ -5,7 +5,7 @@
 //! task per operator and supervises them: the first failure cancels the sources, the
 //! rest of the graph drains, and the failure is returned naming pipeline and operator.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,13 @@ use tracing::{Instrument, debug, error, info, info_span};
 use crate::checkpoint::coordinator::{Coordinator, NodeEntry, NodeLink};
 use crate::checkpoint::{CheckpointSettings, StateChanges, completed_after};
 use crate::error::{OperatorError, PipelineError};
-use crate::message::Watermark;
+use crate::message::{Message, Watermark};
 use crate::metrics::{EngineMetrics, OperatorMetrics};
 use crate::observe::{RetainSpec, StreamView};
 use crate::operator::{Collector, OperatorInstance, Sink, Source, SourceContext, Transform};
+use crate::partition::KeyRouter;
 use crate::ports::{
-    InputChannel, InputEvent, InputMerger, OutputPort, OutputPorts, WatermarkGenerator,
+    Edge, InputChannel, InputEvent, InputMerger, OutputPort, OutputPorts, WatermarkGenerator,
 };
 use crate::registry::OutputSpec;
 use crate::time::EventTimeSpec;
@@ -51,6 +52,30 @@ struct NodeDef {
     outputs: Vec<OutputSpec>,
     inputs: Vec<InputRef>,
     event_time: Option<EventTimeSpec>,
+    /// For one of a partitioned node's instances: which, and how its rows are routed.
+    partition: Option<Partitioning>,
+}
+
+/// One instance of a node that runs as several, each over the rows of its keys.
+#[derive(Clone)]
+struct Partitioning {
+    /// Which instance, from 0.
+    instance: usize,
+    /// How many instances the node runs.
+    of: usize,
+    /// The input columns whose values route a row.
+    keys: Vec<String>,
+}
+
+impl NodeDef {
+    /// The name its checkpointed state is kept under: the node's, and for an instance of
+    /// a partitioned node, `NODE#INSTANCE`.
+    fn state_name(&self) -> String {
+        match &self.partition {
+            Some(partition) if partition.of > 1 => format!("{}#{}", self.name, partition.instance),
+            _ => self.name.clone(),
+        }
+    }
 }
 
 /// Collects operators and their wiring, then builds a [`Pipeline`].
@@ -100,7 +125,40 @@ impl PipelineBuilder {
             outputs,
             inputs,
             event_time,
+            partition: None,
         });
+    }
+
+    /// Adds a transform that runs as `instances.len()` parallel instances. Each row of
+    /// its inputs goes to one instance, chosen by a fixed hash of its `keys` columns, so
+    /// each instance sees every row of its keys; watermarks, barriers and ends go to all.
+    /// Its consumers read every instance, taking the minimum watermark and aligning
+    /// checkpoint barriers across them. Each instance's state is checkpointed apart
+    /// (`NODE#INSTANCE`); state taken at another parallelism is not restored.
+    pub fn add_partitioned_node(
+        &mut self,
+        name: impl Into<String>,
+        instances: Vec<OperatorInstance>,
+        outputs: Vec<OutputSpec>,
+        inputs: Vec<InputRef>,
+        keys: Vec<String>,
+    ) {
+        let name = name.into();
+        let of = instances.len();
+        for (index, instance) in instances.into_iter().enumerate() {
+            self.nodes.push(NodeDef {
+                name: name.clone(),
+                instance,
+                outputs: outputs.clone(),
+                inputs: inputs.clone(),
+                event_time: None,
+                partition: Some(Partitioning {
+                    instance: index,
+                    of,
+                    keys: keys.clone(),
+                }),
+            });
+        }
     }
 
     /// Keeps the recent batches of `node`'s main output for queries, within `spec`.
@@ -132,15 +190,27 @@ impl PipelineBuilder {
             pipeline: self.name.clone(),
             message,
         };
-        let index: HashMap<&str, usize> = self
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, node)| (node.name.as_str(), i))
-            .collect();
-        if index.len() != self.nodes.len() {
-            return Err(graph_error("two operators have the same name".into()));
+        // Each node's definitions: one, or one per instance of a partitioned node.
+        let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            groups.entry(node.name.as_str()).or_default().push(i);
         }
+        for (name, defs) in &groups {
+            let expected = self.nodes[defs[0]].partition.as_ref().map_or(1, |p| p.of);
+            if defs.len() != expected {
+                return Err(graph_error("two operators have the same name".into()));
+            }
+            if self.nodes[defs[0]].partition.is_some()
+                && !matches!(self.nodes[defs[0]].instance, OperatorInstance::Transform(_))
+            {
+                return Err(graph_error(format!(
+                    "'{name}' runs as several instances, but only transforms can"
+                )));
+            }
+        }
+        // The first definition of each node stands for it where instances do not matter.
+        let index: HashMap<&str, usize> =
+            groups.iter().map(|(name, defs)| (*name, defs[0])).collect();
         check_acyclic(&self.nodes, &index).map_err(&graph_error)?;
         if let Some(node) = self.retained.keys().find(|node| {
             index
@@ -153,6 +223,8 @@ impl PipelineBuilder {
         }
 
         let mut views = Vec::new();
+        // The instances of a node share its view: one stream to retain and to tap.
+        let mut node_views: HashMap<&str, Arc<StreamView>> = HashMap::new();
         let mut ports: Vec<Vec<OutputPort>> = self
             .nodes
             .iter()
@@ -164,31 +236,40 @@ impl PipelineBuilder {
                         edges: Vec::new(),
                         unwired_drop_reason: spec.unwired_drop_reason,
                         view: (port == 0).then(|| {
-                            let view = Arc::new(StreamView::new(
-                                &self.name,
-                                &node.name,
-                                spec.stream.schema.clone(),
-                                self.retained.get(&node.name).copied(),
-                                metrics.stream(&self.name, &node.name),
-                            ));
-                            views.push(view.clone());
-                            view
+                            node_views
+                                .entry(node.name.as_str())
+                                .or_insert_with(|| {
+                                    let view = Arc::new(StreamView::new(
+                                        &self.name,
+                                        &node.name,
+                                        spec.stream.schema.clone(),
+                                        self.retained.get(&node.name).copied(),
+                                        metrics.stream(&self.name, &node.name),
+                                    ));
+                                    views.push(view.clone());
+                                    view
+                                })
+                                .clone()
                         }),
                     })
                     .collect()
             })
             .collect();
+        // The channels into each instance of a partitioned consumer, gathered per
+        // (producer definition, port, consumer, declared input) to become one edge.
+        type Partitioned = Vec<(usize, mpsc::Sender<Message>)>;
+        let mut partitioned: BTreeMap<(usize, usize, usize, usize), Partitioned> = BTreeMap::new();
         let mut receivers: Vec<Vec<InputChannel>> = Vec::with_capacity(self.nodes.len());
-        for node in &self.nodes {
+        for (consumer, node) in self.nodes.iter().enumerate() {
             let mut channels = Vec::with_capacity(node.inputs.len());
-            for input in &node.inputs {
-                let upstream = *index.get(input.node.as_str()).ok_or_else(|| {
+            for (declared, input) in node.inputs.iter().enumerate() {
+                let producers = groups.get(input.node.as_str()).ok_or_else(|| {
                     graph_error(format!(
                         "'{}' reads from '{}', which does not exist",
                         node.name, input.node
                     ))
                 })?;
-                let port = self.nodes[upstream]
+                let port = self.nodes[producers[0]]
                     .outputs
                     .iter()
                     .position(|spec| spec.name == input.port)
@@ -198,20 +279,47 @@ impl PipelineBuilder {
                             node.name, input.port, input.node
                         ))
                     })?;
-                let (tx, rx) = mpsc::channel(self.channel_capacity);
-                ports[upstream][port].edges.push(tx);
-                let depth = metrics.channel_depth(&self.name, &node.name, &input.node);
-                let producer = &self.nodes[upstream];
-                let idle_timeout = match producer.instance {
-                    OperatorInstance::Source(_) => producer
-                        .event_time
-                        .as_ref()
-                        .and_then(|spec| spec.idle_timeout),
-                    _ => None,
-                };
-                channels.push(InputChannel::new(rx, depth, idle_timeout));
+                for &upstream in producers {
+                    let (tx, rx) = mpsc::channel(self.channel_capacity);
+                    match &node.partition {
+                        Some(partition) => {
+                            // Keyed by the consumer's first instance, so its instances meet.
+                            let group = consumer - partition.instance;
+                            partitioned
+                                .entry((upstream, port, group, declared))
+                                .or_default()
+                                .push((partition.instance, tx));
+                        }
+                        None => ports[upstream][port].edges.push(Edge::Direct(tx)),
+                    }
+                    let depth = metrics.channel_depth(&self.name, &node.name, &input.node);
+                    let producer = &self.nodes[upstream];
+                    let idle_timeout = match producer.instance {
+                        OperatorInstance::Source(_) => producer
+                            .event_time
+                            .as_ref()
+                            .and_then(|spec| spec.idle_timeout),
+                        _ => None,
+                    };
+                    channels.push(InputChannel::new(rx, depth, idle_timeout).for_input(declared));
+                }
             }
             receivers.push(channels);
+        }
+        for ((upstream, port, consumer, _), mut senders) in partitioned {
+            let Some(partition) = &self.nodes[consumer].partition else {
+                continue;
+            };
+            senders.sort_by_key(|(instance, _)| *instance);
+            let schema = &self.nodes[upstream].outputs[port].stream.schema;
+            let router =
+                KeyRouter::new(schema, &partition.keys, partition.of).map_err(|message| {
+                    graph_error(format!("'{}': {message}", self.nodes[consumer].name))
+                })?;
+            let senders = senders.into_iter().map(|(_, sender)| sender).collect();
+            ports[upstream][port]
+                .edges
+                .push(Edge::Partitioned(router, senders));
         }
 
         let mut nodes = self.nodes;
@@ -339,13 +447,23 @@ fn restore(
         !checkpoint.finished
     });
     let epoch = restored.as_ref().map_or(0, |checkpoint| checkpoint.epoch);
-    let fingerprint_of = |node: &NodeDef| fingerprints.get(&node.name).cloned().unwrap_or_default();
+    // An instance's state holds only the keys routed to it at its parallelism, so the
+    // parallelism is part of what must match for it to be restored.
+    let fingerprint_of = |node: &NodeDef| {
+        let fingerprint = fingerprints.get(&node.name).cloned().unwrap_or_default();
+        match &node.partition {
+            Some(partition) if partition.of > 1 => {
+                format!("{fingerprint} parallelism={}", partition.of)
+            }
+            _ => fingerprint,
+        }
+    };
     let mut kept = vec![false; nodes.len()];
     if let Some(checkpoint) = &restored {
         for gone in checkpoint
             .nodes
             .keys()
-            .filter(|name| !nodes.iter().any(|node| &node.name == *name))
+            .filter(|name| !nodes.iter().any(|node| node.state_name() == **name))
         {
             info!(pipeline, operator = %gone, "no longer in the pipeline: its checkpointed state is dropped");
         }
@@ -358,7 +476,7 @@ fn restore(
             let node = &mut nodes[index];
             let fingerprint = fingerprint_of(node);
             let is_sink = matches!(node.instance, OperatorInstance::Sink(_));
-            match checkpoint.nodes.get(&node.name) {
+            match checkpoint.nodes.get(&node.state_name()) {
                 Some((saved, state)) if *saved == fingerprint => {
                     let outcome = match &mut node.instance {
                         OperatorInstance::Source(source) => state
@@ -395,7 +513,7 @@ fn restore(
         .iter()
         .zip(kept)
         .map(|(node, kept)| NodeEntry {
-            name: node.name.clone(),
+            name: node.state_name(),
             fingerprint: fingerprint_of(node),
             is_source: matches!(node.instance, OperatorInstance::Source(_)),
             pending: if kept {

@@ -19,6 +19,7 @@ pub mod message;
 pub mod metrics;
 pub mod observe;
 pub mod operator;
+mod partition;
 mod ports;
 pub mod registry;
 pub mod time;

@@ -21,14 +21,70 @@ use crate::error::OperatorError;
 use crate::message::{Message, Watermark};
 use crate::metrics::OperatorMetrics;
 use crate::observe::StreamView;
+use crate::partition::KeyRouter;
 use crate::time::{EventTimeSpec, duration_ms, event_times_ms};
 
 /// Rows sent to a main port that nothing consumes are counted under this reason.
 const UNCONSUMED: &str = "unconsumed";
 
+/// The channel, or channels, from one output port to one consumer.
+pub(crate) enum Edge {
+    /// To a consumer that runs as one instance: every batch goes down the channel.
+    Direct(mpsc::Sender<Message>),
+    /// To a consumer that runs as several instances, one channel each: each row goes to
+    /// the instance its key routes it to, and everything else to all of them.
+    Partitioned(KeyRouter, Vec<mpsc::Sender<Message>>),
+}
+
+impl Edge {
+    /// Whether the consumer has gone. A partitioned consumer has gone as a whole when
+    /// any instance has: the rows routed to that one could go nowhere else.
+    fn is_closed(&self) -> bool {
+        match self {
+            Edge::Direct(sender) => sender.is_closed(),
+            Edge::Partitioned(_, senders) => senders.iter().any(mpsc::Sender::is_closed),
+        }
+    }
+
+    /// Sends `message` down every channel of the edge; false when the consumer has gone.
+    async fn send_all(&self, message: &Message) -> bool {
+        match self {
+            Edge::Direct(sender) => sender.send(message.clone()).await.is_ok(),
+            Edge::Partitioned(_, senders) => {
+                let mut delivered = true;
+                for sender in senders {
+                    delivered &= sender.send(message.clone()).await.is_ok();
+                }
+                delivered
+            }
+        }
+    }
+
+    /// Sends `batch` to the consumer, split by key over a partitioned one's instances;
+    /// false when the consumer has gone.
+    async fn send_batch(&self, batch: &RecordBatch) -> Result<bool, OperatorError> {
+        match self {
+            // Cloning a batch clones the Arcs of its columns, never the data.
+            Edge::Direct(sender) => Ok(sender.send(Message::Batch(batch.clone())).await.is_ok()),
+            Edge::Partitioned(router, senders) => {
+                let parts = router.split(batch).map_err(|error| {
+                    OperatorError::Internal(format!("cannot partition a batch: {error}"))
+                })?;
+                let mut delivered = true;
+                for (sender, part) in senders.iter().zip(parts) {
+                    if let Some(part) = part {
+                        delivered &= sender.send(Message::Batch(part)).await.is_ok();
+                    }
+                }
+                Ok(delivered)
+            }
+        }
+    }
+}
+
 /// One output port and the channels of its consumers.
 pub(crate) struct OutputPort {
-    pub(crate) edges: Vec<mpsc::Sender<Message>>,
+    pub(crate) edges: Vec<Edge>,
     pub(crate) unwired_drop_reason: Option<&'static str>,
     /// Retention and taps; on the main port of every node that has one.
     pub(crate) view: Option<Arc<StreamView>>,
@@ -81,8 +137,7 @@ impl OutputPorts {
         metrics.batches_out.inc();
         let mut closed = false;
         for edge in &out.edges {
-            // Cloning a batch clones the Arcs of its columns, never the data.
-            if edge.send(Message::Batch(batch.clone())).await.is_err() {
+            if !edge.send_batch(&batch).await? {
                 closed = true;
             }
         }
@@ -122,7 +177,7 @@ impl OutputPorts {
         let mut closed = false;
         for out in &self.ports {
             for edge in &out.edges {
-                if edge.send(message.clone()).await.is_err() {
+                if !edge.send_all(&message).await {
                     closed = true;
                 }
             }
@@ -328,6 +383,9 @@ pub(crate) struct InputChannel {
     /// The checkpoint barrier this input delivered, while the others catch up to it;
     /// the input is not read meanwhile.
     barrier: Option<u64>,
+    /// Which of the node's declared inputs this channel carries: one declared input
+    /// reads one channel per instance of a partitioned producer.
+    input: usize,
 }
 
 impl InputChannel {
@@ -345,7 +403,14 @@ impl InputChannel {
             last_batch: Instant::now(),
             marked_idle: false,
             barrier: None,
+            input: 0,
         }
+    }
+
+    /// Marks the channel as carrying the node's declared input number `input`.
+    pub(crate) fn for_input(mut self, input: usize) -> Self {
+        self.input = input;
+        self
     }
 
     /// How long the input has been idle at `now`, if it has been quiet for longer than
@@ -455,7 +520,7 @@ impl InputMerger {
                         // Data ends idleness, the producer's or (with a timeout) our own.
                         let was_idle = std::mem::replace(&mut input.marked_idle, false);
                         self.changed |= was_idle || self.watches_idleness;
-                        return InputEvent::Batch(index, batch);
+                        return InputEvent::Batch(input.input, batch);
                     }
                     Some(Message::Watermark(watermark)) => {
                         let input = &mut self.inputs[index];
@@ -587,10 +652,10 @@ mod tests {
 
     fn merger(inputs: usize) -> (Vec<mpsc::Sender<Message>>, InputMerger) {
         let (senders, channels) = (0..inputs)
-            .map(|_| {
+            .map(|input| {
                 let (tx, rx) = mpsc::channel(16);
                 let depth = IntGauge::new("depth", "test").unwrap();
-                (tx, InputChannel::new(rx, depth, None))
+                (tx, InputChannel::new(rx, depth, None).for_input(input))
             })
             .unzip();
         (senders, InputMerger::new(channels))

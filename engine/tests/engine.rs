@@ -813,3 +813,212 @@ async fn sinks_are_flushed_on_a_timer_while_they_have_unflushed_writes() {
     // And the close flushes once more.
     assert_eq!(flushes.load(Ordering::SeqCst), 3);
 }
+
+/// Passes batches through, noting which key values (`v`) instance `instance` saw.
+struct KeyTally {
+    instance: usize,
+    seen: Arc<Mutex<Vec<(usize, i64)>>>,
+}
+
+#[async_trait]
+impl Transform for KeyTally {
+    async fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        let values = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("v is Int64");
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(values.values().iter().map(|&v| (self.instance, v)));
+        drop(seen);
+        out.emit(batch);
+        Ok(())
+    }
+}
+
+/// Rows at times 0..rows, each with key `v = time % keys`, in batches of `per_batch`.
+fn keyed_batches(rows: i64, keys: i64, per_batch: i64) -> Vec<RecordBatch> {
+    (0..rows)
+        .step_by(per_batch as usize)
+        .map(|start| {
+            let times: Vec<i64> = (start..(start + per_batch).min(rows)).collect();
+            let keys: Vec<i64> = times.iter().map(|t| t % keys).collect();
+            let ts: ArrayRef = Arc::new(TimestampMillisecondArray::from(times));
+            let v: ArrayRef = Arc::new(Int64Array::from(keys));
+            RecordBatch::try_new(schema(), vec![ts, v]).expect("valid batch")
+        })
+        .collect()
+}
+
+/// Runs source → `parallelism` instances of [`KeyTally`] keyed by `v` → recording sink,
+/// and returns what the instances saw and what the sink saw.
+async fn run_partitioned(
+    parallelism: usize,
+    batches: Vec<RecordBatch>,
+) -> (Vec<(usize, i64)>, Vec<Seen>) {
+    let mut builder = PipelineBuilder::new("partitioned");
+    let (src, _) = source(batches);
+    builder.add_node("src", src, main_port(), vec![], event_time());
+    let tallies = Arc::new(Mutex::new(Vec::new()));
+    let instances = (0..parallelism)
+        .map(|instance| {
+            OperatorInstance::Transform(Box::new(KeyTally {
+                instance,
+                seen: tallies.clone(),
+            }))
+        })
+        .collect();
+    builder.add_partitioned_node(
+        "by_key",
+        instances,
+        main_port(),
+        vec![input("src")],
+        vec!["v".into()],
+    );
+    let (out, seen) = sink(Duration::ZERO);
+    builder.add_node("out", out, vec![], vec![input("by_key")], None);
+    let (_, metrics) = metrics();
+    builder
+        .build(&metrics)
+        .unwrap()
+        .run(CancellationToken::new())
+        .await
+        .unwrap();
+    let tallies = tallies.lock().unwrap().clone();
+    let seen = seen.lock().unwrap().clone();
+    (tallies, seen)
+}
+
+#[tokio::test]
+async fn a_partitioned_transform_sees_each_key_in_one_instance_and_loses_no_row() {
+    let batches = keyed_batches(600, 17, 50);
+    let (tallies, seen) = run_partitioned(3, batches).await;
+    // Every key went to exactly one instance, and more than one instance had work.
+    let mut instance_of: std::collections::HashMap<i64, usize> = Default::default();
+    for (instance, key) in &tallies {
+        assert_eq!(
+            *instance_of.entry(*key).or_insert(*instance),
+            *instance,
+            "key {key}"
+        );
+    }
+    let used: std::collections::HashSet<usize> = instance_of.values().copied().collect();
+    assert!(
+        used.len() > 1,
+        "every key went to one instance: {instance_of:?}"
+    );
+    // The sink got every row once, as with one instance.
+    let times = |seen: &[Seen]| {
+        let mut times: Vec<i64> = seen
+            .iter()
+            .filter_map(|event| match event {
+                Seen::Batch(_, batch) => Some(batch),
+                _ => None,
+            })
+            .flat_map(|batch| {
+                let ts = batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<TimestampMillisecondArray>()
+                    .unwrap();
+                ts.values().to_vec()
+            })
+            .collect();
+        times.sort_unstable();
+        times
+    };
+    let (_, single) = run_partitioned(1, keyed_batches(600, 17, 50)).await;
+    assert_eq!(times(&seen), (0..600).collect::<Vec<_>>());
+    assert_eq!(times(&seen), times(&single));
+}
+
+#[tokio::test]
+async fn the_consumer_of_a_partitioned_node_takes_the_minimum_watermark_over_its_instances() {
+    for _ in 0..5 {
+        let (_, seen) = run_partitioned(4, keyed_batches(2_000, 13, 7)).await;
+        // In-order input and no lateness allowed: a watermark that ran ahead of one
+        // instance would be followed by that instance's older rows.
+        let mut watermark = i64::MIN;
+        let mut watermarks = 0;
+        for event in &seen {
+            match event {
+                Seen::Watermark(next) => {
+                    assert!(next.millis() >= watermark, "the watermark went back");
+                    watermark = next.millis();
+                    watermarks += 1;
+                }
+                Seen::Batch(_, batch) => {
+                    let ts = batch
+                        .column(0)
+                        .as_any()
+                        .downcast_ref::<TimestampMillisecondArray>()
+                        .unwrap();
+                    let oldest = ts.values().iter().min().copied().unwrap();
+                    assert!(
+                        oldest > watermark,
+                        "a row at {oldest} came after watermark {watermark}"
+                    );
+                }
+                Seen::Closed => {}
+            }
+        }
+        assert!(watermarks > 1, "the watermark never moved");
+    }
+}
+
+#[tokio::test]
+async fn only_transforms_run_partitioned_and_their_keys_must_be_columns() {
+    let (_, metrics) = metrics();
+    let mut builder = PipelineBuilder::new("bad-key");
+    let (src, _) = source(vec![batch(&[1])]);
+    builder.add_node("src", src, main_port(), vec![], None);
+    let tally = |instance| {
+        OperatorInstance::Transform(Box::new(KeyTally {
+            instance,
+            seen: Arc::default(),
+        }))
+    };
+    builder.add_partitioned_node(
+        "by_site",
+        vec![tally(0), tally(1)],
+        main_port(),
+        vec![input("src")],
+        vec!["site".into()],
+    );
+    let Err(error) = builder.build(&metrics) else {
+        panic!("a key that is no column built");
+    };
+    assert!(
+        error.to_string().contains(
+            "'by_site': partition key 'site' is not a column of its input (columns: ts, v)"
+        ),
+        "{error}"
+    );
+
+    let mut builder = PipelineBuilder::new("partitioned-sink");
+    let (src, _) = source(vec![batch(&[1])]);
+    builder.add_node("src", src, main_port(), vec![], None);
+    let (first, _) = sink(Duration::ZERO);
+    let (second, _) = sink(Duration::ZERO);
+    builder.add_partitioned_node(
+        "out",
+        vec![first, second],
+        vec![],
+        vec![input("src")],
+        vec!["v".into()],
+    );
+    let Err(error) = builder.build(&metrics) else {
+        panic!("a partitioned sink built");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("'out' runs as several instances, but only transforms can"),
+        "{error}"
+    );
+}
