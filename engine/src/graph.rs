@@ -235,22 +235,24 @@ impl PipelineBuilder {
                     .map(|(port, spec)| OutputPort {
                         edges: Vec::new(),
                         unwired_drop_reason: spec.unwired_drop_reason,
-                        view: (port == 0).then(|| {
-                            node_views
-                                .entry(node.name.as_str())
-                                .or_insert_with(|| {
-                                    let view = Arc::new(StreamView::new(
-                                        &self.name,
-                                        &node.name,
-                                        spec.stream.schema.clone(),
-                                        self.retained.get(&node.name).copied(),
-                                        metrics.stream(&self.name, &node.name),
-                                    ));
-                                    views.push(view.clone());
-                                    view
-                                })
-                                .clone()
-                        }),
+                        view: (port == 0)
+                            .then(|| {
+                                node_views
+                                    .entry(node.name.as_str())
+                                    .or_insert_with(|| {
+                                        let view = Arc::new(StreamView::new(
+                                            &self.name,
+                                            &node.name,
+                                            spec.stream.schema.clone(),
+                                            self.retained.get(&node.name).copied(),
+                                            metrics.stream(&self.name, &node.name),
+                                        ));
+                                        views.push(view.clone());
+                                        view
+                                    })
+                                    .clone()
+                            })
+                            .inspect(|view| view.add_producer()),
                     })
                     .collect()
             })

@@ -65,6 +65,9 @@ pub struct StreamView {
     tap_count: AtomicUsize,
     /// Set once the node has sent its end of stream: taps opened later end at once.
     ended: AtomicBool,
+    /// The instances writing to the view that have not ended (a partitioned node runs
+    /// several); the stream ends with the last.
+    producers: AtomicUsize,
     metrics: StreamMetrics,
 }
 
@@ -116,8 +119,14 @@ impl StreamView {
             taps: Mutex::new(Vec::new()),
             tap_count: AtomicUsize::new(0),
             ended: AtomicBool::new(false),
+            producers: AtomicUsize::new(0),
             metrics,
         }
+    }
+
+    /// Counts one more instance of the node writing to the view.
+    pub(crate) fn add_producer(&self) {
+        self.producers.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The pipeline the stream belongs to.
@@ -260,9 +269,18 @@ impl StreamView {
         self.tap_count.store(taps.len(), Ordering::Relaxed);
     }
 
-    /// Called when the node's output ports go (after its end of stream, or when it
-    /// failed or was aborted): every tap ends.
+    /// Called when an instance's output ports go (after its end of stream, or when it
+    /// failed or was aborted): when it was the last instance, every tap ends.
     pub(crate) fn end(&self) {
+        let before = self
+            .producers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        if before > 1 {
+            return;
+        }
         let mut taps = lock(&self.taps);
         self.ended.store(true, Ordering::Relaxed);
         taps.clear();
@@ -359,6 +377,20 @@ mod tests {
         let metrics = StreamMetrics::detached("p", "n");
         let view = StreamView::new("p", "n", schema(), retain, metrics.clone());
         (Arc::new(view), metrics)
+    }
+
+    #[test]
+    fn a_stream_written_by_several_instances_ends_with_the_last() {
+        let (view, _) = view(None);
+        view.add_producer();
+        view.add_producer();
+        let _tap = view.tap(4);
+        view.end();
+        assert!(!view.has_ended(), "one instance of two ended the stream");
+        assert_eq!(view.tap_count.load(Ordering::Relaxed), 1);
+        view.end();
+        assert!(view.has_ended());
+        assert_eq!(view.tap_count.load(Ordering::Relaxed), 0);
     }
 
     #[test]
