@@ -45,7 +45,7 @@ const EVICTION_SWEEP: Duration = Duration::from_secs(1);
 pub struct Startup(Arc<tokio::sync::watch::Sender<bool>>);
 
 /// How long a query or a tap waits for the pipelines to start before it is refused.
-pub const STARTUP_WAIT: Duration = Duration::from_secs(10);
+const STARTUP_WAIT: Duration = Duration::from_secs(10);
 
 impl Default for Startup {
     fn default() -> Self {
@@ -73,8 +73,18 @@ impl Startup {
     }
 }
 
+/// Waits up to [`STARTUP_WAIT`] for the pipelines to start; the refusal to answer
+/// when they have not, for a request that needs their streams.
+pub async fn wait_for_start(startup: &Startup) -> Result<(), Response> {
+    if startup.wait(STARTUP_WAIT).await {
+        Ok(())
+    } else {
+        Err(still_starting())
+    }
+}
+
 /// The refusal of a request that needs the pipelines while they are still starting.
-pub fn still_starting() -> Response {
+fn still_starting() -> Response {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         "starting",

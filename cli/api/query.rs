@@ -13,8 +13,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{AppendHeaders, IntoResponse, Response};
 use weir_query::{Encoded, Format, Limits, QueryError, QueryRequest, Session};
 
+use super::ApiState;
 use super::live::LivePipelines;
-use super::{ApiState, STARTUP_WAIT, still_starting};
 
 /// Runs `request` over the retained streams of `pipelines` within `server` limits, and
 /// writes the answer in the request's format, else `accepted`, else JSON.
@@ -45,8 +45,8 @@ pub(super) async fn query(
     let Some(_running) = admit(&state.queries) else {
         return busy();
     };
-    if !state.startup.wait(STARTUP_WAIT).await {
-        return still_starting();
+    if let Err(refusal) = super::wait_for_start(&state.startup).await {
+        return refusal;
     }
     let accepted = headers
         .get(header::ACCEPT)

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use weir_engine::arrow::record_batch::RecordBatch;
 use weir_engine::observe::Tap;
 
-use super::{ApiState, STARTUP_WAIT, error, still_starting};
+use super::{ApiState, error};
 
 /// Rows shown per second when the request does not say.
 const DEFAULT_RATE: u32 = 10;
@@ -66,8 +66,8 @@ pub(super) async fn tap(
             format!("rate must be between 1 and {MAX_RATE} rows per second, not {rate}"),
         );
     }
-    if !state.startup.wait(STARTUP_WAIT).await {
-        return still_starting();
+    if let Err(refusal) = super::wait_for_start(&state.startup).await {
+        return refusal;
     }
     let streams = state.pipelines.streams();
     let matching: Vec<_> = streams

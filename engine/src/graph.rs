@@ -285,7 +285,8 @@ impl PipelineBuilder {
                     let (tx, rx) = mpsc::channel(self.channel_capacity);
                     match &node.partition {
                         Some(partition) => {
-                            // Keyed by the consumer's first instance, so its instances meet.
+                            // Keyed by the consumer's first instance, so its instances meet
+                            // (add_partitioned_node adds a node's instances side by side).
                             let group = consumer - partition.instance;
                             partitioned
                                 .entry((upstream, port, group, declared))

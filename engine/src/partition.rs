@@ -61,11 +61,12 @@ impl KeyRouter {
         let mut hashes = vec![0u64; batch.num_rows()];
         for &key in &self.keys {
             let column = key_text(batch.column(key))?;
+            let text = column.as_string::<i32>();
             for (row, hash) in hashes.iter_mut().enumerate() {
-                let value = if column.is_null(row) {
+                let value = if text.is_null(row) {
                     NULL_HASH
                 } else {
-                    XxHash64::oneshot(0, column.as_string::<i32>().value(row).as_bytes())
+                    XxHash64::oneshot(0, text.value(row).as_bytes())
                 };
                 *hash = hash.rotate_left(29) ^ value;
             }

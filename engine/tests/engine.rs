@@ -855,6 +855,17 @@ fn keyed_batches(rows: i64, keys: i64, per_batch: i64) -> Vec<RecordBatch> {
         .collect()
 }
 
+/// The event times (`ts`) of `batch`'s rows.
+fn event_times(batch: &RecordBatch) -> Vec<i64> {
+    batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .expect("ts is a millisecond timestamp")
+        .values()
+        .to_vec()
+}
+
 /// Runs source → `parallelism` instances of [`KeyTally`] keyed by `v` → recording sink,
 /// and returns what the instances saw and what the sink saw.
 async fn run_partitioned(
@@ -920,14 +931,7 @@ async fn a_partitioned_transform_sees_each_key_in_one_instance_and_loses_no_row(
                 Seen::Batch(_, batch) => Some(batch),
                 _ => None,
             })
-            .flat_map(|batch| {
-                let ts = batch
-                    .column(0)
-                    .as_any()
-                    .downcast_ref::<TimestampMillisecondArray>()
-                    .unwrap();
-                ts.values().to_vec()
-            })
+            .flat_map(event_times)
             .collect();
         times.sort_unstable();
         times
@@ -953,12 +957,7 @@ async fn the_consumer_of_a_partitioned_node_takes_the_minimum_watermark_over_its
                     watermarks += 1;
                 }
                 Seen::Batch(_, batch) => {
-                    let ts = batch
-                        .column(0)
-                        .as_any()
-                        .downcast_ref::<TimestampMillisecondArray>()
-                        .unwrap();
-                    let oldest = ts.values().iter().min().copied().unwrap();
+                    let oldest = event_times(batch).into_iter().min().unwrap();
                     assert!(
                         oldest > watermark,
                         "a row at {oldest} came after watermark {watermark}"
