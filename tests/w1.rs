@@ -44,11 +44,18 @@ fn write_input(spec: &W1Spec, path: &Path) {
     spec.write_to(&mut out).unwrap();
 }
 
-/// Runs the W1 pipeline with the real binary and returns its output rows.
+/// Runs the W1 pipeline with the real binary on one thread and returns its output rows.
 fn run_weir(input: &Path, output: &Path) -> Vec<WindowRow> {
+    run_weir_on(input, output, 1, "auto")
+}
+
+/// Runs the W1 pipeline on `threads` worker threads, its window and detector as
+/// `parallelism` instances, and returns its output rows.
+fn run_weir_on(input: &Path, output: &Path, threads: usize, parallelism: &str) -> Vec<WindowRow> {
     let result = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["--threads", "1", "run", "--no-metrics"])
+        .args(["--threads", &threads.to_string(), "run", "--no-metrics"])
         .arg(pipeline())
+        .env("W1_PARALLELISM", parallelism)
         .env("W1_INPUT", input)
         .env("W1_OUTPUT", output)
         .env("WEIR_STATE_DIR", output.with_extension("state"))
@@ -135,4 +142,25 @@ fn input_shuffled_within_one_second_gives_the_same_output() {
         &from_shuffled,
         "weir vs reference on shuffled input",
     );
+}
+
+#[test]
+fn weir_output_is_the_same_at_any_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("readings.jsonl");
+    write_input(&small_spec(1000), &input);
+    let expected = reference::aggregate_file(&input, WINDOW_MS).unwrap();
+    // Two threads decode the file in parts and run `auto` as two instances; four
+    // instances share two threads.
+    for (threads, parallelism) in [(2, "auto"), (2, "4"), (1, "2")] {
+        let output = dir
+            .path()
+            .join(format!("out-{threads}-{parallelism}.jsonl"));
+        let actual = run_weir_on(&input, &output, threads, parallelism);
+        assert_same(
+            &expected,
+            &actual,
+            &format!("{threads} threads, parallelism {parallelism}"),
+        );
+    }
 }

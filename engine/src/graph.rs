@@ -161,6 +161,16 @@ impl PipelineBuilder {
         }
     }
 
+    /// How many instances `parallelism: auto` runs: the worker threads of the tokio
+    /// runtime this is called on (`weir --threads`), or the machine's cores outside one.
+    pub fn auto_parallelism() -> usize {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime.metrics().num_workers(),
+            Err(_) => std::thread::available_parallelism().map_or(1, usize::from),
+        }
+        .max(1)
+    }
+
     /// Keeps the recent batches of `node`'s main output for queries, within `spec`.
     pub fn retain(&mut self, node: impl Into<String>, spec: RetainSpec) {
         self.retained.insert(node.into(), spec);
@@ -416,6 +426,14 @@ impl PipelineBuilder {
     }
 }
 
+/// A node's fingerprint without the parallelism a partitioned node's carries.
+fn without_parallelism(fingerprint: &str) -> &str {
+    match fingerprint.rsplit_once(" parallelism=") {
+        Some((rest, count)) if count.parse::<usize>().is_ok() => rest,
+        _ => fingerprint,
+    }
+}
+
 /// Restores every node whose fingerprint matches the checkpoint's and makes the
 /// pipeline's coordinator. A node that changed, or whose state does not restore, starts
 /// afresh (its old state is dropped at the first commit); a damaged checkpoint never
@@ -461,13 +479,30 @@ fn restore(
             _ => fingerprint,
         }
     };
+    // The node a state name belongs to: `NODE`, or `NODE#INSTANCE` of a partitioned one.
+    let node_of = |state_name: &str| -> String {
+        match state_name.rsplit_once('#') {
+            Some((node, instance)) if instance.parse::<usize>().is_ok() => node.to_owned(),
+            _ => state_name.to_owned(),
+        }
+    };
     let mut kept = vec![false; nodes.len()];
     if let Some(checkpoint) = &restored {
+        let mut rescaled: Vec<String> = Vec::new();
         for gone in checkpoint
             .nodes
             .keys()
             .filter(|name| !nodes.iter().any(|node| node.state_name() == **name))
         {
+            let node = node_of(gone);
+            if nodes.iter().any(|running| running.name == node) {
+                // Taken at another parallelism: said once per node.
+                if !rescaled.contains(&node) {
+                    info!(pipeline, operator = %node, "its parallelism changed since the last checkpoint, and state is not redistributed: it starts afresh");
+                    rescaled.push(node);
+                }
+                continue;
+            }
             info!(pipeline, operator = %gone, "no longer in the pipeline: its checkpointed state is dropped");
         }
         let sinks_first = {
@@ -505,6 +540,16 @@ fn restore(
                         }
                     }
                 }
+                Some((saved, _))
+                    if without_parallelism(saved) == without_parallelism(&fingerprint)
+                        && !rescaled.contains(&node.name) =>
+                {
+                    // Said once per node, not per instance.
+                    info!(pipeline, operator = %node.name, "its parallelism changed since the last checkpoint, and state is not redistributed: it starts afresh");
+                    rescaled.push(node.name.clone());
+                }
+                Some((saved, _))
+                    if without_parallelism(saved) == without_parallelism(&fingerprint) => {}
                 Some(_) => {
                     info!(pipeline, operator = %node.name, "its kind or config changed since the last checkpoint: it starts afresh");
                 }

@@ -608,14 +608,29 @@ impl OutboxMetrics {
 }
 
 /// The keyed-state series of a stateful operator.
+///
+/// The parallel instances of a partitioned node share one series, so each reports what
+/// it holds through [`StateMetrics::hold`], which adds the change since its own last
+/// report: the gauges then show the node's total.
 #[derive(Clone)]
 pub struct StateMetrics {
-    /// Keys held.
+    /// Keys held (read it; report through [`StateMetrics::hold`]).
     pub keys: IntGauge,
-    /// Bytes held (an estimate).
+    /// Bytes held, an estimate (read it; report through [`StateMetrics::hold`]).
     pub bytes: IntGauge,
     /// Keys evicted.
     pub evictions: IntCounter,
+    /// What this instance last reported: keys, bytes.
+    held: (i64, i64),
+}
+
+impl StateMetrics {
+    /// Reports that this instance now holds `keys` keys in about `bytes` bytes.
+    pub fn hold(&mut self, keys: i64, bytes: i64) {
+        self.keys.add(keys - self.held.0);
+        self.bytes.add(bytes - self.held.1);
+        self.held = (keys, bytes);
+    }
 }
 
 /// The connection series of an operator that talks to an external peer.
@@ -670,6 +685,7 @@ impl OperatorMetrics {
             keys: self.state_keys.with_label_values(labels),
             bytes: self.state_bytes.with_label_values(labels),
             evictions: self.state_evictions.with_label_values(labels),
+            held: (0, 0),
         }
     }
 
@@ -703,5 +719,28 @@ impl OperatorMetrics {
         EngineMetrics::new(&registry)
             .expect("fresh registry accepts the engine's metric families")
             .operator(pipeline, operator)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_sharing_a_state_series_add_up_to_the_node_total() {
+        let metrics = EngineMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        let operator = metrics.operator("p", "w");
+        let (mut first, mut second) = (operator.state(), operator.state());
+        first.hold(3, 300);
+        second.hold(5, 500);
+        assert_eq!((first.keys.get(), first.bytes.get()), (8, 800));
+        // Each report replaces that instance's own share, not the total.
+        first.hold(1, 100);
+        assert_eq!((second.keys.get(), second.bytes.get()), (6, 600));
+        second.hold(0, 0);
+        assert_eq!(
+            (operator.state().keys.get(), operator.state().bytes.get()),
+            (1, 100)
+        );
     }
 }

@@ -178,6 +178,20 @@ impl NodeContext<'_> {
     }
 }
 
+/// Whether a transform can run as parallel instances (`parallelism` in YAML), each fed
+/// the rows of some keys by a hash of `partition_by` columns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Partitionable {
+    /// Rows are handled one by one, so any key columns of the inputs give the same rows.
+    AnyKeys,
+    /// Rows that share the values of these input columns (a windowed query's GROUP BY
+    /// columns, an anomaly detector's series key) must meet in one instance. Partition
+    /// keys must be some of them; all of them are the default.
+    GroupedBy(Vec<String>),
+    /// It cannot run as parallel instances; the reason completes "because …".
+    No(String),
+}
+
 /// A node whose configuration is valid, ready to be built.
 pub trait PlannedOperator: Send {
     /// The output ports, main port first. Empty for sinks.
@@ -187,6 +201,12 @@ pub trait PlannedOperator: Send {
     /// every row rather than aggregates. `weir validate` prints these.
     fn notes(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Whether the transform can run as parallel instances, and on which keys. Sources
+    /// and sinks are not asked.
+    fn partitionable(&self) -> Partitionable {
+        Partitionable::No("its kind keeps state over all of its rows".into())
     }
 
     /// Builds the running operator, with its metric series. May open files or sockets.

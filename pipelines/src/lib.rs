@@ -32,7 +32,7 @@ use weir_engine::config::{ConfigError, Location};
 pub use diagnostic::Diagnostic;
 pub use env::{EnvLookup, process_env};
 pub use plan::{BuildError, PlannedNode, ValidatedPipeline};
-pub use spec::{Document, InputSpec, NodeSpec, VERSION, role_noun};
+pub use spec::{Document, InputSpec, NodeSpec, Parallelism, VERSION, role_noun};
 pub use yaml::parse as parse_yaml;
 
 /// Reads and shape-checks the pipeline file at `path`.

@@ -19,8 +19,8 @@ use weir_engine::graph::{InputRef, Pipeline, PipelineBuilder};
 use weir_engine::metrics::EngineMetrics;
 use weir_engine::observe::RetainSpec;
 use weir_engine::registry::{
-    InputStream, MAIN_PORT_NAME, NodeContext, OnError, OperatorFactory, OutputSpec, PeerNode,
-    PlannedOperator, StreamInfo,
+    InputStream, MAIN_PORT_NAME, NodeContext, OnError, OperatorFactory, OutputSpec, Partitionable,
+    PeerNode, PlannedOperator, StreamInfo,
 };
 use weir_engine::time::EventTimeSpec;
 use weir_engine::{Registry, Role};
@@ -47,7 +47,10 @@ pub struct PlannedNode {
     retain: Option<RetainSpec>,
     flush_interval: Option<std::time::Duration>,
     fingerprint: String,
-    operator: Box<dyn PlannedOperator>,
+    /// One planned operator per instance: one, or `parallelism` of them.
+    operators: Vec<Box<dyn PlannedOperator>>,
+    /// The input columns rows are routed to instances by, when it runs several.
+    partition_keys: Vec<String>,
 }
 
 impl PlannedNode {
@@ -59,7 +62,30 @@ impl PlannedNode {
     /// What the node's operator says about how it will run (see
     /// [`PlannedOperator::notes`]).
     pub fn notes(&self) -> Vec<String> {
-        self.operator.notes()
+        let mut notes = self
+            .operators
+            .first()
+            .map(|operator| operator.notes())
+            .unwrap_or_default();
+        if self.operators.len() > 1 {
+            notes.push(format!(
+                "it runs as {} instances, each row going to one by its {}",
+                self.operators.len(),
+                self.partition_keys.join(", ")
+            ));
+        }
+        notes
+    }
+
+    /// How many instances of the node run at once.
+    pub fn parallelism(&self) -> usize {
+        self.operators.len()
+    }
+
+    /// The input columns whose values choose each row's instance; empty when one
+    /// instance runs.
+    pub fn partition_keys(&self) -> &[String] {
+        &self.partition_keys
     }
 
     /// The section the node was declared in.
@@ -159,6 +185,11 @@ impl ValidatedPipeline {
         &self.nodes
     }
 
+    /// The node called `name`, if any.
+    pub fn node(&self, name: &str) -> Option<&PlannedNode> {
+        self.nodes.iter().find(|node| node.name == name)
+    }
+
     /// Instantiates every operator and wires them into a runnable pipeline.
     ///
     /// This is the first step that touches the outside world (files, sockets).
@@ -184,9 +215,12 @@ impl ValidatedPipeline {
             builder.checkpointing(settings);
         }
         for node in self.nodes {
-            let instance = node
-                .operator
-                .instantiate(&metrics.operator(&self.name, &node.name))
+            let operator_metrics = metrics.operator(&self.name, &node.name);
+            let mut instances = node
+                .operators
+                .into_iter()
+                .map(|operator| operator.instantiate(&operator_metrics))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|source| BuildError::Operator {
                     role: role_noun(node.role),
                     node: node.name.clone(),
@@ -199,13 +233,23 @@ impl ValidatedPipeline {
                 builder.flush_interval(&node.name, interval);
             }
             builder.fingerprint(&node.name, node.fingerprint);
-            builder.add_node(
-                node.name,
-                instance,
-                node.outputs,
-                node.inputs,
-                node.event_time,
-            );
+            if instances.len() > 1 {
+                builder.add_partitioned_node(
+                    node.name,
+                    instances,
+                    node.outputs,
+                    node.inputs,
+                    node.partition_keys,
+                );
+            } else if let Some(instance) = instances.pop() {
+                builder.add_node(
+                    node.name,
+                    instance,
+                    node.outputs,
+                    node.inputs,
+                    node.event_time,
+                );
+            }
         }
         Ok(builder.build(metrics)?)
     }
@@ -778,6 +822,31 @@ fn plan_node(
         }
     }
 
+    let Some(partition_keys) = partition_keys(node, operator.as_ref(), &streams, errors) else {
+        return State::Skipped;
+    };
+    let mut operators = vec![operator];
+    let instances = if partition_keys.is_empty() {
+        1
+    } else {
+        node.parallelism.instances()
+    };
+    while operators.len() < instances {
+        match factory.plan(&context) {
+            Ok(operator) => operators.push(operator),
+            // The same config planned a moment ago; a factory that now refuses it is
+            // reported rather than trusted.
+            Err(problems) => {
+                errors.extend(problems);
+                return State::Skipped;
+            }
+        }
+    }
+    let mut fingerprint = fingerprint(node);
+    if instances > 1 {
+        fingerprint.push_str(&format!("\npartition_by: {partition_keys:?}"));
+    }
+
     State::Planned(Box::new(PlannedNode {
         name: node.name.clone(),
         role: node.role,
@@ -787,9 +856,116 @@ fn plan_node(
         event_time,
         retain: node.retain,
         flush_interval: node.flush_interval,
-        fingerprint: fingerprint(node),
-        operator,
+        fingerprint,
+        operators,
+        partition_keys: if instances > 1 {
+            partition_keys
+        } else {
+            Vec::new()
+        },
     }))
+}
+
+/// The columns a transform's rows are routed to its instances by: its `partition_by`,
+/// checked against what its operator allows, or the operator's own keys. Empty when
+/// the node declares neither `parallelism` nor `partition_by`; `None` after reporting
+/// why it cannot be partitioned as declared.
+fn partition_keys(
+    node: &NodeSpec,
+    operator: &dyn PlannedOperator,
+    inputs: &[InputStream],
+    errors: &mut Vec<ConfigError>,
+) -> Option<Vec<String>> {
+    if node.role != Role::Transform
+        || (!node.parallelism.is_declared() && node.partition_by.is_none())
+    {
+        return Some(Vec::new());
+    }
+    let (path, location) = match &node.partition_by {
+        Some(_) => (
+            format!("{}.partition_by", node.path()),
+            node.partition_by_location,
+        ),
+        None => (
+            format!("{}.parallelism", node.path()),
+            node.parallelism_location,
+        ),
+    };
+    let refuse = |message: String, hint: &str| {
+        ConfigError::new(path.clone(), location, message).with_hint(hint.to_owned())
+    };
+    match (operator.partitionable(), &node.partition_by) {
+        (Partitionable::No(reason), _) => {
+            errors.push(refuse(
+                format!(
+                    "transform '{}' ({}) cannot run as parallel instances, because {reason}",
+                    node.name, node.kind
+                ),
+                "remove parallelism and partition_by, or split the work into a transform that can",
+            ));
+            None
+        }
+        (Partitionable::GroupedBy(keys), None) => Some(keys),
+        (Partitionable::GroupedBy(keys), Some(declared)) => {
+            let strays: Vec<&str> = declared
+                .iter()
+                .filter(|column| !keys.contains(column))
+                .map(String::as_str)
+                .collect();
+            if strays.is_empty() {
+                return Some(declared.clone());
+            }
+            errors.push(refuse(
+                format!(
+                    "transform '{}' keeps its state per {}, so rows cannot be routed by {}: \
+                     one group's rows would be split over instances",
+                    node.name,
+                    keys.join(", "),
+                    strays.join(", ")
+                ),
+                &format!(
+                    "partition by some of {}, or leave partition_by out to use all of them",
+                    keys.join(", ")
+                ),
+            ));
+            None
+        }
+        (Partitionable::AnyKeys, None) => {
+            errors.push(refuse(
+                format!(
+                    "transform '{}' keeps no state by key, so it needs partition_by to say how \
+                     rows are spread over its instances",
+                    node.name
+                ),
+                "add e.g. partition_by: [device], naming columns with many distinct values",
+            ));
+            None
+        }
+        (Partitionable::AnyKeys, Some(declared)) => {
+            let mut missing = Vec::new();
+            for input in inputs {
+                let schema = &input.stream.schema;
+                for column in declared {
+                    if schema.index_of(column).is_err() {
+                        missing.push(format!("'{column}' is not a column of '{}'", input.name));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Some(declared.clone());
+            }
+            errors.push(refuse(
+                format!(
+                    "transform '{}' cannot be partitioned by {}: {}",
+                    node.name,
+                    declared.join(", "),
+                    missing.join("; ")
+                ),
+                "partition by columns that every input has",
+            ));
+            None
+        }
+    }
 }
 
 /// What a node's checkpointed state is valid for: its kind, inputs and everything it

@@ -6,6 +6,7 @@
 //! checked by [`crate::plan`].
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,7 +40,15 @@ const TOP_FIELDS: &[&str] = &[
 ];
 const SOURCE_FIELDS: &[&str] = &["kind", "config", "schema", "event_time", "retain"];
 const TRANSFORM_FIELDS: &[&str] = &[
-    "kind", "inputs", "window", "schema", "config", "retain", "on_error",
+    "kind",
+    "inputs",
+    "window",
+    "schema",
+    "config",
+    "retain",
+    "on_error",
+    "parallelism",
+    "partition_by",
 ];
 const SINK_FIELDS: &[&str] = &["kind", "inputs", "config", "flush_interval"];
 const ROLES: [Role; 3] = [Role::Source, Role::Transform, Role::Sink];
@@ -106,6 +115,16 @@ pub struct NodeSpec {
     /// How often the engine flushes the sink while it has unflushed writes (sinks only;
     /// the engine's default of 1 s when absent).
     pub flush_interval: Option<Duration>,
+    /// How many instances of the transform run at once (transforms only; one when
+    /// absent).
+    pub parallelism: Parallelism,
+    /// Where `parallelism` was written.
+    pub parallelism_location: Location,
+    /// The columns whose values choose the instance each row goes to (transforms only);
+    /// the operator's own keys when absent.
+    pub partition_by: Option<Vec<String>>,
+    /// Where `partition_by` was written.
+    pub partition_by_location: Location,
     /// Where the node's name was written.
     pub location: Location,
     /// Where the kind was written.
@@ -120,6 +139,37 @@ impl NodeSpec {
     /// The node's path in the document, e.g. `sources.sensors`.
     pub fn path(&self) -> String {
         format!("{}.{}", self.role.section(), self.name)
+    }
+}
+
+/// A transform's `parallelism`: how many instances of it run at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parallelism {
+    /// A fixed number of instances.
+    Instances(NonZeroUsize),
+    /// `auto`: one per worker thread of the runtime (see
+    /// [`PipelineBuilder::auto_parallelism`](weir_engine::graph::PipelineBuilder::auto_parallelism)).
+    Auto,
+}
+
+impl Default for Parallelism {
+    fn default() -> Self {
+        Parallelism::Instances(NonZeroUsize::MIN)
+    }
+}
+
+impl Parallelism {
+    /// How many instances run here and now.
+    pub fn instances(self) -> usize {
+        match self {
+            Parallelism::Instances(n) => n.get(),
+            Parallelism::Auto => weir_engine::graph::PipelineBuilder::auto_parallelism(),
+        }
+    }
+
+    /// Whether it was written at all (anything but the default of one).
+    pub fn is_declared(self) -> bool {
+        self != Parallelism::default()
     }
 }
 
@@ -497,6 +547,10 @@ fn parse_node(
         flush_interval: None,
         on_error: OnError::Fail,
         on_error_location: key.location,
+        parallelism: Parallelism::default(),
+        parallelism_location: key.location,
+        partition_by: None,
+        partition_by_location: key.location,
         location: key.location,
         kind_location: key.location,
         event_time_location: key.location,
@@ -595,6 +649,16 @@ fn parse_node(
                     Err(error) => errors.push(error.clone()),
                 }
             }
+            ("parallelism", Role::Transform) => {
+                node.parallelism_location = value.location;
+                if let Some(parallelism) = parse_parallelism(&value, &field_path, errors) {
+                    node.parallelism = parallelism;
+                }
+            }
+            ("partition_by", Role::Transform) => {
+                node.partition_by_location = value.location;
+                node.partition_by = parse_partition_by(&value, &field_path, errors);
+            }
             ("flush_interval", Role::Sink) => {
                 match value.deserialize_into::<HumanDuration>(&field_path) {
                     Ok(interval) if Duration::from(interval).is_zero() => errors.push(
@@ -610,8 +674,8 @@ fn parse_node(
                 }
             }
             (
-                name
-                @ ("inputs" | "schema" | "event_time" | "window" | "retain" | "flush_interval"),
+                name @ ("inputs" | "schema" | "event_time" | "window" | "retain" | "flush_interval"
+                | "parallelism" | "partition_by"),
                 _,
             ) => {
                 errors.push(misplaced(role, name, &field_path, field.location));
@@ -665,6 +729,10 @@ fn misplaced(role: Role, field: &str, path: &str, location: Location) -> ConfigE
         "retain" => "a sink emits no stream to keep; retain the node it reads from",
         "flush_interval" => "only sinks are flushed; set it on the sink that writes",
         "on_error" => "only transforms take on_error; sources send bad input to dead_letter",
+        "parallelism" | "partition_by" => {
+            "sources and sinks run as one instance; run the transform that does the work in \
+             parallel"
+        }
         _ => "windows belong on the transform that aggregates",
     };
     ConfigError::new(
@@ -673,6 +741,84 @@ fn misplaced(role: Role, field: &str, path: &str, location: Location) -> ConfigE
         format!("a {} takes no '{field}'", role_noun(role)),
     )
     .with_hint(why)
+}
+
+const PARALLELISM_HINT: &str =
+    "write a number of instances, e.g. parallelism: 2, or parallelism: auto for one per core";
+
+/// `parallelism: N` (at least 1) or `parallelism: auto`.
+fn parse_parallelism(
+    value: &ConfigValue,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Parallelism> {
+    if let Value::String(text) = &value.value
+        && text.trim() == "auto"
+    {
+        return Some(Parallelism::Auto);
+    }
+    match value.deserialize_into::<usize>(path) {
+        Ok(count) => match NonZeroUsize::new(count) {
+            Some(count) => Some(Parallelism::Instances(count)),
+            None => {
+                errors.push(
+                    ConfigError::new(path, value.location, "parallelism must be at least 1")
+                        .with_hint(PARALLELISM_HINT),
+                );
+                None
+            }
+        },
+        Err(_) => {
+            errors.push(
+                ConfigError::new(
+                    path,
+                    value.location,
+                    format!(
+                        "expected a number of instances or 'auto', found {}",
+                        value.describe()
+                    ),
+                )
+                .with_hint(PARALLELISM_HINT),
+            );
+            None
+        }
+    }
+}
+
+/// `partition_by: [column, ...]`: a non-empty list of distinct column names.
+fn parse_partition_by(
+    value: &ConfigValue,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Vec<String>> {
+    const HINT: &str = "list the input columns that route rows, e.g. partition_by: [device]";
+    let columns = match value.deserialize_into::<Vec<String>>(path) {
+        Ok(columns) => columns,
+        Err(error) => {
+            errors.push(error.with_hint_if_none(HINT));
+            return None;
+        }
+    };
+    if columns.is_empty() {
+        errors.push(
+            ConfigError::new(path, value.location, "'partition_by' is empty").with_hint(HINT),
+        );
+        return None;
+    }
+    for (index, column) in columns.iter().enumerate() {
+        if columns[..index].contains(column) {
+            errors.push(
+                ConfigError::new(
+                    path,
+                    value.location,
+                    format!("'partition_by' names column '{column}' twice"),
+                )
+                .with_hint(HINT),
+            );
+            return None;
+        }
+    }
+    Some(columns)
 }
 
 fn parse_inputs(value: &ConfigValue, path: &str, errors: &mut Vec<ConfigError>) -> Vec<InputSpec> {

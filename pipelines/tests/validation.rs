@@ -603,13 +603,14 @@ fn unknown_field_suggests_the_nearest_name() {
         "transforms.per_minute.windw",
         "unknown field 'windw'",
         Some(
-            "did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain, on_error",
+            "did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain, on_error, parallelism, partition_by",
         ),
     );
     assert_eq!(
         d.to_string(),
         "pipes/boiler.yaml:13:5: transforms.per_minute.windw: unknown field 'windw'\n  \
-         hint: did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain, on_error"
+         hint: did you mean 'window'? valid fields: kind, inputs, window, schema, config, retain, on_error, \
+         parallelism, partition_by"
     );
 
     // Inside an operator's config the factory reports it, through the same deserializer.
@@ -1360,4 +1361,185 @@ fn on_error_is_fail_or_dead_letter_and_needs_a_dead_letter_port() {
         found.message,
         "transform kind 'pass' cannot send failing rows to a dead_letter port"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Parallel instances
+// ---------------------------------------------------------------------------------------
+
+/// A pipeline of built-in operators whose transform `t` is `transform` (indented under it).
+fn builtin_pipeline(transform: &str) -> String {
+    format!(
+        "\
+version: 1
+name: parallel
+sources:
+  sensors:
+    kind: file
+    schema: {{device: utf8, site: utf8, ts: timestamp_ms, temperature: float64}}
+    event_time: {{column: ts}}
+    config: {{path: readings.jsonl, format: json}}
+transforms:
+  t:
+{transform}
+sinks:
+  out: {{kind: blackhole, inputs: [t]}}
+"
+    )
+}
+
+fn validate_builtin(text: &str) -> Result<ValidatedPipeline, Vec<Diagnostic>> {
+    let registry = weir_operators::registry::builtin();
+    validate_str(Path::new(FILE), text, &registry, &env, Path::new("."))
+}
+
+/// The only problem `text` has, with the built-in operators.
+fn only_builtin(text: &str) -> Diagnostic {
+    let found = validate_builtin(text).expect_err("the pipeline has a problem");
+    assert_eq!(found.len(), 1, "{}", render(&found));
+    found.into_iter().next().unwrap()
+}
+
+const GROUPED: &str = "    kind: sql
+    inputs: [sensors]
+    window: {tumbling: 10s}
+    config: {query: \"SELECT device, avg(temperature) AS t FROM sensors GROUP BY device\"}";
+
+#[test]
+fn a_windowed_query_runs_in_parallel_by_its_group_columns() {
+    let text = builtin_pipeline(&format!("{GROUPED}\n    parallelism: 3"));
+    let pipeline = validate_builtin(&text).unwrap_or_else(|found| panic!("{}", render(&found)));
+    let node = pipeline.node("t").expect("the transform");
+    assert_eq!(node.parallelism(), 3);
+    assert_eq!(node.partition_keys(), ["device"]);
+    assert!(
+        node.notes()
+            .iter()
+            .any(|note| note.contains("3 instances") && note.contains("device")),
+        "{:?}",
+        node.notes()
+    );
+    // Without `parallelism` it runs once, whatever it could do.
+    let single = validate_builtin(&builtin_pipeline(GROUPED)).unwrap();
+    assert_eq!(single.node("t").unwrap().parallelism(), 1);
+    assert!(single.node("t").unwrap().partition_keys().is_empty());
+    // `auto` is one per core here, outside a runtime.
+    let auto = validate_builtin(&builtin_pipeline(&format!(
+        "{GROUPED}\n    parallelism: auto"
+    )))
+    .unwrap();
+    assert_eq!(
+        auto.node("t").unwrap().parallelism(),
+        std::thread::available_parallelism().map_or(1, usize::from)
+    );
+}
+
+#[test]
+fn partition_keys_must_keep_each_group_in_one_instance() {
+    let text = builtin_pipeline(&format!(
+        "{GROUPED}\n    parallelism: 2\n    partition_by: [site]"
+    ));
+    let d = only_builtin(&text);
+    assert_eq!(d.path, "transforms.t.partition_by", "{d}");
+    assert_eq!(d.location, pos(&text, "[site]"), "{d}");
+    assert_eq!(
+        d.message,
+        "transform 't' keeps its state per device, so rows cannot be routed by site: one \
+         group's rows would be split over instances"
+    );
+    assert_eq!(
+        d.hint.as_deref(),
+        Some("partition by some of device, or leave partition_by out to use all of them")
+    );
+}
+
+#[test]
+fn a_transform_whose_state_spans_keys_cannot_run_in_parallel() {
+    for (transform, why) in [
+        (
+            "    kind: sql\n    inputs: [sensors]\n    window: {tumbling: 10s}\n    config: \
+             {query: \"SELECT device, avg(temperature) AS a FROM sensors GROUP BY device ORDER \
+             BY a LIMIT 1\"}",
+            "LIMIT",
+        ),
+        (
+            "    kind: sql\n    inputs: [sensors]\n    window: {tumbling: 10s}\n    config: \
+             {query: \"SELECT count(*) AS n FROM sensors\"}",
+            "aggregates the whole window",
+        ),
+        (
+            "    kind: anomaly\n    inputs: [sensors]\n    config: {value: temperature, \
+             detector: zscore}",
+            "one series",
+        ),
+    ] {
+        let text = builtin_pipeline(&format!("{transform}\n    parallelism: 2"));
+        let d = only_builtin(&text);
+        assert_eq!(d.path, "transforms.t.parallelism", "{d}");
+        assert_eq!(d.location, pos(&text, "2\n"), "{d}");
+        assert!(
+            d.message.contains("cannot run as parallel instances") && d.message.contains(why),
+            "{d}"
+        );
+    }
+    // An anomaly detector with a series key runs per key.
+    let keyed = validate_builtin(&builtin_pipeline(
+        "    kind: anomaly\n    inputs: [sensors]\n    config: {value: temperature, key: device, \
+         detector: zscore}\n    parallelism: 2",
+    ))
+    .unwrap_or_else(|found| panic!("{}", render(&found)));
+    assert_eq!(keyed.node("t").unwrap().partition_keys(), ["device"]);
+}
+
+#[test]
+fn a_stateless_transform_in_parallel_names_its_partition_columns() {
+    let stateless = "    kind: sql\n    inputs: [sensors]\n    config: {query: \"SELECT device, \
+                     temperature FROM sensors WHERE temperature > 0.5\"}\n    parallelism: 2";
+    let d = only_builtin(&builtin_pipeline(stateless));
+    assert_eq!(d.path, "transforms.t.parallelism", "{d}");
+    assert!(d.message.contains("needs partition_by"), "{d}");
+    let text = builtin_pipeline(&format!("{stateless}\n    partition_by: [nosuch]"));
+    let d = only_builtin(&text);
+    assert_eq!(d.path, "transforms.t.partition_by", "{d}");
+    assert!(
+        d.message.contains("'nosuch' is not a column of 'sensors'"),
+        "{d}"
+    );
+    let routed = validate_builtin(&builtin_pipeline(&format!(
+        "{stateless}\n    partition_by: [site, device]"
+    )))
+    .unwrap_or_else(|found| panic!("{}", render(&found)));
+    assert_eq!(
+        routed.node("t").unwrap().partition_keys(),
+        ["site", "device"]
+    );
+}
+
+#[test]
+fn parallelism_is_a_count_or_auto_and_belongs_to_transforms() {
+    for (written, message) in [
+        ("0", "parallelism must be at least 1"),
+        ("many", "expected a number of instances or 'auto', found"),
+    ] {
+        let text = builtin_pipeline(&format!("{GROUPED}\n    parallelism: {written}"));
+        let d = only_builtin(&text);
+        assert_eq!(d.path, "transforms.t.parallelism", "{d}");
+        assert!(d.message.starts_with(message), "{d}");
+        assert_eq!(
+            d.hint.as_deref(),
+            Some(
+                "write a number of instances, e.g. parallelism: 2, or parallelism: auto for one per core"
+            )
+        );
+    }
+    let d = only_builtin(&builtin_pipeline(GROUPED).replace(
+        "out: {kind: blackhole, inputs: [t]}",
+        "out: {kind: blackhole, inputs: [t], parallelism: 2}",
+    ));
+    assert_eq!(d.path, "sinks.out.parallelism", "{d}");
+    assert_eq!(d.message, "a sink takes no 'parallelism'");
+    let d = only_builtin(&builtin_pipeline(&format!(
+        "{GROUPED}\n    partition_by: [device, device]"
+    )));
+    assert!(d.message.contains("names column 'device' twice"), "{d}");
 }

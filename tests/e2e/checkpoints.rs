@@ -224,8 +224,9 @@ const FOLLOW_STEP_MS: i64 = 200;
 
 /// A followed JSON lines file, 10 s windows per device, scored by a per-device zscore,
 /// JSON lines appended to the output (so a replay from the file's start would show as
-/// windows written twice); checkpoints every second.
-fn follow_pipeline(dir: &Path, input: &Path, out: &Path) -> std::path::PathBuf {
+/// windows written twice); checkpoints every second. The window and the detector each
+/// run as `parallelism` instances.
+fn follow_pipeline(dir: &Path, input: &Path, out: &Path, parallelism: usize) -> std::path::PathBuf {
     let yaml = format!(
         r#"version: 1
 name: kill-follow
@@ -241,11 +242,13 @@ transforms:
     kind: sql
     inputs: [readings]
     window: {{tumbling: 10s}}
+    parallelism: {parallelism}
     config:
       query: SELECT device, count(*) AS n, sum(value) AS total FROM readings GROUP BY device
   scored:
     kind: anomaly
     inputs: [per_device]
+    parallelism: {parallelism}
     config: {{value: total, key: device, detector: zscore, zscore: {{min_history: 3}}}}
 sinks:
   out:
@@ -315,6 +318,20 @@ fn finish(mut weir: Running, out: &Path, windows: usize) {
 
 #[test]
 fn a_followed_file_scored_per_window_survives_kill_9_exactly_once() {
+    followed_file_survives_kill_9(1);
+}
+
+#[test]
+fn parallel_instances_checkpoint_their_own_keys_and_survive_kill_9_exactly_once() {
+    // Each of two instances restores its own keys' windows and series after every kill,
+    // and the output is what one uninterrupted instance makes of the file.
+    followed_file_survives_kill_9(2);
+}
+
+/// Kills and restarts a runtime whose stateful transforms run as `parallelism`
+/// instances, while the file it follows grows, and compares its output with an
+/// uninterrupted single-instance run's.
+fn followed_file_survives_kill_9(parallelism: usize) {
     use std::io::Write;
     let total = FOLLOW_RATE * FOLLOW_SECONDS;
     let lines: Vec<String> = (0..total + DEVICES).map(follow_line).collect();
@@ -326,7 +343,7 @@ fn a_followed_file_scored_per_window_survives_kill_9_exactly_once() {
     let input = reference.path().join("readings.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let out = reference.path().join("scored.jsonl");
-    let file = follow_pipeline(reference.path(), &input, &out);
+    let file = follow_pipeline(reference.path(), &input, &out, 1);
     finish(
         start(&file, &reference.path().join("state"), STARTED),
         &out,
@@ -343,7 +360,7 @@ fn a_followed_file_scored_per_window_survives_kill_9_exactly_once() {
     let input = dir.path().join("readings.jsonl");
     std::fs::write(&input, "").unwrap();
     let out = dir.path().join("scored.jsonl");
-    let file = follow_pipeline(dir.path(), &input, &out);
+    let file = follow_pipeline(dir.path(), &input, &out, parallelism);
     let state = dir.path().join("state");
     let mut weir = start(&file, &state, STARTED);
     let writer = {
@@ -389,4 +406,39 @@ fn a_followed_file_scored_per_window_survives_kill_9_exactly_once() {
         got, want,
         "every window once, scored as in the uninterrupted run"
     );
+}
+
+#[test]
+fn a_change_of_parallelism_starts_the_transforms_afresh_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("readings.jsonl");
+    let lines: String = (0..600).map(|i| format!("{}\n", follow_line(i))).collect();
+    std::fs::write(&input, lines).unwrap();
+    let out = dir.path().join("scored.jsonl");
+    let state = dir.path().join("state");
+    let rescaled = "its parallelism changed since the last checkpoint";
+    let mut logs = Vec::new();
+    for parallelism in [1, 2, 4] {
+        let file = follow_pipeline(dir.path(), &input, &out, parallelism);
+        let mut weir = start(&file, &state, STARTED);
+        // Past a checkpoint (every second) of the lines already in the file.
+        std::thread::sleep(Duration::from_millis(2_500));
+        weir.signal("TERM");
+        assert_eq!(weir.wait_exit(Duration::from_secs(30)), Some(0));
+        logs.push(weir.stderr_seen.join("\n"));
+    }
+    assert!(!logs[0].contains(rescaled), "{}", logs[0]);
+    for (log, scale) in logs[1..].iter().zip(["1 to 2", "2 to 4"]) {
+        for node in ["per_device", "scored"] {
+            let said = log
+                .lines()
+                .filter(|line| line.contains(rescaled) && line.contains(node))
+                .count();
+            assert_eq!(said, 1, "from {scale} instances, {node}:\n{log}");
+        }
+        assert!(
+            !log.contains("no longer in the pipeline"),
+            "from {scale} instances:\n{log}"
+        );
+    }
 }

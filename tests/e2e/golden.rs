@@ -11,43 +11,72 @@ use crate::support::{read_json_lines, repo, text, weir};
 /// judged row by row, so all three must give the same output.
 const BATCH_SIZES: [&str; 3] = ["1", "7", "8192"];
 
+/// The instances each case's stateful transforms run as (`GOLDEN_PARALLELISM`): rows
+/// routed by key to 2 or 4 instances must give what one instance gives.
+const PARALLELISMS: [&str; 3] = ["1", "2", "4"];
+
 fn check_case(case: &str) {
-    for batch_rows in BATCH_SIZES {
-        check_case_at(case, batch_rows);
+    for parallelism in PARALLELISMS {
+        for batch_rows in BATCH_SIZES {
+            check_case_at(
+                case,
+                &Run {
+                    batch_rows,
+                    parallelism,
+                },
+            );
+        }
     }
 }
 
-fn check_case_at(case: &str, batch_rows: &str) {
+/// How one run of a case is cut.
+struct Run<'a> {
+    batch_rows: &'a str,
+    parallelism: &'a str,
+}
+
+impl std::fmt::Display for Run<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "batch_rows {}, parallelism {}",
+            self.batch_rows, self.parallelism
+        )
+    }
+}
+
+fn check_case_at(case: &str, run: &Run<'_>) {
     let dir = repo().join("tests/golden").join(case);
     let out = tempfile::tempdir().expect("a temp dir");
     let output = weir()
         .args(["run", "--no-metrics"])
         .arg(dir.join("pipeline.yaml"))
         .env("GOLDEN_OUT", out.path())
-        .env("GOLDEN_BATCH_ROWS", batch_rows)
+        .env("GOLDEN_BATCH_ROWS", run.batch_rows)
+        .env("GOLDEN_PARALLELISM", run.parallelism)
         .output()
         .expect("weir runs");
     let (stdout, stderr) = text(&output);
     assert_eq!(
         output.status.code(),
         Some(0),
-        "batch_rows {batch_rows}: stdout:\n{stdout}\nstderr:\n{stderr}"
+        "{run}: stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     compare(
         &out.path().join("output.jsonl"),
         &dir.join("expected.jsonl"),
-        batch_rows,
+        run,
     );
     if dir.join("expected_late.jsonl").exists() {
         compare(
             &out.path().join("late.jsonl"),
             &dir.join("expected_late.jsonl"),
-            batch_rows,
+            run,
         );
     }
 }
 
-fn compare(actual: &Path, expected: &Path, batch_rows: &str) {
+fn compare(actual: &Path, expected: &Path, run: &Run<'_>) {
     // A case with its own generator has an expected output computed independently of
     // Weir; blessing would replace that oracle with Weir's own answer.
     let independent = expected
@@ -62,7 +91,7 @@ fn compare(actual: &Path, expected: &Path, batch_rows: &str) {
     assert_eq!(
         actual_rows,
         expected_rows,
-        "at batch_rows {batch_rows}, {} differs from {}",
+        "at {run}, {} differs from {}",
         actual.display(),
         expected.display()
     );

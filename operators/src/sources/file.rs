@@ -64,6 +64,10 @@ pub const REJECTED_LINE: &str = "bad_line";
 /// Unit tests use small chunks so that they cross chunk boundaries.
 const CHUNK_BYTES: usize = if cfg!(test) { 4 << 10 } else { 2 << 20 };
 
+/// A region of whole lines at least this large is cut at line boundaries into one part
+/// per worker thread of the runtime, and the parts are decoded at once.
+const PARALLEL_DECODE_BYTES: usize = if cfg!(test) { 1 << 10 } else { 256 << 10 };
+
 /// The most bytes held for one unfinished line; a longer line is reported as malformed
 /// and skipped, so a file without newlines cannot exhaust memory.
 const MAX_LINE_BYTES: usize = if cfg!(test) { 64 << 10 } else { 64 << 20 };
@@ -533,6 +537,7 @@ impl PlannedOperator for Plan {
             no_newline_before: 0,
             next_line: 1,
             skipping: false,
+            decoders: weir_engine::graph::PipelineBuilder::auto_parallelism(),
         })))
     }
 }
@@ -567,6 +572,7 @@ struct Decoded {
 }
 
 /// Decodes regions of whole lines into batches, isolating malformed lines.
+#[derive(Clone)]
 struct LineDecoder {
     decoding: Decoding,
     schema: SchemaRef,
@@ -971,6 +977,12 @@ fn reason(error: &ArrowError) -> String {
 
 /// The non-blank lines of `region` with their numbers and byte ranges (without the line
 /// ending).
+/// How many lines `region` holds, counting an unterminated last one.
+fn line_count(region: &[u8]) -> u64 {
+    let newlines = region.iter().filter(|&&b| b == b'\n').count() as u64;
+    newlines + u64::from(region.last().is_some_and(|&b| b != b'\n'))
+}
+
 fn line_spans(region: &[u8], first_line: u64) -> Vec<(u64, Range<usize>)> {
     let mut spans = Vec::new();
     let mut start = 0;
@@ -1052,6 +1064,8 @@ struct FileSource {
     /// Discarding the rest of an over-long line.
     skipping: bool,
     report: RejectLog,
+    /// How many parts a large region is decoded in at once: the runtime's worker threads.
+    decoders: usize,
 }
 
 impl FileSource {
@@ -1116,18 +1130,76 @@ impl FileSource {
             return Ok(());
         }
         let region = &self.buf[..end];
-        let mut lines = region.iter().filter(|&&b| b == b'\n').count() as u64;
-        if region.last() != Some(&b'\n') {
-            lines += 1;
-        }
-        let decoded = self
-            .reader
-            .decode_region(region, self.next_line, &self.display)?;
-        self.buf.drain(..end);
+        let lines = line_count(region);
+        let decoded =
+            if self.decoders > 1 && end >= PARALLEL_DECODE_BYTES && !self.reader.header_pending {
+                self.decode_in_parts(end).await?
+            } else {
+                let decoded = self
+                    .reader
+                    .decode_region(region, self.next_line, &self.display)?;
+                self.buf.drain(..end);
+                decoded
+            };
         // What is left is the start of a line: no newline in it.
         self.no_newline_before = self.buf.len();
         self.next_line += lines;
         self.emit(ctx, decoded).await
+    }
+
+    /// Decodes the first `end` bytes of `buf` (whole lines, no header due) in one part
+    /// per decoder, cut at line boundaries, the first part on this thread and the others
+    /// on blocking threads, and takes them out of `buf`. Rows, bad lines and their
+    /// numbers come out as one decoder would give them.
+    async fn decode_in_parts(&mut self, end: usize) -> Result<Decoded, OperatorError> {
+        let tail = self.buf.split_off(end);
+        let region = Arc::new(std::mem::replace(&mut self.buf, tail));
+        let mut parts = Vec::with_capacity(self.decoders);
+        let (mut start, mut first_line) = (0, self.next_line);
+        for part in 1..=self.decoders {
+            let target = region.len() * part / self.decoders;
+            let stop = match region[target.max(start)..].iter().position(|&b| b == b'\n') {
+                Some(newline) if part < self.decoders => target.max(start) + newline + 1,
+                _ => region.len(),
+            };
+            if stop > start {
+                parts.push((start..stop, first_line));
+                first_line += line_count(&region[start..stop]);
+                start = stop;
+            }
+        }
+        let mut others = Vec::with_capacity(parts.len().saturating_sub(1));
+        for (range, first_line) in parts.iter().skip(1).cloned() {
+            let (region, mut reader, file) = (
+                Arc::clone(&region),
+                self.reader.clone(),
+                self.display.clone(),
+            );
+            others.push(tokio::task::spawn_blocking(move || {
+                reader.decode_region(&region[range], first_line, &file)
+            }));
+        }
+        let mut decoded = match parts.first() {
+            Some((range, first_line)) => {
+                self.reader
+                    .decode_region(&region[range.clone()], *first_line, &self.display)?
+            }
+            None => Decoded::default(),
+        };
+        for other in others {
+            let part = other
+                .await
+                .map_err(|e| OperatorError::Internal(format!("file decode task failed: {e}")))??;
+            decoded.batches.extend(part.batches);
+            decoded.bad.extend(part.bad);
+        }
+        // Keep the region's allocation for the next reads when no task holds it any more.
+        if let Ok(mut spare) = Arc::try_unwrap(region) {
+            spare.clear();
+            spare.extend_from_slice(&self.buf);
+            self.buf = spare;
+        }
+        Ok(decoded)
     }
 
     async fn emit(
@@ -1626,6 +1698,61 @@ mod tests {
             error.contains("in.csv:1: the csv header does not match"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_region_decoded_in_parts_gives_what_one_decoder_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::new();
+        for i in 0..3000 {
+            match i {
+                // Bad lines, blank lines and a CRLF line, spread over the parts.
+                7 | 1499 | 2998 => text.push_str("{\"device\":\"d\",\"ts\":\n"),
+                640 => text.push_str("\n \r\n"),
+                _ if i % 333 == 0 => text.push_str(&format!(
+                    "{{\"device\":\"d{i}\",\"ts\":{i},\"temperature\":{i}}}\r\n"
+                )),
+                _ => text.push_str(&format!(
+                    "{{\"device\":\"d{}\",\"ts\":{i},\"temperature\":{i}}}\n",
+                    i % 5
+                )),
+            }
+        }
+        write(&dir, "in.jsonl", &text);
+        let read_with = |workers: usize| {
+            let runtime = match workers {
+                1 => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build(),
+                n => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .enable_all()
+                    .build(),
+            }
+            .expect("a runtime");
+            let outputs = runtime.block_on(read(&dir, "{path: in.jsonl, batch_rows: 1000}"));
+            let batches = outputs.main.lock().unwrap().len();
+            (outputs.main_batch(), outputs.side_batch(), batches)
+        };
+        let (one_rows, one_bad, one_batches) = read_with(1);
+        for workers in [2, 3] {
+            let (rows, bad, batches) = read_with(workers);
+            assert_eq!(rows, one_rows, "{workers} decoders");
+            assert_eq!(bad, one_bad, "{workers} decoders");
+            // Each part ends its own last batch: proof that the parts were decoded apart.
+            assert!(
+                batches > one_batches,
+                "{workers} decoders: {batches} batches"
+            );
+        }
+        assert_eq!(one_rows.num_rows(), 2996);
+        let numbers = one_bad
+            .column(1)
+            .as_primitive::<UInt64Type>()
+            .values()
+            .to_vec();
+        // Entry i is line i + 1 up to the two blank lines 641 and 642, and i + 2 after.
+        assert_eq!(numbers, vec![8, 1501, 3000]);
     }
 
     #[tokio::test]

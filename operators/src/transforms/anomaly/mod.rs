@@ -45,7 +45,8 @@ use weir_engine::checkpoint::{NodeState, StateChanges, decode_batches, encode_ba
 use weir_engine::config::ConfigErrors;
 use weir_engine::metrics::{OperatorMetrics, StateMetrics};
 use weir_engine::registry::{
-    MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, PlannedOperator, Role, StreamInfo,
+    MAIN_PORT_NAME, NodeContext, OperatorFactory, OutputSpec, Partitionable, PlannedOperator, Role,
+    StreamInfo,
 };
 use weir_engine::time::event_times_ms;
 use weir_engine::{Collector, OperatorError, OperatorInstance, Transform, Watermark};
@@ -693,6 +694,19 @@ impl PlannedOperator for Plan {
         }]
     }
 
+    fn partitionable(&self) -> Partitionable {
+        match self.key {
+            // Each series is scored on its own; null keys all hash alike, so the rows
+            // without a key stay one series too.
+            Some(key) => {
+                Partitionable::GroupedBy(vec![self.input_schema.field(key).name().clone()])
+            }
+            None => Partitionable::No(
+                "it scores all of its rows as one series; name the series column in `key`".into(),
+            ),
+        }
+    }
+
     fn instantiate(
         self: Box<Self>,
         metrics: &OperatorMetrics,
@@ -899,8 +913,8 @@ impl Transform for Anomaly {
         });
         self.pending = pending;
         self.watermark = watermark.unwrap_or(Watermark::START);
-        self.state.keys.set(self.series.len() as i64);
-        self.state.bytes.set(self.state_bytes.max(0));
+        self.state
+            .hold(self.series.len() as i64, self.state_bytes.max(0));
         Ok(())
     }
 }
@@ -1104,8 +1118,8 @@ impl Anomaly {
             scores.append_value(verdict.score);
             flags.append_value(verdict.is_anomaly);
         }
-        self.state.keys.set(self.series.len() as i64);
-        self.state.bytes.set(self.state_bytes.max(0));
+        self.state
+            .hold(self.series.len() as i64, self.state_bytes.max(0));
         let flags = flags.finish();
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
         columns.push(Arc::new(scores.finish()));

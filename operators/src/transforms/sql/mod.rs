@@ -15,6 +15,7 @@
 
 mod incremental;
 mod isolate;
+mod partition;
 mod plan;
 mod stateless;
 #[cfg(test)]
@@ -38,7 +39,7 @@ use weir_engine::arrow::error::ArrowError;
 use weir_engine::config::{ConfigError, ConfigErrors, HumanSize, Location, closest_match};
 use weir_engine::metrics::OperatorMetrics;
 use weir_engine::registry::{
-    InputStream, MAIN_PORT_NAME, NodeContext, OnError, OutputSpec, StreamInfo,
+    InputStream, MAIN_PORT_NAME, NodeContext, OnError, OutputSpec, Partitionable, StreamInfo,
 };
 use weir_engine::time::{WindowSpec, is_event_time_type};
 use weir_engine::{OperatorError, OperatorFactory, OperatorInstance, PlannedOperator, Role};
@@ -151,6 +152,8 @@ struct PlannedSql {
     input_names: Vec<String>,
     /// The `dead_letter` port's index, with `on_error: dead_letter`.
     dead_letter: Option<usize>,
+    /// Whether it can run as parallel instances, and on which keys.
+    partitionable: Partitionable,
 }
 
 impl PlannedOperator for PlannedSql {
@@ -178,6 +181,10 @@ impl PlannedOperator for PlannedSql {
         }
     }
 
+    fn partitionable(&self) -> Partitionable {
+        self.partitionable.clone()
+    }
+
     fn instantiate(
         self: Box<Self>,
         metrics: &OperatorMetrics,
@@ -189,6 +196,7 @@ impl PlannedOperator for PlannedSql {
             outputs,
             input_names,
             dead_letter,
+            partitionable: _,
         } = *self;
         let dead_letters = dead_letter.map(|port| DeadLetters {
             port,
@@ -289,6 +297,10 @@ impl Planner<'_> {
         if !errors.is_empty() {
             return Err(errors);
         }
+        let partitionable = match window {
+            Some(_) => partition::windowed(&logical, self.inputs()),
+            None => Partitionable::AnyKeys,
+        };
 
         let optimized = state
             .optimize(&logical)
@@ -345,6 +357,7 @@ impl Planner<'_> {
         });
         Ok(PlannedSql {
             dead_letter,
+            partitionable,
             name: self.name().to_owned(),
             plan: SqlPlan::new(physical, task_ctx, self.inputs().len()),
             mode,

@@ -811,8 +811,8 @@ impl WindowedSql {
     }
 
     fn report_state(&mut self) {
-        self.state.keys.set(self.panes.rows as i64);
-        self.state.bytes.set(self.panes.bytes as i64);
+        self.state
+            .hold(self.panes.rows as i64, self.panes.bytes as i64);
         if self.over_limit && self.panes.bytes < self.max_state_bytes {
             self.over_limit = false;
         }
