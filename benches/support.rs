@@ -48,6 +48,16 @@ pub fn pin_to_cpu0() -> bool {
     }
 }
 
+/// Lets this thread, and the children it spawns next, run on CPUs `0..cores`: the
+/// multi-core runs of a benchmark otherwise pinned to CPU 0.
+pub fn allow_cpus(cores: usize) -> Result<()> {
+    let mut cpus = CpuSet::new();
+    for cpu in 0..cores {
+        cpus.set(cpu).context("no such CPU")?;
+    }
+    sched_setaffinity(Pid::from_raw(0), &cpus).context("cannot set the CPU affinity")
+}
+
 /// The input file for `spec`, generated unless a complete one is already there.
 ///
 /// Every generator parameter is in the file name, and the file is renamed into place only

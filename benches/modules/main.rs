@@ -14,6 +14,7 @@
 #[allow(dead_code)]
 mod data;
 #[path = "../support.rs"]
+#[allow(dead_code)]
 mod support;
 
 use std::path::{Path, PathBuf};

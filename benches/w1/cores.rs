@@ -12,11 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
-
+use super::support::allow_cpus;
 use super::{Check, TARGET_FLOOR_RATIO, check_output};
+use anyhow::{Context, Result, bail};
 
 /// One tool at one core count, best of the runs.
 pub struct Row {
@@ -127,15 +125,6 @@ fn remove(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).context(format!("cannot remove {}", path.display())),
     }
-}
-
-/// Lets this thread, and the children it spawns next, run on CPUs `0..cores`.
-fn allow_cpus(cores: usize) -> Result<()> {
-    let mut cpus = CpuSet::new();
-    for cpu in 0..cores {
-        cpus.set(cpu).context("no such CPU")?;
-    }
-    sched_setaffinity(Pid::from_raw(0), &cpus).context("cannot set the CPU affinity")
 }
 
 /// The query time `duckdb_w1.py` reports.
