@@ -7,13 +7,12 @@
 //! pinned to CPU 0 as the rest of the benchmark is; the two-core runs are allowed CPUs 0
 //! and 1, and Weir runs with `--threads 2`, so `parallelism: auto` makes two instances.
 
-use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::support::allow_cpus;
-use super::{Check, TARGET_FLOOR_RATIO, check_output};
+use super::{Check, TARGET_FLOOR_RATIO, check_output, remove_output, run_weir};
 use anyhow::{Context, Result, bail};
 
 /// One tool at one core count, best of the runs.
@@ -71,7 +70,7 @@ pub fn measure(
         for (index, &(tool, cores)) in contenders.iter().enumerate() {
             eprintln!("w1: {tool} on {cores} core(s), run {run}/{runs} ...");
             let output = out_path(work, input, tool, cores);
-            remove(&output)?;
+            remove_output(&output)?;
             allow_cpus(cores)?;
             let wall = match tool {
                 DUCKDB => run_duckdb(&script, input, &output, cores),
@@ -119,14 +118,6 @@ fn out_path(work: &Path, input: &Path, tool: &str, cores: usize) -> std::path::P
     work.join(format!("{stem}.{}-{cores}core.jsonl", tool.to_lowercase()))
 }
 
-fn remove(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).context(format!("cannot remove {}", path.display())),
-    }
-}
-
 /// The query time `duckdb_w1.py` reports.
 fn run_duckdb(script: &Path, input: &Path, output: &Path, threads: usize) -> Result<Duration> {
     let result = Command::new("python3")
@@ -150,33 +141,6 @@ fn run_duckdb(script: &Path, input: &Path, output: &Path, threads: usize) -> Res
         .parse()
         .context("duckdb_w1.py printed a time that is not a number")?;
     Ok(Duration::from_secs_f64(seconds))
-}
-
-/// The wall time of the whole `weir --threads N run` process.
-fn run_weir(
-    weir: &Path,
-    pipeline: &Path,
-    input: &Path,
-    output: &Path,
-    threads: usize,
-) -> Result<Duration> {
-    let started = Instant::now();
-    let status = Command::new(weir)
-        .args(["--threads", &threads.to_string(), "run", "--no-metrics"])
-        .arg(pipeline)
-        .env("W1_INPUT", input)
-        .env("W1_OUTPUT", output)
-        .stdin(Stdio::null())
-        .status()
-        .with_context(|| format!("cannot start {}", weir.display()))?;
-    let wall = started.elapsed();
-    if !status.success() {
-        bail!(
-            "`{} --threads {threads} run` failed ({status}); its messages are above",
-            weir.display()
-        );
-    }
-    Ok(wall)
 }
 
 /// The table of events/s per tool and core count, and whether the parallelism targets

@@ -305,31 +305,9 @@ fn measure_weir(
     let mut best: Option<Measured> = None;
     for run in 1..=runs {
         eprintln!("w1: weir run {run}/{runs} ...");
-        // The sink must start from nothing: a leftover file would hide a run that wrote none.
-        match fs::remove_file(output) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context(format!("cannot remove {}", output.display())),
-        }
         let before = getrusage(UsageWho::RUSAGE_CHILDREN).context("getrusage failed")?;
-        let started = Instant::now();
-        let status = Command::new(weir)
-            .args(["--threads", "1", "run", "--no-metrics"])
-            .arg(pipeline)
-            .env("W1_INPUT", input)
-            .env("W1_OUTPUT", output)
-            .stdin(Stdio::null())
-            .status()
-            .with_context(|| format!("cannot start {}", weir.display()))?;
-        let wall = started.elapsed();
+        let wall = run_weir(weir, pipeline, input, output, 1)?;
         let after = getrusage(UsageWho::RUSAGE_CHILDREN).context("getrusage failed")?;
-        if !status.success() {
-            bail!(
-                "`{} --threads 1 run --no-metrics {}` failed ({status}); its messages are above",
-                weir.display(),
-                pipeline.display()
-            );
-        }
         let cpu = cpu_time(&after).saturating_sub(cpu_time(&before));
         if best.as_ref().is_none_or(|b| wall < b.wall) {
             best = Some(Measured { wall, cpu });
@@ -341,6 +319,46 @@ fn measure_weir(
     // `runs >= 1` is checked when options are read.
     let best = best.context("no weir run was made")?;
     Ok((best, peak_rss_kib))
+}
+
+/// Runs `weir --threads N run --no-metrics pipeline.yaml` once, writing `output` afresh;
+/// returns the wall time of the whole process.
+fn run_weir(
+    weir: &Path,
+    pipeline: &Path,
+    input: &Path,
+    output: &Path,
+    threads: usize,
+) -> Result<Duration> {
+    // The sink must start from nothing: a leftover file would hide a run that wrote none.
+    remove_output(output)?;
+    let started = Instant::now();
+    let status = Command::new(weir)
+        .args(["--threads", &threads.to_string(), "run", "--no-metrics"])
+        .arg(pipeline)
+        .env("W1_INPUT", input)
+        .env("W1_OUTPUT", output)
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot start {}", weir.display()))?;
+    let wall = started.elapsed();
+    if !status.success() {
+        bail!(
+            "`{} --threads {threads} run --no-metrics {}` failed ({status}); its messages are above",
+            weir.display(),
+            pipeline.display()
+        );
+    }
+    Ok(wall)
+}
+
+/// Removes a run's output file, if there is one.
+fn remove_output(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).context(format!("cannot remove {}", path.display())),
+    }
 }
 
 /// User plus system time of an rusage record.

@@ -488,7 +488,15 @@ fn restore(
     };
     let mut kept = vec![false; nodes.len()];
     if let Some(checkpoint) = &restored {
+        // State taken at another parallelism, said once per node however many of its
+        // instances meet it.
         let mut rescaled: Vec<String> = Vec::new();
+        let mut say_rescaled = |node: &str| {
+            if !rescaled.iter().any(|said| said == node) {
+                info!(pipeline, operator = %node, "its parallelism changed since the last checkpoint, and state is not redistributed: it starts afresh");
+                rescaled.push(node.to_owned());
+            }
+        };
         for gone in checkpoint
             .nodes
             .keys()
@@ -496,11 +504,7 @@ fn restore(
         {
             let node = node_of(gone);
             if nodes.iter().any(|running| running.name == node) {
-                // Taken at another parallelism: said once per node.
-                if !rescaled.contains(&node) {
-                    info!(pipeline, operator = %node, "its parallelism changed since the last checkpoint, and state is not redistributed: it starts afresh");
-                    rescaled.push(node);
-                }
+                say_rescaled(&node);
                 continue;
             }
             info!(pipeline, operator = %gone, "no longer in the pipeline: its checkpointed state is dropped");
@@ -541,15 +545,10 @@ fn restore(
                     }
                 }
                 Some((saved, _))
-                    if without_parallelism(saved) == without_parallelism(&fingerprint)
-                        && !rescaled.contains(&node.name) =>
+                    if without_parallelism(saved) == without_parallelism(&fingerprint) =>
                 {
-                    // Said once per node, not per instance.
-                    info!(pipeline, operator = %node.name, "its parallelism changed since the last checkpoint, and state is not redistributed: it starts afresh");
-                    rescaled.push(node.name.clone());
+                    say_rescaled(&node.name);
                 }
-                Some((saved, _))
-                    if without_parallelism(saved) == without_parallelism(&fingerprint) => {}
                 Some(_) => {
                     info!(pipeline, operator = %node.name, "its kind or config changed since the last checkpoint: it starts afresh");
                 }
