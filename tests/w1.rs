@@ -150,7 +150,7 @@ fn weir_output_is_the_same_at_any_parallelism() {
     let input = dir.path().join("readings.jsonl");
     write_input(&small_spec(1000), &input);
     let expected = reference::aggregate_file(&input, WINDOW_MS).unwrap();
-    // Two threads decode the file in parts and run `auto` as two instances; four
+    // Two threads decode chunks in the background and run `auto` as two instances; four
     // instances share two threads.
     for (threads, parallelism) in [(2, "auto"), (2, "4"), (1, "2")] {
         let output = dir

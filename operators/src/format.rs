@@ -267,21 +267,60 @@ pub(crate) mod test_support {
     /// The batches a collecting sink received.
     pub(crate) type Collected = Arc<Mutex<Vec<RecordBatch>>>;
 
-    /// A sink that keeps every batch it receives.
-    pub(crate) struct Collect(pub(crate) Collected);
+    /// A sink that keeps every batch it receives. In a checkpointed run its state is how
+    /// many rows it had at each barrier over all runs, and what it restores is kept in
+    /// `restored`.
+    pub(crate) struct Collect {
+        batches: Collected,
+        restored: Arc<Mutex<Option<u64>>>,
+    }
 
     #[async_trait]
     impl Sink for Collect {
         async fn write(&mut self, _input: usize, batch: RecordBatch) -> Result<(), OperatorError> {
-            self.0.lock().expect("collector lock").push(batch);
+            self.batches.lock().expect("collector lock").push(batch);
+            Ok(())
+        }
+
+        async fn snapshot(
+            &mut self,
+            _epoch: weir_engine::checkpoint::Epoch,
+        ) -> Result<weir_engine::checkpoint::StateChanges, OperatorError> {
+            // Counted over runs: what the checkpoint it resumed from had, and this run's.
+            let before = self.restored.lock().expect("collector lock").unwrap_or(0);
+            let rows: usize = self
+                .batches
+                .lock()
+                .expect("collector lock")
+                .iter()
+                .map(RecordBatch::num_rows)
+                .sum();
+            Ok(weir_engine::checkpoint::StateChanges::whole(
+                (before + rows as u64).to_le_bytes().to_vec(),
+            ))
+        }
+
+        fn restore(
+            &mut self,
+            state: &weir_engine::checkpoint::NodeState,
+        ) -> Result<(), OperatorError> {
+            let rows = state
+                .whole()
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                .map(u64::from_le_bytes);
+            *self.restored.lock().expect("collector lock") = rows;
             Ok(())
         }
     }
 
     /// What a source emitted on its main port and on its second port (if it has one).
+    #[derive(Clone)]
     pub(crate) struct Outputs {
         pub(crate) main: Collected,
         pub(crate) side: Collected,
+        /// In a checkpointed run: how many main rows the checkpoint it resumed from had
+        /// received, so the rows after them are this run's.
+        pub(crate) restored_main_rows: Arc<Mutex<Option<u64>>>,
     }
 
     /// Runs a planned source into collecting sinks until it ends or `shutdown` fires.
@@ -330,7 +369,10 @@ pub(crate) mod test_support {
         };
         builder.add_node(
             "main",
-            OperatorInstance::Sink(Box::new(Collect(outputs.main.clone()))),
+            OperatorInstance::Sink(Box::new(Collect {
+                batches: outputs.main.clone(),
+                restored: outputs.restored_main_rows.clone(),
+            })),
             vec![],
             wire(MAIN_PORT_NAME),
             None,
@@ -338,7 +380,10 @@ pub(crate) mod test_support {
         if let Some(side) = ports.get(1) {
             builder.add_node(
                 "side",
-                OperatorInstance::Sink(Box::new(Collect(outputs.side.clone()))),
+                OperatorInstance::Sink(Box::new(Collect {
+                    batches: outputs.side.clone(),
+                    restored: Arc::default(),
+                })),
                 vec![],
                 wire(side),
                 None,
@@ -362,6 +407,7 @@ pub(crate) mod test_support {
             Outputs {
                 main: Collected::default(),
                 side: Collected::default(),
+                restored_main_rows: Arc::default(),
             }
         }
 

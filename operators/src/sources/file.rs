@@ -2,9 +2,11 @@
 //! the file grows (`tail -F`).
 //!
 //! Speed comes from never looking at single lines on the happy path: the file is read in
-//! chunks of whole lines and each chunk goes to Arrow's vectorised JSON or CSV decoder in
-//! one call. Only when a chunk fails to decode is it split into lines, and the bad ones
-//! are found by bisection (decode each half with a fresh decoder, recurse into the half
+//! chunks of whole lines and each chunk goes to a decoder in one call: flat JSON objects
+//! to sonic-rs ([`super::flat_json`]), other JSON to arrow-json, CSV to arrow-csv. With
+//! several worker threads, chunks decode on blocking threads while the next are read.
+//! Only when a chunk fails to decode is it split into lines, and the bad ones are found
+//! by bisection (decode each half with a fresh decoder, recurse into the half
 //! that fails), so a rare bad line costs a few extra decodes instead of a per-line pass.
 //! Malformed lines never stop the stream: each becomes a row on the `dead_letter` port
 //! (file, line number, reason, raw text), and the good lines around it flow on.
@@ -55,6 +57,7 @@ use weir_engine::registry::{
 };
 use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
 
+use super::flat_json::FlatJson;
 use crate::rejects::{DEAD_LETTER_PORT, RejectLog, outputs_with_dead_letter};
 
 /// The `weir_operator_rejected_rows_total` reason of a malformed line.
@@ -64,9 +67,9 @@ pub const REJECTED_LINE: &str = "bad_line";
 /// Unit tests use small chunks so that they cross chunk boundaries.
 const CHUNK_BYTES: usize = if cfg!(test) { 4 << 10 } else { 2 << 20 };
 
-/// A region of whole lines at least this large is cut at line boundaries into one part
-/// per worker thread of the runtime, and the parts are decoded at once.
-const PARALLEL_DECODE_BYTES: usize = if cfg!(test) { 1 << 10 } else { 256 << 10 };
+/// A region of whole lines at least this large decodes on a blocking thread, beside the
+/// reading of the next ones, when the runtime has more than one worker.
+const PARALLEL_DECODE_BYTES: usize = if cfg!(test) { 1 << 10 } else { 64 << 10 };
 
 /// The most bytes held for one unfinished line; a longer line is reported as malformed
 /// and skipped, so a file without newlines cannot exhaust memory.
@@ -520,9 +523,8 @@ impl PlannedOperator for Plan {
         };
         Ok(OperatorInstance::Source(Box::new(FileSource {
             report,
-            display,
+            label: Arc::new(FileLabel { name, display }),
             path,
-            name,
             name_column: None,
             pending,
             files: count,
@@ -538,6 +540,8 @@ impl PlannedOperator for Plan {
             next_line: 1,
             skipping: false,
             decoders: weir_engine::graph::PipelineBuilder::auto_parallelism(),
+            queue: VecDeque::new(),
+            spare_buffers: Vec::new(),
         })))
     }
 }
@@ -569,6 +573,8 @@ struct BadLine {
 struct Decoded {
     batches: Vec<RecordBatch>,
     bad: Vec<BadLine>,
+    /// The lines were good but not all flat: the fast path is off from now on.
+    not_flat: bool,
 }
 
 /// Decodes regions of whole lines into batches, isolating malformed lines.
@@ -583,6 +589,8 @@ struct LineDecoder {
     batch_rows: usize,
     /// The next line of a CSV file with a header is the header.
     header_pending: bool,
+    /// The fast path for JSON lines of flat objects, while the input suits it.
+    flat: Option<FlatJson>,
 }
 
 impl LineDecoder {
@@ -611,6 +619,10 @@ impl LineDecoder {
             csv_text: Arc::new(csv_text),
             batch_rows: plan.batch_rows,
             header_pending: matches!(plan.decoding, Decoding::Csv { header: true, .. }),
+            flat: match plan.decoding {
+                Decoding::Json => FlatJson::new(&plan.schema, plan.batch_rows),
+                Decoding::Csv { .. } => None,
+            },
         }
     }
 
@@ -633,10 +645,23 @@ impl LineDecoder {
         if region.is_empty() {
             return Ok(Decoded::default());
         }
+        if let Some(batches) = self.flat.as_ref().and_then(|flat| flat.decode(region)) {
+            return Ok(Decoded {
+                batches,
+                ..Decoded::default()
+            });
+        }
         if let Ok(batches) = self.decode_all(region) {
+            // Good input that is not flat (a string timestamp, a second object on a
+            // line) will likely stay so, and each try costs a partial parse.
+            let not_flat = self.flat.take().is_some();
+            if not_flat {
+                debug!("JSON lines are not all flat objects: decoding with arrow-json only");
+            }
             return Ok(Decoded {
                 batches,
                 bad: Vec::new(),
+                not_flat,
             });
         }
         self.isolate_bad_lines(region, first_line)
@@ -658,10 +683,7 @@ impl LineDecoder {
         let mut start = 0;
         let mut line = first_line;
         while start < region.len() {
-            let end = region[start..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(region.len(), |i| start + i);
+            let end = memchr::memchr(b'\n', &region[start..]).map_or(region.len(), |i| start + i);
             let text = trim_line_end(&region[start..end]);
             let rest = (end + 1).min(region.len());
             if is_blank(text) {
@@ -979,7 +1001,7 @@ fn reason(error: &ArrowError) -> String {
 /// ending).
 /// How many lines `region` holds, counting an unterminated last one.
 fn line_count(region: &[u8]) -> u64 {
-    let newlines = region.iter().filter(|&&b| b == b'\n').count() as u64;
+    let newlines = memchr::memchr_iter(b'\n', region).count() as u64;
     newlines + u64::from(region.last().is_some_and(|&b| b != b'\n'))
 }
 
@@ -1036,19 +1058,18 @@ struct FileSource {
     plan: Plan,
     /// The file being read.
     path: PathBuf,
-    /// Its name in the file column: relative to the pattern's base directory.
-    name: Arc<str>,
-    /// The file column's values for this file, at least as many as the last batch had.
-    name_column: Option<ArrayRef>,
+    /// How rows of the file being read are named: in logs, dead letters, the file column.
+    label: Arc<FileLabel>,
+    /// The file column's values for the file last emitted from, at least as many as the
+    /// last batch had.
+    name_column: Option<(Arc<FileLabel>, ArrayRef)>,
     /// The files still to read after this one, in order.
     pending: VecDeque<(PathBuf, Arc<str>)>,
     /// How many files the source reads in all.
     files: usize,
-    /// Rows emitted from the current file, and from all files.
+    /// Rows emitted from the file last emitted from, and from all files before it.
     rows: u64,
     total_rows: u64,
-    /// The path as shown in logs and dead-letter rows.
-    display: String,
     reader: LineDecoder,
     /// `None` only while a blocking read holds it.
     file: Option<File>,
@@ -1064,13 +1085,66 @@ struct FileSource {
     /// Discarding the rest of an over-long line.
     skipping: bool,
     report: RejectLog,
-    /// How many parts a large region is decoded in at once: the runtime's worker threads.
+    /// How many regions may decode at once on blocking threads: the runtime's workers.
+    /// With one, regions are decoded on the source's own task.
     decoders: usize,
+    /// Read but not yet emitted, oldest first: regions decoding in the background, and
+    /// the ends of the files they came from.
+    queue: VecDeque<Queued>,
+    /// Buffers regions were decoded from, to read into again.
+    spare_buffers: Vec<Vec<u8>>,
+}
+
+/// A file as emitted rows name it.
+#[derive(Debug)]
+struct FileLabel {
+    /// In the file column: relative to the pattern's base directory.
+    name: Arc<str>,
+    /// The path as shown in logs and dead-letter rows.
+    display: String,
+}
+
+/// A place in the input: where reading stood before something queued, which is what a
+/// checkpoint saves until that is emitted.
+#[derive(Debug, Clone)]
+struct ReadPoint {
+    path: PathBuf,
+    identity: Option<FileId>,
+    offset: u64,
+    next_line: u64,
+    header_pending: bool,
+    skipping: bool,
+}
+
+/// Read but not yet emitted, with where reading stood before it.
+enum Queued {
+    /// A region of whole lines decoding on a blocking thread: what it decoded into, and
+    /// the buffer that held it.
+    Region {
+        task: tokio::task::JoinHandle<(Result<Decoded, OperatorError>, Vec<u8>)>,
+        label: Arc<FileLabel>,
+        from: ReadPoint,
+    },
+    /// The end of a file (of several): once its rows are out, it is logged and the next
+    /// file's event time starts.
+    FileEnd {
+        label: Arc<FileLabel>,
+        from: ReadPoint,
+        more_files: bool,
+    },
+}
+
+impl Queued {
+    fn from(&self) -> &ReadPoint {
+        match self {
+            Queued::Region { from, .. } | Queued::FileEnd { from, .. } => from,
+        }
+    }
 }
 
 impl FileSource {
     fn io_error(&self, doing: &str, error: std::io::Error) -> OperatorError {
-        OperatorError::io(format!("cannot {doing} {}", self.display), error)
+        OperatorError::io(format!("cannot {doing} {}", self.label.display), error)
     }
 
     /// Appends up to [`CHUNK_BYTES`] from the file to `buf`; returns how many (0 at the end).
@@ -1101,7 +1175,7 @@ impl FileSource {
         at_end: bool,
     ) -> Result<(), OperatorError> {
         if self.skipping {
-            match self.buf.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', &self.buf) {
                 Some(newline) => {
                     self.buf.drain(..=newline);
                     self.next_line += 1;
@@ -1115,12 +1189,14 @@ impl FileSource {
         }
         // Only bytes read since the last look can hold a newline.
         let unseen = &self.buf[self.no_newline_before..];
-        let end = match unseen.iter().rposition(|&b| b == b'\n') {
+        let end = match memchr::memrchr(b'\n', unseen) {
             _ if at_end => self.buf.len(),
             Some(newline) => self.no_newline_before + newline + 1,
             None => {
                 self.no_newline_before = self.buf.len();
                 if self.buf.len() > MAX_LINE_BYTES {
+                    // Its report goes out in reading order, after what is queued.
+                    self.emit_queued(ctx).await?;
                     self.skip_long_line(ctx).await?;
                 }
                 return Ok(());
@@ -1129,94 +1205,170 @@ impl FileSource {
         if end == 0 {
             return Ok(());
         }
-        let region = &self.buf[..end];
-        let lines = line_count(region);
-        let decoded =
-            if self.decoders > 1 && end >= PARALLEL_DECODE_BYTES && !self.reader.header_pending {
-                self.decode_in_parts(end).await?
-            } else {
-                let decoded = self
+        let mut end = end;
+        if self.reader.header_pending {
+            // The header is checked as it is read, so the lines after it may decode in
+            // the background.
+            let region = &self.buf[..end];
+            let (used, next_line) =
+                match self
                     .reader
-                    .decode_region(region, self.next_line, &self.display)?;
-                self.buf.drain(..end);
-                decoded
-            };
+                    .take_header(region, self.next_line, &self.label.display)?
+                {
+                    Some((rest, next_line)) => (end - rest.len(), next_line),
+                    None => (end, self.next_line + line_count(region)),
+                };
+            self.buf.drain(..used);
+            self.next_line = next_line;
+            end -= used;
+            if end == 0 {
+                self.no_newline_before = self.buf.len();
+                return Ok(());
+            }
+        }
+        let lines = line_count(&self.buf[..end]);
+        if self.decoders > 1 && end >= PARALLEL_DECODE_BYTES {
+            self.decode_in_background(ctx, end).await?;
+            self.no_newline_before = self.buf.len();
+            self.next_line += lines;
+            return Ok(());
+        }
+        self.emit_queued(ctx).await?;
+        let decoded =
+            self.reader
+                .decode_region(&self.buf[..end], self.next_line, &self.label.display)?;
+        self.buf.drain(..end);
         // What is left is the start of a line: no newline in it.
         self.no_newline_before = self.buf.len();
         self.next_line += lines;
-        self.emit(ctx, decoded).await
+        let label = Arc::clone(&self.label);
+        self.emit(ctx, decoded, &label).await
     }
 
-    /// Decodes the first `end` bytes of `buf` (whole lines, no header due) in one part
-    /// per decoder, cut at line boundaries, the first part on this thread and the others
-    /// on blocking threads, and takes them out of `buf`. Rows, bad lines and their
-    /// numbers come out as one decoder would give them.
-    async fn decode_in_parts(&mut self, end: usize) -> Result<Decoded, OperatorError> {
-        let tail = self.buf.split_off(end);
-        let region = Arc::new(std::mem::replace(&mut self.buf, tail));
-        let mut parts = Vec::with_capacity(self.decoders);
-        let (mut start, mut first_line) = (0, self.next_line);
-        for part in 1..=self.decoders {
-            let target = region.len() * part / self.decoders;
-            let stop = match region[target.max(start)..].iter().position(|&b| b == b'\n') {
-                Some(newline) if part < self.decoders => target.max(start) + newline + 1,
-                _ => region.len(),
-            };
-            if stop > start {
-                parts.push((start..stop, first_line));
-                first_line += line_count(&region[start..stop]);
-                start = stop;
+    /// Decodes the first `end` bytes of `buf` (whole lines, no header due) on a blocking
+    /// thread and takes them out of `buf`. Up to [`FileSource::decoders`] regions decode
+    /// at once while the next ones are read, of this file or the next; when that many are
+    /// already in flight, the oldest is emitted first, so rows go out in reading order.
+    async fn decode_in_background(
+        &mut self,
+        ctx: &mut SourceContext,
+        end: usize,
+    ) -> Result<(), OperatorError> {
+        loop {
+            let in_flight = self
+                .queue
+                .iter()
+                .filter(|queued| matches!(queued, Queued::Region { .. }))
+                .count();
+            if in_flight < self.decoders {
+                break;
             }
+            self.emit_oldest(ctx).await?;
         }
-        let mut others = Vec::with_capacity(parts.len().saturating_sub(1));
-        for (range, first_line) in parts.iter().skip(1).cloned() {
-            let (region, mut reader, file) = (
-                Arc::clone(&region),
-                self.reader.clone(),
-                self.display.clone(),
-            );
-            others.push(tokio::task::spawn_blocking(move || {
-                reader.decode_region(&region[range], first_line, &file)
-            }));
-        }
-        let mut decoded = match parts.first() {
-            Some((range, first_line)) => {
-                self.reader
-                    .decode_region(&region[range.clone()], *first_line, &self.display)?
-            }
-            None => Decoded::default(),
+        #[cfg(test)]
+        tests::BACKGROUND_REGIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let from = self.read_point();
+        // The region leaves in `buf` itself; reading goes on in a spare buffer.
+        let mut next = self.spare_buffers.pop().unwrap_or_default();
+        next.clear();
+        next.extend_from_slice(&self.buf[end..]);
+        let region = std::mem::replace(&mut self.buf, next);
+        let (mut reader, file, first_line) = (
+            self.reader.clone(),
+            self.label.display.clone(),
+            self.next_line,
+        );
+        let task = tokio::task::spawn_blocking(move || {
+            let decoded = reader.decode_region(&region[..end], first_line, &file);
+            (decoded, region)
+        });
+        self.queue.push_back(Queued::Region {
+            task,
+            label: Arc::clone(&self.label),
+            from,
+        });
+        Ok(())
+    }
+
+    /// Emits the oldest thing queued, waiting for it to decode if it is a region.
+    async fn emit_oldest(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        let Some(oldest) = self.queue.front_mut() else {
+            return Ok(());
         };
-        for other in others {
-            let part = other
-                .await
-                .map_err(|e| OperatorError::Internal(format!("file decode task failed: {e}")))??;
-            decoded.batches.extend(part.batches);
-            decoded.bad.extend(part.bad);
+        let decoded =
+            match oldest {
+                Queued::Region { task, .. } => Some(task.await.map_err(|e| {
+                    OperatorError::Internal(format!("file decode task failed: {e}"))
+                })?),
+                Queued::FileEnd { .. } => None,
+            };
+        // It counts as emitted only now, in the position a checkpoint saves.
+        match (self.queue.pop_front(), decoded) {
+            (Some(Queued::Region { label, .. }), Some((decoded, buffer))) => {
+                if self.spare_buffers.len() < self.decoders {
+                    self.spare_buffers.push(buffer);
+                }
+                let decoded = decoded?;
+                if decoded.not_flat {
+                    self.reader.flat = None;
+                }
+                self.emit(ctx, decoded, &label).await
+            }
+            (
+                Some(Queued::FileEnd {
+                    label, more_files, ..
+                }),
+                _,
+            ) => {
+                self.finish_file(&label);
+                if self.plan.watermark == FileWatermark::PerFile {
+                    // Each file's watermark is its own; the last one releases it.
+                    ctx.restart_event_time();
+                    ctx.hold_watermarks(more_files);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        // Keep the region's allocation for the next reads when no task holds it any more.
-        if let Ok(mut spare) = Arc::try_unwrap(region) {
-            spare.clear();
-            spare.extend_from_slice(&self.buf);
-            self.buf = spare;
-        }
-        Ok(decoded)
     }
 
+    /// Emits everything queued, in order.
+    async fn emit_queued(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
+        while !self.queue.is_empty() {
+            self.emit_oldest(ctx).await?;
+        }
+        Ok(())
+    }
+
+    /// Where reading stands now, counting `buf` as not read.
+    fn read_point(&self) -> ReadPoint {
+        ReadPoint {
+            path: self.path.clone(),
+            identity: self.identity,
+            offset: self.offset - self.buf.len() as u64,
+            next_line: self.next_line,
+            header_pending: self.reader.header_pending,
+            skipping: self.skipping,
+        }
+    }
+
+    /// Emits what a region of `file` decoded into: rows, then dead letters.
     async fn emit(
         &mut self,
         ctx: &mut SourceContext,
         decoded: Decoded,
+        file: &Arc<FileLabel>,
     ) -> Result<(), OperatorError> {
         for batch in decoded.batches {
             self.rows += batch.num_rows() as u64;
-            let batch = self.with_file_column(batch)?;
+            let batch = self.with_file_column(batch, file)?;
             ctx.emit(batch).await?;
         }
         if decoded.bad.is_empty() {
             return Ok(());
         }
         let rows = decoded.bad.len();
-        let mut files = StringBuilder::with_capacity(rows, rows * self.display.len());
+        let mut files = StringBuilder::with_capacity(rows, rows * file.display.len());
         let mut errors = StringBuilder::new();
         let mut raws = StringBuilder::new();
         let mut numbers = Vec::with_capacity(rows);
@@ -1226,11 +1378,11 @@ impl FileSource {
                     .report
                     .note(format_args!("line {}", bad.line), &bad.error),
                 Input::Pattern { .. } => self.report.note(
-                    format_args!("line {} of {}", bad.line, self.name),
+                    format_args!("line {} of {}", bad.line, file.name),
                     &bad.error,
                 ),
             }
-            files.append_value(&self.display);
+            files.append_value(&file.display);
             numbers.push(bad.line);
             errors.append_value(&bad.error);
             raws.append_value(&bad.raw);
@@ -1256,29 +1408,33 @@ impl FileSource {
             error: format!("line is longer than {MAX_LINE_BYTES} bytes"),
             raw: head,
         };
-        self.emit(
-            ctx,
-            Decoded {
-                batches: Vec::new(),
-                bad: vec![bad],
-            },
-        )
-        .await
+        let label = Arc::clone(&self.label);
+        let decoded = Decoded {
+            bad: vec![bad],
+            ..Decoded::default()
+        };
+        self.emit(ctx, decoded, &label).await
     }
 
     /// `batch` with the file column, when the source has one.
-    fn with_file_column(&mut self, batch: RecordBatch) -> Result<RecordBatch, OperatorError> {
+    fn with_file_column(
+        &mut self,
+        batch: RecordBatch,
+        file: &Arc<FileLabel>,
+    ) -> Result<RecordBatch, OperatorError> {
         if self.plan.file_column.is_none() {
             return Ok(batch);
         }
         let rows = batch.num_rows();
         let column = match &self.name_column {
-            Some(column) if column.len() >= rows => column.slice(0, rows),
+            Some((named, column)) if Arc::ptr_eq(named, file) && column.len() >= rows => {
+                column.slice(0, rows)
+            }
             _ => {
                 let column: ArrayRef = Arc::new(StringArray::from_iter_values(
-                    std::iter::repeat_n(self.name.as_ref(), rows),
+                    std::iter::repeat_n(file.name.as_ref(), rows),
                 ));
-                self.name_column = Some(column.clone());
+                self.name_column = Some((Arc::clone(file), column.clone()));
                 column
             }
         };
@@ -1287,12 +1443,12 @@ impl FileSource {
         Ok(RecordBatch::try_new(self.plan.output.clone(), columns)?)
     }
 
-    /// Logs how many rows the file that just ended held.
-    fn finish_file(&mut self) {
+    /// Logs how many rows `file`, whose rows are all out, held.
+    fn finish_file(&mut self, file: &FileLabel) {
         if self.files <= LOG_EACH_FILE_UP_TO {
-            info!("file source read {} rows from {}", self.rows, self.display);
+            info!("file source read {} rows from {}", self.rows, file.display);
         } else {
-            debug!("file source read {} rows from {}", self.rows, self.display);
+            debug!("file source read {} rows from {}", self.rows, file.display);
         }
         self.total_rows += self.rows;
         self.rows = 0;
@@ -1309,16 +1465,15 @@ impl FileSource {
             }
             return Ok(false);
         };
-        self.display = path.display().to_string();
+        let display = path.display().to_string();
         let file = match tokio::fs::File::open(&path).await {
             Ok(file) => file.into_std().await,
-            Err(e) => return Err(self.io_error("open", e)),
+            Err(e) => return Err(OperatorError::io(format!("cannot open {display}"), e)),
         };
         self.identity = file.metadata().ok().and_then(|meta| identity(&meta));
         self.file = Some(file);
         self.path = path;
-        self.name = name;
-        self.name_column = None;
+        self.label = Arc::new(FileLabel { name, display });
         self.start_over();
         Ok(true)
     }
@@ -1344,11 +1499,12 @@ impl FileSource {
     fn rewind(&mut self) -> Result<(), OperatorError> {
         info!(
             "{} was truncated; reading it again from the start",
-            self.display
+            self.label.display
         );
         if let Some(file) = &mut self.file {
-            file.seek(SeekFrom::Start(0))
-                .map_err(|e| OperatorError::io(format!("cannot rewind {}", self.display), e))?;
+            file.seek(SeekFrom::Start(0)).map_err(|e| {
+                OperatorError::io(format!("cannot rewind {}", self.label.display), e)
+            })?;
         }
         self.start_over();
         Ok(())
@@ -1364,7 +1520,7 @@ impl FileSource {
         let meta = file.metadata().map_err(|e| self.io_error("inspect", e))?;
         info!(
             "{} was replaced (rotated); reading the new file",
-            self.display
+            self.label.display
         );
         self.identity = identity(&meta);
         self.file = Some(file);
@@ -1431,10 +1587,10 @@ impl FileSource {
             let file = File::open(&path)
                 .map_err(|e| OperatorError::io(format!("cannot open {}", path.display()), e))?;
             self.identity = file.metadata().ok().and_then(|meta| identity(&meta));
-            self.display = path.display().to_string();
+            let display = path.display().to_string();
+            self.label = Arc::new(FileLabel { name, display });
             self.file = Some(file);
             self.path = path;
-            self.name = name;
         }
         let Some(file) = self.file.as_mut() else {
             return Err(OperatorError::Internal(
@@ -1443,24 +1599,24 @@ impl FileSource {
         };
         let length = file
             .metadata()
-            .map_err(|e| OperatorError::io(format!("cannot inspect {}", self.display), e))?
+            .map_err(|e| OperatorError::io(format!("cannot inspect {}", self.label.display), e))?
             .len();
         if position.identity.is_some() && position.identity != self.identity {
             warn!(
                 "{} was replaced since the checkpoint: reading the new file from its start",
-                self.display
+                self.label.display
             );
             return Ok(());
         }
         if length < position.offset {
             warn!(
                 "{} is shorter than at the checkpoint ({length} < {} bytes): reading it from its start",
-                self.display, position.offset
+                self.label.display, position.offset
             );
             return Ok(());
         }
         file.seek(SeekFrom::Start(position.offset))
-            .map_err(|e| OperatorError::io(format!("cannot seek in {}", self.display), e))?;
+            .map_err(|e| OperatorError::io(format!("cannot seek in {}", self.label.display), e))?;
         self.offset = position.offset;
         self.next_line = position.next_line;
         self.reader.header_pending = position.header_pending;
@@ -1469,7 +1625,7 @@ impl FileSource {
         self.total_rows = position.total_rows;
         info!(
             "{}: resuming at byte {} (line {})",
-            self.display, self.offset, self.next_line
+            self.label.display, self.offset, self.next_line
         );
         Ok(())
     }
@@ -1493,6 +1649,7 @@ impl FileSource {
                     return Ok(false);
                 }
                 self.drain_lines(ctx, true).await?;
+                self.emit_queued(ctx).await?;
                 if self.reopen().await? {
                     Ok(false)
                 } else {
@@ -1518,21 +1675,29 @@ impl Source for FileSource {
                 self.take_barrier(ctx).await?;
                 if self.read_chunk().await? > 0 {
                     self.drain_lines(ctx, false).await?;
-                } else if self.plan.follow {
+                    continue;
+                }
+                if self.plan.follow {
+                    // Waiting at the end: what is still decoding goes out first.
+                    self.emit_queued(ctx).await?;
                     if self.at_end_of_followed_file(ctx).await? {
                         return Ok(());
                     }
-                } else {
-                    self.drain_lines(ctx, true).await?;
-                    self.finish_file();
-                    if !self.next_file().await? {
-                        return Ok(());
-                    }
-                    if per_file {
-                        // Each file's watermark is its own; the last one releases it.
-                        ctx.restart_event_time();
-                        ctx.hold_watermarks(!self.pending.is_empty());
-                    }
+                    continue;
+                }
+                self.drain_lines(ctx, true).await?;
+                // The next file is read while this one's last regions decode; its end is
+                // handled once they are out.
+                self.queue.push_back(Queued::FileEnd {
+                    label: Arc::clone(&self.label),
+                    from: self.read_point(),
+                    more_files: self.pending.len() > 1,
+                });
+                if self.pending.is_empty() {
+                    self.emit_queued(ctx).await?;
+                }
+                if !self.next_file().await? {
+                    return Ok(());
                 }
             }
             Ok(())
@@ -1543,13 +1708,18 @@ impl Source for FileSource {
     }
 
     fn snapshot(&mut self) -> Result<Option<Vec<u8>>, OperatorError> {
+        // What is queued was read but not emitted: it is read again after a restore.
+        let at = match self.queue.front() {
+            Some(queued) => queued.from().clone(),
+            None => self.read_point(),
+        };
         let position = FilePosition {
-            path: self.path.clone(),
-            identity: self.identity,
-            offset: self.offset - self.buf.len() as u64,
-            next_line: self.next_line,
-            header_pending: self.reader.header_pending,
-            skipping: self.skipping,
+            path: at.path,
+            identity: at.identity,
+            offset: at.offset,
+            next_line: at.next_line,
+            header_pending: at.header_pending,
+            skipping: at.skipping,
             rows: self.rows,
             total_rows: self.total_rows,
         };
@@ -1575,6 +1745,8 @@ mod tests {
     use arrow::datatypes::{Float64Type, TimestampMillisecondType, UInt64Type};
     use tokio_util::sync::CancellationToken;
     use weir_engine::time::EventTimeSpec;
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::format::test_support::{Decl, Outputs, plan, run_source, run_source_checkpointed};
@@ -1701,12 +1873,12 @@ mod tests {
     }
 
     #[test]
-    fn a_region_decoded_in_parts_gives_what_one_decoder_gives() {
+    fn regions_decoded_in_the_background_give_what_one_decoder_gives() {
         let dir = tempfile::tempdir().unwrap();
         let mut text = String::new();
         for i in 0..3000 {
             match i {
-                // Bad lines, blank lines and a CRLF line, spread over the parts.
+                // Bad lines, blank lines and a CRLF line, spread over many regions.
                 7 | 1499 | 2998 => text.push_str("{\"device\":\"d\",\"ts\":\n"),
                 640 => text.push_str("\n \r\n"),
                 _ if i % 333 == 0 => text.push_str(&format!(
@@ -1720,29 +1892,20 @@ mod tests {
         }
         write(&dir, "in.jsonl", &text);
         let read_with = |workers: usize| {
-            let runtime = match workers {
-                1 => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build(),
-                n => tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(n)
-                    .enable_all()
-                    .build(),
-            }
-            .expect("a runtime");
+            let runtime = runtime(workers);
+            let before = BACKGROUND_REGIONS.load(Ordering::Relaxed);
             let outputs = runtime.block_on(read(&dir, "{path: in.jsonl, batch_rows: 1000}"));
-            let batches = outputs.main.lock().unwrap().len();
-            (outputs.main_batch(), outputs.side_batch(), batches)
+            let background = BACKGROUND_REGIONS.load(Ordering::Relaxed) - before;
+            (outputs.main_batch(), outputs.side_batch(), background)
         };
-        let (one_rows, one_bad, one_batches) = read_with(1);
+        let (one_rows, one_bad, _) = read_with(1);
         for workers in [2, 3] {
-            let (rows, bad, batches) = read_with(workers);
+            let (rows, bad, background) = read_with(workers);
             assert_eq!(rows, one_rows, "{workers} decoders");
             assert_eq!(bad, one_bad, "{workers} decoders");
-            // Each part ends its own last batch: proof that the parts were decoded apart.
             assert!(
-                batches > one_batches,
-                "{workers} decoders: {batches} batches"
+                background > 10,
+                "{workers} decoders: {background} regions in the background"
             );
         }
         assert_eq!(one_rows.num_rows(), 2996);
@@ -1753,6 +1916,125 @@ mod tests {
             .to_vec();
         // Entry i is line i + 1 up to the two blank lines 641 and 642, and i + 2 after.
         assert_eq!(numbers, vec![8, 1501, 3000]);
+    }
+
+    /// Counts the regions decoded on blocking threads, to show a test took that path.
+    pub(super) static BACKGROUND_REGIONS: AtomicUsize = AtomicUsize::new(0);
+
+    fn runtime(workers: usize) -> tokio::runtime::Runtime {
+        match workers {
+            1 => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            n => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .build(),
+        }
+        .expect("a runtime")
+    }
+
+    #[test]
+    fn a_checkpoint_taken_while_regions_decode_holds_only_emitted_lines() {
+        let line = |i: u32| format!("{{\"device\":\"d\",\"ts\":{i},\"temperature\":{i}}}\n");
+        // One file, and a pattern whose files end while the next ones are being read.
+        let one = tempfile::tempdir().unwrap();
+        write(
+            &one,
+            "in.jsonl",
+            &(1..=20_000).map(line).collect::<String>(),
+        );
+        resumes_exactly_once(
+            &one,
+            "{path: in.jsonl, batch_rows: 64}",
+            20_000,
+            &[3_000, 9_000],
+        );
+        let many = tempfile::tempdir().unwrap();
+        for file in 0..8 {
+            let lines = (file * 2_500 + 1..=(file + 1) * 2_500)
+                .map(line)
+                .collect::<String>();
+            write(&many, &format!("in-{file}.jsonl"), &lines);
+        }
+        let pattern = "{path: \"in-*.jsonl\", batch_rows: 64, file_column: file}";
+        resumes_exactly_once(&many, pattern, 20_000, &[2_400, 2_600, 11_000]);
+    }
+
+    /// Reads `config` in runs that are stopped once they have emitted each of `stops`
+    /// rows, each resuming from the last one's checkpoint (taken every millisecond, so
+    /// while regions decode), and checks that the rows that count, up to each resumed
+    /// checkpoint and then the last run's, are temperatures 1..=`lines`, each once.
+    fn resumes_exactly_once(dir: &tempfile::TempDir, config: &str, lines: u32, stops: &[usize]) {
+        let store = dir.path().join("state.redb");
+        let runtime = runtime(2);
+        let before = BACKGROUND_REGIONS.load(Ordering::Relaxed);
+        let mut seen: Vec<f64> = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        for stop_after in stops.iter().copied().map(Some).chain([None]) {
+            let outputs = Outputs::new();
+            let cancel = CancellationToken::new();
+            let planned = planned(dir, config);
+            runtime.block_on(async {
+                let main = outputs.main.clone();
+                let stop = {
+                    let cancel = cancel.clone();
+                    async move {
+                        let Some(rows) = stop_after else { return };
+                        while main
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .map(|b| b.num_rows())
+                            .sum::<usize>()
+                            < rows
+                        {
+                            tokio::task::yield_now().await;
+                        }
+                        cancel.cancel();
+                    }
+                };
+                let interval = Duration::from_millis(1);
+                let run =
+                    run_source_checkpointed(planned, &store, interval, cancel.clone(), &outputs);
+                let (ran, ()) = tokio::join!(run, stop);
+                ran.unwrap();
+            });
+            let restored = outputs.restored_main_rows.lock().unwrap().unwrap_or(0) as usize;
+            // This run resumed from what the one before had by its last checkpoint.
+            assert!(
+                restored <= seen.len(),
+                "{config}: {restored} > {}",
+                seen.len()
+            );
+            seen.truncate(restored);
+            names.truncate(restored);
+            let batch = outputs.main_batch();
+            seen.extend(temperatures(&batch));
+            if let Some(column) = batch.column_by_name("file") {
+                names.extend(strings(column));
+            }
+        }
+        let expected: Vec<f64> = (1..=lines).map(f64::from).collect();
+        assert_eq!(seen.len(), expected.len(), "{config}");
+        assert!(
+            seen == expected,
+            "{config}: every line exactly once, in order"
+        );
+        if !names.is_empty() {
+            // Each row names its file: line i is in file (i - 1) / 2500.
+            for (i, name) in names.iter().enumerate() {
+                assert_eq!(
+                    *name,
+                    format!("in-{}.jsonl", i / 2_500),
+                    "{config}: row {i}"
+                );
+            }
+        }
+        assert!(
+            BACKGROUND_REGIONS.load(Ordering::Relaxed) - before > 10,
+            "{config}"
+        );
     }
 
     #[tokio::test]
@@ -1841,11 +2123,8 @@ mod tests {
         let cancel = CancellationToken::new();
         let planned = planned(&dir, "{path: in.jsonl, follow: true, poll_interval: 5ms}");
         let run = tokio::spawn({
-            let (main, side, cancel) = (outputs.main.clone(), outputs.side.clone(), cancel.clone());
-            async move {
-                let outputs = Outputs { main, side };
-                run_source(planned, Some(event_time()), cancel, &outputs).await
-            }
+            let (outputs, cancel) = (outputs.clone(), cancel.clone());
+            async move { run_source(planned, Some(event_time()), cancel, &outputs).await }
         });
         let wait_for = |rows: usize| {
             let main = outputs.main.clone();
@@ -1967,8 +2246,8 @@ mod tests {
         let cancel = CancellationToken::new();
         let planned = planned(&dir, "{path: in.jsonl, follow: true, poll_interval: 5ms}");
         let run = tokio::spawn({
-            let (main, side, cancel) = (outputs.main.clone(), outputs.side.clone(), cancel.clone());
-            async move { run_source(planned, None, cancel, &Outputs { main, side }).await }
+            let (outputs, cancel) = (outputs.clone(), cancel.clone());
+            async move { run_source(planned, None, cancel, &outputs).await }
         });
         let rows = || {
             outputs
@@ -2102,8 +2381,8 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn a_pattern_reads_every_match_in_path_order_naming_each_file() {
+    #[test]
+    fn a_pattern_reads_every_match_in_path_order_naming_each_file() {
         let dir = tempfile::tempdir().unwrap();
         // The pipeline's directory has a name that would be a pattern itself.
         let base = dir.path().join("pipe[1]");
@@ -2127,8 +2406,19 @@ mod tests {
             "a directory that matches is skipped",
         );
         let config = "{path: \"data/**/*.csv\", format: csv, file_column: file, batch_rows: 100}";
-        let (outputs, outcome) = run_in(&base, config).await;
-        outcome.unwrap();
+        // With more workers, files are read while the regions of the one before decode.
+        for workers in [1, 2, 3] {
+            let before = BACKGROUND_REGIONS.load(Ordering::Relaxed);
+            let (outputs, outcome) = runtime(workers).block_on(run_in(&base, config));
+            outcome.unwrap();
+            if workers > 1 {
+                assert!(BACKGROUND_REGIONS.load(Ordering::Relaxed) > before);
+            }
+            read_every_csv_match_in_order(&outputs);
+        }
+    }
+
+    fn read_every_csv_match_in_order(outputs: &Outputs) {
         let all = outputs.main_batch();
         assert_eq!(
             temperatures(&all),
