@@ -1085,8 +1085,8 @@ struct FileSource {
     /// Discarding the rest of an over-long line.
     skipping: bool,
     report: RejectLog,
-    /// How many regions may decode at once on blocking threads: the runtime's workers.
-    /// With one, regions are decoded on the source's own task.
+    /// How many threads decode regions at once: the runtime's workers. With one,
+    /// regions are decoded on the source's own task.
     decoders: usize,
     /// Read but not yet emitted, oldest first: regions decoding in the background, and
     /// the ends of the files they came from.
@@ -1246,9 +1246,10 @@ impl FileSource {
     }
 
     /// Decodes the first `end` bytes of `buf` (whole lines, no header due) on a blocking
-    /// thread and takes them out of `buf`. Up to [`FileSource::decoders`] regions decode
-    /// at once while the next ones are read, of this file or the next; when that many are
-    /// already in flight, the oldest is emitted first, so rows go out in reading order.
+    /// thread and takes them out of `buf`. Up to two regions per decoder are in flight
+    /// while the next ones are read, of this file or the next, so that decoders stay busy
+    /// while this task emits and reads; when that many are, the oldest is emitted first,
+    /// so rows go out in reading order.
     async fn decode_in_background(
         &mut self,
         ctx: &mut SourceContext,
@@ -1260,7 +1261,7 @@ impl FileSource {
                 .iter()
                 .filter(|queued| matches!(queued, Queued::Region { .. }))
                 .count();
-            if in_flight < self.decoders {
+            if in_flight < 2 * self.decoders {
                 break;
             }
             self.emit_oldest(ctx).await?;

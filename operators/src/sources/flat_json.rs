@@ -209,11 +209,11 @@ impl FlatJson {
         } else {
             (1u64 << self.names.len()) - 1
         };
-        // arrow-json rejects bad UTF-8 anywhere, in the fields it skips too; sonic-rs
-        // would skip those unchecked.
-        if simdutf8::basic::from_utf8(region).is_err() {
+        // arrow-json rejects bad UTF-8 anywhere, in the fields it skips too. Checked once
+        // for the region, so that lines are parsed as text sonic-rs need not check again.
+        let Ok(text) = simdutf8::basic::from_utf8(region) else {
             return None;
-        }
+        };
         let capacity = self.batch_rows.min(region.len() / 16 + 1);
         let mut columns = self.builders(capacity);
         let mut batches = Vec::new();
@@ -221,10 +221,11 @@ impl FlatJson {
         let mut start = 0;
         let ends = memchr::memchr_iter(b'\n', region).chain(std::iter::once(region.len()));
         for end in ends {
-            let line = &region[start..end];
+            // A newline is always a character boundary.
+            let line = text.get(start..end)?;
             start = end + 1;
             // JSON's whitespace only: arrow-json rejects a form feed, so this path must.
-            if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
+            if line.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
                 continue;
             }
             let mut row = Row {
@@ -234,7 +235,7 @@ impl FlatJson {
                 set: 0,
                 next: 0,
             };
-            let mut json = sonic_rs::Deserializer::from_slice(line);
+            let mut json = sonic_rs::Deserializer::from_str(line);
             (&mut row).deserialize(&mut json).ok()?;
             json.end().ok()?;
             let unset = all & !row.set;
