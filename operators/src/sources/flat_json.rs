@@ -351,11 +351,39 @@ impl<'de> Visitor<'de> for FieldName<'_> {
     }
 
     fn visit_str<E: de::Error>(self, name: &str) -> Result<Self::Value, E> {
-        if self.names.get(self.next).is_some_and(|n| n == name) {
+        let name = name.as_bytes();
+        if self
+            .names
+            .get(self.next)
+            .is_some_and(|n| same_name(n.as_bytes(), name))
+        {
             return Ok(Some(self.next));
         }
-        Ok(self.names.iter().position(|n| n == name))
+        Ok(self
+            .names
+            .iter()
+            .position(|n| same_name(n.as_bytes(), name)))
     }
+}
+
+/// Whether two field names are equal, compared inline eight bytes at a time: names are
+/// short, and a call to `memcmp` for each field of each row cost W1 a twentieth.
+#[inline]
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (mut a_words, mut b_words) = (a.chunks_exact(8), b.chunks_exact(8));
+    let words_equal = a_words.by_ref().zip(b_words.by_ref()).all(|(x, y)| {
+        u64::from_ne_bytes(x.try_into().unwrap_or_default())
+            == u64::from_ne_bytes(y.try_into().unwrap_or_default())
+    });
+    words_equal
+        && a_words
+            .remainder()
+            .iter()
+            .zip(b_words.remainder())
+            .all(|(x, y)| x == y)
 }
 
 /// One field's value, appended to its column.
@@ -560,6 +588,24 @@ mod tests {
         text.extend_from_slice(&[0xff, 0xfe]);
         text.extend_from_slice(b"\"}\n");
         assert!(fast.decode(&text).is_none(), "bad UTF-8");
+    }
+
+    #[test]
+    fn field_names_compare_equal_only_when_every_byte_is() {
+        for (a, b, equal) in [
+            ("", "", true),
+            ("ts", "ts", true),
+            ("temperature", "temperature", true),
+            ("temperature", "temperaturf", false),
+            ("temperaturx", "temperature", false),
+            ("abcdefgh", "abcdefgh", true),
+            ("abcdefgh", "abcdefgi", false),
+            ("xbcdefgh", "abcdefgh", false),
+            ("ts", "tsx", false),
+            ("device", "Device", false),
+        ] {
+            assert_eq!(same_name(a.as_bytes(), b.as_bytes()), equal, "{a} vs {b}");
+        }
     }
 
     #[test]
