@@ -41,6 +41,7 @@ use weir_engine::registry::{
 };
 use weir_engine::{OperatorError, OperatorInstance, Source, SourceContext};
 
+use super::flat_json::FlatJson;
 use crate::mqtt::{BrokerUrl, ConnectionConfig, ConnectionMonitor, ConnectionPlan, qos_field};
 use crate::rejects::{DEAD_LETTER_PORT, RejectLog, outputs_with_dead_letter};
 
@@ -367,6 +368,7 @@ fn validate(
         topics: config.topics.clone(),
         qos,
         decoder: PayloadDecoder {
+            flat: flat_json(config.format, &payload_schema),
             format: config.format,
             schema: schema.clone(),
             payload_schema,
@@ -444,6 +446,7 @@ pub fn decode_payload(
     payload: &[u8],
 ) -> Result<RecordBatch, String> {
     let decoder = PayloadDecoder {
+        flat: flat_json(format, &schema),
         format,
         payload_schema: schema.clone(),
         schema,
@@ -463,6 +466,17 @@ struct PayloadDecoder {
     payload_schema: SchemaRef,
     pattern: Option<TopicPattern>,
     max_payload_bytes: usize,
+    /// The fast path for messages of one flat JSON object each; arrow-json takes the rest.
+    flat: Option<FlatJson>,
+}
+
+/// The flat JSON fast path for `json` payloads of `schema`, when they can take it.
+fn flat_json(format: PayloadFormat, schema: &SchemaRef) -> Option<FlatJson> {
+    match format {
+        // One batch per call, however many messages it decodes.
+        PayloadFormat::Json => FlatJson::new(schema, usize::MAX),
+        PayloadFormat::JsonArray | PayloadFormat::Csv => None,
+    }
 }
 
 impl PayloadDecoder {
@@ -547,6 +561,18 @@ impl PayloadDecoder {
                     }
                     joined.extend_from_slice(payload);
                     joined.push(b'\n');
+                }
+                // A message per line, each one object: one row each, else arrow-json says why.
+                let flat = self
+                    .flat
+                    .as_ref()
+                    .and_then(|flat| flat.decode(&joined))
+                    .and_then(|batches| match <[RecordBatch; 1]>::try_from(batches) {
+                        Ok([batch]) if batch.num_rows() == payloads.len() => Some(batch),
+                        _ => None,
+                    });
+                if let Some(batch) = flat {
+                    return Ok((batch, vec![1; payloads.len()]));
                 }
                 // One row of room beyond one per message shows a message holding more.
                 let batch = self.decode_json(payloads.len() + 1, |decoder| {
@@ -1535,6 +1561,45 @@ mod tests {
         let temperature = batch.column(3).as_primitive::<Float64Type>();
         assert_eq!(temperature.value(0), 20.5);
         assert!(temperature.is_null(1));
+    }
+
+    #[test]
+    fn flat_messages_take_the_fast_path_and_decode_as_arrow_json_does() {
+        let plan = plan_with(PATTERN, Some(schema())).unwrap();
+        assert!(plan.decoder.flat.is_some(), "the declared schema is flat");
+        let mut reference = plan.decoder.clone();
+        reference.flat = None;
+        let cases: &[&[&str]] = &[
+            // Flat objects, in any order, with unknown fields and nulls.
+            &[
+                r#"{"ts": 1000, "temperature": 20.5}"#,
+                r#"{"x": {"y": [1]}, "temperature": null, "ts": 2000}"#,
+                "{\"ts\": 3000}\n",
+            ],
+            // Declined, so arrow-json decodes or rejects them as before.
+            &[r#"{"ts": "2026-01-01T00:00:00Z", "temperature": 1}"#],
+            &["{\"ts\": 1,\n \"temperature\": 2}"],
+            &[r#"{"ts": 1} {"ts": 2}"#],
+            &[
+                r#"{"ts": 1}"#,
+                "not json",
+                r#"{"ts": 3, "temperature": "hot"}"#,
+            ],
+        ];
+        for payloads in cases {
+            let list: Vec<(&str, &str)> = payloads
+                .iter()
+                .map(|payload| ("plant/p1/boiler/telemetry", *payload))
+                .collect();
+            let (fast, fast_bad) = plan.decoder.decode(&messages(&list)).unwrap();
+            let (slow, slow_bad) = reference.decode(&messages(&list)).unwrap();
+            assert_eq!(fast, slow, "{payloads:?}");
+            assert_eq!(
+                format!("{fast_bad:?}"),
+                format!("{slow_bad:?}"),
+                "{payloads:?}"
+            );
+        }
     }
 
     #[test]
