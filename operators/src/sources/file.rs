@@ -715,35 +715,9 @@ impl LineDecoder {
     /// Decodes `bytes` as a whole into batches of at most `batch_rows` rows.
     fn decode_all(&self, bytes: &[u8]) -> Result<Vec<RecordBatch>, ArrowError> {
         match self.decoding {
-            Decoding::Json => self.decode_json(&self.schema, bytes),
+            Decoding::Json => decode_json_lines(&self.schema, self.batch_rows, bytes),
             Decoding::Csv { delimiter, .. } => self.decode_csv(delimiter, bytes),
         }
-    }
-
-    fn decode_json(
-        &self,
-        schema: &SchemaRef,
-        bytes: &[u8],
-    ) -> Result<Vec<RecordBatch>, ArrowError> {
-        let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
-            .with_batch_size(self.batch_rows)
-            .build_decoder()?;
-        let mut batches = Vec::new();
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let used = decoder.decode(rest)?;
-            rest = &rest[used..];
-            if !rest.is_empty() {
-                // The decoder stops early only when a batch is full.
-                match decoder.flush()? {
-                    Some(batch) => batches.push(batch),
-                    None if used == 0 => return Err(stalled()),
-                    None => {}
-                }
-            }
-        }
-        batches.extend(decoder.flush()?);
-        Ok(batches)
     }
 
     fn decode_csv(&self, delimiter: u8, bytes: &[u8]) -> Result<Vec<RecordBatch>, ArrowError> {
@@ -843,7 +817,7 @@ impl LineDecoder {
         if matches!(self.decoding, Decoding::Json) && text.contains("non-nullable") {
             // Arrow names the column only in its debug form; decoding the line again with
             // every column nullable shows which required values are absent.
-            if let Ok(batches) = self.decode_json(&self.relaxed, line) {
+            if let Ok(batches) = decode_json_lines(&self.relaxed, self.batch_rows, line) {
                 let missing: Vec<&str> = self
                     .schema
                     .fields()
@@ -862,6 +836,34 @@ impl LineDecoder {
         }
         text
     }
+}
+
+/// Decodes JSON `bytes` with arrow-json, the reference decoder, into batches of at most
+/// `batch_rows` rows of `schema`.
+pub(super) fn decode_json_lines(
+    schema: &SchemaRef,
+    batch_rows: usize,
+    bytes: &[u8],
+) -> Result<Vec<RecordBatch>, ArrowError> {
+    let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(batch_rows)
+        .build_decoder()?;
+    let mut batches = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let used = decoder.decode(rest)?;
+        rest = &rest[used..];
+        if !rest.is_empty() {
+            // The decoder stops early only when a batch is full.
+            match decoder.flush()? {
+                Some(batch) => batches.push(batch),
+                None if used == 0 => return Err(stalled()),
+                None => {}
+            }
+        }
+    }
+    batches.extend(decoder.flush()?);
+    Ok(batches)
 }
 
 fn stalled() -> ArrowError {
@@ -1038,17 +1040,12 @@ enum FileState {
     Missing,
 }
 
-/// Where a file source stands, for a checkpoint: the file, which file it is, and how
-/// far its lines have been emitted.
+/// Where a file source stands, for a checkpoint: how far its lines have been emitted,
+/// and the rows counted so far.
 #[derive(Debug, serde::Serialize, Deserialize)]
 struct FilePosition {
-    path: PathBuf,
-    identity: Option<FileId>,
-    /// Bytes of the file whose lines have been emitted (or skipped as too long).
-    offset: u64,
-    next_line: u64,
-    header_pending: bool,
-    skipping: bool,
+    #[serde(flatten)]
+    at: ReadPoint,
     rows: u64,
     total_rows: u64,
 }
@@ -1104,12 +1101,13 @@ struct FileLabel {
     display: String,
 }
 
-/// A place in the input: where reading stood before something queued, which is what a
-/// checkpoint saves until that is emitted.
-#[derive(Debug, Clone)]
+/// A place in the input: the file, which file it is, and a line start in it. What a
+/// checkpoint saves is the place before the oldest thing read but not yet emitted.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 struct ReadPoint {
     path: PathBuf,
     identity: Option<FileId>,
+    /// Bytes of the file before the place (lines emitted, or skipped as too long).
     offset: u64,
     next_line: u64,
     header_pending: bool,
@@ -1246,10 +1244,9 @@ impl FileSource {
     }
 
     /// Decodes the first `end` bytes of `buf` (whole lines, no header due) on a blocking
-    /// thread and takes them out of `buf`. Up to two regions per decoder are in flight
-    /// while the next ones are read, of this file or the next, so that decoders stay busy
-    /// while this task emits and reads; when that many are, the oldest is emitted first,
-    /// so rows go out in reading order.
+    /// thread and takes them out of `buf`. Up to [`FileSource::max_in_flight`] regions
+    /// decode while the next ones are read, of this file or the next; when that many are
+    /// in flight, the oldest is emitted first, so rows go out in reading order.
     async fn decode_in_background(
         &mut self,
         ctx: &mut SourceContext,
@@ -1261,7 +1258,7 @@ impl FileSource {
                 .iter()
                 .filter(|queued| matches!(queued, Queued::Region { .. }))
                 .count();
-            if in_flight < 2 * self.decoders {
+            if in_flight < self.max_in_flight() {
                 break;
             }
             self.emit_oldest(ctx).await?;
@@ -1293,20 +1290,17 @@ impl FileSource {
 
     /// Emits the oldest thing queued, waiting for it to decode if it is a region.
     async fn emit_oldest(&mut self, ctx: &mut SourceContext) -> Result<(), OperatorError> {
-        let Some(oldest) = self.queue.front_mut() else {
-            return Ok(());
-        };
-        let decoded =
-            match oldest {
-                Queued::Region { task, .. } => Some(task.await.map_err(|e| {
+        // Each item counts as emitted only once it leaves the queue: until then a
+        // checkpoint saves the place before it.
+        match self.queue.front_mut() {
+            None => Ok(()),
+            Some(Queued::Region { task, label, .. }) => {
+                let label = Arc::clone(label);
+                let (decoded, buffer) = task.await.map_err(|e| {
                     OperatorError::Internal(format!("file decode task failed: {e}"))
-                })?),
-                Queued::FileEnd { .. } => None,
-            };
-        // It counts as emitted only now, in the position a checkpoint saves.
-        match (self.queue.pop_front(), decoded) {
-            (Some(Queued::Region { label, .. }), Some((decoded, buffer))) => {
-                if self.spare_buffers.len() < self.decoders {
+                })?;
+                self.queue.pop_front();
+                if self.spare_buffers.len() < self.max_in_flight() {
                     self.spare_buffers.push(buffer);
                 }
                 let decoded = decoded?;
@@ -1315,12 +1309,11 @@ impl FileSource {
                 }
                 self.emit(ctx, decoded, &label).await
             }
-            (
-                Some(Queued::FileEnd {
-                    label, more_files, ..
-                }),
-                _,
-            ) => {
+            Some(Queued::FileEnd {
+                label, more_files, ..
+            }) => {
+                let (label, more_files) = (Arc::clone(label), *more_files);
+                self.queue.pop_front();
                 self.finish_file(&label);
                 if self.plan.watermark == FileWatermark::PerFile {
                     // Each file's watermark is its own; the last one releases it.
@@ -1329,8 +1322,13 @@ impl FileSource {
                 }
                 Ok(())
             }
-            _ => Ok(()),
         }
+    }
+
+    /// How many regions may decode in the background at once: two per decoder, so that
+    /// decoders stay busy while this task emits and reads.
+    fn max_in_flight(&self) -> usize {
+        2 * self.decoders
     }
 
     /// Emits everything queued, in order.
@@ -1569,6 +1567,11 @@ impl FileSource {
     /// Goes on from `position`: the file it names, at its offset. A file replaced or cut
     /// shorter since is read from its start, as when that happens while running.
     fn resume(&mut self, position: FilePosition) -> Result<(), OperatorError> {
+        let FilePosition {
+            at: position,
+            rows,
+            total_rows,
+        } = position;
         if position.path != self.path {
             let Some(index) = self
                 .pending
@@ -1622,8 +1625,8 @@ impl FileSource {
         self.next_line = position.next_line;
         self.reader.header_pending = position.header_pending;
         self.skipping = position.skipping;
-        self.rows = position.rows;
-        self.total_rows = position.total_rows;
+        self.rows = rows;
+        self.total_rows = total_rows;
         info!(
             "{}: resuming at byte {} (line {})",
             self.label.display, self.offset, self.next_line
@@ -1715,12 +1718,7 @@ impl Source for FileSource {
             None => self.read_point(),
         };
         let position = FilePosition {
-            path: at.path,
-            identity: at.identity,
-            offset: at.offset,
-            next_line: at.next_line,
-            header_pending: at.header_pending,
-            skipping: at.skipping,
+            at,
             rows: self.rows,
             total_rows: self.total_rows,
         };
@@ -1977,19 +1975,12 @@ mod tests {
             let cancel = CancellationToken::new();
             let planned = planned(dir, config);
             runtime.block_on(async {
-                let main = outputs.main.clone();
+                let watched = outputs.clone();
                 let stop = {
                     let cancel = cancel.clone();
                     async move {
                         let Some(rows) = stop_after else { return };
-                        while main
-                            .lock()
-                            .unwrap()
-                            .iter()
-                            .map(|b| b.num_rows())
-                            .sum::<usize>()
-                            < rows
-                        {
+                        while watched.main_rows() < rows {
                             tokio::task::yield_now().await;
                         }
                         cancel.cancel();
@@ -2128,17 +2119,10 @@ mod tests {
             async move { run_source(planned, Some(event_time()), cancel, &outputs).await }
         });
         let wait_for = |rows: usize| {
-            let main = outputs.main.clone();
+            let watched = outputs.clone();
             async move {
                 tokio::time::timeout(Duration::from_secs(10), async {
-                    while main
-                        .lock()
-                        .unwrap()
-                        .iter()
-                        .map(|b| b.num_rows())
-                        .sum::<usize>()
-                        < rows
-                    {
+                    while watched.main_rows() < rows {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 })
@@ -2183,19 +2167,12 @@ mod tests {
             async move {
                 let outputs = Outputs::new();
                 let cancel = CancellationToken::new();
-                let main = outputs.main.clone();
+                let watched = outputs.clone();
                 let stop = {
                     let cancel = cancel.clone();
                     async move {
                         tokio::time::timeout(Duration::from_secs(10), async {
-                            while main
-                                .lock()
-                                .unwrap()
-                                .iter()
-                                .map(|b| b.num_rows())
-                                .sum::<usize>()
-                                < rows
-                            {
+                            while watched.main_rows() < rows {
                                 tokio::time::sleep(Duration::from_millis(5)).await;
                             }
                         })
@@ -2250,15 +2227,7 @@ mod tests {
             let (outputs, cancel) = (outputs.clone(), cancel.clone());
             async move { run_source(planned, None, cancel, &outputs).await }
         });
-        let rows = || {
-            outputs
-                .main
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|b| b.num_rows())
-                .sum::<usize>()
-        };
+        let rows = || outputs.main_rows();
         tokio::time::timeout(Duration::from_secs(10), async {
             while rows() < 1 {
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -473,6 +473,7 @@ mod tests {
     use arrow::datatypes::{Field, Schema, TimeUnit};
 
     use super::*;
+    use crate::sources::file::decode_json_lines;
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -491,19 +492,7 @@ mod tests {
     }
 
     fn arrow_json(schema: &SchemaRef, text: &str, batch_rows: usize) -> Vec<RecordBatch> {
-        let mut decoder = arrow_json::ReaderBuilder::new(Arc::clone(schema))
-            .with_batch_size(batch_rows)
-            .build_decoder()
-            .unwrap();
-        let mut batches = Vec::new();
-        let mut rest = text.as_bytes();
-        while !rest.is_empty() {
-            let used = decoder.decode(rest).unwrap();
-            rest = &rest[used..];
-            batches.extend(decoder.flush().unwrap());
-        }
-        batches.extend(decoder.flush().unwrap());
-        batches
+        decode_json_lines(schema, batch_rows, text.as_bytes()).unwrap()
     }
 
     #[test]

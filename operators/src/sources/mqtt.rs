@@ -368,7 +368,7 @@ fn validate(
         topics: config.topics.clone(),
         qos,
         decoder: PayloadDecoder {
-            flat: flat_json(config.format, &payload_schema),
+            flat: flat_fast_path(config.format, &payload_schema),
             format: config.format,
             schema: schema.clone(),
             payload_schema,
@@ -446,7 +446,7 @@ pub fn decode_payload(
     payload: &[u8],
 ) -> Result<RecordBatch, String> {
     let decoder = PayloadDecoder {
-        flat: flat_json(format, &schema),
+        flat: flat_fast_path(format, &schema),
         format,
         payload_schema: schema.clone(),
         schema,
@@ -471,7 +471,7 @@ struct PayloadDecoder {
 }
 
 /// The flat JSON fast path for `json` payloads of `schema`, when they can take it.
-fn flat_json(format: PayloadFormat, schema: &SchemaRef) -> Option<FlatJson> {
+fn flat_fast_path(format: PayloadFormat, schema: &SchemaRef) -> Option<FlatJson> {
     match format {
         // One batch per call, however many messages it decodes.
         PayloadFormat::Json => FlatJson::new(schema, usize::MAX),
